@@ -1,0 +1,1 @@
+"""Backend side: raw PostgreSQL connections and per-database pools (asyncio)."""

@@ -1,0 +1,379 @@
+"""One raw backend connection: log in, then relay a linked client's answers.
+
+Theory of operation. A ``ServerConnection`` is an ``asyncio.Protocol``. While it logs in
+(``open``) it parses every message itself: authentication (trust, cleartext, md5, SCRAM via
+scramp), ParameterStatus, BackendKeyData, up to the first ReadyForQuery. After that it is
+either idle in its pool or *linked* to one client ``Link``; while linked, ``data_received``
+walks the message headers of what the backend sends, forwards runs of whole messages to the
+client in one write, and uses the ``Expect`` queue (``expect.py``) to drop, replace or make up
+the answers to what pgfleet injected. DataRows are never decoded. When a ReadyForQuery leaves
+the queue empty, the link is told the backend is idle, and may give it back to the pool.
+
+It never decides routes and never formats errors for clients: failures reach the link as
+``BackendError`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+from collections import deque
+from typing import Protocol
+
+import scramp
+
+from ..config import Dsn
+from ..errors import BackendError
+from ..wire import messages as m
+from .expect import Answer, Expect, Fate
+
+log = logging.getLogger("pgfleet.backend")
+
+_U32 = struct.Struct("!I").unpack_from
+
+# Message types answered by one Expect entry each, popped when they arrive.
+_D = m.DATA_ROW
+_COPY_DATA = m.COPY_DATA
+_Z = m.READY_FOR_QUERY
+_E = m.ERROR_RESPONSE
+_EXECUTE_END = frozenset((m.COMMAND_COMPLETE, m.EMPTY_QUERY, m.PORTAL_SUSPENDED))
+_SIMPLE_DONE = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE))
+_DESCRIBE_END = frozenset((m.ROW_DESCRIPTION, m.NO_DATA))
+
+
+class Link(Protocol):
+    """What a backend needs from whoever it is linked to (a client session or a janitor)."""
+
+    def write(self, data: bytes) -> None: ...
+    def backend_idle(self, server: ServerConnection) -> None: ...
+    def backend_lost(self, server: ServerConnection, error: BackendError) -> None: ...
+    def parameter_changed(self, name: str, value: str) -> None: ...
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int) -> None:
+        self.database = database
+        self.dsn = dsn
+        self.startup = startup
+        self.generation = generation
+        self.transport: asyncio.Transport | None = None
+        self.params: dict[str, str] = {}  # as the server reported them (ParameterStatus)
+        self.settings: dict[str, str] = {}  # session settings applied on top of the startup ones
+        self.pid = 0
+        self.secret = 0
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.tx_status = m.READY_IDLE[-1]
+        self.prepared: set[str] = set()  # backend-side statement names that exist here
+        self.expects: deque[Expect] = deque()
+        self.unnamed_owner: tuple[int, int] | None = None  # whose unnamed statement is prepared here
+        self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
+        self.link: Link | None = None
+        self.write_client = _discard
+        self.closed = False
+        self.close_reason = ""
+        self._buf = bytearray()  # login phase
+        self._head = b""         # an incomplete message header carried to the next chunk
+        self._skip = 0           # bytes of a streamed message body still to forward
+        self._ready: asyncio.Future[None] | None = None
+        self._scram: scramp.ScramClient | None = None
+
+    # -- opening
+
+    async def open(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, self.dsn.host, self.dsn.port), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except (OSError, TimeoutError) as exc:
+            self.abort()
+            why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise BackendError("08006", f"database {self.database} is unavailable: cannot connect to "
+                               f"{self.dsn.host}:{self.dsn.port} ({why})",
+                               hint="check that the server is up and the dsn in the config") from None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        params = {"user": self.dsn.user, "database": self.dsn.dbname, **self.startup}
+        transport.write(m.startup_message(params))
+
+    def _login_data(self, data: bytes) -> None:
+        self._buf += data
+        pos = 0
+        try:
+            while (found := m.frame(self._buf, pos, 1 << 24)) is not None:
+                kind, start, end = found
+                self._login_message(kind, bytes(self._buf[start:end]))
+                pos = end
+                if self._ready is None or self._ready.done():
+                    break
+        except BackendError as exc:
+            self._fail_login(exc)
+            return
+        except m.ProtocolViolation as exc:
+            self._fail_login(BackendError("08P01", f"database {self.database} sent a malformed message "
+                                                   f"while logging in: {exc.message}"))
+            return
+        del self._buf[:pos]
+
+    def _login_message(self, kind: int, body: bytes) -> None:
+        if kind == m.AUTHENTICATION:
+            self._authenticate(*m.decode_auth(body))
+        elif kind == m.PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(body)
+            self.params[name] = value
+        elif kind == m.BACKEND_KEY_DATA:
+            self.pid, self.secret = m.decode_backend_key(body)
+        elif kind == m.ERROR_RESPONSE:
+            fields = m.decode_fields(body)
+            raise BackendError("08006", f"database {self.database} refused pgfleet's login as "
+                               f"{self.dsn.user}: {fields.get('M', 'no message')}",
+                               hint="check the user and password in the database's dsn")
+        elif kind == m.READY_FOR_QUERY:
+            self._buf.clear()
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+
+    def _authenticate(self, code: int, data: bytes) -> None:
+        assert self.transport is not None
+        password = self.dsn.password
+        if code == m.AUTH_OK:
+            return
+        if code in (m.AUTH_CLEARTEXT, m.AUTH_MD5, m.AUTH_SASL) and password is None:
+            raise BackendError("08006", f"database {self.database} asks for a password and its dsn "
+                               "has none", hint="put the password in the dsn: postgresql://user:pw@host/db")
+        assert password is not None
+        if code == m.AUTH_CLEARTEXT:
+            self.transport.write(m.password_message(password))
+        elif code == m.AUTH_MD5:
+            inner = hashlib.md5((password + self.dsn.user).encode()).hexdigest()
+            digest = "md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest()
+            self.transport.write(m.password_message(digest))
+        elif code == m.AUTH_SASL:
+            mechanisms = [x.decode() for x in data.split(b"\0") if x]
+            if "SCRAM-SHA-256" not in mechanisms:
+                raise BackendError("08006", f"database {self.database} offers only {mechanisms}")
+            self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self.dsn.user, password)
+            self.transport.write(m.sasl_initial_response("SCRAM-SHA-256",
+                                                         self._scram.get_client_first().encode()))
+        elif code == m.AUTH_SASL_CONTINUE and self._scram is not None:
+            try:
+                self._scram.set_server_first(data.decode())
+                self.transport.write(m.sasl_response(self._scram.get_client_final().encode()))
+            except scramp.ScramException as exc:
+                raise BackendError("08006", f"database {self.database}: SCRAM failed: {exc}") from None
+        elif code == m.AUTH_SASL_FINAL and self._scram is not None:
+            try:
+                self._scram.set_server_final(data.decode())
+            except scramp.ScramException as exc:
+                raise BackendError("08006", f"database {self.database}: the server's SCRAM signature "
+                                   f"is wrong ({exc})") from None
+        else:
+            raise BackendError("08006", f"database {self.database} asks for authentication method "
+                               f"{code}, which pgfleet does not speak", hint="use trust, md5 or scram-sha-256")
+
+    def _fail_login(self, error: BackendError) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        self.abort()
+
+    # -- linking to a client
+
+    def attach(self, link: Link) -> None:
+        self.link = link
+        self.write_client = link.write
+        self.last_used = time.monotonic()
+
+    def detach(self) -> None:
+        self.link = None
+        self.write_client = _discard
+        self.last_used = time.monotonic()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def push(self, expect: Expect) -> None:
+        """Queue what the next message sent will be answered with (see ``expect.py``)."""
+        if expect.fate is Fate.MADE_UP and not self.expects:
+            self.write_client(expect.reply)
+        else:
+            self.expects.append(expect)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.expects)
+
+    # -- relaying answers (the hot path)
+
+    def data_received(self, data: bytes) -> None:  # noqa: C901 - one loop, kept flat for speed
+        if self._ready is None or not self._ready.done():
+            self._login_data(data)
+            return
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        skip = self._skip
+        if skip >= n:
+            self._skip = skip - n
+            self.write_client(data)
+            return
+        pos = skip
+        start = 0
+        parts: list[bytes] | None = None
+        expects = self.expects
+        ready = False
+        while pos < n:
+            if n - pos < 5:
+                break
+            kind = data[pos]
+            end = pos + 1 + _U32(data, pos + 1)[0]
+            if kind == _D or kind == _COPY_DATA:
+                pos = end  # may run past the chunk: the rest is skipped in later chunks
+                continue
+            if end > n:
+                break  # other messages are small: wait for the whole of it
+            if not expects:  # asynchronous NoticeResponse / ParameterStatus / Notification
+                if kind == m.PARAMETER_STATUS:
+                    self._parameter(data[pos + 5:end])
+                pos = end
+                continue
+            head = expects[0]
+            drop = False
+            reply = None
+            if head.fate is Fate.DROP and head.answer is Answer.QUERY and kind != _Z:
+                drop = True  # everything an injected query says, but its ReadyForQuery
+                if kind == _E:
+                    self._error(head, data[pos + 5:end])
+                elif kind == m.PARAMETER_STATUS:
+                    self._parameter(data[pos + 5:end])
+            elif kind == _Z:
+                expects.popleft()
+                self.tx_status = data[pos + 5]
+                drop = head.fate is Fate.DROP
+                ready = True
+            elif kind in _SIMPLE_DONE:
+                if head.answer is not Answer.QUERY:
+                    expects.popleft()
+                    drop = head.fate is Fate.DROP
+            elif kind in _EXECUTE_END:
+                if head.answer is Answer.EXECUTE:
+                    expects.popleft()
+                if kind == m.COMMAND_COMPLETE and data[pos + 5] == 68:  # "D": DISCARD / DEALLOCATE
+                    self._maybe_forget_statements(data[pos + 5:end - 1])
+            elif kind in _DESCRIBE_END:
+                if head.answer is Answer.DESCRIBE_STATEMENT or head.answer is Answer.DESCRIBE_PORTAL:
+                    expects.popleft()
+            elif kind == _E:
+                reply, drop = self._error(head, data[pos + 5:end])
+            elif kind == m.PARAMETER_STATUS:
+                self._parameter(data[pos + 5:end])
+            if drop or reply is not None:
+                if parts is None:
+                    parts = []
+                parts.append(data[start:pos])
+                if reply:
+                    parts.append(reply)
+                start = end
+            pos = end
+            # Answers pgfleet made up are due as soon as everything before them is out.
+            while expects and expects[0].fate is Fate.MADE_UP:
+                if parts is None:
+                    parts = []
+                parts.append(data[start:pos])
+                parts.append(expects.popleft().reply)
+                start = pos
+        if pos > n:
+            self._skip = pos - n
+            limit = n
+        else:
+            self._skip = 0
+            limit = pos
+            if pos < n:
+                self._head = data[pos:]
+        if parts is None:
+            self.write_client(data if start == 0 and limit == n else data[start:limit])
+        else:
+            parts.append(data[start:limit])
+            self.write_client(b"".join(parts))
+        if ready and not expects and self.link is not None:
+            self.link.backend_idle(self)
+
+    def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
+        """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""
+        if head.answer is Answer.QUERY:
+            if head.fate is Fate.REFUSE:
+                return head.reply, True
+            if head.fate is Fate.DROP:
+                self.injected_error = m.decode_fields(body)
+                log.warning("database %s: a statement pgfleet sent failed: %s", self.database,
+                            self.injected_error.get("M", "?"))
+                return None, True
+            return None, False
+        expects = self.expects
+        failing = expects.popleft()
+        if failing.statement is not None:
+            self.prepared.discard(failing.statement)
+        while expects and expects[0].answer is not Answer.SYNC:
+            skipped = expects.popleft()
+            if skipped.statement is not None:
+                self.prepared.discard(skipped.statement)
+        if failing.fate is Fate.REFUSE:
+            return failing.reply, True
+        return None, False
+
+    def _parameter(self, body: bytes) -> None:
+        name, value = m.decode_parameter_status(body)
+        self.params[name] = value
+        if self.link is not None:
+            self.link.parameter_changed(name, value)
+
+    def _maybe_forget_statements(self, tag: bytes) -> None:
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+            self.prepared.clear()
+        elif tag == b"DEALLOCATE":
+            self.prepared.clear()  # which one is unknown here: re-prepare lazily
+
+    # -- closing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(BackendError(
+                "08006", f"database {self.database} closed the connection while pgfleet logged in"))
+            return
+        link = self.link
+        if link is not None:
+            reason = self.close_reason or (f"{exc}" if exc else "the server closed the connection")
+            link.backend_lost(self, BackendError(
+                "08006", f"the connection to database {self.database} was lost: {reason}",
+                hint="the statement may not have completed; reconnect and retry"))
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def terminate(self, reason: str) -> None:
+        """Close politely (Terminate message) an idle connection."""
+        self.close_reason = reason
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.TERMINATE_MSG)
+            self.transport.close()
+
+    def pause_writing(self) -> None:  # the client is slow: stop reading the backend
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+def _discard(data: bytes) -> None:
+    pass

@@ -1,0 +1,185 @@
+"""A pool of raw backend connections for one database.
+
+Each connection state is a container (PgBouncer's lists): ``idle`` (a LIFO deque), ``active``
+(a set), ``opening`` (a count of logins in flight), and ``waiters`` — one future per queued
+client that the pool hands a connection to. Counts for ``SHOW POOLS`` and metrics are their
+lengths. A ``generation`` number, bumped on reload, retires old connections as they come back.
+The pool never touches a client socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+
+from ..config import Dsn
+from ..errors import BackendError, ClientError
+from .connection import ServerConnection
+
+log = logging.getLogger("pgfleet.pool")
+
+
+class DisconnectReason(enum.Enum):
+    IDLE_TIMEOUT = "idle_timeout"
+    LIFETIME = "lifetime"
+    BROKEN = "broken"
+    GENERATION = "generation"
+    SHUTDOWN = "shutdown"
+    DIRTY = "dirty"
+
+
+class Pool:
+    def __init__(self, name: str, dsn: Dsn, *, size: int, acquire_timeout: float, idle_timeout: float,
+                 lifetime: float, connect_timeout: float, startup: dict[str, str]) -> None:
+        self.name = name
+        self.dsn = dsn
+        self.size = size
+        self.acquire_timeout = acquire_timeout
+        self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        self.connect_timeout = connect_timeout
+        self.startup = startup
+        self.generation = 0
+        self.idle: deque[ServerConnection] = deque()
+        self.active: set[ServerConnection] = set()
+        self.opening = 0
+        self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
+        self.params: dict[str, str] = {}  # the server's ParameterStatus values, from the first login
+        self.closed = False
+        self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + self.opening
+
+    def try_acquire(self) -> ServerConnection | None:
+        """An idle connection now, without waiting, or None."""
+        idle = self.idle
+        while idle:
+            server = idle.pop()
+            if server.closed:
+                continue
+            if self._expired(server, time.monotonic()):
+                self._retire(server, DisconnectReason.LIFETIME)
+                continue
+            self.active.add(server)
+            return server
+        return None
+
+    async def acquire(self) -> ServerConnection:
+        server = self.try_acquire()
+        if server is not None:
+            return server
+        if self.closed:
+            raise BackendError("08006", f"database {self.name} is shutting down")
+        if self.total < self.size:
+            return await self._open()
+        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, self.acquire_timeout)
+        except TimeoutError:
+            raise ClientError(
+                "53300", f"database {self.name}: no backend connection became free within "
+                f"{self.acquire_timeout:g}s (pool size {self.size})",
+                hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"
+            ) from None
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    async def _open(self) -> ServerConnection:
+        self.opening += 1
+        server = ServerConnection(self.name, self.dsn, self.startup, self.generation)
+        try:
+            await server.open(self.connect_timeout)
+        finally:
+            self.opening -= 1
+        if not self.params:
+            self.params = dict(server.params)
+        self.active.add(server)
+        return server
+
+    def release(self, server: ServerConnection) -> None:
+        """Take a connection back; it must be idle (ReadyForQuery ``I``, nothing pending)."""
+        self.active.discard(server)
+        server.detach()
+        if server.closed:
+            self._replace()
+            return
+        if server.busy or server.tx_status != 73:  # 73 = "I"
+            self._retire(server, DisconnectReason.DIRTY)
+            self._replace()
+            return
+        if server.generation != self.generation or self.closed:
+            self._retire(server, DisconnectReason.GENERATION)
+            self._replace()
+            return
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                self.active.add(server)
+                waiter.set_result(server)
+                return
+        self.idle.append(server)
+
+    def discard(self, server: ServerConnection, reason: DisconnectReason = DisconnectReason.BROKEN) -> None:
+        """Drop a connection that cannot be reused (broken, or its client vanished mid-query)."""
+        self.active.discard(server)
+        server.detach()
+        self._retire(server, reason)
+        self._replace()
+
+    def _replace(self) -> None:
+        """A slot freed up: if clients wait, open a connection for the first of them."""
+        if self.waiters and self.total < self.size and not self.closed:
+            asyncio.get_running_loop().create_task(self._open_for_waiter())
+
+    async def _open_for_waiter(self) -> None:
+        try:
+            server = await self._open()
+        except BackendError as exc:
+            while self.waiters:
+                waiter = self.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    return
+            return
+        self.release(server)
+
+    def _retire(self, server: ServerConnection, reason: DisconnectReason) -> None:
+        self.disconnects[reason] += 1
+        if not server.closed:
+            server.terminate(reason.value)
+
+    def _expired(self, server: ServerConnection, now: float) -> bool:
+        return now - server.created > self.lifetime or server.generation != self.generation
+
+    def reap(self) -> None:
+        """Close idle connections past idle_timeout or lifetime (called periodically)."""
+        now = time.monotonic()
+        keep: deque[ServerConnection] = deque()
+        for server in self.idle:
+            if server.closed:
+                continue
+            if now - server.last_used > self.idle_timeout:
+                self._retire(server, DisconnectReason.IDLE_TIMEOUT)
+            elif self._expired(server, now):
+                self._retire(server, DisconnectReason.LIFETIME)
+            else:
+                keep.append(server)
+        self.idle = keep
+
+    def close(self) -> None:
+        self.closed = True
+        for server in list(self.idle) + list(self.active):
+            self._retire(server, DisconnectReason.SHUTDOWN)
+        self.idle.clear()
+        self.active.clear()
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(BackendError("57P01", f"database {self.name} is shutting down"))
+        self.waiters.clear()

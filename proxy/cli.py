@@ -1,0 +1,67 @@
+"""The command line: ``pgfleet run | check | keys new | demo | --version``.
+
+Owns argument parsing and turning expected failures (a bad config, a port in use) into one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .config import describe, load
+from .errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgfleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pgfleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the fleet")
+    run.add_argument("--config", help="YAML config file (default: the DB_* environment variables)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = sub.add_parser("check", help="validate a config and print the routing map")
+    check.add_argument("--config", help="YAML config file")
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a new key id, secret and SCRAM verifier")
+    new.add_argument("--role", required=True, choices=["admin", "server", "client", "database"])
+    sub.add_parser("demo", help="start three embedded clusters and pgfleet on them")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from . import demo
+        return demo.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "keys":
+        from .auth.keys import new_key
+        key_id, secret, verifier = new_key(args.role)
+        print(f"id:       {key_id}\nsecret:   {secret}\nverifier: {verifier}\n")
+        print(f'config:   - {{id: {key_id}, secret: "{verifier}", role: {args.role}}}')
+        return 0
+    try:
+        config = load(args.config)
+        if args.command == "check":
+            from .auth.keys import load_keys
+            load_keys(config)  # verifiers must parse too
+            print(describe(config))
+            return 0
+    except ConfigError as exc:
+        print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import install_loop, serve
+    install_loop()
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"pgfleet: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

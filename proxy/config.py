@@ -1,0 +1,401 @@
+"""Configuration: YAML (or the seeds' environment variables) into one frozen, typed snapshot.
+
+This module owns reading, interpolating (``${ENV}``, ``${ENV:-default}``) and validating the
+configuration. Every problem is a ``ConfigError("path.of.key", "reason")``; it never lets a
+traceback or a half-valid snapshot out. It does no I/O beyond reading the file it is given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+ADMIN_DATABASE = "pgfleet"
+
+
+class Duration(float):
+    """Seconds, written in the config as ``5s``, ``250ms``, ``15m``, ``1h`` or a number."""
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$")
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s, 250ms, 15m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return Duration(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return Duration(float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError(f"expected a duration such as 5s, 250ms, 15m or 1h, got {value!r}")
+
+
+class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Listen(_Struct):
+    host: str = "127.0.0.1"
+    port: int = 6432
+    database: str = "app"
+    auth: Literal["scram-sha-256", "md5", "password"] = "scram-sha-256"
+    max_message_size: int = 256 * 1024 * 1024
+
+
+class Http(_Struct):
+    host: str = "127.0.0.1"
+    port: int = 9930
+
+
+class Pool(_Struct):
+    mode: Literal["transaction", "session"] = "transaction"
+    size: int = 20
+    acquire_timeout: Duration = Duration(5.0)
+    idle_timeout: Duration = Duration(60.0)
+    lifetime: Duration = Duration(3600.0)
+    connect_timeout: Duration = Duration(5.0)
+
+
+class Health(_Struct):
+    interval: Duration = Duration(30.0)
+    timeout: Duration = Duration(3.0)
+    failures_to_down: int = 3
+
+
+class Dsn(_Struct):
+    """A backend address, parsed from a ``postgresql://`` URL."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+    dbname: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def safe(self) -> str:
+        """The address without the password, for logs and ``pgfleet check``."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+class Database(_Struct):
+    dsn: str
+    replicas: tuple[str, ...] = ()
+    pool_size: int | None = None
+
+
+class Sharding(_Struct):
+    shards: tuple[str, ...] = ()
+    function: Literal["hash", "modulo"] = "hash"
+    tables: dict[str, str] = {}
+    reference_tables: tuple[str, ...] = ()
+    types: dict[str, str] = {}
+
+
+class Key(_Struct):
+    id: str
+    secret: str
+    role: Literal["admin", "server", "client", "database"]
+    databases: tuple[str, ...] | None = None
+    read_only: bool = False
+    max_connections: int | None = None
+    user_id: int | str | None = None
+    shard_key: int | str | None = None
+
+
+class ReplicationJob(_Struct):
+    id: str
+    source: str
+    targets: tuple[str, ...]
+    tables: tuple[str, ...]
+    sync_key: str = "updated_at"
+    interval: Duration = Duration(900.0)
+    enabled: bool = True
+    mode: Literal["batch", "logical"] = "batch"
+
+
+class Replication(_Struct):
+    jobs: tuple[ReplicationJob, ...] = ()
+
+
+class Audit(_Struct):
+    path: str | None = None
+    statements: Literal["normalized", "full", "none"] = "normalized"
+
+
+class Config(_Struct):
+    listen: Listen = Listen()
+    http: Http | None = None
+    pool: Pool = Pool()
+    health: Health = Health()
+    databases: dict[str, Database] = {}
+    default_database: str | None = None
+    sharding: Sharding = Sharding()
+    tables: dict[str, str] = {}
+    two_phase_commit: bool = False
+    keys: tuple[Key, ...] = ()
+    replication: Replication = Replication()
+    audit: Audit = Audit()
+
+    def dsn(self, database: str) -> Dsn:
+        return parse_dsn(self.databases[database].dsn, f"databases.{database}.dsn")
+
+    @property
+    def default(self) -> str:
+        assert self.default_database is not None  # validate() guarantees it
+        return self.default_database
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(node, str):
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(path, f"environment variable {name} is not set")
+
+        return _ENV_REF.sub(repl, node)
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _explain(err: msgspec.ValidationError) -> ConfigError:
+    """Turn msgspec's message into ``path: reason`` in the config's own spelling."""
+    match = _MSGSPEC_PATH.match(str(err))
+    assert match is not None
+    what, path = match.group("what"), (match.group("path") or "")
+    path = re.sub(r"\[(\d+)\]", r"[\1]", path).lstrip(".")
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", what)
+    if unknown:
+        return ConfigError(_join(path, unknown.group(1)), "unknown key")
+    missing = re.match(r"Object missing required field `([^`]+)`", what)
+    if missing:
+        return ConfigError(_join(path, missing.group(1)), "missing")
+    what = what.replace("`", "")
+    return ConfigError(path, what[0].lower() + what[1:] if what else "invalid")
+
+
+def _join(path: str, key: str) -> str:
+    if not path:
+        return key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
+def load_text(text: str, env: Mapping[str, str] | None = None, source: str = "config") -> Config:
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else source
+        raise ConfigError(source, f"not valid YAML ({where}): {getattr(exc, 'problem', exc)}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "the top level must be a mapping of keys such as listen:, databases:")
+    raw = _interpolate(raw, env, "")
+    if not raw.get("databases"):
+        raw["databases"] = databases_from_env(env)
+    databases = raw.get("databases")
+    if isinstance(databases, dict):
+        # Converted one by one so that an error names the database, not msgspec's "[...]".
+        raw["databases"] = {name: _convert(entry, Database, f"databases.{name}")
+                            for name, entry in databases.items()}
+    return validate(_convert(raw, Config, ""))
+
+
+def _convert(raw: Any, type_: type[Any], path: str) -> Any:
+    try:
+        return msgspec.convert(raw, type_, dec_hook=_dec_hook, strict=False)
+    except msgspec.ValidationError as exc:
+        err = _explain(exc)
+        raise ConfigError(_join(path, err.path) if err.path else path, err.reason) from None
+
+
+def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config file at ``path``; with no path, build it from the environment."""
+    if path is None:
+        return load_text("", env, source="environment")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from None
+    return load_text(text, env, source=str(path))
+
+
+def databases_from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The seeds' variables: DB_* (primary), DB2_* (secondary), DB3_* (analytics), MULTI_DB_<N>_*."""
+    found: dict[str, dict[str, Any]] = {}
+    for prefix, name in (("DB", "primary"), ("DB2", "secondary"), ("DB3", "analytics")):
+        if f"{prefix}_HOST" in env or f"{prefix}_NAME" in env:
+            found[name] = {"dsn": _url(
+                env.get(f"{prefix}_HOST", "localhost"), env.get(f"{prefix}_PORT", "5432"),
+                env.get(f"{prefix}_USER", "postgres"), env.get(f"{prefix}_PASSWORD"),
+                env.get(f"{prefix}_NAME", "postgres"))}
+    multi = re.compile(r"^MULTI_DB_([A-Z0-9]+(?:_[A-Z0-9]+)*?)_(HOST|PORT|USERNAME|PASSWORD|DATABASE)$")
+    groups: dict[str, dict[str, str]] = {}
+    for var, value in env.items():
+        m = multi.match(var)
+        if m:
+            groups.setdefault(m.group(1).lower(), {})[m.group(2)] = value
+    for name, parts in sorted(groups.items()):
+        found[name] = {"dsn": _url(
+            parts.get("HOST", "localhost"), parts.get("PORT", "5432"),
+            parts.get("USERNAME", "postgres"), parts.get("PASSWORD"),
+            parts.get("DATABASE", name))}
+    return found
+
+
+def _url(host: str, port: str, user: str, password: str | None, dbname: str) -> str:
+    from urllib.parse import quote
+
+    auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+    return f"postgresql://{auth}@{host}:{port}/{quote(dbname, safe='')}"
+
+
+def parse_dsn(dsn: str, path: str) -> Dsn:
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(path, "expected a URL such as postgresql://user:password@host:5432/dbname")
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise ConfigError(path, "the port is not a number") from None
+    dbname = unquote(parts.path.lstrip("/"))
+    user = unquote(parts.username) if parts.username else "postgres"
+    return Dsn(
+        host=parts.hostname or "localhost",
+        port=port,
+        user=user,
+        password=unquote(parts.password) if parts.password is not None else None,
+        dbname=dbname or user,
+        options=tuple(parse_qsl(parts.query)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation beyond the types: names that must refer to something.
+
+
+def validate(config: Config) -> Config:
+    if not config.databases:
+        raise ConfigError("databases", "missing: list at least one database, or set DB_HOST/DB_NAME")
+    names = set(config.databases)
+    if ADMIN_DATABASE in names:
+        raise ConfigError(f"databases.{ADMIN_DATABASE}", "this name is reserved for the admin console")
+    if config.listen.database in names:
+        raise ConfigError("listen.database",
+                          f"{config.listen.database!r} is also a database name: pick another fleet name")
+    if not 0 < config.listen.port < 65536:
+        raise ConfigError("listen.port", "must be between 1 and 65535")
+    for name, db in config.databases.items():
+        parse_dsn(db.dsn, f"databases.{name}.dsn")
+        for i, replica in enumerate(db.replicas):
+            parse_dsn(replica, f"databases.{name}.replicas[{i}]")
+        if db.pool_size is not None and db.pool_size < 1:
+            raise ConfigError(f"databases.{name}.pool_size", "must be at least 1")
+    if config.pool.size < 1:
+        raise ConfigError("pool.size", "must be at least 1")
+    default = config.default_database
+    if default is None:
+        default = "primary" if "primary" in names else sorted(names)[0]
+        config = msgspec.structs.replace(config, default_database=default)
+    elif default not in names:
+        raise ConfigError("default_database", f"{default!r} is not one of databases: {', '.join(sorted(names))}")
+    for table, db in config.tables.items():
+        if db not in names:
+            raise ConfigError(f"tables.{table}", f"{db!r} is not one of databases: {', '.join(sorted(names))}")
+    for i, shard in enumerate(config.sharding.shards):
+        if shard not in names:
+            raise ConfigError(f"sharding.shards[{i}]", f"{shard!r} is not one of databases")
+    if config.sharding.tables and not config.sharding.shards:
+        raise ConfigError("sharding.shards", "missing: sharded tables need at least one shard")
+    for table in config.sharding.tables:
+        if table in config.tables:
+            raise ConfigError(f"tables.{table}", "is also a sharded table: a table is either mapped or sharded")
+    seen: set[str] = set()
+    for i, key in enumerate(config.keys):
+        where = f"keys[{i}]"
+        if not key.id:
+            raise ConfigError(f"{where}.id", "missing")
+        if key.id in seen:
+            raise ConfigError(f"{where}.id", f"duplicate key id {key.id!r}")
+        seen.add(key.id)
+        if not key.secret:
+            raise ConfigError(f"{where}.secret", "missing")
+        for db in key.databases or ():
+            if db not in names:
+                raise ConfigError(f"{where}.databases", f"{db!r} is not one of databases")
+        if key.role == "database" and key.user_id is None and key.shard_key is None:
+            raise ConfigError(f"{where}.user_id", "missing: a database key is bound to one shard-key value")
+        if key.secret.startswith("SCRAM-SHA-256$") and config.listen.auth != "scram-sha-256":
+            raise ConfigError(f"{where}.secret",
+                              f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
+    for i, job in enumerate(config.replication.jobs):
+        for db in (job.source, *job.targets):
+            if db not in names:
+                raise ConfigError(f"replication.jobs[{i}]", f"{db!r} is not one of databases")
+    return config
+
+
+def describe(config: Config) -> str:
+    """The resolved routing map for ``pgfleet check``: names and addresses, never secrets."""
+    lines = [f"listen {config.listen.host}:{config.listen.port} fleet database {config.listen.database!r}"
+             f" (auth {config.listen.auth})",
+             f"pool mode={config.pool.mode} size={config.pool.size}"
+             f" acquire_timeout={config.pool.acquire_timeout:g}s idle_timeout={config.pool.idle_timeout:g}s"
+             f" lifetime={config.pool.lifetime:g}s",
+             "databases:"]
+    for name in config.databases:
+        mark = " (default)" if name == config.default_database else ""
+        lines.append(f"  {name}{mark}: {config.dsn(name).safe()}")
+    if config.tables:
+        lines.append("tables:")
+        lines.extend(f"  {table} -> {db}" for table, db in sorted(config.tables.items()))
+    if config.sharding.tables:
+        lines.append(f"sharding ({config.sharding.function}) over {', '.join(config.sharding.shards)}:")
+        lines.extend(f"  {table} by {col}" for table, col in sorted(config.sharding.tables.items()))
+    lines.append(f"everything else -> {config.default_database}")
+    lines.append("keys:")
+    for key in config.keys:
+        extra = []
+        if key.databases is not None:
+            extra.append(f"databases={','.join(key.databases)}")
+        if key.read_only:
+            extra.append("read_only")
+        lines.append(f"  {key.id} ({key.role}){' ' + ' '.join(extra) if extra else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""`pgfleet demo`: the demo bank fleet on this machine, from nothing to psql lines to paste.
+
+This module owns the demo's directory (``.pgfleet/`` under the current directory): three
+embedded clusters (primary and secondary hold the bank, analytics the events), the demo
+SQL, the generated config ``demo.yaml`` and the keys in ``keys.json`` (created once, so a
+rerun prints the same secrets), and a pgfleet subprocess on port 6432 for as long as the
+command runs. Whatever happens it stops pgfleet and the three clusters before returning
+(clusters that a killed earlier run left behind are reused, then stopped too). It never shows
+a traceback for an expected failure (one line on stderr, exit 1), never deletes demo data, and
+knows nothing about the proxy beyond its command line and its TCP port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from .embedded import LOCALHOST, Cluster, EmbeddedError, free_port
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
+BANK_SQL = SQL_DIR / "bank.sql"
+ANALYTICS_SQL = SQL_DIR / "analytics.sql"
+
+DEFAULT_PROXY_PORT = 6432
+FLEET = "app"
+READY_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class DemoDatabase:
+    name: str          # the pgfleet database name, also the cluster's directory name
+    port: int          # preferred port; the cluster remembers the one it really got
+    dbname: str        # the PostgreSQL database inside the cluster
+    sql: Path
+
+
+DATABASES = (
+    DemoDatabase("primary", 55432, "bank", BANK_SQL),
+    DemoDatabase("secondary", 55433, "bank", BANK_SQL),
+    DemoDatabase("analytics", 55434, "analytics", ANALYTICS_SQL),
+)
+
+# (key id, role, extra YAML fields); one key per role, as in DESIGN.md.
+KEYS = (
+    ("pf_admin", "admin", ""),
+    ("pf_server", "server", ""),
+    ("pf_client", "client", ""),
+    ("pf_tenant42", "database", ", user_id: 42"),
+)
+
+
+def load_sql(cluster: Cluster, dbname: str, path: Path) -> None:
+    """Create ``dbname`` if missing and run the (idempotent) demo script ``path`` in it."""
+    try:
+        sql = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EmbeddedError(f"cannot read the demo SQL {path}: {exc.strerror}") from None
+    cluster.create_database(dbname)
+    cluster.psql(sql, dbname=dbname)
+
+
+def start_clusters(root: Path) -> dict[str, Cluster]:
+    """Start (creating on first use) and load the three demo clusters under ``root``.
+
+    On failure the clusters already started are stopped again before the error goes up.
+    """
+    clusters: dict[str, Cluster] = {}
+    try:
+        for db in DATABASES:
+            cluster = clusters[db.name] = Cluster(db.name, root / db.name, port=db.port)
+            cluster.start()
+            load_sql(cluster, db.dbname, db.sql)
+    except BaseException:
+        # Ctrl-C or an error half-way: leave no postmaster behind, then let the cause go up.
+        with _shielded():
+            stop_clusters(clusters)
+        raise
+    return clusters
+
+
+def stop_clusters(clusters: dict[str, Cluster]) -> list[str]:
+    """Stop every cluster, even if one fails; return the failures as operator lines."""
+    failures = []
+    for cluster in clusters.values():
+        try:
+            cluster.stop()
+        except EmbeddedError as exc:
+            failures.append(str(exc))
+    return failures
+
+
+def load_keys(path: Path) -> dict[str, str]:
+    """The demo secrets, generated on first use and kept (mode 0600) so reruns print the same."""
+    keys: dict[str, str] = {}
+    try:
+        keys = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise EmbeddedError(f"cannot read {path} ({exc}): delete it and run the demo again "
+                            f"(new secrets will be generated)") from None
+    if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+        raise EmbeddedError(f"{path} is not a JSON object of key id to secret: delete it and "
+                            f"run the demo again")
+    missing = [key_id for key_id, _, _ in KEYS if key_id not in keys]
+    if missing:
+        keys.update({key_id: secrets.token_urlsafe(18) for key_id in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(keys, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    os.chmod(path, 0o600)
+    return keys
+
+
+def render_config(clusters: dict[str, Cluster], keys: dict[str, str], proxy_port: int) -> str:
+    """The demo's pgfleet config, in the DESIGN.md format, with the clusters' real ports."""
+    dsns = {db.name: clusters[db.name].dsn(db.dbname) for db in DATABASES}
+    key_lines = "\n".join(
+        f'  - {{id: {key_id}, secret: "{keys[key_id]}", role: {role}{extra}}}'
+        for key_id, role, extra in KEYS)
+    return f"""\
+# Generated by `pgfleet demo`; rewritten on every run (the secrets live in keys.json).
+listen: {{host: {LOCALHOST}, port: {proxy_port}, database: {FLEET}}}
+pool: {{mode: transaction, size: 20, acquire_timeout: 5s, idle_timeout: 60s, lifetime: 1h}}
+databases:
+  primary:   {{dsn: "{dsns['primary']}"}}
+  secondary: {{dsn: "{dsns['secondary']}"}}
+  analytics: {{dsn: "{dsns['analytics']}"}}
+default_database: primary
+tables: {{events: analytics, user_activity: analytics}}
+keys:
+{key_lines}
+"""
+
+
+def write_config(path: Path, text: str) -> None:
+    # The file holds the secrets in plain text: private, like keys.json.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def connection_lines(keys: dict[str, str], port: int) -> list[str]:
+    """One ready-to-paste psql line per key (and the server key's direct database)."""
+    lines = [
+        ("pf_admin", "pgfleet", "admin console: SHOW HELP, SHOW DATABASES"),
+        ("pf_server", FLEET, "the fleet: full router (table map, hints)"),
+        ("pf_server", "analytics", "one database directly: analytics"),
+        ("pf_client", FLEET, "client key: always the primary"),
+        ("pf_tenant42", FLEET, "database key bound to user_id 42"),
+    ]
+    commands = [f'psql "postgresql://{key_id}:{keys[key_id]}@{LOCALHOST}:{port}/{dbname}"'
+                for key_id, dbname, _ in lines]
+    width = max(len(command) for command in commands)
+    return [f"{command:<{width}}  # {why}" for command, (_, _, why) in zip(commands, lines)]
+
+
+def proxy_port_from_env() -> int:
+    raw = os.environ.get("PGFLEET_DEMO_PORT", "")
+    if not raw:
+        return DEFAULT_PROXY_PORT
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise EmbeddedError(f"PGFLEET_DEMO_PORT={raw!r} is not a TCP port: set a number "
+                            f"such as 6432")
+    return int(raw)
+
+
+def wait_until_accepting(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    """True once 127.0.0.1:port accepts TCP; False if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+def _stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # graceful shutdown, as DESIGN.md defines it
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore a second Ctrl-C/SIGTERM while we clean up, so cleanup always completes."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stop(Exception):
+    """SIGTERM, turned into an exception so the finally blocks run."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def run(root: Path) -> int:
+    proxy_port = proxy_port_from_env()
+    # Checked before touching the clusters: a demo already running here holds this port, and
+    # its clusters (which we would reuse, then stop on the way out) must be left alone.
+    if free_port(proxy_port) != proxy_port:
+        print(f"pgfleet demo: port {proxy_port} is in use: stop the other pgfleet/PgBouncer "
+              f"or set PGFLEET_DEMO_PORT", file=sys.stderr)
+        return 1
+    clusters = start_clusters(root)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        keys = load_keys(root / "keys.json")
+        config = root / "demo.yaml"
+        write_config(config, render_config(clusters, keys, proxy_port))
+        log = root / "pgfleet.log"
+        # The same proxy package as this module, even when run from outside the checkout.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        with open(log, "wb") as out:
+            # Its own session, so that Ctrl-C reaches us only and we shut it down in order.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True)
+        if not wait_until_accepting(proc, proxy_port, READY_TIMEOUT):
+            state = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                     else f"did not accept connections within {READY_TIMEOUT:g}s")
+            print(f"pgfleet demo: pgfleet {state}; its output ({log}):\n{_log_tail(log)}",
+                  file=sys.stderr)
+            return 1
+        _banner(clusters, keys, proxy_port, config, log)
+        code = proc.wait()
+        if code == 0:
+            return 0
+        print(f"pgfleet demo: pgfleet exited with code {code}; its output ({log}):\n"
+              f"{_log_tail(log)}", file=sys.stderr)
+        return 1
+    finally:
+        with _shielded():
+            if proc is not None:
+                _stop_proxy(proc)
+            for failure in stop_clusters(clusters):
+                print(f"pgfleet demo: {failure}", file=sys.stderr)
+
+
+def _banner(clusters: dict[str, Cluster], keys: dict[str, str], port: int,
+            config: Path, log: Path) -> None:
+    fleet = ", ".join(f"{db.name} :{clusters[db.name].port}/{db.dbname}" for db in DATABASES)
+    print(f"\npgfleet demo is running on {LOCALHOST}:{port} (fleet database '{FLEET}')")
+    print(f"  databases: {fleet}")
+    print(f"  config:    {config}\n  log:       {log}\n")
+    print("Paste one of these:")
+    for line in connection_lines(keys, port):
+        print(f"  {line}")
+    print("\nCtrl-C stops pgfleet and the three clusters.", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pgfleet demo",
+        description="Start three embedded PostgreSQL clusters with the demo bank and pgfleet "
+                    "in front of them (port 6432 or $PGFLEET_DEMO_PORT).")
+    parser.add_argument("--dir", type=Path, default=Path(".pgfleet"),
+                        help="where the clusters, config and keys live (default: .pgfleet)")
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run(args.dir.absolute())
+    except EmbeddedError as exc:
+        print(f"pgfleet demo: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        print("\npgfleet demo: stopped", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

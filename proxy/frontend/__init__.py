@@ -1,0 +1,1 @@
+"""Client side: the session state machine; the only place errors become ErrorResponse."""

@@ -1,0 +1,783 @@
+"""The client session: one PostgreSQL client connection, from startup to Terminate.
+
+Theory of operation. A ``Session`` is an ``asyncio.Protocol``. Bytes from the client go into
+``inbox``; ``_process`` frames whole messages and handles them in order. Login is a table,
+``LOGIN``: ``(state, message type) -> handler``; a message the table does not know is a
+protocol violation and ends the connection. Once ready, each message is routed (``Router``),
+a backend of the routed database is attached (taken from its pool without waiting when one
+is idle, else the session stops reading until the pool hands one over), and the message is
+forwarded — runs of messages that need no rewriting in one write. Named prepared statements
+are renamed to pgfleet's shared backend-side names and prepared lazily on whichever backend
+runs them; what the backend answers to pgfleet's own messages is dropped or made up by the
+backend's ``Expect`` queue. When the backend reports ReadyForQuery ``I`` with nothing pending,
+the session gives it back to the pool (transaction mode).
+
+A statement pgfleet refuses inside a transaction is refused *on the backend* — pgfleet sends
+a statement that fails and replaces its error with its own — so the backend's transaction
+fails exactly as PostgreSQL's would. This module is the only place where ``ProxyError``
+values become ``ErrorResponse`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from dataclasses import dataclass
+
+from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
+from ..backend.connection import ServerConnection
+from ..backend.expect import (
+    DROP_QUERY,
+    FORWARD_BIND,
+    FORWARD_CLOSE,
+    FORWARD_DESCRIBE_PORTAL,
+    FORWARD_DESCRIBE_STATEMENT,
+    FORWARD_EXECUTE,
+    FORWARD_PARSE_UNNAMED,
+    FORWARD_QUERY,
+    FORWARD_SYNC,
+    Answer,
+    Expect,
+    Fate,
+)
+from ..backend.pool import DisconnectReason, Pool
+from ..config import ADMIN_DATABASE
+from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
+from ..router.route import Direct
+from ..router.router import SessionContext
+from ..wire import messages as m
+from .fleet import Fleet
+from .startup import session_settings, set_statement
+
+log = logging.getLogger("pgfleet.session")
+
+_I = 73  # ReadyForQuery status "I": idle, no transaction
+_REFUSED_SQL = m.query("pgfleet refused this statement")
+_MISSING_STATEMENT = "pgfleet_refused_statement"
+
+
+class State(enum.Enum):
+    STARTUP = "startup"
+    SASL_INITIAL = "sasl_initial"
+    SASL_RESPONSE = "sasl_response"
+    PASSWORD = "password"
+    SETTING_UP = "setting_up"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A client's named prepared statement: pgfleet's backend-side name and where it runs."""
+
+    backend_name: str
+    query: str
+    param_types: bytes
+    database: str
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.config = fleet.config
+        self.max_message = fleet.config.listen.max_message_size
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.state = State.STARTUP
+        self.inbox = bytearray()
+        self.user = ""
+        self.database: str | None = None
+        self.key: ApiKey | None = None
+        self.ctx: SessionContext | None = None
+        self.fixed: str | None = None
+        self.settings: dict[str, str] = {}
+        self.pid = 0
+        self.secret = 0
+        self.backend: ServerConnection | None = None
+        self.tx_status = _I
+        self.statements: dict[str, Prepared] = {}
+        self.unnamed: tuple[str, bytes, str] | None = None  # query, types, database
+        self.unnamed_serial = 0
+        self.skipping = False       # after an error in the extended protocol: drop until Sync
+        self.batch_open = False     # extended messages sent since the last Sync
+        self.waiting = False        # reading stopped: a backend is on its way or must go idle
+        self.wait_task: asyncio.Task[None] | None = None
+        self.paused_by_client = False
+        self.session_mode = fleet.config.pool.mode == "session"
+        self._scram: ScramExchange | None = None
+        self._md5_salt = b""
+        self.login_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.login_timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timeout)
+
+    def _login_timeout(self) -> None:
+        if self.state is not State.READY:
+            self._fatal(ProxyError("57014", "canceling authentication due to timeout",
+                                   hint=f"a client must log in within {LOGIN_TIMEOUT:g}s"))
+
+    def data_received(self, data: bytes) -> None:
+        self.inbox += data
+        if not self.waiting:
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close_backend()
+        self.state = State.CLOSED
+        if self.wait_task is not None:
+            self.wait_task.cancel()
+        self.fleet.sessions.pop(self.pid, None)
+
+    def pause_writing(self) -> None:
+        """The client reads slower than its backend answers: stop reading the backend."""
+        self.paused_by_client = True
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_by_client = False
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.resume_reading()
+
+    # ------------------------------------------------------------------ the message loop
+
+    def _process(self) -> None:
+        try:
+            if self.state is State.STARTUP:
+                self._startup()
+            else:
+                self._messages()
+        except ProtocolViolation as exc:
+            self._fatal(exc)
+        except AuthFailed as exc:
+            self._fatal(exc)
+        except ProxyError as exc:  # a refusal outside any statement (e.g. at login): fatal
+            self._fatal(exc)
+        except Exception as exc:  # our bug: never a traceback for the client, always one in the log
+            log.exception("internal error in session %s (key %s): %s", self.peer, self.user, exc)
+            self._fatal(ProxyError("XX000", "internal error in pgfleet; the details are in its log"))
+
+    def _startup(self) -> None:
+        while self.state is State.STARTUP:
+            found = m.parse_first(self.inbox)
+            if found is None:
+                return
+            first, used = found
+            del self.inbox[:used]
+            if isinstance(first, m.SSLRequest | m.GSSEncRequest):
+                self._write(m.SSL_NO)
+            elif isinstance(first, m.CancelRequest):
+                self._cancel(first)
+                return
+            else:
+                self._begin_login(first.params)
+        if self.inbox:
+            self._messages()
+
+    def _messages(self) -> None:
+        inbox = self.inbox
+        pos = 0
+        run = -1  # start of a run of messages forwarded as they came
+        try:
+            while not self.waiting and self.state is not State.CLOSED:
+                if pos < len(inbox) and inbox[pos] not in _KNOWN:
+                    raise ProtocolViolation(f"invalid frontend message type {inbox[pos]}")
+                if self.state is not State.READY and pos < len(inbox) and inbox[pos] != m.PASSWORD:
+                    raise ProtocolViolation(
+                        f"unexpected message type {inbox[pos]} during {self.state.value}: "
+                        "the client broke the startup protocol")
+                found = m.frame(inbox, pos, self.max_message)
+                if found is None:
+                    break
+                kind, start, end = found
+                if self.state is not State.READY:
+                    handler = LOGIN.get((self.state, kind))
+                    if handler is None:
+                        raise ProtocolViolation(
+                            f"unexpected message {chr(kind)!r} during {self.state.value}: "
+                            "the client broke the startup protocol")
+                    handler(self, bytes(inbox[start:end]))
+                    pos = end
+                    continue
+                backend = self.backend
+                if self.skipping:
+                    if kind == m.SYNC:
+                        self.skipping = False
+                        if backend is None:
+                            self._write(m.ready_for_query(self.tx_status))
+                            pos = end
+                            continue
+                    else:
+                        pos = end
+                        continue
+                # The hot path: messages that go to the attached backend unchanged.
+                if backend is not None and kind in _VERBATIM:
+                    expect = _VERBATIM[kind]
+                    if expect is not None:
+                        backend.push(expect)
+                    if kind == m.SYNC:
+                        self.batch_open = False
+                    else:
+                        self.batch_open = True
+                    if run < 0:
+                        run = pos
+                    pos = end
+                    continue
+                if run >= 0:
+                    assert backend is not None
+                    backend.send(bytes(inbox[run:pos]))
+                    run = -1
+                if not self._handle(kind, bytes(inbox[start:end]), inbox, pos, end):
+                    break  # waiting for a backend: the message stays in the inbox
+                pos = end
+        finally:
+            if run >= 0 and self.backend is not None:
+                self.backend.send(bytes(inbox[run:pos]))
+            del inbox[:pos]
+
+    def _handle(self, kind: int, body: bytes, inbox: bytearray, pos: int, end: int) -> bool:
+        """One message that needs a decision. False: wait, and handle it again later."""
+        try:
+            if kind == m.QUERY:
+                return self._query(body, bytes(inbox[pos:end]))
+            if kind == m.PARSE:
+                return self._parse(body, bytes(inbox[pos:end]))
+            if kind == m.BIND:
+                return self._bind(body, bytes(inbox[pos:end]))
+            if kind == m.DESCRIBE:
+                return self._describe(body, bytes(inbox[pos:end]))
+            if kind == m.CLOSE:
+                return self._close(body, bytes(inbox[pos:end]))
+            if kind == m.EXECUTE:
+                raise ClientError("34000", "portal does not exist: Execute needs a Bind first in the "
+                                  "same transaction")
+            if kind == m.SYNC:
+                self.batch_open = False
+                self._write(m.ready_for_query(self.tx_status))
+                return True
+            if kind in (m.FLUSH, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
+                return True  # nothing in flight: nothing to flush or copy
+            if kind == m.TERMINATE:
+                self._close_backend()
+                self.state = State.CLOSED
+                assert self.transport is not None
+                self.transport.close()
+                return True
+            if kind == m.FUNCTION_CALL:
+                return self._function_call(bytes(inbox[pos:end]))
+            raise ProtocolViolation(f"invalid frontend message type {kind}")
+        except ClientError as exc:
+            if isinstance(exc, ProtocolViolation):
+                raise
+            self._refuse(exc, simple=kind == m.QUERY)
+            return True
+        except BackendError as exc:
+            self._refuse(exc, simple=kind == m.QUERY)
+            return True
+
+    # ------------------------------------------------------------------ login
+
+    def _begin_login(self, params: dict[str, str]) -> None:
+        if "replication" in params and params["replication"] not in ("false", "off", "no", "0"):
+            raise ProxyError("0A000", "replication connections are not supported by pgfleet",
+                             hint="connect to the database directly for replication")
+        user = params.get("user")
+        if not user:
+            raise AuthFailed("28000", "no PostgreSQL user name specified in startup packet",
+                             hint="give the key id as the user name")
+        self.user = user
+        self.database = params.get("database") or user
+        self.settings = session_settings(params)
+        self.key = self.fleet.keys.get(user)
+        method = self.config.listen.auth
+        if method == "scram-sha-256":
+            self._scram = ScramExchange(user, self.key)
+            self._write(m.auth_sasl(["SCRAM-SHA-256"]))
+            self.state = State.SASL_INITIAL
+        elif method == "md5":
+            self._md5_salt = secrets.token_bytes(4)
+            self._write(m.authentication(m.AUTH_MD5, self._md5_salt))
+            self.state = State.PASSWORD
+        else:
+            self._write(m.authentication(m.AUTH_CLEARTEXT))
+            self.state = State.PASSWORD
+
+    def _sasl_initial(self, body: bytes) -> None:
+        mechanism, data = m.decode_sasl_initial(body)
+        if mechanism != "SCRAM-SHA-256":
+            raise ProtocolViolation(f"client selected an invalid SASL authentication mechanism {mechanism!r}")
+        assert self._scram is not None
+        self._write(m.authentication(m.AUTH_SASL_CONTINUE, self._scram.first(data)))
+        self.state = State.SASL_RESPONSE
+
+    def _sasl_response(self, body: bytes) -> None:
+        assert self._scram is not None
+        final = self._scram.final(body)
+        self._write(m.authentication(m.AUTH_SASL_FINAL, final))
+        self._authenticated()
+
+    def _password(self, body: bytes) -> None:
+        response = m.decode_password(body)
+        if self.config.listen.auth == "md5":
+            check_md5(self.key, self.user, self._md5_salt, response)
+        else:
+            check_cleartext(self.key, self.user, response)
+        self._authenticated()
+
+    def _authenticated(self) -> None:
+        key = self.key
+        if key is None:  # the exchanges above never let an unknown key through; be explicit
+            raise failed(self.user)
+        database = self.database
+        fleet_name = self.config.listen.database
+        if database == ADMIN_DATABASE:
+            if key.role is not Role.ADMIN:
+                raise ClientError("42501", f"key {key.id} may not use the admin console",
+                                  hint="connect to the admin console with an admin key")
+            raise ClientError("0A000", "the admin console is not available in this version of pgfleet",
+                              hint=f"connect to the fleet database {fleet_name!r}")
+        if database == fleet_name:
+            direct = None
+        elif database in self.config.databases:
+            if key.role not in (Role.SERVER, Role.ADMIN):
+                raise ClientError("42501", f"key {key.id} ({key.role.value}) may not connect to a "
+                                  f"database by name", hint=f"connect to the fleet database {fleet_name!r}")
+            direct = database
+        else:
+            raise ClientError("3D000", f'database "{database}" does not exist',
+                              hint=f"connect to the fleet database {fleet_name!r} or one of: "
+                                   f"{', '.join(self.config.databases)}")
+        self.ctx = SessionContext(key, direct)
+        self.fixed = self.fleet.router.fixed_database(self.ctx)
+        if self.fixed is not None:
+            self.fleet.router.check_database(self.ctx, self.fixed)
+            home = self.fixed
+        elif key.may_use(self.config.default):
+            home = self.config.default
+        else:
+            home = sorted(key.databases or ())[0]
+        if key.read_only:
+            self.settings.setdefault("default_transaction_read_only", "on")
+        self._write(m.AUTHENTICATION_OK)
+        self.state = State.SETTING_UP
+        self.pid, self.secret = self.fleet.new_backend_key()
+        self.fleet.sessions[self.pid] = self
+        # Take a backend of the home database now: it checks the startup settings and gives
+        # the ParameterStatus values to report, spelled as the server spells them.
+        self._wait_for(self._setup(home))
+
+    async def _setup(self, home: str) -> None:
+        pool = self.fleet.pools[home]
+        try:
+            server = await pool.acquire()
+        except ProxyError as exc:
+            self._fatal(exc)
+            return
+        if self.state is State.CLOSED:
+            pool.release(server)
+            return
+        self._attach(server)
+        if server.busy:
+            return  # settings are being applied; _setup_done runs at its ReadyForQuery
+        self._setup_done(server)
+
+    def _setup_done(self, server: ServerConnection) -> None:
+        error = server.injected_error
+        if error is not None:
+            server.injected_error = None
+            self._fatal(ProxyError(error.get("C", "22023"), error.get("M", "invalid startup setting"),
+                                   hint="fix the startup options (options=-c name=value) of the connection"))
+            return
+        out = [m.parameter_status(name, value) for name, value in server.params.items()]
+        out.append(m.backend_key_data(self.pid, self.secret))
+        out.append(m.ready_for_query(_I))
+        self._write(b"".join(out))
+        self.state = State.READY
+        if self.login_timer is not None:
+            self.login_timer.cancel()
+        self._maybe_release(server)
+        self._resume()
+
+    # ------------------------------------------------------------------ statements
+
+    def _route_database(self, sql: str) -> str:
+        if self.fixed is not None and not self.key.read_only:  # type: ignore[union-attr]
+            return self.fixed
+        assert self.ctx is not None
+        route = self.fleet.router.route(sql, self.ctx)
+        target = route.target
+        if not isinstance(target, Direct):
+            raise ClientError("0A000", "this statement needs several databases, which this version of "
+                              "pgfleet cannot run", hint="run it on one database")
+        return target.database
+
+    def _query(self, body: bytes, raw: bytes) -> bool:
+        sql = m.decode_query(body)
+        backend = self._backend_for(self._route_database(sql))
+        if backend is None:
+            return False
+        backend.push(FORWARD_QUERY)
+        backend.send(raw)
+        return True
+
+    def _function_call(self, raw: bytes) -> bool:
+        backend = self._backend_for(self.fixed or self.config.default)
+        if backend is None:
+            return False
+        backend.push(FORWARD_QUERY)
+        backend.send(raw)
+        return True
+
+    def _parse(self, body: bytes, raw: bytes) -> bool:
+        parse = m.decode_parse(body)
+        database = self._route_database(parse.query)
+        if parse.name and parse.name in self.statements:
+            raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
+                              hint="Close it first, or use another name")
+        backend = self._backend_for(database)
+        if backend is None:
+            return False
+        self.batch_open = True
+        if not parse.name:
+            self.unnamed = (parse.query, parse.param_types, database)
+            self.unnamed_serial += 1
+            backend.unnamed_owner = (self.pid, self.unnamed_serial)
+            backend.push(FORWARD_PARSE_UNNAMED)
+            backend.send(raw)
+            return True
+        name = self.fleet.statement_name(parse.query, parse.param_types)
+        self.statements[parse.name] = Prepared(name, parse.query, parse.param_types, database)
+        if name in backend.prepared:
+            backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=m.PARSE_COMPLETE_MSG))
+        else:
+            backend.prepared.add(name)
+            backend.push(Expect(Answer.PARSE, statement=name))
+            backend.send(m.parse(name, parse.query, parse.param_types))
+        return True
+
+    def _prepared_on(self, client_name: str) -> tuple[ServerConnection | None, str]:
+        """The backend that runs a client's statement, with the statement prepared on it."""
+        if not client_name:
+            if self.unnamed is None:
+                raise ClientError("26000", "unnamed prepared statement does not exist",
+                                  hint="send Parse before Bind")
+            query, types, database = self.unnamed
+            backend = self._backend_for(database)
+            if backend is not None and backend.unnamed_owner != (self.pid, self.unnamed_serial):
+                backend.unnamed_owner = (self.pid, self.unnamed_serial)
+                backend.push(Expect(Answer.PARSE, Fate.DROP))
+                backend.send(m.parse("", query, types))
+            return backend, ""
+        prepared = self.statements.get(client_name)
+        if prepared is None:
+            raise ClientError("26000", f'prepared statement "{client_name}" does not exist',
+                              hint="send Parse for it first")
+        backend = self._backend_for(prepared.database)
+        if backend is not None and prepared.backend_name not in backend.prepared:
+            backend.prepared.add(prepared.backend_name)
+            backend.push(Expect(Answer.PARSE, Fate.DROP, statement=prepared.backend_name))
+            backend.send(m.parse(prepared.backend_name, prepared.query, prepared.param_types))
+        return backend, prepared.backend_name
+
+    def _bind(self, body: bytes, raw: bytes) -> bool:
+        bind = m.decode_bind(body)
+        backend, name = self._prepared_on(bind.statement)
+        if backend is None:
+            return False
+        self.batch_open = True
+        backend.push(FORWARD_BIND)
+        backend.send(raw if name == bind.statement else m.bind(bind.portal, name, bind.rest))
+        return True
+
+    def _describe(self, body: bytes, raw: bytes) -> bool:
+        kind, name = m.decode_target(body, "Describe")
+        if kind == 0x50:  # a portal: only exists on the backend that bound it
+            if self.backend is None:
+                raise ClientError("34000", f'portal "{name}" does not exist', hint="Bind it first")
+            self.backend.push(FORWARD_DESCRIBE_PORTAL)
+            self.backend.send(raw)
+            return True
+        backend, backend_name = self._prepared_on(name)
+        if backend is None:
+            return False
+        self.batch_open = True
+        backend.push(FORWARD_DESCRIBE_STATEMENT)
+        backend.send(raw if backend_name == name else m.describe(kind, backend_name))
+        return True
+
+    def _close(self, body: bytes, raw: bytes) -> bool:
+        kind, name = m.decode_target(body, "Close")
+        backend = self.backend
+        if kind == 0x53:
+            # Backend-side statements are shared and stay prepared; only the client's name goes.
+            self.statements.pop(name, None)
+            if not name:
+                self.unnamed = None
+        elif backend is not None:
+            backend.push(FORWARD_CLOSE)
+            backend.send(raw)
+            return True
+        if backend is not None:
+            backend.push(Expect(Answer.CLOSE, Fate.MADE_UP, reply=m.CLOSE_COMPLETE_MSG))
+        else:
+            self._write(m.CLOSE_COMPLETE_MSG)
+        return True
+
+    # ------------------------------------------------------------------ backends
+
+    def _backend_for(self, database: str) -> ServerConnection | None:
+        """The attached backend of ``database``, attaching one if needed; None means wait."""
+        backend = self.backend
+        if backend is not None:
+            if backend.database == database:
+                return backend
+            if backend.tx_status != _I:
+                raise ClientError("0A000", f"this transaction runs on database {backend.database}; "
+                                  f"a statement for database {database} cannot join it",
+                                  hint="commit first, or keep a transaction on one database")
+            if self.batch_open:
+                raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use databases "
+                                  f"{backend.database} and {database}",
+                                  hint="send a Sync between statements for different databases")
+            if backend.busy:
+                self.waiting = True  # resumes when the backend goes idle and is released
+                return None
+            self._detach(backend)
+        pool = self.fleet.pools[database]
+        server = pool.try_acquire()
+        if server is None:
+            self._wait_for(self._acquire(database))
+            return None
+        self._attach(server)
+        return server
+
+    async def _acquire(self, database: str) -> None:
+        pool = self.fleet.pools[database]
+        try:
+            server = await pool.acquire()
+        except ProxyError as exc:
+            # The message that needed it is refused; the session goes on with the next one.
+            self._drop_pending_message(exc)
+            return
+        if self.state is State.CLOSED:
+            pool.release(server)
+            return
+        self._attach(server)
+
+    def _drop_pending_message(self, exc: ProxyError) -> None:
+        found = m.frame(self.inbox, 0, self.max_message)
+        if found is not None:
+            kind, _, end = found
+            del self.inbox[:end]
+            self._refuse(exc, simple=kind == m.QUERY)
+
+    def _wait_for(self, coro: object) -> None:
+        self.waiting = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.wait_task = asyncio.get_running_loop().create_task(self._waiting(coro))
+
+    async def _waiting(self, coro: object) -> None:
+        try:
+            await coro  # type: ignore[misc]
+        finally:
+            self.wait_task = None
+            self._resume()
+
+    def _resume(self) -> None:
+        if self.state is State.CLOSED or self.state is State.SETTING_UP:
+            return
+        self.waiting = False
+        assert self.transport is not None
+        self.transport.resume_reading()
+        if self.inbox:
+            self._process()
+
+    def _attach(self, server: ServerConnection) -> None:
+        self.backend = server
+        server.attach(self)
+        if self.paused_by_client and server.transport is not None:
+            server.transport.pause_reading()
+        sql = set_statement(self.settings, server.settings)
+        if sql is not None:
+            server.settings = dict(self.settings)
+            server.push(DROP_QUERY)
+            server.send(m.query(sql))
+
+    def _detach(self, server: ServerConnection) -> None:
+        self.backend = None
+        if self.paused_by_client and server.transport is not None:
+            server.transport.resume_reading()
+        pool = self.fleet.pools[server.database]
+        if self.session_mode:
+            Janitor(pool, server, reset=True)
+        else:
+            pool.release(server)
+
+    def _maybe_release(self, server: ServerConnection) -> None:
+        if not self.session_mode and not server.busy and server.tx_status == _I and not self.batch_open:
+            self._detach(server)
+
+    # -- Link: called by the attached backend
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def backend_idle(self, server: ServerConnection) -> None:
+        self.tx_status = server.tx_status
+        if self.state is State.SETTING_UP:
+            self._setup_done(server)
+            return
+        self._maybe_release(server)
+        if self.waiting and self.wait_task is None:
+            self._resume()
+
+    def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
+        self.backend = None
+        self.fleet.pools[server.database].discard(server)
+        log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
+        self._fatal(error)
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        pass  # forwarded as it came; tracking client SETs is the session-state work
+
+    # ------------------------------------------------------------------ errors and endings
+
+    def _refuse(self, exc: ProxyError, *, simple: bool) -> None:
+        """Answer one statement with an error, as PostgreSQL would, and go on."""
+        error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+        backend = self.backend
+        if backend is not None:
+            # Fail it on the backend too, so that its transaction fails as PostgreSQL's would.
+            if simple:
+                backend.push(Expect(Answer.QUERY, Fate.REFUSE, reply=error))
+                backend.send(_REFUSED_SQL)
+            else:
+                backend.push(Expect(Answer.BIND, Fate.REFUSE, reply=error))
+                backend.send(m.bind("", _MISSING_STATEMENT, b"\0\0\0\0\0\0"))
+                self.skipping = True
+                self.batch_open = True
+            return
+        if simple:
+            self._write(error + m.ready_for_query(self.tx_status))
+        else:
+            self._write(error)
+            self.skipping = True
+
+    def _fatal(self, exc: ProxyError) -> None:
+        if self.state is State.CLOSED:
+            return
+        log.info("closing client %s (key %s): %s %s", self.peer, self.user or "-", exc.sqlstate, exc.message)
+        self._write(m.error_response(exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))
+        self.state = State.CLOSED
+        self._close_backend()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close_backend(self) -> None:
+        """The client is gone: give its backend back clean, or drop it."""
+        server = self.backend
+        if server is None:
+            return
+        self.backend = None
+        pool = self.fleet.pools[server.database]
+        if server.closed:
+            pool.discard(server)
+        elif server.busy:
+            pool.discard(server, DisconnectReason.DIRTY)  # a statement is still running
+        elif server.tx_status != _I or self.session_mode:
+            Janitor(pool, server, rollback=server.tx_status != _I, reset=self.session_mode)
+        else:
+            pool.release(server)
+
+    def _cancel(self, request: m.CancelRequest) -> None:
+        target = self.fleet.sessions.get(request.pid)
+        if target is not None and secrets.compare_digest(
+                target.secret.to_bytes(4, "big"), request.secret.to_bytes(4, "big", signed=True)):
+            server = target.backend
+            if server is not None and server.busy:
+                asyncio.get_running_loop().create_task(_send_cancel(server))
+        self.state = State.CLOSED
+        assert self.transport is not None
+        self.transport.close()
+
+    def close(self, error: ProxyError) -> None:
+        """Server shutdown: tell the client why, then close."""
+        self._fatal(error)
+
+
+class Janitor:
+    """Links a backend whose client left, runs a clean-up statement and returns it to its pool."""
+
+    def __init__(self, pool: Pool, server: ServerConnection, *, rollback: bool = False,
+                 reset: bool = False) -> None:
+        self.pool = pool
+        server.attach(self)
+        if rollback:
+            server.push(DROP_QUERY)
+            server.send(m.query("ROLLBACK"))
+        if reset:  # DISCARD ALL cannot share a query string (an implicit transaction) with others
+            server.prepared.clear()
+            server.settings = {}
+            server.unnamed_owner = None
+            server.push(DROP_QUERY)
+            server.send(m.query("DISCARD ALL"))
+        if not server.busy:
+            pool.release(server)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def backend_idle(self, server: ServerConnection) -> None:
+        self.pool.release(server)
+
+    def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
+        self.pool.discard(server)
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        pass
+
+
+async def _send_cancel(server: ServerConnection) -> None:
+    try:
+        _, writer = await asyncio.open_connection(server.dsn.host, server.dsn.port)
+    except OSError as exc:
+        log.warning("database %s: could not forward a cancel request: %s", server.database, exc)
+        return
+    writer.write(m.cancel_request(server.pid, server.secret))
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+# Messages forwarded unchanged to the attached backend, with what answers them.
+_VERBATIM: dict[int, Expect | None] = {
+    m.EXECUTE: FORWARD_EXECUTE,
+    m.SYNC: FORWARD_SYNC,
+    m.FLUSH: None,
+    m.COPY_DATA: None,
+    m.COPY_DONE: None,
+    m.COPY_FAIL: None,
+}
+
+_KNOWN = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
+                    m.TERMINATE, m.PASSWORD, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.FUNCTION_CALL))
+LOGIN_TIMEOUT = 60.0
+
+LOGIN = {
+    (State.SASL_INITIAL, m.PASSWORD): Session._sasl_initial,
+    (State.SASL_RESPONSE, m.PASSWORD): Session._sasl_response,
+    (State.PASSWORD, m.PASSWORD): Session._password,
+}

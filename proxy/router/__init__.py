@@ -1,0 +1,1 @@
+"""Routing: statement text -> ``Route`` values. Pure: no I/O, no event loop."""
