@@ -72,6 +72,7 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_owner: tuple[int, int] | None = None  # whose unnamed statement is prepared here
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
         self.link: Link | None = None
+        self.outbox: list[bytes] = []
         self.write_client = _discard
         self.closed = False
         self.close_reason = ""
@@ -195,8 +196,14 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = time.monotonic()
 
     def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        """Queue bytes for the backend; ``flush`` writes them in one system call."""
+        self.outbox.append(data)
+
+    def flush(self) -> None:
+        outbox = self.outbox
+        if outbox and self.transport is not None:
+            self.transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+            outbox.clear()
 
     def push(self, expect: Expect) -> None:
         """Queue what the next message sent will be answered with (see ``expect.py``)."""

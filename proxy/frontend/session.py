@@ -92,6 +92,7 @@ class Session(asyncio.Protocol):
         self.key: ApiKey | None = None
         self.ctx: SessionContext | None = None
         self.fixed: str | None = None
+        self.unparsed: str | None = None
         self.settings: dict[str, str] = {}
         self.pid = 0
         self.secret = 0
@@ -234,27 +235,30 @@ class Session(asyncio.Protocol):
                     assert backend is not None
                     backend.send(bytes(inbox[run:pos]))
                     run = -1
-                if not self._handle(kind, bytes(inbox[start:end]), inbox, pos, end):
+                if not self._handle(kind, bytes(inbox[pos:end])):
                     break  # waiting for a backend: the message stays in the inbox
                 pos = end
         finally:
-            if run >= 0 and self.backend is not None:
-                self.backend.send(bytes(inbox[run:pos]))
+            backend = self.backend
+            if backend is not None:
+                if run >= 0:
+                    backend.send(bytes(inbox[run:pos]))
+                backend.flush()
             del inbox[:pos]
 
-    def _handle(self, kind: int, body: bytes, inbox: bytearray, pos: int, end: int) -> bool:
+    def _handle(self, kind: int, raw: bytes) -> bool:
         """One message that needs a decision. False: wait, and handle it again later."""
         try:
             if kind == m.QUERY:
-                return self._query(body, bytes(inbox[pos:end]))
+                return self._query(raw)
             if kind == m.PARSE:
-                return self._parse(body, bytes(inbox[pos:end]))
+                return self._parse(raw)
             if kind == m.BIND:
-                return self._bind(body, bytes(inbox[pos:end]))
+                return self._bind(raw)
             if kind == m.DESCRIBE:
-                return self._describe(body, bytes(inbox[pos:end]))
+                return self._describe(raw)
             if kind == m.CLOSE:
-                return self._close(body, bytes(inbox[pos:end]))
+                return self._close(raw)
             if kind == m.EXECUTE:
                 raise ClientError("34000", "portal does not exist: Execute needs a Bind first in the "
                                   "same transaction")
@@ -271,7 +275,7 @@ class Session(asyncio.Protocol):
                 self.transport.close()
                 return True
             if kind == m.FUNCTION_CALL:
-                return self._function_call(bytes(inbox[pos:end]))
+                return self._function_call(raw)
             raise ProtocolViolation(f"invalid frontend message type {kind}")
         except ClientError as exc:
             if isinstance(exc, ProtocolViolation):
@@ -356,6 +360,8 @@ class Session(asyncio.Protocol):
                                    f"{', '.join(self.config.databases)}")
         self.ctx = SessionContext(key, direct)
         self.fixed = self.fleet.router.fixed_database(self.ctx)
+        # Statements need no parsing when the database is decided and the key may write.
+        self.unparsed = self.fixed if not key.read_only else None
         if self.fixed is not None:
             self.fleet.router.check_database(self.ctx, self.fixed)
             home = self.fixed
@@ -384,6 +390,7 @@ class Session(asyncio.Protocol):
             pool.release(server)
             return
         self._attach(server)
+        server.flush()
         if server.busy:
             return  # settings are being applied; _setup_done runs at its ReadyForQuery
         self._setup_done(server)
@@ -408,8 +415,8 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ statements
 
     def _route_database(self, sql: str) -> str:
-        if self.fixed is not None and not self.key.read_only:  # type: ignore[union-attr]
-            return self.fixed
+        if self.unparsed is not None:
+            return self.unparsed
         assert self.ctx is not None
         route = self.fleet.router.route(sql, self.ctx)
         target = route.target
@@ -418,8 +425,8 @@ class Session(asyncio.Protocol):
                               "pgfleet cannot run", hint="run it on one database")
         return target.database
 
-    def _query(self, body: bytes, raw: bytes) -> bool:
-        sql = m.decode_query(body)
+    def _query(self, raw: bytes) -> bool:
+        sql = m.decode_query(raw[5:])
         backend = self._backend_for(self._route_database(sql))
         if backend is None:
             return False
@@ -435,8 +442,8 @@ class Session(asyncio.Protocol):
         backend.send(raw)
         return True
 
-    def _parse(self, body: bytes, raw: bytes) -> bool:
-        parse = m.decode_parse(body)
+    def _parse(self, raw: bytes) -> bool:
+        parse = m.decode_parse(raw[5:])
         database = self._route_database(parse.query)
         if parse.name and parse.name in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
@@ -486,8 +493,8 @@ class Session(asyncio.Protocol):
             backend.send(m.parse(prepared.backend_name, prepared.query, prepared.param_types))
         return backend, prepared.backend_name
 
-    def _bind(self, body: bytes, raw: bytes) -> bool:
-        bind = m.decode_bind(body)
+    def _bind(self, raw: bytes) -> bool:
+        bind = m.decode_bind(raw[5:])
         backend, name = self._prepared_on(bind.statement)
         if backend is None:
             return False
@@ -496,8 +503,8 @@ class Session(asyncio.Protocol):
         backend.send(raw if name == bind.statement else m.bind(bind.portal, name, bind.rest))
         return True
 
-    def _describe(self, body: bytes, raw: bytes) -> bool:
-        kind, name = m.decode_target(body, "Describe")
+    def _describe(self, raw: bytes) -> bool:
+        kind, name = m.decode_target(raw[5:], "Describe")
         if kind == 0x50:  # a portal: only exists on the backend that bound it
             if self.backend is None:
                 raise ClientError("34000", f'portal "{name}" does not exist', hint="Bind it first")
@@ -512,8 +519,8 @@ class Session(asyncio.Protocol):
         backend.send(raw if backend_name == name else m.describe(kind, backend_name))
         return True
 
-    def _close(self, body: bytes, raw: bytes) -> bool:
-        kind, name = m.decode_target(body, "Close")
+    def _close(self, raw: bytes) -> bool:
+        kind, name = m.decode_target(raw[5:], "Close")
         backend = self.backend
         if kind == 0x53:
             # Backend-side statements are shared and stay prepared; only the client's name goes.
@@ -597,21 +604,23 @@ class Session(asyncio.Protocol):
         self.waiting = False
         assert self.transport is not None
         self.transport.resume_reading()
-        if self.inbox:
-            self._process()
+        self._process()  # also flushes what was queued for the backend meanwhile
 
     def _attach(self, server: ServerConnection) -> None:
         self.backend = server
         server.attach(self)
         if self.paused_by_client and server.transport is not None:
             server.transport.pause_reading()
-        sql = set_statement(self.settings, server.settings)
-        if sql is not None:
-            server.settings = dict(self.settings)
-            server.push(DROP_QUERY)
-            server.send(m.query(sql))
+        # Settings dicts are never changed in place, so "is" is the common, cheap answer.
+        if server.settings is not self.settings:
+            sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None
+            server.settings = self.settings
+            if sql is not None:
+                server.push(DROP_QUERY)
+                server.send(m.query(sql))
 
     def _detach(self, server: ServerConnection) -> None:
+        server.flush()
         self.backend = None
         if self.paused_by_client and server.transport is not None:
             server.transport.resume_reading()
@@ -734,6 +743,7 @@ class Janitor:
             server.unnamed_owner = None
             server.push(DROP_QUERY)
             server.send(m.query("DISCARD ALL"))
+        server.flush()
         if not server.busy:
             pool.release(server)
 
