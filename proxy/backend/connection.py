@@ -28,6 +28,7 @@ import scramp
 from ..config import Dsn
 from ..errors import BackendError
 from ..wire import messages as m
+from .expect import DROP_QUERY as DROP_QUERY_
 from .expect import Answer, Expect, Fate
 
 log = logging.getLogger("pgfleet.backend")
@@ -42,6 +43,15 @@ _E = m.ERROR_RESPONSE
 _EXECUTE_END = frozenset((m.COMMAND_COMPLETE, m.EMPTY_QUERY, m.PORTAL_SUSPENDED))
 _SIMPLE_DONE = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE))
 _DESCRIBE_END = frozenset((m.ROW_DESCRIPTION, m.NO_DATA))
+_C = m.COMMAND_COMPLETE
+_S = m.PARAMETER_STATUS
+# Enum members as module globals: one dictionary lookup fewer per message on the hot path.
+_DROP = Fate.DROP
+_MADE_UP = Fate.MADE_UP
+_QUERY = Answer.QUERY
+_EXECUTE = Answer.EXECUTE
+_DS = Answer.DESCRIBE_STATEMENT
+_DP = Answer.DESCRIBE_PORTAL
 
 
 class Link(Protocol):
@@ -69,7 +79,7 @@ class ServerConnection(asyncio.Protocol):
         self.tx_status = m.READY_IDLE[-1]
         self.prepared: set[str] = set()  # backend-side statement names that exist here
         self.expects: deque[Expect] = deque()
-        self.unnamed_owner: tuple[int, int] | None = None  # whose unnamed statement is prepared here
+        self.unnamed_owner = 0  # the fleet token of the unnamed statement prepared here
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
         self.link: Link | None = None
         self.outbox: list[bytes] = []
@@ -247,39 +257,39 @@ class ServerConnection(asyncio.Protocol):
             if end > n:
                 break  # other messages are small: wait for the whole of it
             if not expects:  # asynchronous NoticeResponse / ParameterStatus / Notification
-                if kind == m.PARAMETER_STATUS:
+                if kind == _S:
                     self._parameter(data[pos + 5:end])
                 pos = end
                 continue
             head = expects[0]
             drop = False
             reply = None
-            if head.fate is Fate.DROP and head.answer is Answer.QUERY and kind != _Z:
+            if head is DROP_QUERY_ and kind != _Z:
                 drop = True  # everything an injected query says, but its ReadyForQuery
                 if kind == _E:
                     self._error(head, data[pos + 5:end])
-                elif kind == m.PARAMETER_STATUS:
+                elif kind == _S:
                     self._parameter(data[pos + 5:end])
             elif kind == _Z:
                 expects.popleft()
                 self.tx_status = data[pos + 5]
-                drop = head.fate is Fate.DROP
+                drop = head.fate is _DROP
                 ready = True
             elif kind in _SIMPLE_DONE:
-                if head.answer is not Answer.QUERY:
+                if head.answer is not _QUERY:
                     expects.popleft()
-                    drop = head.fate is Fate.DROP
+                    drop = head.fate is _DROP
             elif kind in _EXECUTE_END:
-                if head.answer is Answer.EXECUTE:
+                if head.answer is _EXECUTE:
                     expects.popleft()
-                if kind == m.COMMAND_COMPLETE and data[pos + 5] == 68:  # "D": DISCARD / DEALLOCATE
+                if kind == _C and data[pos + 5] == 68:  # "D": DISCARD / DEALLOCATE
                     self._maybe_forget_statements(data[pos + 5:end - 1])
             elif kind in _DESCRIBE_END:
-                if head.answer is Answer.DESCRIBE_STATEMENT or head.answer is Answer.DESCRIBE_PORTAL:
+                if head.answer is _DS or head.answer is _DP:
                     expects.popleft()
             elif kind == _E:
                 reply, drop = self._error(head, data[pos + 5:end])
-            elif kind == m.PARAMETER_STATUS:
+            elif kind == _S:
                 self._parameter(data[pos + 5:end])
             if drop or reply is not None:
                 if parts is None:
@@ -290,7 +300,7 @@ class ServerConnection(asyncio.Protocol):
                 start = end
             pos = end
             # Answers pgfleet made up are due as soon as everything before them is out.
-            while expects and expects[0].fate is Fate.MADE_UP:
+            while expects and expects[0].fate is _MADE_UP:
                 if parts is None:
                     parts = []
                 parts.append(data[start:pos])

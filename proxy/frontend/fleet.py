@@ -38,6 +38,7 @@ class Fleet:
             )
         self.sessions: dict[int, Session] = {}
         self._statement_names: dict[tuple[str, bytes], str] = {}
+        self._tokens = 0
 
     def statement_name(self, query: str, param_types: bytes) -> str:
         key = (query, param_types)
@@ -46,6 +47,10 @@ class Fleet:
             name = f"pgfleet_{len(self._statement_names) + 1}"
             self._statement_names[key] = name
         return name
+
+    def next_token(self) -> int:
+        self._tokens += 1
+        return self._tokens
 
     def new_backend_key(self) -> tuple[int, int]:
         while True:

@@ -24,6 +24,7 @@ import asyncio
 import enum
 import logging
 import secrets
+import struct
 from dataclasses import dataclass
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
@@ -99,8 +100,10 @@ class Session(asyncio.Protocol):
         self.backend: ServerConnection | None = None
         self.tx_status = _I
         self.statements: dict[str, Prepared] = {}
-        self.unnamed: tuple[str, bytes, str] | None = None  # query, types, database
-        self.unnamed_serial = 0
+        # The client's unnamed statement: its Parse message as it came, its database, and a
+        # fleet-wide number that a backend holding exactly that Parse carries too.
+        self.unnamed: tuple[bytes, str] | None = None
+        self.unnamed_token = 0
         self.skipping = False       # after an error in the extended protocol: drop until Sync
         self.batch_open = False     # extended messages sent since the last Sync
         self.waiting = False        # reading stopped: a backend is on its way or must go idle
@@ -182,59 +185,74 @@ class Session(asyncio.Protocol):
         if self.inbox:
             self._messages()
 
-    def _messages(self) -> None:
+    def _messages(self) -> None:  # noqa: C901 - one loop, kept flat for speed
         inbox = self.inbox
+        n = len(inbox)
         pos = 0
         run = -1  # start of a run of messages forwarded as they came
+        limit = self.max_message
         try:
-            while not self.waiting and self.state is not State.CLOSED:
-                if pos < len(inbox) and inbox[pos] not in _KNOWN:
-                    raise ProtocolViolation(f"invalid frontend message type {inbox[pos]}")
-                if self.state is not State.READY and pos < len(inbox) and inbox[pos] != m.PASSWORD:
-                    raise ProtocolViolation(
-                        f"unexpected message type {inbox[pos]} during {self.state.value}: "
-                        "the client broke the startup protocol")
-                found = m.frame(inbox, pos, self.max_message)
-                if found is None:
+            while not self.waiting:
+                if n - pos < 5:
                     break
-                kind, start, end = found
-                if self.state is not State.READY:
+                kind = inbox[pos]
+                if kind not in _KNOWN:
+                    raise ProtocolViolation(f"invalid frontend message type {kind}")
+                length = _U32(inbox, pos + 1)[0]
+                if length < 4 or length > limit:
+                    raise ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}")
+                end = pos + 1 + length
+                if self.state is not _READY:
+                    if self.state is State.CLOSED:
+                        break
                     handler = LOGIN.get((self.state, kind))
                     if handler is None:
                         raise ProtocolViolation(
                             f"unexpected message {chr(kind)!r} during {self.state.value}: "
                             "the client broke the startup protocol")
-                    handler(self, bytes(inbox[start:end]))
+                    if end > n:
+                        break
+                    handler(self, bytes(inbox[pos + 5:end]))
                     pos = end
                     continue
+                if end > n:
+                    break
                 backend = self.backend
                 if self.skipping:
-                    if kind == m.SYNC:
-                        self.skipping = False
-                        if backend is None:
-                            self._write(m.ready_for_query(self.tx_status))
-                            pos = end
-                            continue
-                    else:
+                    if kind != _SYNC:
+                        pos = end
+                        continue
+                    self.skipping = False
+                    if backend is None:
+                        self._write(m.ready_for_query(self.tx_status))
                         pos = end
                         continue
                 # The hot path: messages that go to the attached backend unchanged.
-                if backend is not None and kind in _VERBATIM:
-                    expect = _VERBATIM[kind]
-                    if expect is not None:
-                        backend.push(expect)
-                    if kind == m.SYNC:
-                        self.batch_open = False
-                    else:
-                        self.batch_open = True
-                    if run < 0:
-                        run = pos
-                    pos = end
-                    continue
-                if run >= 0:
-                    assert backend is not None
-                    backend.send(bytes(inbox[run:pos]))
-                    run = -1
+                if backend is not None:
+                    expect = _VERBATIM.get(kind, _NOT_VERBATIM)
+                    if expect is _NOT_VERBATIM:
+                        if kind == _DESCRIBE and inbox[pos + 5] == 0x50:
+                            expect = FORWARD_DESCRIBE_PORTAL  # Describe of a portal: as it came
+                        elif self.unparsed is not None and inbox[pos + 5] == 0:
+                            # The unnamed statement on a decided database: no rewriting either.
+                            if kind == _PARSE:
+                                self.unnamed = (bytes(inbox[pos:end]), self.unparsed)
+                                self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
+                                expect = FORWARD_PARSE_UNNAMED
+                            elif (kind == _BIND and inbox[pos + 6] == 0
+                                  and backend.unnamed_owner == self.unnamed_token):
+                                expect = FORWARD_BIND
+                    if expect is not _NOT_VERBATIM:
+                        if expect is not None:
+                            backend.push(expect)
+                        self.batch_open = kind != _SYNC
+                        if run < 0:
+                            run = pos
+                        pos = end
+                        continue
+                    if run >= 0:
+                        backend.send(bytes(inbox[run:pos]))
+                        run = -1
                 if not self._handle(kind, bytes(inbox[pos:end])):
                     break  # waiting for a backend: the message stays in the inbox
                 pos = end
@@ -426,8 +444,9 @@ class Session(asyncio.Protocol):
         return target.database
 
     def _query(self, raw: bytes) -> bool:
-        sql = m.decode_query(raw[5:])
-        backend = self._backend_for(self._route_database(sql))
+        # On a decided database the text is not even decoded: the backend checks it.
+        database = self.unparsed or self._route_database(m.decode_query(raw[5:]))
+        backend = self._backend_for(database)
         if backend is None:
             return False
         backend.push(FORWARD_QUERY)
@@ -443,6 +462,16 @@ class Session(asyncio.Protocol):
         return True
 
     def _parse(self, raw: bytes) -> bool:
+        if self.unparsed is not None and raw[5] == 0:  # the unnamed statement, decided database
+            backend = self._backend_for(self.unparsed)
+            if backend is None:
+                return False
+            self.batch_open = True
+            self.unnamed = (raw, self.unparsed)
+            self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
+            backend.push(FORWARD_PARSE_UNNAMED)
+            backend.send(raw)
+            return True
         parse = m.decode_parse(raw[5:])
         database = self._route_database(parse.query)
         if parse.name and parse.name in self.statements:
@@ -453,9 +482,8 @@ class Session(asyncio.Protocol):
             return False
         self.batch_open = True
         if not parse.name:
-            self.unnamed = (parse.query, parse.param_types, database)
-            self.unnamed_serial += 1
-            backend.unnamed_owner = (self.pid, self.unnamed_serial)
+            self.unnamed = (raw, database)
+            self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
             return True
@@ -475,12 +503,12 @@ class Session(asyncio.Protocol):
             if self.unnamed is None:
                 raise ClientError("26000", "unnamed prepared statement does not exist",
                                   hint="send Parse before Bind")
-            query, types, database = self.unnamed
+            parse_raw, database = self.unnamed
             backend = self._backend_for(database)
-            if backend is not None and backend.unnamed_owner != (self.pid, self.unnamed_serial):
-                backend.unnamed_owner = (self.pid, self.unnamed_serial)
-                backend.push(Expect(Answer.PARSE, Fate.DROP))
-                backend.send(m.parse("", query, types))
+            if backend is not None and backend.unnamed_owner != self.unnamed_token:
+                backend.unnamed_owner = self.unnamed_token
+                backend.push(DROP_PARSE)
+                backend.send(parse_raw)
             return backend, ""
         prepared = self.statements.get(client_name)
         if prepared is None:
@@ -740,7 +768,7 @@ class Janitor:
         if reset:  # DISCARD ALL cannot share a query string (an implicit transaction) with others
             server.prepared.clear()
             server.settings = {}
-            server.unnamed_owner = None
+            server.unnamed_owner = 0
             server.push(DROP_QUERY)
             server.send(m.query("DISCARD ALL"))
         server.flush()
@@ -782,6 +810,14 @@ _VERBATIM: dict[int, Expect | None] = {
     m.COPY_FAIL: None,
 }
 
+_U32 = struct.Struct("!I").unpack_from
+_READY = State.READY
+_SYNC = m.SYNC
+_DESCRIBE = m.DESCRIBE
+_PARSE = m.PARSE
+_BIND = m.BIND
+DROP_PARSE = Expect(Answer.PARSE, Fate.DROP)
+_NOT_VERBATIM = Expect(Answer.QUERY, Fate.DROP, reply=b"not verbatim")  # a sentinel
 _KNOWN = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                     m.TERMINATE, m.PASSWORD, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.FUNCTION_CALL))
 LOGIN_TIMEOUT = 60.0
