@@ -42,6 +42,8 @@ class Verifier:
 
     @classmethod
     def from_secret(cls, secret: str, salt: bytes | None = None) -> Verifier:
+        # 16-byte salts, as PostgreSQL makes them (and as the decoys for unknown ids are).
+        salt = secrets.token_bytes(16) if salt is None else salt
         salt_, stored, server = _SCRAM.make_auth_info(secret, iteration_count=ITERATIONS, salt=salt)[:3]
         return cls(salt_, stored, server, ITERATIONS)
 

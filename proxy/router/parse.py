@@ -39,7 +39,7 @@ def _statement(node: dict[str, Any]) -> Statement:
     (tag, body), = node.items()
     relations = frozenset(_relations(body))
     if tag == "SelectStmt":
-        writes = "intoClause" in body or "lockingClause" in body
+        writes = "intoClause" in body or "lockingClause" in body or _modifying_cte(body)
         return Statement(Kind.WRITE if writes else Kind.READ, "SELECT", relations)
     if tag in _READ:
         if tag == "ExplainStmt" and _explain_analyzes_write(body):
@@ -53,7 +53,9 @@ def _statement(node: dict[str, Any]) -> Statement:
         violation = any(_option_sets_read_write(opt) for opt in body.get("options", ()))
         return Statement(Kind.TRANSACTION, "TRANSACTION", relations, violation)
     if tag in _SESSION:
-        violation = tag == "VariableSetStmt" and body.get("name") in _READ_ONLY_GUCS
+        violation = tag == "VariableSetStmt" and (
+            body.get("name") in _READ_ONLY_GUCS  # SET default_transaction_read_only ...
+            or any(_option_sets_read_write(arg) for arg in body.get("args", ())))  # SET TRANSACTION ...
         return Statement(Kind.SESSION, _SESSION[tag], relations, violation)
     if tag == "DropStmt" and body.get("removeType") in ("OBJECT_TABLE", "OBJECT_VIEW",
                                                         "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE"):
@@ -61,6 +63,16 @@ def _statement(node: dict[str, Any]) -> Statement:
     if tag.endswith("Stmt") and tag not in ("VacuumStmt", "CheckPointStmt", "LockStmt"):
         return Statement(Kind.DDL, tag.removesuffix("Stmt").upper(), relations)
     return Statement(Kind.OTHER, tag.removesuffix("Stmt").upper(), relations)
+
+
+def _modifying_cte(body: dict[str, Any]) -> bool:
+    """WITH d AS (DELETE ... RETURNING *) SELECT ...: a SELECT that writes."""
+    for cte in body.get("withClause", {}).get("ctes", ()):
+        query = cte.get("CommonTableExpr", {}).get("ctequery", {})
+        if next(iter(query), "") in _WRITE or (next(iter(query), "") == "SelectStmt"
+                                                and _modifying_cte(query["SelectStmt"])):
+            return True
+    return False
 
 
 def _explain_analyzes_write(body: dict[str, Any]) -> bool:
