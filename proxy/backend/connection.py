@@ -83,6 +83,7 @@ class ServerConnection(asyncio.Protocol):
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
         self.link: Link | None = None
         self.outbox: list[bytes] = []
+        self.parsed_ok: set[str] = set()  # shared with the pool: see Pool.parsed_ok
         self.write_client = _discard
         self.closed = False
         self.close_reason = ""
@@ -279,6 +280,8 @@ class ServerConnection(asyncio.Protocol):
                 if head.answer is not _QUERY:
                     expects.popleft()
                     drop = head.fate is _DROP
+                    if head.statement is not None:
+                        self.parsed_ok.add(head.statement)
             elif kind in _EXECUTE_END:
                 if head.answer is _EXECUTE:
                     expects.popleft()

@@ -48,6 +48,8 @@ class Pool:
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
         self.params: dict[str, str] = {}  # the server's ParameterStatus values, from the first login
+        # Backend-side statement names that some backend of this database parsed without error.
+        self.parsed_ok: set[str] = set()
         self.closed = False
         self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
 
@@ -94,6 +96,7 @@ class Pool:
     async def _open(self) -> ServerConnection:
         self.opening += 1
         server = ServerConnection(self.name, self.dsn, self.startup, self.generation)
+        server.parsed_ok = self.parsed_ok
         try:
             await server.open(self.connect_timeout)
         finally:

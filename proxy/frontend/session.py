@@ -477,6 +477,15 @@ class Session(asyncio.Protocol):
         if parse.name and parse.name in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
+        if parse.name and self.backend is None:
+            # A statement some backend already parsed needs no backend now: it is prepared
+            # lazily where it is bound. This also spares a pooled backend for clients (like
+            # pgbench) that prepare synchronously while others of theirs hold transactions.
+            name = self.fleet.statement_name(parse.query, parse.param_types)
+            if name in self.fleet.pools[database].parsed_ok:
+                self.statements[parse.name] = Prepared(name, parse.query, parse.param_types, database)
+                self._write(m.PARSE_COMPLETE_MSG)
+                return True
         backend = self._backend_for(database)
         if backend is None:
             return False
