@@ -46,7 +46,7 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
-from ..router.route import Direct
+from ..router.route import Direct, Kind
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
@@ -55,6 +55,9 @@ from .startup import session_settings, set_statement
 log = logging.getLogger("pgfleet.session")
 
 _I = 73  # ReadyForQuery status "I": idle, no transaction
+_T = 84  # "T": in a transaction
+_TRANSACTION_WORDS = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"))
+_TRANSACTION_ENDS = {"COMMIT": "COMMIT", "END": "COMMIT", "ROLLBACK": "ROLLBACK", "ABORT": "ROLLBACK"}
 _REFUSED_SQL = m.query("pgfleet refused this statement")
 _MISSING_STATEMENT = "pgfleet_refused_statement"
 
@@ -94,6 +97,7 @@ class Session(asyncio.Protocol):
         self.ctx: SessionContext | None = None
         self.fixed: str | None = None
         self.unparsed: str | None = None
+        self.deferred_begin: bytes | None = None  # see _transaction_control
         self.settings: dict[str, str] = {}
         self.pid = 0
         self.secret = 0
@@ -437,6 +441,8 @@ class Session(asyncio.Protocol):
             return self.unparsed
         assert self.ctx is not None
         route = self.fleet.router.route(sql, self.ctx)
+        if route.anywhere and self.backend is not None and self.ctx.key.may_use(self.backend.database):
+            return self.backend.database
         target = route.target
         if not isinstance(target, Direct):
             raise ClientError("0A000", "this statement needs several databases, which this version of "
@@ -445,13 +451,43 @@ class Session(asyncio.Protocol):
 
     def _query(self, raw: bytes) -> bool:
         # On a decided database the text is not even decoded: the backend checks it.
-        database = self.unparsed or self._route_database(m.decode_query(raw[5:]))
+        if self.unparsed is not None:
+            database = self.unparsed
+        else:
+            sql = m.decode_query(raw[5:])
+            if self.backend is None and self._transaction_control(sql, raw):
+                return True
+            database = self._route_database(sql)
         backend = self._backend_for(database)
         if backend is None:
             return False
         backend.push(FORWARD_QUERY)
         backend.send(raw)
         return True
+
+    def _transaction_control(self, sql: str, raw: bytes) -> bool:
+        """BEGIN on the fleet waits for its first routed statement, which picks the database.
+
+        pgfleet answers it at once, and sends it (as it came) to the backend of the first
+        statement that needs one. COMMIT or ROLLBACK before any such statement ends it here.
+        """
+        word = sql.lstrip().split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
+        if word not in _TRANSACTION_WORDS:
+            return False
+        analysis = self.fleet.router.analysis(sql)
+        if len(analysis.statements) != 1 or analysis.statements[0].kind is not Kind.TRANSACTION:
+            return False
+        if word in ("BEGIN", "START") and self.tx_status == _I:
+            self.deferred_begin = raw
+            self.tx_status = _T
+            self._write(m.command_complete("BEGIN") + m.ready_for_query(_T))
+            return True
+        if self.deferred_begin is not None and word in _TRANSACTION_ENDS:
+            self.deferred_begin = None
+            self.tx_status = _I
+            self._write(m.command_complete(_TRANSACTION_ENDS[word]) + m.ready_for_query(_I))
+            return True
+        return False
 
     def _function_call(self, raw: bytes) -> bool:
         backend = self._backend_for(self.fixed or self.config.default)
@@ -648,6 +684,10 @@ class Session(asyncio.Protocol):
         server.attach(self)
         if self.paused_by_client and server.transport is not None:
             server.transport.pause_reading()
+        if self.deferred_begin is not None:
+            server.push(DROP_QUERY)
+            server.send(self.deferred_begin)
+            self.deferred_begin = None
         # Settings dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings:
             sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None

@@ -82,3 +82,6 @@ class Route:
     write: bool
     reason: str
     merge: object | None = field(default=None)  # the federated-SELECT merge plan slot
+    # True when no table decided the database (COMMIT, SET, SELECT 1, catalogs): inside a
+    # transaction such a statement runs where the transaction already is.
+    anywhere: bool = False

@@ -80,7 +80,8 @@ class Router:
             self._check_read_only(analysis, ctx)
         database, reason = (fixed, _why_fixed(ctx, fixed)) if fixed is not None else self._by_tables(analysis)
         self.check_database(ctx, database)
-        return Route(Direct(database), write=analysis.writes is not None, reason=reason)
+        return Route(Direct(database), write=analysis.writes is not None, reason=reason,
+                     anywhere=reason is _NO_TABLE)
 
     def _check_read_only(self, analysis: Analysis, ctx: SessionContext) -> None:
         stmt = analysis.writes
@@ -102,7 +103,7 @@ class Router:
                                       "not available in this version", hint="connect to a shard by name")
                 placed.setdefault(database or self.default, []).append(relation.qualified)
         if not placed:
-            return self.default, "no mapped table: default database"
+            return self.default, _NO_TABLE
         if len(placed) > 1:
             parts = "; ".join(f"{', '.join(sorted(set(t)))} on {db}" for db, t in sorted(placed.items()))
             raise ClientError("0A000", f"one statement cannot touch tables of two databases ({parts})",
@@ -110,6 +111,9 @@ class Router:
                                    "across databases")
         (database, tables), = placed.items()
         return database, f"tables {', '.join(sorted(set(tables)))} are on {database}"
+
+
+_NO_TABLE = "no mapped table: default database"
 
 
 def _why_fixed(ctx: SessionContext, database: str) -> str:
