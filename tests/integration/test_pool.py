@@ -1,0 +1,249 @@
+"""Pools through a running pgfleet: acquire timeout (53300), session and transaction modes,
+reset on return, and a backend count that never exceeds the pool size.
+
+Backends are counted in pg_stat_activity over a direct connection to the cluster. pgfleet
+passes the client's application_name on with SET, so these tests give their fleet's primary
+its own backend role (pf_trust, which no other fleet uses on bank) and count by user name.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors as pgerrors
+
+from proxy.embedded import Cluster
+
+from .conftest import Fleet
+
+
+def backends(pg: Cluster, user: str = "pf_trust", dbname: str = "bank") -> int:
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+        return conn.execute("select count(*) from pg_stat_activity where usename = %s and datname = %s "
+                            "and backend_type = 'client backend'", (user, dbname)).fetchone()[0]  # type: ignore[index]
+
+
+def own_primary(pg: Cluster) -> dict[str, Any]:
+    return {"primary": {"dsn": pg.dsn("bank", user="pf_trust")}}
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+# ---------------------------------------------------------------------------------------------
+# acquire timeout
+
+
+def test_acquire_timeout_is_53300_naming_database_and_pool_size(make_fleet: Any) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "500ms"})
+    with psycopg.connect(fleet.dsn()) as holder, psycopg.connect(fleet.dsn(), autocommit=True) as waiter:
+        holder.execute("select 1")  # BEGIN + select: the only backend is now in a transaction
+        started = time.monotonic()
+        with pytest.raises(psycopg.Error) as err:
+            waiter.execute("select 2")
+        waited = time.monotonic() - started
+        assert err.value.sqlstate == "53300"
+        message = err.value.diag.message_primary or ""
+        assert "primary" in message and "pool size 1" in message
+        assert 0.4 <= waited < 5, waited
+        # the waiter's session survives the refusal; once the holder commits it gets the backend
+        holder.commit()
+        assert waiter.execute("select 3").fetchone() == (3,)
+        # and the holder can still work too
+        assert holder.execute("select 4").fetchone() == (4,)
+        holder.commit()
+
+
+def test_acquire_timeout_in_the_extended_protocol(make_fleet: Any) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "300ms"})
+    with psycopg.connect(fleet.dsn()) as holder, \
+            psycopg.connect(fleet.dsn(), autocommit=True, prepare_threshold=0) as waiter:
+        holder.execute("select 1")
+        with pytest.raises(psycopg.Error) as err:
+            waiter.execute("select %s::int", (2,))
+        assert err.value.sqlstate == "53300"
+        holder.rollback()
+        assert waiter.execute("select %s::int", (3,)).fetchone() == (3,)
+
+
+def test_a_waiting_client_gets_the_backend_as_soon_as_it_is_free(make_fleet: Any) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "10s"})
+    with psycopg.connect(fleet.dsn()) as holder, psycopg.connect(fleet.dsn(), autocommit=True) as waiter:
+        holder.execute("select 1")
+        timer = threading.Timer(0.5, holder.commit)
+        timer.start()
+        try:
+            started = time.monotonic()
+            assert waiter.execute("select 5").fetchone() == (5,)
+            assert 0.4 <= time.monotonic() - started < 5
+        finally:
+            timer.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# session mode
+
+
+def test_session_mode_keeps_session_state_and_resets_it_for_the_next_client(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"mode": "session", "size": 1}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn()) as first:
+        first.execute("create temp table session_tmp (a int)")
+        first.execute("insert into session_tmp values (1)")
+        first.commit()
+        first.execute("set statement_timeout = '12345ms'")
+        first.commit()
+        first.execute("insert into session_tmp values (2)")
+        first.commit()
+        assert first.execute("select count(*) from session_tmp").fetchone() == (2,)
+        assert first.execute("show statement_timeout").fetchone() == ("12345ms",)
+        pid = first.execute("select pg_backend_pid()").fetchone()
+        first.commit()
+    with psycopg.connect(fleet.dsn(), autocommit=True) as second:
+        # the same backend (pool size 1), reset with DISCARD ALL
+        assert second.execute("select pg_backend_pid()").fetchone() == pid
+        with pytest.raises(pgerrors.UndefinedTable):
+            second.execute("select * from session_tmp")
+        assert second.execute("show statement_timeout").fetchone() == ("0",)
+    assert backends(pg) <= 1
+
+
+def test_session_mode_keeps_one_backend_per_client(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"mode": "session", "size": 3, "acquire_timeout": "500ms"},
+                              databases=own_primary(pg))
+    conns = [psycopg.connect(fleet.dsn(), autocommit=True) for _ in range(3)]
+    try:
+        pids = {c.execute("select pg_backend_pid()").fetchone()[0] for c in conns}  # type: ignore[index]
+        assert len(pids) == 3
+        for c in conns:  # each client keeps its own backend across statements
+            first = c.execute("select pg_backend_pid()").fetchone()
+            assert c.execute("select pg_backend_pid()").fetchone() == first
+        # a fourth client cannot get a backend while the three are connected
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(fleet.dsn(), autocommit=True).close()
+        assert "53300" in str(err.value) or "pool size 3" in str(err.value)
+    finally:
+        for c in conns:
+            c.close()
+    with psycopg.connect(fleet.dsn(), autocommit=True) as again:
+        assert again.execute("select 1").fetchone() == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# transaction mode
+
+
+def test_transaction_mode_two_clients_alternate_on_one_backend(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "2s"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn()) as a, psycopg.connect(fleet.dsn()) as b:
+        pids = set()
+        for i in range(5):
+            for conn, name in ((a, "a"), (b, "b")):
+                with conn.transaction():
+                    row = conn.execute("select pg_backend_pid(), %s::text, txid_current()", (f"{name}{i}",)
+                                       ).fetchone()
+                    assert row is not None and row[1] == f"{name}{i}"
+                    pids.add(row[0])
+        assert len(pids) == 1
+    assert backends(pg) <= 1
+
+
+def test_transaction_mode_keeps_a_transaction_on_one_backend(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 4}, databases=own_primary(pg))
+    conns = [psycopg.connect(fleet.dsn()) for _ in range(4)]
+    try:
+        for c in conns:
+            c.execute("select 1")  # all four in a transaction: four backends pinned
+        for c in conns:
+            txid = c.execute("select txid_current(), pg_backend_pid()").fetchone()
+            for _ in range(3):
+                assert c.execute("select txid_current(), pg_backend_pid()").fetchone() == txid
+        for c in conns:
+            c.commit()
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_backend_count_never_exceeds_the_pool_size(make_fleet: Any, pg: Cluster) -> None:
+    size = 3
+    fleet: Fleet = make_fleet(pool={"size": size, "acquire_timeout": "30s"}, databases=own_primary(pg))
+    assert backends(pg) == 0
+    seen: list[int] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.append(backends(pg))
+            time.sleep(0.02)
+
+    def client(n: int) -> None:
+        try:
+            with psycopg.connect(fleet.dsn(), autocommit=n % 2 == 0) as conn:
+                for i in range(6):
+                    assert conn.execute("select %s::int from pg_sleep(0.01)", (i,)).fetchone() == (i,)
+                    if not conn.autocommit:
+                        conn.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    sampler.join()
+    assert not errors, errors[:3]
+    assert max(seen) <= size, seen
+    assert max(seen) == size, f"the load never used the whole pool: {seen}"
+
+
+def test_idle_timeout_closes_idle_backends(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 3, "idle_timeout": "1s"}, databases=own_primary(pg))
+    conns = [psycopg.connect(fleet.dsn()) for _ in range(3)]
+    try:
+        for c in conns:
+            c.execute("select 1")
+        assert backends(pg) == 3
+        for c in conns:
+            c.commit()
+    finally:
+        for c in conns:
+            c.close()
+    assert wait_for(lambda: backends(pg) == 0, 8), backends(pg)
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:  # and new ones open on demand
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_lifetime_replaces_old_backends(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "lifetime": "1s"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        first = conn.execute("select pg_backend_pid()").fetchone()
+        time.sleep(1.5)
+        second = conn.execute("select pg_backend_pid()").fetchone()
+        assert first != second
+    assert wait_for(lambda: backends(pg) <= 1, 5)
+
+
+def test_clients_disconnecting_in_a_transaction_give_their_backend_back(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "3s"}, databases=own_primary(pg))
+    for _ in range(6):
+        conn = psycopg.connect(fleet.dsn())
+        conn.execute("select txid_current()")  # in a transaction
+        conn.close()  # gone without COMMIT: the backend is rolled back and reused (or replaced)
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert wait_for(lambda: backends(pg) <= 2, 5), backends(pg)
