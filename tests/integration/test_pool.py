@@ -157,6 +157,19 @@ def test_transaction_mode_two_clients_alternate_on_one_backend(make_fleet: Any, 
     assert backends(pg) <= 1
 
 
+@pytest.mark.xfail(strict=True, reason="known bug: client SET tracking is issue 6")
+def test_transaction_mode_settings_do_not_leak_to_other_clients(make_fleet: Any, pg: Cluster) -> None:
+    """A client's SET stays the client's: the next client on the same backend does not see it."""
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "2s"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
+        default = b.execute("show statement_timeout").fetchone()
+        a.execute("set statement_timeout = '1234ms'")
+        assert b.execute("show statement_timeout").fetchone() == default
+        assert a.execute("show statement_timeout").fetchone() == ("1234ms",)
+        a.execute("reset statement_timeout")
+        assert a.execute("show statement_timeout").fetchone() == default
+
+
 def test_transaction_mode_keeps_a_transaction_on_one_backend(make_fleet: Any, pg: Cluster) -> None:
     fleet: Fleet = make_fleet(pool={"size": 4}, databases=own_primary(pg))
     conns = [psycopg.connect(fleet.dsn()) for _ in range(4)]
