@@ -89,6 +89,11 @@ class Target:
     password: str
     dbname: str
     skip_modes: dict[str, str] = field(default_factory=dict)  # mode -> why it is n/a
+    skip_cells: dict[tuple[str, int], str] = field(default_factory=dict)  # (mode, clients) -> why
+    mode_ports: dict[str, int] = field(default_factory=dict)  # a mode measured on another port
+
+    def skips(self, mode: str, clients: int) -> bool:
+        return mode in self.skip_modes or (mode, clients) in self.skip_cells
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -97,8 +102,8 @@ class Target:
         env["PGCONNECT_TIMEOUT"] = "10"
         return env
 
-    def conn_args(self) -> list[str]:
-        return ["-h", HOST, "-p", str(self.port), "-U", self.user]
+    def conn_args(self, mode: str = "") -> list[str]:
+        return ["-h", HOST, "-p", str(self.mode_ports.get(mode, self.port)), "-U", self.user]
 
 
 def as_user(user: pwd.struct_passwd | None, argv: list[str]) -> list[str]:
@@ -179,10 +184,10 @@ def ensure_pgbouncer(install: bool) -> tuple[str, tuple[int, ...]]:
     return found
 
 
-def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int,
-                    version: tuple[int, ...]) -> tuple[subprocess.Popen[bytes], Target, Path]:
+def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, version: tuple[int, ...],
+                    pool_mode: str = "transaction") -> tuple[subprocess.Popen[bytes], Target, Path]:
     user = server_user()
-    d = workdir / "pgbouncer"
+    d = workdir / f"pgbouncer-{pool_mode}"
     d.mkdir(mode=0o700)
     port = free_port()
     supports_prepared = version >= (1, 21)
@@ -199,7 +204,7 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int,
         "unix_socket_dir =",
         "auth_type = scram-sha-256",
         f"auth_file = {d / 'userlist.txt'}",
-        "pool_mode = transaction",
+        f"pool_mode = {pool_mode}",
         f"default_pool_size = {pool_size}",
         "min_pool_size = 0",
         "reserve_pool_size = 0",
@@ -227,7 +232,7 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     target = Target("pgbouncer", port, "postgres", PG_PASSWORD, BENCH_DB)
-    if not supports_prepared:
+    if not supports_prepared and pool_mode == "transaction":
         target.skip_modes["prepared"] = ("PgBouncer < 1.21 has no prepared-statement support "
                                          "in transaction pooling")
     try:
@@ -291,7 +296,7 @@ FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
 def pgbench(target: Target, mode: str, clients: int, duration: int, rnd: int) -> Run:
     run = Run(target.name, mode, clients, rnd)
     argv = ["pgbench", "-S", "-n", "-M", mode, "-c", str(clients), "-j", str(min(2, clients)),
-            "-T", str(duration), *target.conn_args(), target.dbname]
+            "-T", str(duration), *target.conn_args(mode), target.dbname]
     try:
         r = subprocess.run(argv, env=target.env(), capture_output=True, text=True, check=False,
                            timeout=duration + 60)
@@ -346,7 +351,7 @@ def cell_value(runs: list[Run], attr: str) -> float | None:
 
 
 def build_report(info: dict[str, str], modes: list[str], clients: list[int],
-                 runs: list[Run], skipped: dict[tuple[str, str], str],
+                 runs: list[Run], skipped: dict[tuple[str, ...], str],
                  pgfleet_log_lines: list[str]) -> str:
     by: dict[tuple[str, int, str], list[Run]] = {}
     for r in runs:
@@ -374,7 +379,7 @@ def build_report(info: dict[str, str], modes: list[str], clients: list[int],
                 tps[t] = cell_value(rs, "tps")
                 lat[t] = cell_value(rs, "latency_ms")
                 mark[t] = "!" if any(not r.ok for r in rs) else ""
-                why = skipped.get((t, mode))
+                why = skipped.get((t, mode, c)) or skipped.get((t, mode))
                 if why and not rs:
                     n = notes.setdefault(why, len(notes) + 1)
                     mark[t] = f" [{n}]"
@@ -525,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     fleet_proc = bouncer_proc = None
     fleet_log: Path | None = None
     runs: list[Run] = []
-    skipped: dict[tuple[str, str], str] = {}
+    skipped: dict[tuple[str, ...], str] = {}
+    extra_procs: list[subprocess.Popen[bytes]] = []
+    info_notes: list[str] = []
     try:
         # -- the cluster and its data --------------------------------------------------------
         say(f"work directory {workdir}")
@@ -566,6 +573,24 @@ def main(argv: list[str] | None = None) -> int:
                 bouncer_proc, bouncer_target, _ = start_pgbouncer(
                     workdir, cluster.port, args.pool_size, pgb_tuple)
                 targets.append(bouncer_target)
+                if "prepared" in bouncer_target.skip_modes and "prepared" in args.mode_list:
+                    # The nearest fair comparison: PgBouncer in session mode, where prepared
+                    # statements work, while every client still gets a server of the pool.
+                    session_proc, session_target, _ = start_pgbouncer(
+                        workdir, cluster.port, args.pool_size, pgb_tuple, "session")
+                    extra_procs.append(session_proc)
+                    del bouncer_target.skip_modes["prepared"]
+                    bouncer_target.mode_ports["prepared"] = session_target.port
+                    prepared_note = (f"PgBouncer's -M prepared cells are session pooling: {pgb_version} "
+                                     "has no prepared-statement support in transaction pooling")
+                    info_notes.append(prepared_note)
+                    for c in args.client_list:
+                        if c > args.pool_size:
+                            why = (f"session pooling cannot serve {c} clients with pool size "
+                                   f"{args.pool_size}, and {pgb_version} has no prepared-statement "
+                                   "support in transaction pooling")
+                            bouncer_target.skip_cells[("prepared", c)] = why
+                            skipped[("pgbouncer", "prepared", c)] = why
                 for m, why in bouncer_target.skip_modes.items():
                     skipped[("pgbouncer", m)] = f"{why} (this is {pgb_version})"
                 say(f"PgBouncer {pgb_version} on {HOST}:{bouncer_target.port} "
@@ -586,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             "pools": f"pgfleet and PgBouncer: transaction mode, pool size {args.pool_size}",
             "order": "targets alternate within each cell; the order rotates every round and cell",
         })
+        if info_notes:
+            info["note"] = "; ".join(info_notes)
 
         # -- warm-up: open the pools' backends and fill caches --------------------------------
         warm_c = max(args.client_list)
@@ -594,14 +621,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # -- the rounds ----------------------------------------------------------------------
         total = args.rounds * sum(
-            1 for m, _ in cells for t in targets if m not in t.skip_modes)
+            1 for m, c in cells for t in targets if not t.skips(m, c))
         done = 0
         for rnd in range(args.rounds):
             for i, (mode, c) in enumerate(cells):
                 k = (rnd + i) % len(targets)
                 order = targets[k:] + targets[:k]
                 for t in order:
-                    if mode in t.skip_modes:
+                    if t.skips(mode, c):
                         continue
                     run = pgbench(t, mode, c, args.duration, rnd)
                     runs.append(run)
@@ -641,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_process(fleet_proc, "pgfleet")
         stop_process(bouncer_proc, "pgbouncer")
+        for proc in extra_procs:
+            stop_process(proc, "pgbouncer (session)")
         if cluster is not None:
             try:
                 cluster.stop()

@@ -199,7 +199,6 @@ class ServerConnection(asyncio.Protocol):
     def attach(self, link: Link) -> None:
         self.link = link
         self.write_client = link.write
-        self.last_used = time.monotonic()
 
     def detach(self) -> None:
         self.link = None

@@ -25,7 +25,6 @@ import enum
 import logging
 import secrets
 import struct
-from dataclasses import dataclass
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
 from ..backend.connection import ServerConnection
@@ -72,14 +71,17 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
 class Prepared:
     """A client's named prepared statement: pgfleet's backend-side name and where it runs."""
 
-    backend_name: str
-    query: str
-    param_types: bytes
-    database: str
+    __slots__ = ("backend_name", "wire_name", "query", "param_types", "database")
+
+    def __init__(self, backend_name: str, query: str, param_types: bytes, database: str) -> None:
+        self.backend_name = backend_name
+        self.wire_name = backend_name.encode() + b"\0"  # as it goes into a Bind
+        self.query = query
+        self.param_types = param_types
+        self.database = database
 
 
 class Session(asyncio.Protocol):
@@ -103,7 +105,7 @@ class Session(asyncio.Protocol):
         self.secret = 0
         self.backend: ServerConnection | None = None
         self.tx_status = _I
-        self.statements: dict[str, Prepared] = {}
+        self.statements: dict[bytes, Prepared] = {}  # by the client's name, as sent
         # The client's unnamed statement: its Parse message as it came, its database, and a
         # fleet-wide number that a backend holding exactly that Parse carries too.
         self.unnamed: tuple[bytes, str] | None = None
@@ -248,7 +250,7 @@ class Session(asyncio.Protocol):
                                 expect = FORWARD_BIND
                     if expect is not _NOT_VERBATIM:
                         if expect is not None:
-                            backend.push(expect)
+                            backend.expects.append(expect)  # never made up: push() inlined
                         self.batch_open = kind != _SYNC
                         if run < 0:
                             run = pos
@@ -510,7 +512,8 @@ class Session(asyncio.Protocol):
             return True
         parse = m.decode_parse(raw[5:])
         database = self._route_database(parse.query)
-        if parse.name and parse.name in self.statements:
+        key = parse.name.encode()
+        if key and key in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
         if parse.name and self.backend is None:
@@ -519,7 +522,7 @@ class Session(asyncio.Protocol):
             # pgbench) that prepare synchronously while others of theirs hold transactions.
             name = self.fleet.statement_name(parse.query, parse.param_types)
             if name in self.fleet.pools[database].parsed_ok:
-                self.statements[parse.name] = Prepared(name, parse.query, parse.param_types, database)
+                self.statements[key] = Prepared(name, parse.query, parse.param_types, database)
                 self._write(m.PARSE_COMPLETE_MSG)
                 return True
         backend = self._backend_for(database)
@@ -533,7 +536,7 @@ class Session(asyncio.Protocol):
             backend.send(raw)
             return True
         name = self.fleet.statement_name(parse.query, parse.param_types)
-        self.statements[parse.name] = Prepared(name, parse.query, parse.param_types, database)
+        self.statements[key] = Prepared(name, parse.query, parse.param_types, database)
         if name in backend.prepared:
             backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=m.PARSE_COMPLETE_MSG))
         else:
@@ -542,8 +545,11 @@ class Session(asyncio.Protocol):
             backend.send(m.parse(name, parse.query, parse.param_types))
         return True
 
-    def _prepared_on(self, client_name: str) -> tuple[ServerConnection | None, str]:
-        """The backend that runs a client's statement, with the statement prepared on it."""
+    def _prepared_on(self, client_name: bytes) -> tuple[ServerConnection | None, Prepared | None]:
+        """The backend that runs a client's statement, with the statement prepared on it.
+
+        The statement is None for the unnamed one, which keeps its name on the backend.
+        """
         if not client_name:
             if self.unnamed is None:
                 raise ClientError("26000", "unnamed prepared statement does not exist",
@@ -554,26 +560,35 @@ class Session(asyncio.Protocol):
                 backend.unnamed_owner = self.unnamed_token
                 backend.push(DROP_PARSE)
                 backend.send(parse_raw)
-            return backend, ""
+            return backend, None
         prepared = self.statements.get(client_name)
         if prepared is None:
-            raise ClientError("26000", f'prepared statement "{client_name}" does not exist',
+            name = client_name.decode(errors="replace")
+            raise ClientError("26000", f'prepared statement "{name}" does not exist',
                               hint="send Parse for it first")
         backend = self._backend_for(prepared.database)
         if backend is not None and prepared.backend_name not in backend.prepared:
             backend.prepared.add(prepared.backend_name)
             backend.push(Expect(Answer.PARSE, Fate.DROP, statement=prepared.backend_name))
             backend.send(m.parse(prepared.backend_name, prepared.query, prepared.param_types))
-        return backend, prepared.backend_name
+        return backend, prepared
 
     def _bind(self, raw: bytes) -> bool:
-        bind = m.decode_bind(raw[5:])
-        backend, name = self._prepared_on(bind.statement)
+        # Only the statement name is rewritten; the rest of the Bind goes as it came.
+        portal_end = raw.find(0, 5)
+        name_end = raw.find(0, portal_end + 1) if portal_end >= 0 else -1
+        if name_end < 0:
+            raise ProtocolViolation("invalid Bind message: unterminated string")
+        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end])
         if backend is None:
             return False
         self.batch_open = True
         backend.push(FORWARD_BIND)
-        backend.send(raw if name == bind.statement else m.bind(bind.portal, name, bind.rest))
+        if prepared is None:
+            backend.send(raw)
+        else:
+            body = raw[5:portal_end + 1] + prepared.wire_name + raw[name_end + 1:]
+            backend.send(m.message(m.BIND, body))
         return True
 
     def _describe(self, raw: bytes) -> bool:
@@ -584,12 +599,12 @@ class Session(asyncio.Protocol):
             self.backend.push(FORWARD_DESCRIBE_PORTAL)
             self.backend.send(raw)
             return True
-        backend, backend_name = self._prepared_on(name)
+        backend, prepared = self._prepared_on(name.encode())
         if backend is None:
             return False
         self.batch_open = True
         backend.push(FORWARD_DESCRIBE_STATEMENT)
-        backend.send(raw if backend_name == name else m.describe(kind, backend_name))
+        backend.send(raw if prepared is None else m.describe(kind, prepared.backend_name))
         return True
 
     def _close(self, raw: bytes) -> bool:
@@ -597,7 +612,7 @@ class Session(asyncio.Protocol):
         backend = self.backend
         if kind == 0x53:
             # Backend-side statements are shared and stay prepared; only the client's name goes.
-            self.statements.pop(name, None)
+            self.statements.pop(name.encode(), None)
             if not name:
                 self.unnamed = None
         elif backend is not None:
@@ -697,7 +712,8 @@ class Session(asyncio.Protocol):
                 server.send(m.query(sql))
 
     def _detach(self, server: ServerConnection) -> None:
-        server.flush()
+        if server.outbox:
+            server.flush()
         self.backend = None
         if self.paused_by_client and server.transport is not None:
             server.transport.resume_reading()
@@ -708,7 +724,7 @@ class Session(asyncio.Protocol):
             pool.release(server)
 
     def _maybe_release(self, server: ServerConnection) -> None:
-        if not self.session_mode and not server.busy and server.tx_status == _I and not self.batch_open:
+        if not self.session_mode and not server.expects and server.tx_status == _I and not self.batch_open:
             self._detach(server)
 
     # -- Link: called by the attached backend
