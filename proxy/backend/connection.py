@@ -78,6 +78,7 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = self.created
         self.tx_status = m.READY_IDLE[-1]
         self.prepared: set[str] = set()  # backend-side statement names that exist here
+        self.errors = 0  # ErrorResponses seen: sessions compare counts to know a SET failed
         self.expects: deque[Expect] = deque()
         self.unnamed_owner = 0  # the fleet token of the unnamed statement prepared here
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
@@ -256,6 +257,13 @@ class ServerConnection(asyncio.Protocol):
                 continue
             if end > n:
                 break  # other messages are small: wait for the whole of it
+            if kind == _E and self._server_fatal(data[pos + 5:end]):
+                # The backend is going away: its client hears 08006 from pgfleet instead.
+                if parts is None:
+                    parts = []
+                parts.append(data[start:pos])
+                start = pos = end
+                continue
             if not expects:  # asynchronous NoticeResponse / ParameterStatus / Notification
                 if kind == _S:
                     self._parameter(data[pos + 5:end])
@@ -326,6 +334,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
         """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""
+        self.errors += 1
         if head.answer is Answer.QUERY:
             if head.fate is Fate.REFUSE:
                 return head.reply, True
@@ -346,6 +355,13 @@ class ServerConnection(asyncio.Protocol):
         if failing.fate is Fate.REFUSE:
             return failing.reply, True
         return None, False
+
+    def _server_fatal(self, body: bytes) -> bool:
+        fields = m.decode_fields(body)
+        if (fields.get("V") or fields.get("S")) not in ("FATAL", "PANIC"):
+            return False
+        self.close_reason = f"{fields.get('M', 'the server ended the connection')} ({fields.get('C', '?')})"
+        return True
 
     def _parameter(self, body: bytes) -> None:
         name, value = m.decode_parameter_status(body)

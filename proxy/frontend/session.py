@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import secrets
 import struct
 
@@ -45,11 +46,11 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
-from ..router.route import Direct, Kind
+from ..router.route import Analysis, Direct, Kind, SettingChange
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
-from .startup import session_settings, set_statement
+from .startup import DIRTY, session_settings, set_statement
 
 log = logging.getLogger("pgfleet.session")
 
@@ -59,6 +60,9 @@ _TRANSACTION_WORDS = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "
 _TRANSACTION_ENDS = {"COMMIT": "COMMIT", "END": "COMMIT", "ROLLBACK": "ROLLBACK", "ABORT": "ROLLBACK"}
 _REFUSED_SQL = m.query("pgfleet refused this statement")
 _MISSING_STATEMENT = "pgfleet_refused_statement"
+# Text that may change session settings (SET, RESET, set_config(), DISCARD ALL). Statements
+# on a decided database are parsed only when this matches, to follow the client's settings.
+_MAYBE_SETTINGS = re.compile(rb"set|discard", re.IGNORECASE)
 
 
 class State(enum.Enum):
@@ -74,14 +78,16 @@ class State(enum.Enum):
 class Prepared:
     """A client's named prepared statement: pgfleet's backend-side name and where it runs."""
 
-    __slots__ = ("backend_name", "wire_name", "query", "param_types", "database")
+    __slots__ = ("backend_name", "database", "effect", "param_types", "query", "wire_name")
 
-    def __init__(self, backend_name: str, query: str, param_types: bytes, database: str) -> None:
+    def __init__(self, backend_name: str, query: str, param_types: bytes, database: str,
+                 effect: Analysis | None) -> None:
         self.backend_name = backend_name
         self.wire_name = backend_name.encode() + b"\0"  # as it goes into a Bind
         self.query = query
         self.param_types = param_types
         self.database = database
+        self.effect = effect  # its analysis, when running it changes session settings
 
 
 class Session(asyncio.Protocol):
@@ -101,6 +107,12 @@ class Session(asyncio.Protocol):
         self.unparsed: str | None = None
         self.deferred_begin: bytes | None = None  # see _transaction_control
         self.settings: dict[str, str] = {}
+        self.startup_settings: dict[str, str] = {}  # what RESET returns to
+        # Session-level SETs sent in the current transaction, kept once it ends without error.
+        self.pending: list[SettingChange] | None = None
+        self.pending_opaque = False  # ... and whether one of them cannot be replayed
+        self.pending_errors = 0      # the backend's error count when the first was sent
+        self.unnamed_effect: Analysis | None = None  # the unnamed statement's, if it sets
         self.pid = 0
         self.secret = 0
         self.backend: ServerConnection | None = None
@@ -242,10 +254,12 @@ class Session(asyncio.Protocol):
                         elif self.unparsed is not None and inbox[pos + 5] == 0:
                             # The unnamed statement on a decided database: no rewriting either.
                             if kind == _PARSE:
-                                self.unnamed = (bytes(inbox[pos:end]), self.unparsed)
-                                self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
-                                expect = FORWARD_PARSE_UNNAMED
-                            elif (kind == _BIND and inbox[pos + 6] == 0
+                                if self.pending is None and _MAYBE_SETTINGS.search(inbox, pos + 5, end) is None:
+                                    self.unnamed = (bytes(inbox[pos:end]), self.unparsed)
+                                    self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
+                                    self.unnamed_effect = None
+                                    expect = FORWARD_PARSE_UNNAMED
+                            elif (kind == _BIND and inbox[pos + 6] == 0 and self.unnamed_effect is None
                                   and backend.unnamed_owner == self.unnamed_token):
                                 expect = FORWARD_BIND
                     if expect is not _NOT_VERBATIM:
@@ -395,6 +409,7 @@ class Session(asyncio.Protocol):
             home = sorted(key.databases or ())[0]
         if key.read_only:
             self.settings.setdefault("default_transaction_read_only", "on")
+        self.startup_settings = self.settings
         self._write(m.AUTHENTICATION_OK)
         self.state = State.SETTING_UP
         self.pid, self.secret = self.fleet.new_backend_key()
@@ -455,17 +470,30 @@ class Session(asyncio.Protocol):
         # On a decided database the text is not even decoded: the backend checks it.
         if self.unparsed is not None:
             database = self.unparsed
+            effect = self._effect(raw, 5)
         else:
             sql = m.decode_query(raw[5:])
             if self.backend is None and self._transaction_control(sql, raw):
                 return True
             database = self._route_database(sql)
+            analysis = self.fleet.router.analysis(sql)
+            effect = analysis if analysis.touches_settings else None
         backend = self._backend_for(database)
         if backend is None:
             return False
+        if effect is not None:
+            self._follow(effect, backend)
         backend.push(FORWARD_QUERY)
         backend.send(raw)
         return True
+
+    def _effect(self, raw: bytes, start: int) -> Analysis | None:
+        """The analysis of a statement on a decided database, if it may change settings."""
+        if self.pending is None and _MAYBE_SETTINGS.search(raw, start) is None:
+            return None
+        end = raw.find(0, start)
+        analysis = self.fleet.router.analysis(raw[start:end].decode(errors="replace"))
+        return analysis if analysis.touches_settings else None
 
     def _transaction_control(self, sql: str, raw: bytes) -> bool:
         """BEGIN on the fleet waits for its first routed statement, which picks the database.
@@ -505,6 +533,7 @@ class Session(asyncio.Protocol):
             if backend is None:
                 return False
             self.batch_open = True
+            self.unnamed_effect = self._effect(raw, 6)
             self.unnamed = (raw, self.unparsed)
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
@@ -513,6 +542,11 @@ class Session(asyncio.Protocol):
         parse = m.decode_parse(raw[5:])
         database = self._route_database(parse.query)
         key = parse.name.encode()
+        if self.unparsed is None:
+            analysis = self.fleet.router.analysis(parse.query)
+            effect = analysis if analysis.touches_settings else None
+        else:
+            effect = self._effect(raw, 5 + len(key) + 1)
         if key and key in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
@@ -522,7 +556,7 @@ class Session(asyncio.Protocol):
             # pgbench) that prepare synchronously while others of theirs hold transactions.
             name = self.fleet.statement_name(parse.query, parse.param_types)
             if name in self.fleet.pools[database].parsed_ok:
-                self.statements[key] = Prepared(name, parse.query, parse.param_types, database)
+                self.statements[key] = Prepared(name, parse.query, parse.param_types, database, effect)
                 self._write(m.PARSE_COMPLETE_MSG)
                 return True
         backend = self._backend_for(database)
@@ -530,13 +564,14 @@ class Session(asyncio.Protocol):
             return False
         self.batch_open = True
         if not parse.name:
+            self.unnamed_effect = effect
             self.unnamed = (raw, database)
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
             return True
         name = self.fleet.statement_name(parse.query, parse.param_types)
-        self.statements[key] = Prepared(name, parse.query, parse.param_types, database)
+        self.statements[key] = Prepared(name, parse.query, parse.param_types, database, effect)
         if name in backend.prepared:
             backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=m.PARSE_COMPLETE_MSG))
         else:
@@ -582,6 +617,9 @@ class Session(asyncio.Protocol):
         backend, prepared = self._prepared_on(raw[portal_end + 1:name_end])
         if backend is None:
             return False
+        effect = self.unnamed_effect if prepared is None else prepared.effect
+        if effect is not None:
+            self._follow(effect, backend)
         self.batch_open = True
         backend.push(FORWARD_BIND)
         if prepared is None:
@@ -705,11 +743,14 @@ class Session(asyncio.Protocol):
             self.deferred_begin = None
         # Settings dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings:
-            sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None
-            server.settings = self.settings
-            if sql is not None:
-                server.push(DROP_QUERY)
-                server.send(m.query(sql))
+            self._replay_settings(server)
+
+    def _replay_settings(self, server: ServerConnection) -> None:
+        sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None
+        server.settings = self.settings
+        if sql is not None:
+            server.push(DROP_QUERY)
+            server.send(m.query(sql))
 
     def _detach(self, server: ServerConnection) -> None:
         if server.outbox:
@@ -735,6 +776,8 @@ class Session(asyncio.Protocol):
 
     def backend_idle(self, server: ServerConnection) -> None:
         self.tx_status = server.tx_status
+        if self.pending is not None:
+            self._settle(server)
         if self.state is State.SETTING_UP:
             self._setup_done(server)
             return
@@ -749,7 +792,72 @@ class Session(asyncio.Protocol):
         self._fatal(error)
 
     def parameter_changed(self, name: str, value: str) -> None:
-        pass  # forwarded as it came; tracking client SETs is the session-state work
+        """A ParameterStatus from the attached backend (it is forwarded as it came)."""
+        if name == "default_transaction_read_only" and value == "off" and self.key is not None \
+                and self.key.read_only and self.backend is not None:
+            # Defence in depth: something (a server-side function, say) lifted read-only mode.
+            server = self.backend
+            self.backend = None
+            self.fleet.pools[server.database].discard(server, DisconnectReason.DIRTY)
+            log.warning("client %s (key %s): a statement turned default_transaction_read_only off "
+                        "on database %s; closed the client and its backend", self.peer, self.user,
+                        server.database)
+            self._fatal(ProxyError("25006", f"key {self.user} is read-only, and a statement turned "
+                                   "default_transaction_read_only off: the connection is closed",
+                                   hint="use a key without read_only: true for writes"))
+
+    # ------------------------------------------------------------------ session settings
+
+    def _follow(self, effect: Analysis, backend: ServerConnection) -> None:
+        """A statement that changes settings goes to ``backend``: remember what it sets."""
+        for stmt in effect.statements:
+            if stmt.rollback:  # the backend undoes the transaction's SETs itself
+                self.pending = None
+                self.pending_opaque = False
+                continue
+            if stmt.settings or stmt.opaque_settings:
+                if self.pending is None:
+                    self.pending = []
+                    self.pending_errors = backend.errors
+                self.pending.extend(stmt.settings)
+                self.pending_opaque = self.pending_opaque or stmt.opaque_settings
+
+    def _settle(self, server: ServerConnection) -> None:
+        """The backend is idle: the SETs of a transaction that ended without error now hold."""
+        pending = self.pending
+        assert pending is not None
+        if server.errors != self.pending_errors:
+            # Which of them held is unknown: the next client of this backend starts clean.
+            server.settings = DIRTY
+        elif server.tx_status != _I:
+            return  # still in the transaction: they hold only if it commits
+        else:
+            settings = dict(self.settings)
+            reset = False
+            for change in pending:
+                if change.name is None:
+                    settings = dict(self.startup_settings)
+                    reset = True
+                elif change.value is None:
+                    reset = True
+                    if change.name in self.startup_settings:
+                        settings[change.name] = self.startup_settings[change.name]
+                    else:
+                        settings.pop(change.name, None)
+                else:
+                    settings[change.name] = change.value
+            self.settings = settings
+            if self.pending_opaque:
+                server.settings = DIRTY  # the client keeps it while it keeps this backend
+            elif reset:
+                # The backend's RESET went to pgfleet's startup values, not the client's.
+                server.settings = DIRTY
+                self._replay_settings(server)
+                server.flush()
+            else:
+                server.settings = settings
+        self.pending = None
+        self.pending_opaque = False
 
     # ------------------------------------------------------------------ errors and endings
 

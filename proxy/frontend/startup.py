@@ -12,9 +12,16 @@ from ..errors import ProtocolViolation
 NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 
 
+# The settings of a backend that ran something pgfleet could not follow (SET ... FROM
+# CURRENT, set_config() with computed arguments, an error in a pipeline after a SET): the
+# next client it serves gets RESET ALL before its own settings.
+DIRTY: dict[str, str] = {"": "unknown"}
+
+
 def session_settings(params: dict[str, str]) -> dict[str, str]:
-    settings = {name: value for name, value in params.items() if name not in NOT_SETTINGS}
-    settings.update(parse_options(params.get("options", "")))
+    """Startup parameters and ``-c`` options as settings, by lower-case name (GUC names are)."""
+    settings = {name.lower(): value for name, value in params.items() if name not in NOT_SETTINGS}
+    settings.update((name.lower(), value) for name, value in parse_options(params.get("options", "")).items())
     return settings
 
 
@@ -68,9 +75,21 @@ def _split(options: str) -> list[str]:
 
 
 def set_statement(settings: dict[str, str], applied: dict[str, str]) -> str | None:
-    """The SQL that turns a backend's ``applied`` settings into ``settings``, or None."""
-    parts = [f"SET {_ident(name)} TO {_literal(value)}"
+    """The SQL that turns a backend's ``applied`` settings into ``settings``, or None.
+
+    Values are strings as a startup ``-c`` option or ``set_config()`` takes them, and go
+    through ``set_config()`` so that the backend stores and shows them exactly as it would
+    have from the startup packet (a list such as search_path stays a list). The calls sit in
+    a WHERE that is always false, so the backend answers with no data rows.
+    """
+    parts = []
+    if applied is DIRTY:
+        parts.append("RESET ALL")
+        applied = {}
+    calls = [f"pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
              for name, value in settings.items() if applied.get(name) != value]
+    if calls:
+        parts.append(f"SELECT WHERE pg_catalog.num_nulls({', '.join(calls)}) < 0")
     parts += [f"RESET {_ident(name)}" for name in applied if name not in settings]
     return "; ".join(parts) if parts else None
 

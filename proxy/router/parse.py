@@ -13,7 +13,7 @@ from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
-from .route import Analysis, Kind, Relation, Statement
+from .route import LIST_QUOTE, Analysis, Kind, Relation, SettingChange, Statement
 
 _READ = {"SelectStmt": "SELECT", "ExplainStmt": "EXPLAIN", "VariableShowStmt": "SHOW",
          "FetchStmt": "FETCH", "ClosePortalStmt": "CLOSE CURSOR", "DeclareCursorStmt": "DECLARE CURSOR"}
@@ -36,6 +36,18 @@ def analyze(sql: str) -> Analysis:
 
 
 def _statement(node: dict[str, Any]) -> Statement:
+    stmt = _classify(node)
+    (tag, body), = node.items()
+    changes, opaque = _setting_changes(tag, body)
+    rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
+    if not (changes or opaque or rollback):
+        return stmt
+    violation = stmt.read_only_violation or opaque or any(
+        change.name is None or change.name in _READ_ONLY_GUCS for change in changes)
+    return Statement(stmt.kind, stmt.command, stmt.relations, violation, changes, opaque, rollback)
+
+
+def _classify(node: dict[str, Any]) -> Statement:
     (tag, body), = node.items()
     relations = frozenset(_relations(body))
     if tag == "SelectStmt":
@@ -63,6 +75,103 @@ def _statement(node: dict[str, Any]) -> Statement:
     if tag.endswith("Stmt") and tag not in ("VacuumStmt", "CheckPointStmt", "LockStmt"):
         return Statement(Kind.DDL, tag.removesuffix("Stmt").upper(), relations)
     return Statement(Kind.OTHER, tag.removesuffix("Stmt").upper(), relations)
+
+
+def _setting_changes(tag: str, body: dict[str, Any]) -> tuple[tuple[SettingChange, ...], bool]:
+    """The session-level setting changes of one statement, and whether any is opaque."""
+    changes: list[SettingChange] = []
+    opaque = False
+    if tag == "VariableSetStmt" and not body.get("is_local"):
+        kind, name = body.get("kind"), body.get("name")
+        if kind == "VAR_RESET_ALL":
+            changes.append(SettingChange(None, None))
+        elif kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
+            changes.append(SettingChange(name, None))
+        elif kind == "VAR_SET_VALUE":
+            value = _set_value(name, body.get("args", ()))
+            if value is None:
+                opaque = True
+            else:
+                changes.append(SettingChange(name, value))
+        elif kind == "VAR_SET_CURRENT" or (kind == "VAR_SET_MULTI" and name != "TRANSACTION"):
+            opaque = True  # SET x FROM CURRENT, SET SESSION CHARACTERISTICS AS TRANSACTION ...
+    elif tag == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
+        changes.append(SettingChange(None, None))
+    for call in _set_config_calls(body):
+        change = _set_config_change(call.get("args", ()))
+        if change is None:
+            opaque = True
+        elif change.name is not None:
+            changes.append(change)
+    return tuple(changes), opaque
+
+
+def _set_value(name: str, args: Any) -> str | None:
+    """SET name TO a, b: the value as set_config() takes it, or None if it is not constants."""
+    parts = []
+    for arg in args:
+        text = _const_text(arg)
+        if text is None:
+            return None
+        if name in LIST_QUOTE and "sval" in arg["A_Const"]:
+            text = _quote_ident(text)
+        parts.append(text)
+    return ", ".join(parts) if parts else None
+
+
+def _const_text(node: Any) -> str | None:
+    const = node.get("A_Const") if isinstance(node, dict) else None
+    if const is None:
+        return None
+    if "sval" in const:
+        return str(const["sval"].get("sval", ""))
+    if "ival" in const:
+        return str(const["ival"].get("ival", 0))
+    if "fval" in const:
+        return str(const["fval"].get("fval", "0"))
+    if "boolval" in const:
+        return "on" if const["boolval"].get("boolval") else "off"
+    return None
+
+
+def _quote_ident(name: str) -> str:
+    """Quote an identifier unless it is plain lower case, as PostgreSQL's quote_ident does."""
+    plain = bool(name) and (name[0] == "_" or "a" <= name[0] <= "z") and all(
+        ch == "_" or "a" <= ch <= "z" or "0" <= ch <= "9" for ch in name)
+    return name if plain else '"' + name.replace('"', '""') + '"'
+
+
+def _set_config_calls(body: Any) -> list[dict[str, Any]]:
+    found = []
+    stack = [body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            call = node.get("FuncCall")
+            if isinstance(call, dict):
+                names = [part.get("String", {}).get("sval") for part in call.get("funcname", ())]
+                if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
+                    found.append(call)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def _set_config_change(args: Any) -> SettingChange | None:
+    """set_config('name', 'value', false) with constants: the change; None if not constants.
+
+    A transaction-local call (is_local true) changes nothing that outlives the transaction,
+    so it comes back as a change with no name, which callers skip.
+    """
+    if len(args) != 3:
+        return None
+    name, value, is_local = (_const_text(arg) for arg in args)
+    if name is None or value is None or is_local is None:
+        return None
+    if is_local in ("on", "true", "t", "1"):
+        return SettingChange(None, "local")
+    return SettingChange(name.lower(), value)
 
 
 def _modifying_cte(body: dict[str, Any]) -> bool:

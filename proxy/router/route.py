@@ -33,6 +33,24 @@ class Relation:
         return f"{self.schema}.{self.name}" if self.schema else self.name
 
 
+# Settings that are lists of identifiers, each quoted by PostgreSQL (GUC_LIST_QUOTE).
+LIST_QUOTE = frozenset({"search_path", "temp_tablespaces", "local_preload_libraries",
+                        "session_preload_libraries", "shared_preload_libraries",
+                        "unix_socket_directories"})
+
+
+@dataclass(frozen=True, slots=True)
+class SettingChange:
+    """A session-level SET or RESET a statement makes.
+
+    ``name`` None is RESET ALL (or DISCARD ALL); ``value`` None is RESET name / SET name TO
+    DEFAULT. Values are strings as ``set_config()`` takes them.
+    """
+
+    name: str | None
+    value: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Statement:
     """One parsed statement: its kind, its command tag word and the relations it touches."""
@@ -41,6 +59,9 @@ class Statement:
     command: str                       # "SELECT", "INSERT", "SET", ... for messages
     relations: frozenset[Relation] = frozenset()
     read_only_violation: bool = False  # e.g. SET default_transaction_read_only / BEGIN READ WRITE
+    settings: tuple[SettingChange, ...] = ()  # session-level SET/RESET/set_config() it makes
+    opaque_settings: bool = False      # it changes settings in a way pgfleet cannot replay
+    rollback: bool = False             # ROLLBACK / ABORT: the transaction's SETs are undone
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +70,11 @@ class Analysis:
 
     statements: tuple[Statement, ...]
     syntax_error: str | None = None
+
+    @property
+    def touches_settings(self) -> bool:
+        """Whether pgfleet must follow this text to keep the client's settings."""
+        return any(stmt.settings or stmt.opaque_settings or stmt.rollback for stmt in self.statements)
 
     @property
     def writes(self) -> Statement | None:

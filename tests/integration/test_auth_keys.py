@@ -250,7 +250,6 @@ def test_read_only_key_cannot_switch_read_only_off(policy_fleet: Fleet, pg: Clus
     assert count(pg, table) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: set_config() can turn default_transaction_read_only off for a read_only key (open in issue 3 note)")
 def test_read_only_key_cannot_write_through_functions_after_set_config(policy_fleet: Fleet, pg: Cluster) -> None:
     """Writes done by functions (nextval) are stopped too, even after set_config() tried to lift it."""
     seq = f"s_{uuid.uuid4().hex[:10]}"
@@ -272,6 +271,42 @@ def test_read_only_key_cannot_write_through_functions_after_set_config(policy_fl
     finally:
         with psycopg.connect(pg.dsn("bank"), autocommit=True) as conn:
             conn.execute(f"drop sequence if exists {seq}")
+
+
+@pytest.mark.parametrize("sql", ["reset all", "discard all", "reset default_transaction_read_only",
+                                 "select set_config(name, 'off', false) from pg_settings where name like 'default_tr%only'"])
+def test_read_only_key_cannot_reset_its_settings(policy_fleet: Fleet, sql: str) -> None:
+    """RESET ALL and DISCARD ALL would lift read-only mode on the backend: refused with 25006."""
+    with psycopg.connect(dsn(policy_fleet, "pf_ro", "ro-secret"), autocommit=True) as conn:
+        with pytest.raises(pgerrors.ReadOnlySqlTransaction) as err:
+            conn.execute(sql)
+        assert "read-only" in str(err.value)
+        assert conn.execute("show default_transaction_read_only").fetchone() == ("on",)
+
+
+def test_read_only_key_is_closed_when_a_function_lifts_read_only(policy_fleet: Fleet, pg: Cluster) -> None:
+    """A server-side function pgfleet cannot see into: the backend's report gives it away."""
+    seq = f"s_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg.dsn("bank"), autocommit=True) as conn:
+        conn.execute(f"create sequence {seq}")
+        conn.execute(f"create function {seq}_lift() returns text language sql as "
+                     "$$ select set_config('default_transaction_read_only', 'off', false) $$")
+    try:
+        with psycopg.connect(dsn(policy_fleet, "pf_ro", "ro-secret"), autocommit=True) as conn:
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute(f"select {seq}_lift()")
+                conn.execute(f"select nextval('{seq}')")
+            assert err.value.sqlstate == "25006", err.value
+            assert conn.closed or conn.broken
+        with psycopg.connect(dsn(policy_fleet, "pf_ro", "ro-secret"), autocommit=True) as conn:
+            for _ in range(3):  # whichever backend serves it, read-only holds
+                with pytest.raises(pgerrors.ReadOnlySqlTransaction):
+                    conn.execute(f"select nextval('{seq}')")
+        with psycopg.connect(pg.dsn("bank")) as conn:
+            assert conn.execute(f"select last_value, is_called from {seq}").fetchone() == (1, False)
+    finally:
+        with psycopg.connect(pg.dsn("bank"), autocommit=True) as conn:
+            conn.execute(f"drop function if exists {seq}_lift(); drop sequence if exists {seq}")
 
 
 def test_read_only_client_key(policy_fleet: Fleet, pg: Cluster, table: str) -> None:

@@ -157,7 +157,6 @@ def test_transaction_mode_two_clients_alternate_on_one_backend(make_fleet: Any, 
     assert backends(pg) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: client SET tracking is issue 6")
 def test_transaction_mode_settings_do_not_leak_to_other_clients(make_fleet: Any, pg: Cluster) -> None:
     """A client's SET stays the client's: the next client on the same backend does not see it."""
     fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "2s"}, databases=own_primary(pg))

@@ -261,7 +261,6 @@ def test_startup_option_with_a_value_the_server_refuses(fleet: Fleet) -> None:
         assert raw.closed_soon()
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: list settings replayed as one quoted value; replay with set_config()")
 def test_startup_options_are_applied_as_postgresql_applies_them(fleet: Fleet, pg: Cluster) -> None:
     options = r"-c search_path=pg_catalog,public -c application_name=raw\ one -c work_mem=5MB"
     probe = ["show search_path", "select current_schemas(false)::text", "show application_name", "show work_mem"]
@@ -461,7 +460,6 @@ def _terminate(pg: Cluster, pid: int) -> None:
         assert conn.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the backend's FATAL 57P01 is forwarded before pgfleet's 08006")
 def test_backend_dies_in_a_transaction_client_gets_08006_others_go_on(fleet: Fleet, pg: Cluster) -> None:
     with psycopg.connect(fleet.dsn()) as victim, psycopg.connect(fleet.dsn(), autocommit=True) as other:
         pid = victim.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
@@ -491,7 +489,6 @@ def test_backend_dies_client_is_told_08006_and_closed(fleet: Fleet, pg: Cluster)
         assert all(e["S"] == "FATAL" for e in seen)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the backend's FATAL 57P01 is forwarded before pgfleet's 08006")
 def test_backend_dies_mid_query_client_gets_08006(fleet: Fleet, pg: Cluster) -> None:
     with psycopg.connect(fleet.dsn(), autocommit=True) as victim:
         pid = victim.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
