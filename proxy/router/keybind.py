@@ -1,0 +1,174 @@
+"""Where a statement binds the shard key of each sharded table it reads. Pure.
+
+Works on the parse tree as ``parse.py`` gets it from libpg_query (JSON dicts), so it needs
+no pglast import. For every occurrence of a sharded table (in FROM, JOIN, UPDATE, DELETE,
+USING, and in CTEs and subqueries, each at its own query level) it finds the conjuncts of
+that level's WHERE and JOIN ... ON that pin the table's shard-key column:
+
+- ``key = const``, ``const = key`` (a cast on the constant is allowed),
+- ``key = $n`` (the value comes from Bind),
+- ``key IN (const, $n, ...)``,
+- ``key = ANY($n)`` (an array parameter).
+
+A conjunct under OR or NOT binds nothing. Any one binding conjunct is enough: every row
+the statement can touch satisfies it, so the shards of its values hold them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One value a shard key is bound to: a constant (as text) or a parameter number."""
+
+    text: str | None = None
+    param: int | None = None  # $n, 1-based
+    array: bool = False       # = ANY($n): the parameter is an array of values
+
+
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    """One place a sharded table is read or written, and the values that pin its key."""
+
+    table: str
+    values: tuple[KeyValue, ...] | None  # None: not bound, every shard may hold its rows
+
+
+def occurrences(stmt: dict[str, Any], sharded: Mapping[str, str]) -> list[Occurrence]:
+    """Every occurrence of a sharded table in one statement (``{"SelectStmt": {...}}``)."""
+    found: list[Occurrence] = []
+    for level in _levels(stmt):
+        tables = list(_tables_of(level, sharded))
+        if not tables:
+            continue
+        conjuncts = list(_conjuncts(level.get("whereClause")))
+        for join in _joins(level):
+            conjuncts.extend(_conjuncts(join.get("quals")))
+        single = len(tables) == 1
+        for table, alias in tables:
+            column = sharded[table]
+            values = None
+            for conjunct in conjuncts:
+                values = _binding(conjunct, column, alias, table, single)
+                if values is not None:
+                    break
+            found.append(Occurrence(table, values))
+    return found
+
+
+_LEVELS = ("SelectStmt", "UpdateStmt", "DeleteStmt")
+
+
+def _levels(node: Any) -> Iterator[dict[str, Any]]:
+    """Every query level (SELECT, UPDATE, DELETE, and those inside CTEs and subqueries)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for tag in _LEVELS:
+                if tag in item:
+                    yield item[tag]
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _tables_of(level: dict[str, Any], sharded: Mapping[str, str]) -> Iterator[tuple[str, str | None]]:
+    """(table, alias) of the sharded tables this level reads directly."""
+    roots: list[Any] = list(level.get("fromClause", ())) + list(level.get("usingClause", ()))
+    relation = level.get("relation")
+    if isinstance(relation, dict) and "relname" in relation:
+        roots.append({"RangeVar": relation})
+    stack = roots
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        if "RangeVar" in item:
+            var = item["RangeVar"]
+            if var.get("relname") in sharded:
+                yield var["relname"], var.get("alias", {}).get("aliasname")
+        elif "JoinExpr" in item:
+            stack.extend((item["JoinExpr"].get("larg"), item["JoinExpr"].get("rarg")))
+
+
+def _joins(level: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    stack = list(level.get("fromClause", ()))
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict) and "JoinExpr" in item:
+            join = item["JoinExpr"]
+            if join.get("jointype", "JOIN_INNER") == "JOIN_INNER":  # an outer join's ON does not filter
+                yield join
+            stack.extend((join.get("larg"), join.get("rarg")))
+
+
+def _conjuncts(expr: Any) -> Iterator[dict[str, Any]]:
+    if not isinstance(expr, dict):
+        return
+    boolexpr = expr.get("BoolExpr")
+    if boolexpr is not None:
+        if boolexpr.get("boolop") == "AND_EXPR":
+            for arg in boolexpr.get("args", ()):
+                yield from _conjuncts(arg)
+        return  # OR / NOT bind nothing
+    yield expr
+
+
+def _binding(expr: dict[str, Any], column: str, alias: str | None, table: str,
+             single: bool) -> tuple[KeyValue, ...] | None:
+    a_expr = expr.get("A_Expr")
+    if a_expr is None or [n.get("String", {}).get("sval") for n in a_expr.get("name", ())] != ["="]:
+        return None
+    kind, left, right = a_expr.get("kind"), a_expr.get("lexpr"), a_expr.get("rexpr")
+    if kind == "AEXPR_OP":
+        if not _is_key(left, column, alias, table, single):
+            left, right = right, left
+        if _is_key(left, column, alias, table, single):
+            value = _value(right)
+            return (value,) if value is not None else None
+    elif kind == "AEXPR_IN" and _is_key(left, column, alias, table, single):
+        items = right.get("List", {}).get("items", ()) if isinstance(right, dict) else ()
+        values = [_value(item) for item in items]
+        if values and all(v is not None for v in values):
+            return tuple(v for v in values if v is not None)
+    elif kind == "AEXPR_OP_ANY" and _is_key(left, column, alias, table, single):
+        value = _value(right)
+        if value is not None and value.param is not None:
+            return (KeyValue(param=value.param, array=True),)
+    return None
+
+
+def _is_key(node: Any, column: str, alias: str | None, table: str, single: bool) -> bool:
+    if not isinstance(node, dict) or "ColumnRef" not in node:
+        return False
+    fields = [f.get("String", {}).get("sval") for f in node["ColumnRef"].get("fields", ())]
+    if not fields or fields[-1] != column:
+        return False
+    if len(fields) == 1:
+        return single  # unqualified: only when one sharded table is in reach
+    qualifier = fields[-2]
+    return qualifier == (alias or table)
+
+
+def _value(node: Any) -> KeyValue | None:
+    if not isinstance(node, dict):
+        return None
+    if "TypeCast" in node:
+        return _value(node["TypeCast"].get("arg"))
+    if "ParamRef" in node:
+        return KeyValue(param=node["ParamRef"].get("number", 0))
+    const = node.get("A_Const")
+    if const is None or const.get("isnull"):
+        return None
+    if "sval" in const:
+        return KeyValue(text=str(const["sval"].get("sval", "")))
+    if "ival" in const:
+        return KeyValue(text=str(const["ival"].get("ival", 0)))
+    if "fval" in const:
+        return KeyValue(text=str(const["fval"].get("fval", "0")))
+    return None
