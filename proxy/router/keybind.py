@@ -162,13 +162,21 @@ def _value(node: Any) -> KeyValue | None:
         return _value(node["TypeCast"].get("arg"))
     if "ParamRef" in node:
         return KeyValue(param=node["ParamRef"].get("number", 0))
-    const = node.get("A_Const")
+    text = const_text(node)
+    return KeyValue(text=text) if text is not None else None
+
+
+def const_text(node: Any) -> str | None:
+    """An A_Const node as text (booleans as on/off), or None for anything else or NULL."""
+    const = node.get("A_Const") if isinstance(node, dict) else None
     if const is None or const.get("isnull"):
         return None
     if "sval" in const:
-        return KeyValue(text=str(const["sval"].get("sval", "")))
+        return str(const["sval"].get("sval", ""))
     if "ival" in const:
-        return KeyValue(text=str(const["ival"].get("ival", 0)))
+        return str(const["ival"].get("ival", 0))
     if "fval" in const:
-        return KeyValue(text=str(const["fval"].get("fval", "0")))
+        return str(const["fval"].get("fval", "0"))
+    if "boolval" in const:
+        return "on" if const["boolval"].get("boolval") else "off"
     return None

@@ -13,6 +13,7 @@ from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
+from .keybind import const_text
 from .route import LIST_QUOTE, Analysis, Kind, Relation, SettingChange, Statement
 
 _READ = {"SelectStmt": "SELECT", "ExplainStmt": "EXPLAIN", "VariableShowStmt": "SHOW",
@@ -110,28 +111,13 @@ def _set_value(name: str, args: Any) -> str | None:
     """SET name TO a, b: the value as set_config() takes it, or None if it is not constants."""
     parts = []
     for arg in args:
-        text = _const_text(arg)
+        text = const_text(arg)
         if text is None:
             return None
         if name in LIST_QUOTE and "sval" in arg["A_Const"]:
             text = _quote_ident(text)
         parts.append(text)
     return ", ".join(parts) if parts else None
-
-
-def _const_text(node: Any) -> str | None:
-    const = node.get("A_Const") if isinstance(node, dict) else None
-    if const is None:
-        return None
-    if "sval" in const:
-        return str(const["sval"].get("sval", ""))
-    if "ival" in const:
-        return str(const["ival"].get("ival", 0))
-    if "fval" in const:
-        return str(const["fval"].get("fval", "0"))
-    if "boolval" in const:
-        return "on" if const["boolval"].get("boolval") else "off"
-    return None
 
 
 def _quote_ident(name: str) -> str:
@@ -166,7 +152,7 @@ def _set_config_change(args: Any) -> SettingChange | None:
     """
     if len(args) != 3:
         return None
-    name, value, is_local = (_const_text(arg) for arg in args)
+    name, value, is_local = (const_text(arg) for arg in args)
     if name is None or value is None or is_local is None:
         return None
     if is_local in ("on", "true", "t", "1"):
