@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,11 @@ BENCH_DB = "bench"
 TARGETS = ("direct", "pgfleet", "pgbouncer")
 LABEL = {"direct": "direct", "pgfleet": "pgfleet", "pgbouncer": "PgBouncer"}
 PGBOUNCER = "/usr/sbin/pgbouncer"
+# Debian trixie's PgBouncer source (pool/main/p/pgbouncer); MD5 from dists/trixie/main/source/Sources.
+PGB_SOURCE_VERSION = "1.24.1"
+PGB_SOURCE_URL = "http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_1.24.1.orig.tar.gz"
+PGB_SOURCE_MD5 = "434cbb2db9034d358dddf525e0e5a3dd"
+BUILD_DIR = Path(__file__).resolve().parent.parent / ".pgfleet" / "build"
 ALL_MODES = ("simple", "extended", "prepared")
 
 
@@ -155,36 +162,96 @@ def stop_process(proc: subprocess.Popen[bytes] | None, name: str) -> None:
     warn(f"{name} (pid {proc.pid}) did not stop")
 
 
-def pgbouncer_version() -> tuple[str, tuple[int, ...]] | None:
-    exe = shutil.which("pgbouncer") or (PGBOUNCER if Path(PGBOUNCER).exists() else None)
+def pgbouncer_version(exe: str | None = None) -> tuple[str, str, tuple[int, ...]] | None:
+    """(path, version text, version tuple) of ``exe``, or of the pgbouncer on PATH."""
     if exe is None:
+        exe = shutil.which("pgbouncer") or (PGBOUNCER if Path(PGBOUNCER).exists() else None)
+    if exe is None or not Path(exe).exists():
         return None
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
     m = re.search(r"PgBouncer\s+(\d+(?:\.\d+)+)", r.stdout + r.stderr)
     if not m:
         return None
-    return m.group(1), tuple(int(x) for x in m.group(1).split("."))
+    return exe, m.group(1), tuple(int(x) for x in m.group(1).split("."))
 
 
-def ensure_pgbouncer(install: bool) -> tuple[str, tuple[int, ...]]:
+def apt_install(packages: str) -> None:
+    if os.geteuid() != 0:
+        raise BenchError(f"{packages} not installed and we are not root to apt-get install it")
+    say(f"installing {packages} (apt-get install) ...")
+    r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                       f"apt-get install -y -qq {packages}", shell=True, capture_output=True,
+                       text=True, check=False, timeout=600)
+    if r.returncode != 0:
+        raise BenchError(f"could not install {packages}: {last_line(r.stderr or r.stdout)}")
+
+
+def build_pgbouncer() -> tuple[str, str, tuple[int, ...]]:
+    """PgBouncer from Debian's own source package of the next release (trixie), built once.
+
+    bookworm's 1.18 cannot pool -M prepared in transaction mode (that came in 1.21). The
+    tarball is checked against the MD5 that Debian's Sources index lists for it.
+    """
+    prefix = BUILD_DIR / f"pgbouncer-{PGB_SOURCE_VERSION}"
+    exe = prefix / "pgbouncer"
+    found = pgbouncer_version(str(exe))
+    if found:
+        return found
+    if not Path("/usr/include/event2/event.h").exists():
+        apt_install("libevent-dev libssl-dev pkg-config")
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    tarball = BUILD_DIR / PGB_SOURCE_URL.rsplit("/", 1)[1]
+    say(f"building PgBouncer {PGB_SOURCE_VERSION} from {PGB_SOURCE_URL} ...")
+    try:
+        with urllib.request.urlopen(PGB_SOURCE_URL, timeout=60) as resp:
+            body = resp.read()
+    except OSError as exc:
+        raise BenchError(f"could not download {PGB_SOURCE_URL}: {exc}") from None
+    if hashlib.md5(body).hexdigest() != PGB_SOURCE_MD5:
+        raise BenchError(f"{PGB_SOURCE_URL}: checksum differs from Debian's Sources index")
+    tarball.write_bytes(body)
+    src = BUILD_DIR / f"pgbouncer-{PGB_SOURCE_VERSION}-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    steps = [["tar", "xzf", str(tarball), "-C", str(src), "--strip-components=1"],
+             ["./configure", "--without-cares", "--without-systemd", "--without-pam",
+              "--without-ldap"],
+             ["make", "-j2"]]
+    for step in steps:
+        r = subprocess.run(step, cwd=src, capture_output=True, text=True, check=False, timeout=900)
+        if r.returncode != 0:
+            raise BenchError(f"building PgBouncer: {' '.join(step[:2])} failed: "
+                             f"{last_line(r.stderr or r.stdout)}")
+    prefix.mkdir(exist_ok=True)
+    shutil.copy2(src / "pgbouncer", exe)
+    shutil.rmtree(src, ignore_errors=True)
+    found = pgbouncer_version(str(exe))
+    if not found:
+        raise BenchError(f"built {exe} but it does not run")
+    return found
+
+
+def ensure_pgbouncer(install: bool) -> tuple[str, str, tuple[int, ...]]:
     found = pgbouncer_version()
+    if found and found[2] >= (1, 21):
+        return found
+    if install:
+        try:
+            return build_pgbouncer()
+        except BenchError as exc:
+            warn(f"PgBouncer >= 1.21 not available ({exc}); using {found[1] if found else 'apt'}")
     if found:
         return found
     if not install:
         raise BenchError("pgbouncer is not installed (and --no-install was given)")
-    if os.geteuid() != 0:
-        raise BenchError("pgbouncer is not installed and we are not root to apt-get install it")
-    say("installing pgbouncer (apt-get install pgbouncer) ...")
-    r = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                       "apt-get install -y -qq pgbouncer", shell=True, capture_output=True,
-                       text=True, check=False, timeout=600)
+    apt_install("pgbouncer")
     found = pgbouncer_version()
-    if r.returncode != 0 or not found:
-        raise BenchError(f"could not install pgbouncer: {last_line(r.stderr or r.stdout)}")
+    if not found:
+        raise BenchError("pgbouncer was installed but does not run")
     return found
 
 
-def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, version: tuple[int, ...],
+def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, exe: str, version: tuple[int, ...],
                     pool_mode: str = "transaction") -> tuple[subprocess.Popen[bytes], Target, Path]:
     user = server_user()
     d = workdir / f"pgbouncer-{pool_mode}"
@@ -219,6 +286,10 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, version: tuple[
     if supports_prepared:
         ini.append("max_prepared_statements = 200")
     (d / "pgbouncer.ini").write_text("\n".join(ini) + "\n")
+    if not exe.startswith("/usr/"):
+        # A build of our own: a copy beside its config, where the server user can reach it.
+        shutil.copy2(exe, d / "pgbouncer")
+        exe = str(d / "pgbouncer")
     if user is not None:
         for p in (d, *d.iterdir()):
             os.chown(p, user.pw_uid, user.pw_gid)
@@ -226,7 +297,6 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, version: tuple[
             mode = parent.stat().st_mode
             if not mode & 0o001:
                 parent.chmod(mode | 0o001)
-    exe = shutil.which("pgbouncer") or PGBOUNCER
     with open(d / "stderr.log", "wb") as err:
         proc = subprocess.Popen(as_user(user, [exe, str(d / "pgbouncer.ini")]), cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -569,15 +639,15 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[("pgbouncer", m)] = "--no-pgbouncer"
         else:
             try:
-                pgb_version, pgb_tuple = ensure_pgbouncer(not args.no_install)
+                pgb_exe, pgb_version, pgb_tuple = ensure_pgbouncer(not args.no_install)
                 bouncer_proc, bouncer_target, _ = start_pgbouncer(
-                    workdir, cluster.port, args.pool_size, pgb_tuple)
+                    workdir, cluster.port, args.pool_size, pgb_exe, pgb_tuple)
                 targets.append(bouncer_target)
                 if "prepared" in bouncer_target.skip_modes and "prepared" in args.mode_list:
                     # The nearest fair comparison: PgBouncer in session mode, where prepared
                     # statements work, while every client still gets a server of the pool.
                     session_proc, session_target, _ = start_pgbouncer(
-                        workdir, cluster.port, args.pool_size, pgb_tuple, "session")
+                        workdir, cluster.port, args.pool_size, pgb_exe, pgb_tuple, "session")
                     extra_procs.append(session_proc)
                     del bouncer_target.skip_modes["prepared"]
                     bouncer_target.mode_ports["prepared"] = session_target.port

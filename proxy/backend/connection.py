@@ -61,6 +61,7 @@ class Link(Protocol):
     def backend_idle(self, server: ServerConnection) -> None: ...
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None: ...
     def parameter_changed(self, name: str, value: str) -> None: ...
+    def give_back(self, server: ServerConnection) -> bool: ...
 
 
 class ServerConnection(asyncio.Protocol):
@@ -88,6 +89,7 @@ class ServerConnection(asyncio.Protocol):
         self.write_client = _discard
         self.closed = False
         self.close_reason = ""
+        self.close_code = ""  # the SQLSTATE of the backend's own FATAL, if it sent one
         self._buf = bytearray()  # login phase
         self._head = b""         # an incomplete message header carried to the next chunk
         self._skip = 0           # bytes of a streamed message body still to forward
@@ -360,7 +362,8 @@ class ServerConnection(asyncio.Protocol):
         fields = m.decode_fields(body)
         if (fields.get("V") or fields.get("S")) not in ("FATAL", "PANIC"):
             return False
-        self.close_reason = f"{fields.get('M', 'the server ended the connection')} ({fields.get('C', '?')})"
+        self.close_code = fields.get("C", "")
+        self.close_reason = f"{fields.get('M', 'the server ended the connection')} ({self.close_code or '?'})"
         return True
 
     def _parameter(self, body: bytes) -> None:
@@ -386,6 +389,12 @@ class ServerConnection(asyncio.Protocol):
         link = self.link
         if link is not None:
             reason = self.close_reason or (f"{exc}" if exc else "the server closed the connection")
+            if self.close_code == "08P01":
+                # The client's own malformed message, forwarded as it came: PostgreSQL's verdict.
+                link.backend_lost(self, BackendError(
+                    "08P01", f"database {self.database} refused a malformed message: {reason}",
+                    hint="the client broke the protocol; the connection is closed"))
+                return
             link.backend_lost(self, BackendError(
                 "08006", f"the connection to database {self.database} was lost: {reason}",
                 hint="the statement may not have completed; reconnect and retry"))

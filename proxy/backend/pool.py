@@ -2,7 +2,10 @@
 
 Each connection state is a container (PgBouncer's lists): ``idle`` (a LIFO deque), ``active``
 (a set), ``opening`` (a count of logins in flight), and ``waiters`` — one future per queued
-client that the pool hands a connection to. Counts for ``SHOW POOLS`` and metrics are their
+client that the pool hands a connection to. ``parked`` is the part of ``active`` that stays
+with its client between transactions while nobody else needs it (affinity: the next
+transaction skips the pool); when a connection is needed and none is idle, a parked one that
+is idle is taken back from its client. Counts for ``SHOW POOLS`` and metrics are their
 lengths. A ``generation`` number, bumped on reload, retires old connections as they come back.
 The pool never touches a client socket.
 """
@@ -47,6 +50,9 @@ class Pool:
         self.active: set[ServerConnection] = set()
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
+        # Connections their client keeps between transactions (insertion-ordered, oldest first),
+        # each with the time it was last parked.
+        self.parked: dict[ServerConnection, float] = {}
         self.params: dict[str, str] = {}  # the server's ParameterStatus values, from the first login
         # Backend-side statement names that some backend of this database parsed without error.
         self.parsed_ok: set[str] = set()
@@ -69,6 +75,21 @@ class Pool:
                 continue
             self.active.add(server)
             return server
+        if self.parked and self.total >= self.size:
+            return self._take_parked()
+        return None
+
+    def _take_parked(self) -> ServerConnection | None:
+        """A parked connection whose client is between transactions, taken back from it."""
+        parked = self.parked
+        while parked:
+            server = next(iter(parked))
+            del parked[server]
+            link = server.link
+            if server.closed or link is None:
+                continue
+            if link.give_back(server):
+                return server  # it stays in ``active``, now for another client
         return None
 
     async def acquire(self) -> ServerConnection:
@@ -108,6 +129,7 @@ class Pool:
 
     def release(self, server: ServerConnection) -> None:
         """Take a connection back; it must be idle (ReadyForQuery ``I``, nothing pending)."""
+        self.parked.pop(server, None)
         self.active.discard(server)
         server.detach()
         if server.closed:
@@ -131,6 +153,7 @@ class Pool:
 
     def discard(self, server: ServerConnection, reason: DisconnectReason = DisconnectReason.BROKEN) -> None:
         """Drop a connection that cannot be reused (broken, or its client vanished mid-query)."""
+        self.parked.pop(server, None)
         self.active.discard(server)
         server.detach()
         self._retire(server, reason)
@@ -175,12 +198,25 @@ class Pool:
             else:
                 keep.append(server)
         self.idle = keep
+        for server, parked_at in list(self.parked.items()):
+            if now - parked_at > self.idle_timeout:
+                reason = DisconnectReason.IDLE_TIMEOUT
+            elif self._expired(server, now):
+                reason = DisconnectReason.LIFETIME
+            else:
+                continue
+            link = server.link
+            del self.parked[server]
+            if link is not None and link.give_back(server):
+                self.active.discard(server)
+                self._retire(server, reason)
 
     def close(self) -> None:
         self.closed = True
         for server in list(self.idle) + list(self.active):
             self._retire(server, DisconnectReason.SHUTDOWN)
         self.idle.clear()
+        self.parked.clear()
         self.active.clear()
         for waiter in self.waiters:
             if not waiter.done():

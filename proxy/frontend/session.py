@@ -26,6 +26,7 @@ import logging
 import re
 import secrets
 import struct
+import time
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
 from ..backend.connection import ServerConnection
@@ -248,7 +249,7 @@ class Session(asyncio.Protocol):
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
-                    if expect is _NOT_VERBATIM:
+                    if expect is _NOT_VERBATIM and length > 5:  # shorter: _handle() refuses it
                         if kind == _DESCRIBE and inbox[pos + 5] == 0x50:
                             expect = FORWARD_DESCRIBE_PORTAL  # Describe of a portal: as it came
                         elif self.unparsed is not None and inbox[pos + 5] == 0:
@@ -458,8 +459,10 @@ class Session(asyncio.Protocol):
             return self.unparsed
         assert self.ctx is not None
         route = self.fleet.router.route(sql, self.ctx)
-        if route.anywhere and self.backend is not None and self.ctx.key.may_use(self.backend.database):
-            return self.backend.database
+        backend = self.backend
+        if route.anywhere and backend is not None and self._engaged(backend) \
+                and self.ctx.key.may_use(backend.database):
+            return backend.database
         target = route.target
         if not isinstance(target, Direct):
             raise ClientError("0A000", "this statement needs several databases, which this version of "
@@ -469,11 +472,13 @@ class Session(asyncio.Protocol):
     def _query(self, raw: bytes) -> bool:
         # On a decided database the text is not even decoded: the backend checks it.
         if self.unparsed is not None:
+            if raw[-1] != 0 or raw.find(0, 5) != len(raw) - 1:
+                raise ProtocolViolation("invalid Query message: the text must end at its one zero byte")
             database = self.unparsed
             effect = self._effect(raw, 5)
         else:
             sql = m.decode_query(raw[5:])
-            if self.backend is None and self._transaction_control(sql, raw):
+            if (self.backend is None or not self._engaged(self.backend)) and self._transaction_control(sql, raw):
                 return True
             database = self._route_database(sql)
             analysis = self.fleet.router.analysis(sql)
@@ -670,6 +675,8 @@ class Session(asyncio.Protocol):
         backend = self.backend
         if backend is not None:
             if backend.database == database:
+                if self.deferred_begin is not None:  # a parked backend: BEGIN goes first
+                    self._send_begin(backend)
                 return backend
             if backend.tx_status != _I:
                 raise ClientError("0A000", f"this transaction runs on database {backend.database}; "
@@ -738,12 +745,23 @@ class Session(asyncio.Protocol):
         if self.paused_by_client and server.transport is not None:
             server.transport.pause_reading()
         if self.deferred_begin is not None:
-            server.push(DROP_QUERY)
-            server.send(self.deferred_begin)
-            self.deferred_begin = None
+            self._send_begin(server)
         # Settings dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings:
             self._replay_settings(server)
+
+    def _send_begin(self, server: ServerConnection) -> None:
+        assert self.deferred_begin is not None
+        server.push(DROP_QUERY)
+        server.send(self.deferred_begin)
+        self.deferred_begin = None
+
+    def _engaged(self, server: ServerConnection) -> bool:
+        """Whether the attached backend is in use: a transaction, a pipeline or answers due.
+
+        Otherwise it is only parked with this client between transactions.
+        """
+        return server.tx_status != _I or self.batch_open or bool(server.expects)
 
     def _replay_settings(self, server: ServerConnection) -> None:
         sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None
@@ -766,7 +784,25 @@ class Session(asyncio.Protocol):
 
     def _maybe_release(self, server: ServerConnection) -> None:
         if not self.session_mode and not server.expects and server.tx_status == _I and not self.batch_open:
-            self._detach(server)
+            pool = self.fleet.pools[server.database]
+            now = _monotonic()
+            if not pool.waiters and server.generation == pool.generation \
+                    and now - server.created < pool.lifetime:
+                # Affinity: keep it for this client's next transaction until someone needs it.
+                pool.parked[server] = now
+            else:
+                self._detach(server)
+
+    def give_back(self, server: ServerConnection) -> bool:
+        """The pool takes a parked backend back, if this client is between transactions on it."""
+        if (self.backend is not server or server.expects or server.outbox or server.tx_status != _I
+                or self.batch_open or self.pending is not None):
+            return False
+        self.backend = None
+        server.detach()
+        if self.paused_by_client and server.transport is not None:
+            server.transport.resume_reading()
+        return True
 
     # -- Link: called by the attached backend
 
@@ -788,6 +824,11 @@ class Session(asyncio.Protocol):
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
         self.backend = None
         self.fleet.pools[server.database].discard(server)
+        if not server.expects and server.tx_status == _I and not self.batch_open:
+            # Parked between transactions: the client lost nothing, its next statement gets another.
+            log.info("client %s (key %s): its idle backend went away: %s", self.peer, self.user,
+                     error.message)
+            return
         log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
         self._fatal(error)
 
@@ -960,6 +1001,9 @@ class Janitor:
     def parameter_changed(self, name: str, value: str) -> None:
         pass
 
+    def give_back(self, server: ServerConnection) -> bool:
+        return False  # it goes back to the pool by itself when its clean-up is done
+
 
 async def _send_cancel(server: ServerConnection) -> None:
     try:
@@ -984,6 +1028,7 @@ _VERBATIM: dict[int, Expect | None] = {
 }
 
 _U32 = struct.Struct("!I").unpack_from
+_monotonic = time.monotonic
 _READY = State.READY
 _SYNC = m.SYNC
 _DESCRIBE = m.DESCRIBE

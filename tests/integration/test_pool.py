@@ -244,7 +244,7 @@ def test_lifetime_replaces_old_backends(make_fleet: Any, pg: Cluster) -> None:
     fleet: Fleet = make_fleet(pool={"size": 1, "lifetime": "1s"}, databases=own_primary(pg))
     with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
         first = conn.execute("select pg_backend_pid()").fetchone()
-        time.sleep(1.5)
+        time.sleep(2.2)  # lifetime, plus one reaper interval: the backend was parked with conn
         second = conn.execute("select pg_backend_pid()").fetchone()
         assert first != second
     assert wait_for(lambda: backends(pg) <= 1, 5)
@@ -259,3 +259,64 @@ def test_clients_disconnecting_in_a_transaction_give_their_backend_back(make_fle
     with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
     assert wait_for(lambda: backends(pg) <= 2, 5), backends(pg)
+
+
+# ---------------------------------------------------------------------------------------------
+# affinity: a backend stays with its client between transactions while nobody else needs it
+
+
+def test_a_client_keeps_its_backend_between_transactions_while_the_pool_has_room(
+        make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 3}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
+        pid_a = {a.execute("select pg_backend_pid()").fetchone() for _ in range(5)}
+        pid_b = {b.execute("select pg_backend_pid()").fetchone() for _ in range(5)}
+        assert len(pid_a) == 1 and len(pid_b) == 1 and pid_a != pid_b
+        assert backends(pg) == 2
+
+
+def test_a_parked_backend_is_taken_back_for_a_client_that_needs_it(make_fleet: Any, pg: Cluster) -> None:
+    """Pool size 1: the idle client's backend serves the other client at once, and comes back."""
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "1s"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
+        a.execute("set statement_timeout = '4321ms'")
+        first = a.execute("select pg_backend_pid()").fetchone()
+        started = time.monotonic()
+        assert b.execute("select pg_backend_pid()").fetchone() == first  # taken from a, no waiting
+        assert b.execute("show statement_timeout").fetchone() != ("4321ms",)  # without a's settings
+        assert time.monotonic() - started < 0.9  # well inside acquire_timeout: nobody waited for it
+        assert a.execute("show statement_timeout").fetchone() == ("4321ms",)
+        assert backends(pg) == 1
+
+
+def test_a_client_in_a_transaction_keeps_its_backend_from_others(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "300ms"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn()) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
+        a.execute("select 1")  # a transaction is open: the backend is not a's to give
+        with pytest.raises(psycopg.Error) as err:
+            b.execute("select 2")
+        assert err.value.sqlstate == "53300"
+        a.commit()
+        assert b.execute("select 2").fetchone() == (2,)
+
+
+def test_a_parked_backend_that_dies_costs_its_idle_client_nothing(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 2}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        row = conn.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", row)
+        assert wait_for(lambda: backends(pg) == 0, 5)
+        time.sleep(0.1)  # the termination notice reaches pgfleet
+        again = conn.execute("select pg_backend_pid()").fetchone()
+        assert again is not None and again != row
+
+
+def test_idle_timeout_retires_backends_parked_with_idle_clients(make_fleet: Any, pg: Cluster) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 3, "idle_timeout": "1s"}, databases=own_primary(pg))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")
+        assert backends(pg) == 1
+        assert wait_for(lambda: backends(pg) == 0, 8), backends(pg)
+        assert conn.execute("select 2").fetchone() == (2,)  # the client goes on with a new one

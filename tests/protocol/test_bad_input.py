@@ -81,9 +81,9 @@ def table_rows(pg: Cluster, table: str) -> int:
         return conn.execute(f"select count(*) from {table}").fetchone()[0]  # type: ignore[index]
 
 
-def logged_in(fleet: Fleet) -> Raw:
+def logged_in(fleet: Fleet, database: str = "app") -> Raw:
     raw = Raw(fleet.port)
-    raw.login(KEY, SECRET)
+    raw.login(KEY, SECRET, database)
     return raw
 
 
@@ -114,9 +114,31 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_message_after_login_is_08P01_then_close(fleet: Fleet, data: bytes) -> None:
-    with logged_in(fleet) as raw:
+# On a decided database these go to PostgreSQL as they came (pgfleet reads nothing in them),
+# and the client gets PostgreSQL's own answer: an ERROR, after which the session goes on.
+ANSWERED_BY_POSTGRESQL = {"query not utf-8": "22021", "parse with bad parameter count": "08P01",
+                          "parse without parameter count": "08P01"}
+
+
+@pytest.mark.parametrize("name", sorted(ANSWERED_BY_POSTGRESQL))
+def test_malformed_message_on_a_decided_database_gets_postgresqls_answer(fleet: Fleet, name: str) -> None:
+    with logged_in(fleet, "primary") as raw:
+        raw.send(MALFORMED[name] + msg(b"S", b""))
+        error = raw.recv()
+        assert error.kind == "E" and error.fields["S"] == "ERROR", error
+        assert error.fields["C"] == ANSWERED_BY_POSTGRESQL[name]
+        assert raw.recv().kind == "Z"
+        if name.startswith("query"):
+            assert raw.recv().kind == "Z"  # the Sync's own ReadyForQuery
+        assert [r.kind for r in raw.query("select 41 + 1")] == ["T", "D", "C", "Z"]
+
+
+@pytest.mark.parametrize(("name", "database"), [  # routed, and on a decided database
+    (name, database) for name in MALFORMED for database in ("app", "primary")
+    if database == "app" or name not in ANSWERED_BY_POSTGRESQL])
+def test_malformed_message_after_login_is_08P01_then_close(fleet: Fleet, name: str, database: str) -> None:
+    data = MALFORMED[name]
+    with logged_in(fleet, database) as raw:
         started = time.monotonic()
         raw.send(data)
         error = raw.error_then_close()
