@@ -21,6 +21,10 @@ from .errors import ConfigError
 ADMIN_DATABASE = "pgfleet"
 
 
+SHARD_KEY_TYPES = ("smallint", "integer", "int", "bigint", "character varying", "text", "uuid",
+                   "int2", "int4", "int8", "varchar")
+
+
 class Duration(float):
     """Seconds, written in the config as ``5s``, ``250ms``, ``15m``, ``1h`` or a number."""
 
@@ -130,6 +134,10 @@ class Replication(_Struct):
     jobs: tuple[ReplicationJob, ...] = ()
 
 
+class RouterConfig(_Struct):
+    plan_cache_size: int = 10000  # analyses of distinct statement texts kept (LRU)
+
+
 class Audit(_Struct):
     path: str | None = None
     statements: Literal["normalized", "full", "none"] = "normalized"
@@ -144,6 +152,7 @@ class Config(_Struct):
     default_database: str | None = None
     sharding: Sharding = Sharding()
     tables: dict[str, str] = {}
+    router: RouterConfig = RouterConfig()
     two_phase_commit: bool = False
     keys: tuple[Key, ...] = ()
     replication: Replication = Replication()
@@ -347,6 +356,19 @@ def validate(config: Config) -> Config:
     for table in config.sharding.tables:
         if table in config.tables:
             raise ConfigError(f"tables.{table}", "is also a sharded table: a table is either mapped or sharded")
+    for table in config.sharding.reference_tables:
+        if table in config.sharding.tables or table in config.tables:
+            raise ConfigError("sharding.reference_tables", f"{table} is also a sharded or mapped table")
+    if config.sharding.reference_tables and not config.sharding.shards:
+        raise ConfigError("sharding.shards", "missing: reference tables need at least one shard")
+    for table, type_name in config.sharding.types.items():
+        if table not in config.sharding.tables:
+            raise ConfigError(f"sharding.types.{table}", "is not one of sharding.tables")
+        if type_name.strip().lower().split("(")[0].strip() not in SHARD_KEY_TYPES:
+            raise ConfigError(f"sharding.types.{table}", f"{type_name!r}: shard keys may be "
+                              f"{', '.join(sorted(set(SHARD_KEY_TYPES)))}")
+    if config.router.plan_cache_size < 1:
+        raise ConfigError("router.plan_cache_size", "must be at least 1")
     seen: set[str] = set()
     for i, key in enumerate(config.keys):
         where = f"keys[{i}]"

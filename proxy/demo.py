@@ -1,10 +1,10 @@
 """`pgfleet demo`: the demo bank fleet on this machine, from nothing to psql lines to paste.
 
 This module owns the demo's directory (``.pgfleet/`` under the current directory): three
-embedded clusters (primary and secondary hold the bank, analytics the events), the demo
-SQL, the generated config ``demo.yaml`` and the keys in ``keys.json`` (created once, so a
-rerun prints the same secrets), and a pgfleet subprocess on port 6432 for as long as the
-command runs. Whatever happens it stops pgfleet and the three clusters before returning
+embedded clusters (primary and secondary are the two shards of the bank, analytics holds the
+events), the demo data and how it is split over the shards, the generated config ``demo.yaml``
+and the keys in ``keys.json`` (created once, so a rerun prints the same secrets), and a pgfleet
+subprocess on port 6432 for as long as the command runs. Whatever happens it stops pgfleet and the three clusters before returning
 (clusters that a killed earlier run left behind are reused, then stopped too). It never shows
 a traceback for an expected failure (one line on stderr, exit 1), never deletes demo data, and
 knows nothing about the proxy beyond its command line and its TCP port.
@@ -22,12 +22,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from .embedded import LOCALHOST, Cluster, EmbeddedError, free_port
+from .router.shard import key_value, shard_of
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "config" / "demo"
 BANK_SQL = SQL_DIR / "bank.sql"
@@ -43,7 +44,7 @@ class DemoDatabase:
     name: str          # the pgfleet database name, also the cluster's directory name
     port: int          # preferred port; the cluster remembers the one it really got
     dbname: str        # the PostgreSQL database inside the cluster
-    sql: Path
+    sql: Path          # its data; a shard keeps only its own rows of it (load_shards)
 
 
 DATABASES = (
@@ -52,23 +53,137 @@ DATABASES = (
     DemoDatabase("analytics", 55434, "analytics", ANALYTICS_SQL),
 )
 
+# The demo's routing map (DESIGN.md "Words"): the bank's tables split over two shards by the
+# user each row belongs to, currencies copied to both, events and user_activity on analytics.
+SHARDS = ("primary", "secondary")
+SHARD_FUNCTION = "hash"
+SHARD_KEY_TYPE = "bigint"
+SHARDED_TABLES = {"users": "id", "accounts": "user_id", "transactions": "user_id"}
+REFERENCE_TABLES = ("currencies",)
+MAPPED_TABLES = {"events": "analytics", "user_activity": "analytics"}
+# Where each shard first runs BANK_SQL whole, before it keeps only its own rows.
+SEED_SCHEMA = "pgfleet_demo_seed"
+
+TENANT_USER_ID = 42
+
 # (key id, role, extra YAML fields); one key per role, as in DESIGN.md.
 KEYS = (
     ("pf_admin", "admin", ""),
     ("pf_server", "server", ""),
     ("pf_client", "client", ""),
-    ("pf_tenant42", "database", ", user_id: 42"),
+    ("pf_tenant42", "database", f", user_id: {TENANT_USER_ID}"),
 )
+
+
+def _read_sql(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EmbeddedError(f"cannot read the demo SQL {path}: {exc.strerror}") from None
 
 
 def load_sql(cluster: Cluster, dbname: str, path: Path) -> None:
     """Create ``dbname`` if missing and run the (idempotent) demo script ``path`` in it."""
-    try:
-        sql = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EmbeddedError(f"cannot read the demo SQL {path}: {exc.strerror}") from None
+    sql = _read_sql(path)
     cluster.create_database(dbname)
     cluster.psql(sql, dbname=dbname)
+
+
+def owner(value: int | str, n_shards: int = len(SHARDS)) -> int:
+    """The index of the shard that holds rows whose shard key is ``value``."""
+    return shard_of(key_value(str(value), SHARD_KEY_TYPE), SHARD_KEY_TYPE, n_shards,
+                    SHARD_FUNCTION)
+
+
+def _keys_query(schema: str, tables: Mapping[str, str]) -> str:
+    """One line ``table|key`` per distinct shard-key value of each table (an empty key is NULL)."""
+    return "\nUNION ALL\n".join(
+        f"SELECT DISTINCT '{table}', {column}::text FROM {schema}.{table}"
+        for table, column in tables.items()) + ";\n"
+
+
+def _rows(output: str) -> list[tuple[str, str]]:
+    return [(table, key) for table, _, key in (line.partition("|")
+                                               for line in output.splitlines() if line)]
+
+
+def load_shards(shards: Sequence[tuple[Cluster, str]], path: Path = BANK_SQL) -> None:
+    """Give each shard (a cluster and database name) the tables of ``path`` and its own rows.
+
+    ``path`` (the unsharded bank) runs whole in a scratch schema of each shard; the shard then
+    gets the same tables in ``public``, every row of the reference tables, and the rows of the
+    sharded tables whose shard key ``shard_of`` gives to it, and the scratch schema goes.
+    Rerunning adds what is missing and changes nothing else. A row found on a shard that does
+    not own it (left by a demo from before sharding) is an error: it is neither kept silently
+    nor deleted.
+    """
+    sql = _read_sql(path)
+    for index, (cluster, dbname) in enumerate(shards):
+        cluster.create_database(dbname)
+        keys = _stage(cluster, dbname, path, sql)
+        owned = {table: [key for key in values if owner(key, len(shards)) == index]
+                 for table, values in keys.items()}
+        cluster.psql(_keep_owned(owned), dbname=dbname)
+        _check_placement(cluster, dbname, index, len(shards))
+
+
+def _stage(cluster: Cluster, dbname: str, path: Path, sql: str) -> dict[str, list[str]]:
+    """Run ``sql`` in the scratch schema; return the distinct shard keys of each sharded table."""
+    cluster.psql(f"DROP SCHEMA IF EXISTS {SEED_SCHEMA} CASCADE;\n"
+                 f"CREATE SCHEMA {SEED_SCHEMA};\n"
+                 f"SET search_path = {SEED_SCHEMA};\n{sql}", dbname=dbname)
+    created = sorted(cluster.psql(f"SELECT tablename FROM pg_tables "
+                                  f"WHERE schemaname = '{SEED_SCHEMA}'", dbname=dbname).split())
+    expected = sorted([*SHARDED_TABLES, *REFERENCE_TABLES])
+    if created != expected:
+        raise EmbeddedError(f"{path} creates tables {', '.join(created)} but the demo shards or "
+                            f"copies {', '.join(expected)}: make them agree in proxy/demo.py")
+    keys: dict[str, list[str]] = {table: [] for table in SHARDED_TABLES}
+    for table, key in _rows(cluster.psql(_keys_query(SEED_SCHEMA, SHARDED_TABLES), dbname=dbname)):
+        if not key:
+            raise EmbeddedError(f"{path}: {table}.{SHARDED_TABLES[table]} is NULL in some rows: "
+                                f"every row of a sharded table needs its shard key")
+        keys[table].append(key)
+    return keys
+
+
+def _keep_owned(owned: Mapping[str, list[str]]) -> str:
+    """The script that copies the scratch schema's tables to public: all of the reference
+    tables, the ``owned`` keys' rows of the sharded ones; then drops the scratch schema."""
+    script = ["BEGIN;"]
+    for table in [*REFERENCE_TABLES, *SHARDED_TABLES]:
+        where = ""
+        if table in owned:
+            where = (f" WHERE {SHARDED_TABLES[table]} = "
+                     f"ANY('{{{','.join(owned[table])}}}'::{SHARD_KEY_TYPE}[])")
+        script.append(f"CREATE TABLE IF NOT EXISTS public.{table} "
+                      f"(LIKE {SEED_SCHEMA}.{table} INCLUDING ALL);")
+        script.append(f"INSERT INTO public.{table} SELECT * FROM {SEED_SCHEMA}.{table}{where} "
+                      f"ON CONFLICT DO NOTHING;")
+    script += [f"DROP SCHEMA {SEED_SCHEMA} CASCADE;", "COMMIT;"]
+    return "\n".join(script)
+
+
+def _check_placement(cluster: Cluster, dbname: str, index: int, n_shards: int) -> None:
+    """Every shard key in the shard's sharded tables (its rows, and any added since) is its own."""
+    stray = [(table, key) for table, key in _rows(cluster.psql(
+                 _keys_query("public", SHARDED_TABLES), dbname=dbname))
+             if key and owner(key, n_shards) != index]
+    if stray:
+        table, key = stray[0]
+        raise EmbeddedError(
+            f"{cluster.name} ({dbname}) holds rows that belong on another shard, e.g. "
+            f"{table}.{SHARDED_TABLES[table]} = {key} (left by a demo from before sharding?): "
+            f"delete the demo directory (.pgfleet) and run the demo again")
+
+
+def load_fleet(targets: Mapping[str, tuple[Cluster, str]]) -> None:
+    """Load the demo data: ``targets`` maps each demo database name to a cluster and dbname."""
+    load_shards([targets[name] for name in SHARDS])
+    for db in DATABASES:
+        if db.name not in SHARDS:
+            cluster, dbname = targets[db.name]
+            load_sql(cluster, dbname, db.sql)
 
 
 def start_clusters(root: Path) -> dict[str, Cluster]:
@@ -81,7 +196,7 @@ def start_clusters(root: Path) -> dict[str, Cluster]:
         for db in DATABASES:
             cluster = clusters[db.name] = Cluster(db.name, root / db.name, port=db.port)
             cluster.start()
-            load_sql(cluster, db.dbname, db.sql)
+        load_fleet({db.name: (clusters[db.name], db.dbname) for db in DATABASES})
     except BaseException:
         # Ctrl-C or an error half-way: leave no postmaster behind, then let the cause go up.
         with _shielded():
@@ -128,12 +243,17 @@ def load_keys(path: Path) -> dict[str, str]:
     return keys
 
 
+def _flow(mapping: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
+
+
 def render_config(clusters: dict[str, Cluster], keys: dict[str, str], proxy_port: int) -> str:
     """The demo's pgfleet config, in the DESIGN.md format, with the clusters' real ports."""
     dsns = {db.name: clusters[db.name].dsn(db.dbname) for db in DATABASES}
     key_lines = "\n".join(
         f'  - {{id: {key_id}, secret: "{keys[key_id]}", role: {role}{extra}}}'
         for key_id, role, extra in KEYS)
+    types = {table: SHARD_KEY_TYPE for table in SHARDED_TABLES}
     return f"""\
 # Generated by `pgfleet demo`; rewritten on every run (the secrets live in keys.json).
 listen: {{host: {LOCALHOST}, port: {proxy_port}, database: {FLEET}}}
@@ -143,7 +263,13 @@ databases:
   secondary: {{dsn: "{dsns['secondary']}"}}
   analytics: {{dsn: "{dsns['analytics']}"}}
 default_database: primary
-tables: {{events: analytics, user_activity: analytics}}
+sharding:
+  shards: [{', '.join(SHARDS)}]
+  function: {SHARD_FUNCTION}
+  tables: {_flow(SHARDED_TABLES)}
+  reference_tables: [{', '.join(REFERENCE_TABLES)}]
+  types: {_flow(types)}
+tables: {_flow(MAPPED_TABLES)}
 keys:
 {key_lines}
 """
@@ -161,15 +287,33 @@ def connection_lines(keys: dict[str, str], port: int) -> list[str]:
     """One ready-to-paste psql line per key (and the server key's direct database)."""
     lines = [
         ("pf_admin", "pgfleet", "admin console: SHOW HELP, SHOW DATABASES"),
-        ("pf_server", FLEET, "the fleet: full router (table map, hints)"),
+        ("pf_server", FLEET, "the fleet: full router (shard keys, table map, hints)"),
         ("pf_server", "analytics", "one database directly: analytics"),
         ("pf_client", FLEET, "client key: always the primary"),
-        ("pf_tenant42", FLEET, "database key bound to user_id 42"),
+        ("pf_tenant42", FLEET, f"database key bound to user_id {TENANT_USER_ID}"),
     ]
     commands = [f'psql "postgresql://{key_id}:{keys[key_id]}@{LOCALHOST}:{port}/{dbname}"'
                 for key_id, dbname, _ in lines]
     width = max(len(command) for command in commands)
     return [f"{command:<{width}}  # {why}" for command, (_, _, why) in zip(commands, lines)]
+
+
+def example_lines() -> dict[str, list[str]]:
+    """One statement per kind of route, by the key whose session to paste it into."""
+    tenant_shard = SHARDS[owner(TENANT_USER_ID)]
+    server = [
+        (f"SELECT * FROM accounts WHERE user_id = {TENANT_USER_ID};",
+         f"shard key: only the shard that owns it ({tenant_shard})"),
+        ("SELECT * FROM currencies;", "reference table: any one shard"),
+        ("SELECT kind, count(*) FROM events GROUP BY kind;", "mapped table: analytics"),
+        ("/* pgfleet: shard=1 */ SELECT count(*) FROM users;", f"hint: shard 1 ({SHARDS[1]}) only"),
+        ("UPDATE users SET updated_at = now();", "no key: every shard, row counts summed"),
+    ]
+    tenant = [(f"SELECT * FROM accounts WHERE user_id = {TENANT_USER_ID};",
+               f"its own tenant: user {TENANT_USER_ID}'s shard ({tenant_shard}) and no other")]
+    width = max(len(sql) for sql, _ in server + tenant)
+    return {key_id: [f"{sql:<{width}}  -- {why}" for sql, why in pairs]
+            for key_id, pairs in (("pf_server", server), ("pf_tenant42", tenant))}
 
 
 def proxy_port_from_env() -> int:
@@ -283,18 +427,25 @@ def _banner(clusters: dict[str, Cluster], keys: dict[str, str], port: int,
     fleet = ", ".join(f"{db.name} :{clusters[db.name].port}/{db.dbname}" for db in DATABASES)
     print(f"\npgfleet demo is running on {LOCALHOST}:{port} (fleet database '{FLEET}')")
     print(f"  databases: {fleet}")
+    print(f"  sharding:  {', '.join(SHARDED_TABLES)} by user over {', '.join(SHARDS)} "
+          f"({SHARD_FUNCTION}); {', '.join(REFERENCE_TABLES)} on both; "
+          f"{', '.join(MAPPED_TABLES)} on analytics")
     print(f"  config:    {config}\n  log:       {log}\n")
     print("Paste one of these:")
     for line in connection_lines(keys, port):
         print(f"  {line}")
+    for key_id, lines in example_lines().items():
+        print(f"\nThen, in the {key_id} session on /{FLEET}:")
+        for line in lines:
+            print(f"  {line}")
     print("\nCtrl-C stops pgfleet and the three clusters.", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pgfleet demo",
-        description="Start three embedded PostgreSQL clusters with the demo bank and pgfleet "
-                    "in front of them (port 6432 or $PGFLEET_DEMO_PORT).")
+        description="Start three embedded PostgreSQL clusters with the demo bank sharded over "
+                    "two of them and pgfleet in front (port 6432 or $PGFLEET_DEMO_PORT).")
     parser.add_argument("--dir", type=Path, default=Path(".pgfleet"),
                         help="where the clusters, config and keys live (default: .pgfleet)")
     args = parser.parse_args(argv)

@@ -11,6 +11,9 @@ import asyncio
 import logging
 import signal
 
+import asyncpg
+
+from .backend.catalog import shard_key_types
 from .config import Config
 from .errors import ProxyError
 from .frontend.fleet import Fleet
@@ -19,6 +22,7 @@ from .frontend.session import Session
 log = logging.getLogger("pgfleet")
 
 REAP_INTERVAL = 1.0
+TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types
 
 
 class Server:
@@ -34,16 +38,43 @@ class Server:
         listen = self.config.listen
         self.listener = await loop.create_server(
             lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
+        await self.learn_shard_key_types()
         self._reaper = loop.create_task(self._reap())
         log.info("pgfleet listening on %s:%d (fleet database %r, %d databases, pool mode %s)",
                  listen.host, listen.port, listen.database, len(self.config.databases),
                  self.config.pool.mode)
 
     async def _reap(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             for pool in self.fleet.pools.values():
                 pool.reap()
+            ticks += 1
+            if self.fleet.router.unknown_types and ticks % TYPES_RETRY == 0:
+                await self.learn_shard_key_types()
+
+    async def learn_shard_key_types(self) -> None:
+        """Read the shard-key column types off the first shard (config's sharding.types win)."""
+        router = self.fleet.router
+        missing = router.unknown_types
+        if not missing:
+            return
+        first = router.shards[0]
+        try:
+            found = await shard_key_types(self.config.dsn(first), {t: router.sharded[t] for t in missing},
+                                          self.config.pool.connect_timeout)
+            for problem in router.learn_types(found):
+                log.warning("shard key %s; statements on that table are refused", problem)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not read shard-key types from database %s: %s; statements on %s are "
+                        "refused until it answers (or set sharding.types)", first, exc, ", ".join(missing))
+            return
+        still = router.unknown_types
+        if still:
+            log.warning("database %s has no shard-key column for %s; statements on them are refused "
+                        "(create the tables, or set sharding.types)", first,
+                        ", ".join(f"{t}.{router.sharded[t]}" for t in still))
 
     def stop(self) -> None:
         self._stopped.set()

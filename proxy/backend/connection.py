@@ -231,7 +231,7 @@ class ServerConnection(asyncio.Protocol):
 
     # -- relaying answers (the hot path)
 
-    def data_received(self, data: bytes) -> None:  # noqa: C901 - one loop, kept flat for speed
+    def data_received(self, data: bytes) -> None:
         if self._ready is None or not self._ready.done():
             self._login_data(data)
             return

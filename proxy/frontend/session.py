@@ -47,7 +47,8 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
-from ..router.route import Analysis, Direct, Kind, SettingChange
+from ..router.parse import hints_from
+from ..router.route import HINT_NAMES, Analysis, Direct, Hints, Kind, Params, Route, SettingChange
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
@@ -79,16 +80,17 @@ class State(enum.Enum):
 class Prepared:
     """A client's named prepared statement: pgfleet's backend-side name and where it runs."""
 
-    __slots__ = ("backend_name", "database", "effect", "param_types", "query", "wire_name")
+    __slots__ = ("backend_name", "database", "effect", "param_types", "query", "routed", "wire_name")
 
     def __init__(self, backend_name: str, query: str, param_types: bytes, database: str,
-                 effect: Analysis | None) -> None:
+                 effect: Analysis | None, routed: bool = False) -> None:
         self.backend_name = backend_name
         self.wire_name = backend_name.encode() + b"\0"  # as it goes into a Bind
         self.query = query
         self.param_types = param_types
         self.database = database
         self.effect = effect  # its analysis, when running it changes session settings
+        self.routed = routed  # its shard key is a parameter: each Bind decides the database
 
 
 class Session(asyncio.Protocol):
@@ -123,6 +125,10 @@ class Session(asyncio.Protocol):
         # fleet-wide number that a backend holding exactly that Parse carries too.
         self.unnamed: tuple[bytes, str] | None = None
         self.unnamed_token = 0
+        self.unnamed_routed = False  # the unnamed statement's database is decided at Bind
+        # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
+        self.hint_values: dict[str, str] = {}
+        self.hints: Hints | None = None
         self.skipping = False       # after an error in the extended protocol: drop until Sync
         self.batch_open = False     # extended messages sent since the last Sync
         self.waiting = False        # reading stopped: a backend is on its way or must go idle
@@ -204,7 +210,7 @@ class Session(asyncio.Protocol):
         if self.inbox:
             self._messages()
 
-    def _messages(self) -> None:  # noqa: C901 - one loop, kept flat for speed
+    def _messages(self) -> None:
         inbox = self.inbox
         n = len(inbox)
         pos = 0
@@ -403,11 +409,7 @@ class Session(asyncio.Protocol):
         self.unparsed = self.fixed if not key.read_only else None
         if self.fixed is not None:
             self.fleet.router.check_database(self.ctx, self.fixed)
-            home = self.fixed
-        elif key.may_use(self.config.default):
-            home = self.config.default
-        else:
-            home = sorted(key.databases or ())[0]
+        home = self.fleet.router.home_database(self.ctx)
         if key.read_only:
             self.settings.setdefault("default_transaction_read_only", "on")
         self.startup_settings = self.settings
@@ -454,20 +456,19 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ statements
 
-    def _route_database(self, sql: str) -> str:
-        if self.unparsed is not None:
-            return self.unparsed
+    def _route(self, sql: str, params: Params | None = None) -> Route:
         assert self.ctx is not None
-        route = self.fleet.router.route(sql, self.ctx)
+        route = self.fleet.router.route(sql, self.ctx, self.hints, params)
         backend = self.backend
         if route.anywhere and backend is not None and self._engaged(backend) \
                 and self.ctx.key.may_use(backend.database):
-            return backend.database
-        target = route.target
-        if not isinstance(target, Direct):
-            raise ClientError("0A000", "this statement needs several databases, which this version of "
-                              "pgfleet cannot run", hint="run it on one database")
-        return target.database
+            return Route(Direct(backend.database), route.write, "inside the transaction", anywhere=True)
+        return route
+
+    def _route_database(self, sql: str) -> str:
+        if self.unparsed is not None:
+            return self.unparsed
+        return _one_database(self._route(sql))
 
     def _query(self, raw: bytes) -> bool:
         # On a decided database the text is not even decoded: the backend checks it.
@@ -476,12 +477,16 @@ class Session(asyncio.Protocol):
                 raise ProtocolViolation("invalid Query message: the text must end at its one zero byte")
             database = self.unparsed
             effect = self._effect(raw, 5)
+            if effect is not None and self._fleet_settings(effect):
+                return True
         else:
             sql = m.decode_query(raw[5:])
             if (self.backend is None or not self._engaged(self.backend)) and self._transaction_control(sql, raw):
                 return True
-            database = self._route_database(sql)
             analysis = self.fleet.router.analysis(sql)
+            if analysis.touches_settings and self._fleet_settings(analysis):
+                return True
+            database = self._route_database(sql)
             effect = analysis if analysis.touches_settings else None
         backend = self._backend_for(database)
         if backend is None:
@@ -491,6 +496,57 @@ class Session(asyncio.Protocol):
         backend.push(FORWARD_QUERY)
         backend.send(raw)
         return True
+
+    def _fleet_settings(self, analysis: Analysis) -> bool:
+        """SET / RESET pgfleet.*: the session's hints, answered here and never sent on.
+
+        True when the query was exactly that and is answered. RESET ALL clears the hints too,
+        and goes on to the backend.
+        """
+        changes = [c for stmt in analysis.statements for c in stmt.settings]
+        if any(c.name is None for c in changes):
+            self.hint_values = {}
+            self.hints = None
+        fleet = [c for stmt in analysis.statements for c in stmt.fleet_settings]
+        if not fleet:
+            return False
+        assert self.key is not None
+        if len(analysis.statements) != 1 or len(changes) != len(fleet):
+            raise ClientError("0A000", "SET pgfleet.* must be a query of its own",
+                              hint="send it separately from other statements")
+        if self.key.role not in (Role.SERVER, Role.ADMIN):
+            raise ClientError("42501", f"key {self.key.id} ({self.key.role.value}) may not set pgfleet "
+                              "routing hints", hint="hints are for server and admin keys")
+        values = dict(self.hint_values)
+        for change in fleet:
+            assert change.name is not None
+            name = change.name.removeprefix("pgfleet.")
+            if name not in HINT_NAMES:
+                raise ClientError("42704", f'unrecognized configuration parameter "{change.name}"',
+                                  hint=f"pgfleet's settings: {', '.join('pgfleet.' + n for n in HINT_NAMES)}")
+            if change.value is None or change.value == "":
+                values.pop(name, None)
+            else:
+                values[name] = change.value
+        try:
+            hints = hints_from(values)
+        except ValueError as exc:
+            raise ClientError("22023", str(exc)) from None
+        self.hint_values = values
+        self.hints = hints or None
+        tag = analysis.statements[0].command if analysis.statements[0].command != "SET" else (
+            "RESET" if all(c.value is None for c in fleet) else "SET")
+        self._write_answer(m.command_complete(tag))
+        return True
+
+    def _write_answer(self, data: bytes) -> None:
+        """A whole answer to a simple query pgfleet gives itself, in its place in the stream."""
+        answer = data + m.ready_for_query(self.tx_status)
+        backend = self.backend
+        if backend is not None and backend.expects:
+            backend.push(Expect(Answer.QUERY, Fate.MADE_UP, reply=answer))
+        else:
+            self._write(answer)
 
     def _effect(self, raw: bytes, start: int) -> Analysis | None:
         """The analysis of a statement on a decided database, if it may change settings."""
@@ -539,22 +595,43 @@ class Session(asyncio.Protocol):
                 return False
             self.batch_open = True
             self.unnamed_effect = self._effect(raw, 6)
+            _no_fleet_settings(self.unnamed_effect)
             self.unnamed = (raw, self.unparsed)
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
             return True
         parse = m.decode_parse(raw[5:])
-        database = self._route_database(parse.query)
+        routed = False
+        if self.unparsed is not None:
+            database = self.unparsed
+        else:
+            route = self._route(parse.query)
+            database = _one_database(route) if not route.needs_params else _first(route)
+            routed = route.needs_params
         key = parse.name.encode()
         if self.unparsed is None:
             analysis = self.fleet.router.analysis(parse.query)
             effect = analysis if analysis.touches_settings else None
         else:
             effect = self._effect(raw, 5 + len(key) + 1)
+        _no_fleet_settings(effect)
         if key and key in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
+        if routed:
+            # Where it runs depends on its parameters: each Bind prepares it there. pglast has
+            # parsed it already, so the client's ParseComplete can come at once.
+            name = self.fleet.statement_name(parse.query, parse.param_types)
+            if parse.name:
+                self.statements[key] = Prepared(name, parse.query, parse.param_types, database, effect, True)
+            else:
+                self.unnamed_effect = effect
+                self.unnamed = (raw, database)
+                self.unnamed_routed = True
+                self.unnamed_token = self.fleet.next_token()
+            self._made_up(m.PARSE_COMPLETE_MSG)
+            return True
         if parse.name and self.backend is None:
             # A statement some backend already parsed needs no backend now: it is prepared
             # lazily where it is bound. This also spares a pooled backend for clients (like
@@ -571,6 +648,7 @@ class Session(asyncio.Protocol):
         if not parse.name:
             self.unnamed_effect = effect
             self.unnamed = (raw, database)
+            self.unnamed_routed = False
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
@@ -585,16 +663,21 @@ class Session(asyncio.Protocol):
             backend.send(m.parse(name, parse.query, parse.param_types))
         return True
 
-    def _prepared_on(self, client_name: bytes) -> tuple[ServerConnection | None, Prepared | None]:
+    def _prepared_on(self, client_name: bytes, bind: bytes | None = None
+                     ) -> tuple[ServerConnection | None, Prepared | None]:
         """The backend that runs a client's statement, with the statement prepared on it.
 
-        The statement is None for the unnamed one, which keeps its name on the backend.
+        The statement is None for the unnamed one, which keeps its name on the backend. A
+        statement whose shard key is a parameter runs where ``bind`` (the Bind's parameter
+        part) says; without one (Describe) on the shard its route named at Parse.
         """
         if not client_name:
             if self.unnamed is None:
                 raise ClientError("26000", "unnamed prepared statement does not exist",
                                   hint="send Parse before Bind")
             parse_raw, database = self.unnamed
+            if self.unnamed_routed and bind is not None:
+                database = self._bound_database(m.decode_parse(parse_raw[5:]).query, bind)
             backend = self._backend_for(database)
             if backend is not None and backend.unnamed_owner != self.unnamed_token:
                 backend.unnamed_owner = self.unnamed_token
@@ -606,7 +689,10 @@ class Session(asyncio.Protocol):
             name = client_name.decode(errors="replace")
             raise ClientError("26000", f'prepared statement "{name}" does not exist',
                               hint="send Parse for it first")
-        backend = self._backend_for(prepared.database)
+        database = prepared.database
+        if prepared.routed and bind is not None:
+            database = self._bound_database(prepared.query, bind)
+        backend = self._backend_for(database)
         if backend is not None and prepared.backend_name not in backend.prepared:
             backend.prepared.add(prepared.backend_name)
             backend.push(Expect(Answer.PARSE, Fate.DROP, statement=prepared.backend_name))
@@ -619,7 +705,7 @@ class Session(asyncio.Protocol):
         name_end = raw.find(0, portal_end + 1) if portal_end >= 0 else -1
         if name_end < 0:
             raise ProtocolViolation("invalid Bind message: unterminated string")
-        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end])
+        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end], raw[name_end + 1:])
         if backend is None:
             return False
         effect = self.unnamed_effect if prepared is None else prepared.effect
@@ -667,6 +753,18 @@ class Session(asyncio.Protocol):
         else:
             self._write(m.CLOSE_COMPLETE_MSG)
         return True
+
+    def _bound_database(self, sql: str, bind: bytes) -> str:
+        formats, values = m.bind_parameters(bind)
+        return _one_database(self._route(sql, Params(values, formats)))
+
+    def _made_up(self, reply: bytes) -> None:
+        """An answer pgfleet gives in place of a backend's, after what the backend still owes."""
+        backend = self.backend
+        if backend is not None and backend.expects:
+            backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=reply))
+        else:
+            self._write(reply)
 
     # ------------------------------------------------------------------ backends
 
@@ -860,7 +958,8 @@ class Session(asyncio.Protocol):
                 if self.pending is None:
                     self.pending = []
                     self.pending_errors = backend.errors
-                self.pending.extend(stmt.settings)
+                self.pending.extend(c for c in stmt.settings
+                                    if c.name is None or not c.name.startswith("pgfleet."))
                 self.pending_opaque = self.pending_opaque or stmt.opaque_settings
 
     def _settle(self, server: ServerConnection) -> None:
@@ -1045,3 +1144,27 @@ LOGIN = {
     (State.SASL_RESPONSE, m.PASSWORD): Session._sasl_response,
     (State.PASSWORD, m.PASSWORD): Session._password,
 }
+
+
+def _one_database(route: Route) -> str:
+    """The database of a route that runs on one; several are refused until pgfleet can run them."""
+    target = route.target
+    if isinstance(target, Direct):
+        return target.database
+    what = "a read that needs merging from" if route.fanout else "a statement on"
+    raise ClientError("0A000", f"{what} several databases ({', '.join(target.databases)}: {route.reason}) "
+                      "is not supported by this version of pgfleet",
+                      hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
+
+
+def _first(route: Route) -> str:
+    target = route.target
+    return target.database if isinstance(target, Direct) else target.databases[0]
+
+
+def _no_fleet_settings(effect: Analysis | None) -> None:
+    """SET pgfleet.* is answered by pgfleet in the simple protocol only."""
+    if effect is not None and any(stmt.fleet_settings for stmt in effect.statements):
+        raise ClientError("0A000", "SET pgfleet.* is supported in the simple query protocol only",
+                          hint="send it as a plain query (psql, or execute() without parameters), "
+                               "or use a /* pgfleet: ... */ comment")

@@ -37,10 +37,7 @@ def parse_options(options: str) -> dict[str, str]:
                 raise ProtocolViolation('invalid startup option "-c": expected -c name=value')
             item = words[i + 1]
             i += 2
-        elif word.startswith("-c"):
-            item = word[2:]
-            i += 1
-        elif word.startswith("--"):
+        elif word.startswith("-c") or word.startswith("--"):
             item = word[2:]
             i += 1
         else:

@@ -17,7 +17,7 @@ the statement can touch satisfies it, so the shards of its values hold them all.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -36,15 +36,31 @@ class Occurrence:
 
     table: str
     values: tuple[KeyValue, ...] | None  # None: not bound, every shard may hold its rows
+    level: int = field(default=0, compare=False)  # which query level; co-location is per level
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """How the sharded tables of one statement sit together."""
+
+    occurrences: tuple[Occurrence, ...]
+    colocated: bool  # one query level, all joined to each other on their shard keys
 
 
 def occurrences(stmt: dict[str, Any], sharded: Mapping[str, str]) -> list[Occurrence]:
     """Every occurrence of a sharded table in one statement (``{"SelectStmt": {...}}``)."""
+    return list(placement(stmt, sharded).occurrences)
+
+
+def placement(stmt: dict[str, Any], sharded: Mapping[str, str]) -> Placement:
     found: list[Occurrence] = []
-    for level in _levels(stmt):
+    levels = 0
+    colocated = True
+    for number, level in enumerate(_levels(stmt)):
         tables = list(_tables_of(level, sharded))
         if not tables:
             continue
+        levels += 1
         conjuncts = list(_conjuncts(level.get("whereClause")))
         for join in _joins(level):
             conjuncts.extend(_conjuncts(join.get("quals")))
@@ -56,8 +72,80 @@ def occurrences(stmt: dict[str, Any], sharded: Mapping[str, str]) -> list[Occurr
                 values = _binding(conjunct, column, alias, table, single)
                 if values is not None:
                     break
-            found.append(Occurrence(table, values))
-    return found
+            found.append(Occurrence(table, values, number))
+        # Co-location holds through outer joins too: their ON still pairs equal keys.
+        pairs = list(conjuncts)
+        for join in _joins(level, outer=True):
+            pairs.extend(_conjuncts(join.get("quals")))
+        if len(tables) > 1 and not _joined_on_keys(tables, pairs, sharded):
+            colocated = False
+    return Placement(tuple(found), colocated and levels <= 1)
+
+
+def _joined_on_keys(tables: list[tuple[str, str | None]], conjuncts: list[dict[str, Any]],
+                    sharded: Mapping[str, str]) -> bool:
+    """Whether ``a.key = b.key`` conjuncts connect every sharded table of a level."""
+    names = [alias or table for table, alias in tables]
+    group = {name: name for name in names}
+
+    def root(name: str) -> str:
+        while group[name] != name:
+            name = group[name]
+        return name
+
+    by_name = {alias or table: table for table, alias in tables}
+    for conjunct in conjuncts:
+        a_expr = conjunct.get("A_Expr")
+        if a_expr is None or a_expr.get("kind") != "AEXPR_OP" or \
+                [n.get("String", {}).get("sval") for n in a_expr.get("name", ())] != ["="]:
+            continue
+        sides = []
+        for node in (a_expr.get("lexpr"), a_expr.get("rexpr")):
+            fields = [f.get("String", {}).get("sval") for f in node.get("ColumnRef", {}).get("fields", ())] \
+                if isinstance(node, dict) else []
+            if len(fields) >= 2 and fields[-2] in by_name and fields[-1] == sharded[by_name[fields[-2]]]:
+                sides.append(fields[-2])
+        if len(sides) == 2:
+            group[root(sides[0])] = root(sides[1])
+    return len({root(name) for name in names}) == 1
+
+
+@dataclass(frozen=True, slots=True)
+class InsertKeys:
+    """The shard-key value of each row an INSERT ... VALUES writes into a sharded table."""
+
+    table: str
+    rows: tuple[KeyValue | None, ...] | None  # None: not VALUES (INSERT ... SELECT, DEFAULT VALUES)
+    values_lists: int = 0
+
+
+def insert_keys(body: dict[str, Any], sharded: Mapping[str, str]) -> InsertKeys | None:
+    """For ``InsertStmt`` bodies into a sharded table; None for any other table."""
+    table = body.get("relation", {}).get("relname")
+    if table not in sharded:
+        return None
+    columns = [target.get("ResTarget", {}).get("name") for target in body.get("cols", ())]
+    select = body.get("selectStmt", {}).get("SelectStmt")
+    lists = select.get("valuesLists") if isinstance(select, dict) else None
+    if not lists or any(key in select for key in ("withClause", "sortClause", "limitCount")):
+        return InsertKeys(table, None)
+    if sharded[table] not in columns:
+        return InsertKeys(table, tuple(None for _ in lists), len(lists))
+    index = columns.index(sharded[table])
+    rows = []
+    for row in lists:
+        items = row.get("List", {}).get("items", ())
+        rows.append(_value(items[index]) if index < len(items) else None)
+    return InsertKeys(table, tuple(rows), len(lists))
+
+
+def updates_key(body: dict[str, Any], sharded: Mapping[str, str]) -> bool:
+    """Whether an ``UpdateStmt`` body assigns the shard key of its (sharded) table."""
+    table = body.get("relation", {}).get("relname")
+    if table not in sharded:
+        return False
+    return any(target.get("ResTarget", {}).get("name") == sharded[table]
+               for target in body.get("targetList", ()))
 
 
 _LEVELS = ("SelectStmt", "UpdateStmt", "DeleteStmt")
@@ -96,13 +184,13 @@ def _tables_of(level: dict[str, Any], sharded: Mapping[str, str]) -> Iterator[tu
             stack.extend((item["JoinExpr"].get("larg"), item["JoinExpr"].get("rarg")))
 
 
-def _joins(level: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _joins(level: dict[str, Any], outer: bool = False) -> Iterator[dict[str, Any]]:
     stack = list(level.get("fromClause", ()))
     while stack:
         item = stack.pop()
         if isinstance(item, dict) and "JoinExpr" in item:
             join = item["JoinExpr"]
-            if join.get("jointype", "JOIN_INNER") == "JOIN_INNER":  # an outer join's ON does not filter
+            if outer or join.get("jointype", "JOIN_INNER") == "JOIN_INNER":  # an outer ON filters nothing
                 yield join
             stack.extend((join.get("larg"), join.get("rarg")))
 

@@ -9,12 +9,16 @@ route; that is ``router.router``'s job.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
+from . import keybind
 from .keybind import const_text
-from .route import LIST_QUOTE, Analysis, Kind, Relation, SettingChange, Statement
+from .route import HINT_NAMES, LIST_QUOTE, Analysis, Hints, Kind, Relation, SettingChange, Statement
 
 _READ = {"SelectStmt": "SELECT", "ExplainStmt": "EXPLAIN", "VariableShowStmt": "SHOW",
          "FetchStmt": "FETCH", "ClosePortalStmt": "CLOSE CURSOR", "DeclareCursorStmt": "DECLARE CURSOR"}
@@ -27,25 +31,76 @@ _READ_ONLY_GUCS = {"default_transaction_read_only", "transaction_read_only"}
 _CATALOG_SCHEMAS = {"pg_catalog", "information_schema"}
 
 
-def analyze(sql: str) -> Analysis:
+_NO_SHARDS: Mapping[str, str] = {}
+# A leading comment /* pgfleet: name=value ... */ (after blanks or other leading comments' ends).
+_HINT = re.compile(r"\A\s*/\*\s*pgfleet\s*:(.*?)\*/", re.DOTALL)
+_HINT_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^']|'')*'|[^\s']+)\s*")
+
+
+def analyze(sql: str, sharded: Mapping[str, str] = _NO_SHARDS) -> Analysis:
+    """The analysis of one query string; ``sharded`` maps sharded tables to their key column."""
     try:
         tree = json.loads(parse_sql_json(sql))
     except ParseError as exc:
         return Analysis((), syntax_error=str(exc))
-    stmts = tuple(_statement(raw["stmt"]) for raw in tree.get("stmts", ()) if "stmt" in raw)
-    return Analysis(stmts)
+    stmts = tuple(_statement(raw["stmt"], sharded) for raw in tree.get("stmts", ()) if "stmt" in raw)
+    hints, hint_error = _hints(sql) if "pgfleet" in sql else (None, None)
+    return Analysis(stmts, hints=hints, hint_error=hint_error)
 
 
-def _statement(node: dict[str, Any]) -> Statement:
+def _hints(sql: str) -> tuple[Hints | None, str | None]:
+    found = _HINT.match(sql)
+    if found is None:
+        return None, None
+    text = found.group(1)
+    values: dict[str, str] = {}
+    pos = 0
+    while pos < len(text.rstrip()):
+        pair = _HINT_PAIR.match(text, pos)
+        if pair is None:
+            return None, f"cannot read the pgfleet hint {text.strip()!r}: write name=value pairs"
+        name, value = pair.group(1).lower(), pair.group(2)
+        if value.startswith("'"):
+            value = value[1:-1].replace("''", "'")
+        if name not in HINT_NAMES:
+            return None, f"unknown pgfleet hint {name!r}: use {', '.join(HINT_NAMES)}"
+        values[name] = value
+        pos = pair.end()
+    try:
+        return hints_from(values), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def hints_from(values: Mapping[str, str]) -> Hints:
+    """Hints from name=value text (a comment's pairs, or the session's pgfleet.* settings)."""
+    shard = values.get("shard")
+    if shard is not None and not shard.strip().isdigit():
+        raise ValueError(f"pgfleet hint shard={shard!r} must be a shard number (0, 1, ...)")
+    databases = values.get("databases")
+    return Hints(shard_key=values.get("shard_key"), shard=int(shard) if shard is not None else None,
+                 database=values.get("database"),
+                 databases=tuple(d.strip() for d in databases.split(",") if d.strip())
+                 if databases is not None else None)
+
+
+def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
     stmt = _classify(node)
     (tag, body), = node.items()
     changes, opaque = _setting_changes(tag, body)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
+    if sharded and stmt.kind is not Kind.SESSION and stmt.kind is not Kind.TRANSACTION \
+            and any(r.name in sharded for r in stmt.relations):
+        placement = keybind.placement(node, sharded)
+        insert = keybind.insert_keys(body, sharded) if tag == "InsertStmt" else None
+        moves = tag == "UpdateStmt" and keybind.updates_key(body, sharded)
+        stmt = replace(stmt, placement=placement, insert=insert, moves_rows=moves)
     if not (changes or opaque or rollback):
         return stmt
     violation = stmt.read_only_violation or opaque or any(
         change.name is None or change.name in _READ_ONLY_GUCS for change in changes)
-    return Statement(stmt.kind, stmt.command, stmt.relations, violation, changes, opaque, rollback)
+    return replace(stmt, read_only_violation=violation, settings=changes, opaque_settings=opaque,
+                   rollback=rollback)
 
 
 def _classify(node: dict[str, Any]) -> Statement:

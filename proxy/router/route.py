@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from .keybind import InsertKeys, Placement
+
 
 class Kind(enum.Enum):
     """What a statement does, as far as routing and key policy care."""
@@ -62,6 +64,50 @@ class Statement:
     settings: tuple[SettingChange, ...] = ()  # session-level SET/RESET/set_config() it makes
     opaque_settings: bool = False      # it changes settings in a way pgfleet cannot replay
     rollback: bool = False             # ROLLBACK / ABORT: the transaction's SETs are undone
+    placement: Placement | None = None  # the sharded tables it reads or writes, and their keys
+    insert: InsertKeys | None = None   # INSERT into a sharded table: each row's key
+    moves_rows: bool = False           # UPDATE that assigns a shard key
+
+    @property
+    def fleet_settings(self) -> tuple[SettingChange, ...]:
+        """SET/RESET of pgfleet.* (hints for the session): pgfleet's own, never a backend's."""
+        return tuple(c for c in self.settings if c.name is not None and c.name.startswith("pgfleet."))
+
+
+HINT_NAMES = ("shard_key", "shard", "database", "databases")
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """Where a server key asks a statement to go (a leading comment or SET pgfleet.*)."""
+
+    shard_key: str | None = None
+    shard: int | None = None
+    database: str | None = None
+    databases: tuple[str, ...] | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.shard_key, self.shard, self.database, self.databases))
+
+    def describe(self) -> str:
+        parts = [f"{name}={getattr(self, name) if name != 'databases' else ','.join(self.databases or ())}"
+                 for name in HINT_NAMES if getattr(self, name) is not None]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """A Bind's parameter values and format codes, as the client sent them."""
+
+    values: tuple[bytes | None, ...]
+    formats: tuple[int, ...] = ()
+
+    def format_of(self, index: int) -> int:
+        if not self.formats:
+            return 0
+        if len(self.formats) == 1:
+            return self.formats[0]
+        return self.formats[index] if index < len(self.formats) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +116,20 @@ class Analysis:
 
     statements: tuple[Statement, ...]
     syntax_error: str | None = None
+    hints: Hints | None = None       # from a leading /* pgfleet: ... */ comment
+    hint_error: str | None = None    # a pgfleet comment that could not be read
+
+    @property
+    def needs_params(self) -> bool:
+        """Whether a shard key is bound to a parameter: the route is known only at Bind."""
+        for stmt in self.statements:
+            if stmt.placement is not None and any(
+                    v.param is not None for o in stmt.placement.occurrences for v in (o.values or ())):
+                return True
+            if stmt.insert is not None and any(v is not None and v.param is not None
+                                               for v in (stmt.insert.rows or ())):
+                return True
+        return False
 
     @property
     def touches_settings(self) -> bool:
@@ -96,7 +156,9 @@ class Multi:
 
 @dataclass(frozen=True, slots=True)
 class All:
-    pass
+    """Every shard (a statement on a sharded or reference table without a bound key)."""
+
+    databases: tuple[str, ...] = ()
 
 
 Target = Direct | Multi | All
@@ -111,3 +173,9 @@ class Route:
     # True when no table decided the database (COMMIT, SET, SELECT 1, catalogs): inside a
     # transaction such a statement runs where the transaction already is.
     anywhere: bool = False
+    # A shard key is bound to a parameter and none was given: ``target`` is only where the
+    # statement can be parsed and described (any shard); Bind decides where it runs.
+    needs_params: bool = False
+    fanout: bool = False  # a read of several databases whose rows must be merged into one result
+    # INSERT ... VALUES into a sharded table: which shard each row goes to (row index order).
+    row_shards: tuple[str, ...] | None = None

@@ -1,19 +1,27 @@
-"""Routing decisions: ``Router.route(sql, session) -> Route``, in DESIGN's order.
+"""Routing decisions: ``Router.route(sql, ctx, hints, params) -> Route``, in DESIGN's order.
 
-Owns the routing order (direct database, key binding, table map, default database), the
-allow-list and read-only checks, and the statement-analysis cache keyed by exact statement
-text. It returns values or raises ``ClientError``; it never does I/O.
+Owns the routing order (direct database, key binding, hints, tables, default database), the
+allow-list and read-only checks, the shard of each bound shard-key value, and the
+statement-analysis cache keyed by exact statement text. It returns values or raises
+``ClientError``; it never does I/O. The analysis of a text is cached; the route is then a
+cheap function of it, the Bind values, the key and the session's hints.
 """
 
 from __future__ import annotations
 
+import struct
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..auth.keys import ApiKey, Role
 from ..config import Config
 from ..errors import ClientError
+from ..wire.messages import counted_values
+from .keybind import KeyValue
 from .parse import analyze, is_catalog
-from .route import Analysis, Direct, Kind, Route
+from .route import All, Analysis, Direct, Hints, Kind, Multi, Params, Route, Statement, Target
+from .shard import binary_key_value, key_value, shard_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,15 +33,38 @@ class SessionContext:
 
 
 class Router:
-    def __init__(self, config: Config, cache_size: int = 10000) -> None:
+    def __init__(self, config: Config, cache_size: int | None = None) -> None:
         self.config = config
         self.default = config.default
         self.tables = dict(config.tables)
-        self.sharded = set(config.sharding.tables) | set(config.sharding.reference_tables)
-        self.cache: dict[str, Analysis] = {}
-        self.cache_size = cache_size
+        sharding = config.sharding
+        self.shards: tuple[str, ...] = tuple(sharding.shards)
+        self.function = sharding.function
+        self.sharded: dict[str, str] = dict(sharding.tables) if self.shards else {}
+        self.reference = frozenset(sharding.reference_tables) if self.shards else frozenset()
+        # The shard key's type per sharded table: pinned in config, else learned from the catalog.
+        self.key_types: dict[str, str] = {t: _type_name(v) for t, v in sharding.types.items()}
+        self.cache: OrderedDict[str, Analysis] = OrderedDict()
+        self.cache_size = cache_size if cache_size is not None else config.router.plan_cache_size
         self.hits = 0
         self.misses = 0
+
+    def learn_types(self, types: dict[str, str]) -> list[str]:
+        """Shard-key types read off the first shard's catalog; config's sharding.types win.
+
+        Returns the problems (a type that cannot be a shard key), one line each.
+        """
+        problems = []
+        for table, type_name in types.items():
+            try:
+                self.key_types.setdefault(table, _type_name(type_name))
+            except ValueError as exc:
+                problems.append(f"{table}.{self.sharded.get(table, '?')}: {exc}")
+        return problems
+
+    @property
+    def unknown_types(self) -> list[str]:
+        return [table for table in self.sharded if table not in self.key_types]
 
     # -- the fixed part of a session's routing, decided once at connect time
 
@@ -46,11 +77,25 @@ class Router:
             return ctx.database
         if ctx.key.role is Role.CLIENT:
             return self.default
-        if ctx.key.role is Role.DATABASE and not self.config.sharding.shards:
-            return self.default
-        if not self.tables and not self.sharded:
-            return self.default
+        if ctx.key.role is Role.DATABASE:
+            return None if self.shards else self.default
+        if len(self.config.databases) == 1:
+            return self.default  # hints could name no other database
         return None
+
+    def home_database(self, ctx: SessionContext) -> str:
+        """Where a session's first backend comes from (to check its startup settings)."""
+        fixed = self.fixed_database(ctx)
+        if fixed is not None:
+            return fixed
+        if ctx.key.role is Role.DATABASE and ctx.key.binding is not None:
+            try:
+                return self.shards[self._tenant_shard(ctx.key)]
+            except ClientError:  # the key type is not known yet: its statements will say so
+                return self.shards[0]
+        if ctx.key.may_use(self.default):
+            return self.default
+        return min(ctx.key.databases or (self.default,))
 
     def check_database(self, ctx: SessionContext, database: str) -> None:
         if not ctx.key.may_use(database):
@@ -60,28 +105,46 @@ class Router:
     # -- per statement
 
     def analysis(self, sql: str) -> Analysis:
-        found = self.cache.get(sql)
+        cache = self.cache
+        found = cache.get(sql)
         if found is not None:
             self.hits += 1
+            cache.move_to_end(sql)
             return found
         self.misses += 1
-        found = analyze(sql)
-        if len(self.cache) >= self.cache_size:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[sql] = found
+        found = analyze(sql, self.sharded)
+        cache[sql] = found
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
         return found
 
-    def route(self, sql: str, ctx: SessionContext) -> Route:
+    def route(self, sql: str, ctx: SessionContext, hints: Hints | None = None,
+              params: Params | None = None) -> Route:
         fixed = self.fixed_database(ctx)
         if fixed is not None and not ctx.key.read_only:
             return Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
-        analysis = self.analysis(sql)
+        return self.route_analysis(self.analysis(sql), ctx, hints, params)
+
+    def route_analysis(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None = None,
+                       params: Params | None = None) -> Route:
+        fixed = self.fixed_database(ctx)
+        if analysis.hint_error is not None and fixed is None:
+            raise ClientError("42601", analysis.hint_error,
+                              hint="e.g. /* pgfleet: shard_key=42 */ or /* pgfleet: database=analytics */")
         if ctx.key.read_only:
             self._check_read_only(analysis, ctx)
-        database, reason = (fixed, _why_fixed(ctx, fixed)) if fixed is not None else self._by_tables(analysis)
-        self.check_database(ctx, database)
-        return Route(Direct(database), write=analysis.writes is not None, reason=reason,
-                     anywhere=reason is _NO_TABLE)
+        write = analysis.writes is not None
+        if fixed is not None:
+            route = Route(Direct(fixed), write, _why_fixed(ctx, fixed))
+        elif ctx.key.role is Role.DATABASE:
+            route = self._tenant(analysis, ctx, hints, params, write)
+        elif analysis.hints or hints:
+            route = self._hinted(analysis, analysis.hints or hints, write)  # type: ignore[arg-type]
+        else:
+            route = self._by_tables(analysis, write, params)
+        for database in _databases(route.target):
+            self.check_database(ctx, database)
+        return route
 
     def _check_read_only(self, analysis: Analysis, ctx: SessionContext) -> None:
         stmt = analysis.writes
@@ -89,28 +152,314 @@ class Router:
             raise ClientError("25006", f"key {ctx.key.id} is read-only: {stmt.command} is refused",
                               hint="use a key without read_only: true for writes")
 
-    def _by_tables(self, analysis: Analysis) -> tuple[str, str]:
-        placed: dict[str, list[str]] = {}
+    # -- hints (server and admin keys)
+
+    def _hinted(self, analysis: Analysis, hints: Hints, write: bool) -> Route:
+        how = f"hint {hints.describe()}"
+        if hints.database is not None:
+            if hints.database not in self.config.databases:
+                raise ClientError("3D000", f'{how}: database "{hints.database}" does not exist',
+                                  hint=f"databases: {', '.join(self.config.databases)}")
+            return Route(Direct(hints.database), write, how)
+        if hints.databases is not None:
+            unknown = [d for d in hints.databases if d not in self.config.databases]
+            if unknown or not hints.databases:
+                raise ClientError("3D000", f"{how}: no such database {', '.join(unknown) or '(none)'}",
+                                  hint=f"databases: {', '.join(self.config.databases)}")
+            databases = tuple(dict.fromkeys(hints.databases))
+            target: Target = Direct(databases[0]) if len(databases) == 1 else Multi(databases)
+            return Route(target, write, how, fanout=len(databases) > 1 and not write)
+        self._need_shards(how)
+        if hints.shard is not None:
+            if not 0 <= hints.shard < len(self.shards):
+                raise ClientError("22023", f"{how}: there are {len(self.shards)} shards, numbered "
+                                  f"0 to {len(self.shards) - 1}", hint=f"shards: {', '.join(self.shards)}")
+            return Route(Direct(self.shards[hints.shard]), write, how)
+        assert hints.shard_key is not None
+        tables = [o.table for stmt in analysis.statements if stmt.placement is not None
+                  for o in stmt.placement.occurrences]
+        type_name = self._type_of(tables[0]) if tables else self._common_type()
+        value = key_value(hints.shard_key, type_name)
+        shard = self.shards[shard_of(value, type_name, len(self.shards), self.function)]
+        return Route(Direct(shard), write, f"{how} is on shard {shard}")
+
+    # -- database keys: one tenant, one shard
+
+    def _tenant_shard(self, key: ApiKey) -> int:
+        type_name = self._common_type()
+        return shard_of(key_value(str(key.binding), type_name), type_name, len(self.shards), self.function)
+
+    def _tenant(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None,
+                params: Params | None, write: bool) -> Route:
+        key = ctx.key
+        if key.binding is None:
+            raise ClientError("42501", f"key {key.id} (database) is bound to no shard-key value",
+                              hint="give the key user_id: or shard_key: in the config")
+        own = self.shards[self._tenant_shard(key)]
+        bound = f"key {key.id} is bound to {self._key_name()} {key.binding}"
+        if analysis.hints or hints:
+            raise ClientError("42501", f"{bound}: pgfleet hints are not allowed for it",
+                              hint="remove the /* pgfleet: ... */ comment or SET pgfleet.*")
+        needs_params = False
         for stmt in analysis.statements:
             if stmt.kind is Kind.TRANSACTION or stmt.kind is Kind.SESSION:
                 continue
             for relation in stmt.relations:
-                if is_catalog(relation):
+                if is_catalog(relation) or relation.name in self.sharded:
                     continue
-                database = self.tables.get(relation.qualified) or self.tables.get(relation.name)
-                if database is None and relation.name in self.sharded:
-                    raise ClientError("0A000", f"table {relation.name} is sharded and sharded routing is "
-                                      "not available in this version", hint="connect to a shard by name")
-                placed.setdefault(database or self.default, []).append(relation.qualified)
-        if not placed:
-            return self.default, _NO_TABLE
-        if len(placed) > 1:
-            parts = "; ".join(f"{', '.join(sorted(set(t)))} on {db}" for db, t in sorted(placed.items()))
-            raise ClientError("0A000", f"one statement cannot touch tables of two databases ({parts})",
-                              hint="split it into one statement per database; pgfleet does not join "
-                                   "across databases")
-        (database, tables), = placed.items()
-        return database, f"tables {', '.join(sorted(set(tables)))} are on {database}"
+                if relation.name in self.reference:
+                    if stmt.kind is not Kind.READ:
+                        raise ClientError("42501", f"{bound}: {stmt.command} on reference table "
+                                          f"{relation.name} would change every shard",
+                                          hint="write reference tables with a server key")
+                    continue
+                database = self._mapped(relation.qualified, relation.name) or self.default
+                if database != own:
+                    raise ClientError("42501", f"{bound}: table {relation.qualified} is on database "
+                                      f"{database}, not on its shard {own}",
+                                      hint="a database key reaches only its own shard")
+            if stmt.placement is None:
+                continue
+            if stmt.kind is Kind.DDL:
+                raise ClientError("42501", f"{bound}: {stmt.command} on a sharded table would change "
+                                  "every shard", hint="run DDL with a server key")
+            if stmt.moves_rows:
+                raise _moves_rows(stmt, self.sharded)
+            mine = key_value(str(key.binding), self._common_type())
+            keys: list[tuple[str, KeyValue | None]] = [(o.table, v) for o in stmt.placement.occurrences
+                                                       for v in (o.values or (None,))]
+            if stmt.insert is not None:
+                keys.extend((stmt.insert.table, v) for v in (stmt.insert.rows or (None,)))
+            for table, value in keys:
+                if value is None:
+                    raise ClientError("42501", f"{bound}: this {stmt.command} on {table} does not "
+                                      f"name {self.sharded[table]}, so it would reach other tenants' rows",
+                                      hint=f"add WHERE {self.sharded[table]} = {key.binding}")
+                if value.param is not None and params is None:
+                    needs_params = True
+                    continue
+                for given in self._values(table, value, params):
+                    if given != mine:
+                        raise ClientError("42501", f"{bound}: {stmt.command} on {table} names "
+                                          f"{self.sharded[table]} {given}", hint="a database key reaches "
+                                          "only its own rows")
+        return Route(Direct(own), write, f"{bound}, on shard {own}", needs_params=needs_params)
+
+    # -- tables
+
+    def _mapped(self, qualified: str, name: str) -> str | None:
+        return self.tables.get(qualified) or self.tables.get(name)
+
+    def _by_tables(self, analysis: Analysis, write: bool, params: Params | None) -> Route:
+        places: list[tuple[tuple[str, ...], str]] = []
+        needs_params = False
+        row_shards: tuple[str, ...] | None = None
+        fanout_read = False
+        for stmt in analysis.statements:
+            if stmt.kind is Kind.TRANSACTION or stmt.kind is Kind.SESSION:
+                continue
+            placed = self._statement(stmt, params)
+            if placed is None:
+                continue
+            databases, reason, pending, rows = placed
+            needs_params = needs_params or pending
+            row_shards = rows if rows is not None else row_shards
+            fanout_read = fanout_read or (len(databases) > 1 and stmt.kind is Kind.READ)
+            places.append((databases, reason))
+        if not places:
+            return Route(Direct(self.default), write, _NO_TABLE, anywhere=True)
+        first = places[0][0]
+        for databases, reason in places[1:]:
+            if databases != first:
+                raise ClientError("0A000", "the statements of one query string go to different places "
+                                  f"({places[0][1]}; {reason})",
+                                  hint="send them as separate queries")
+        reason = places[0][1]
+        target: Target
+        if len(first) == 1:
+            target = Direct(first[0])
+        elif self.shards and first == self.shards:
+            target = All(self.shards)
+        else:
+            target = Multi(first)
+        return Route(target, write, reason, needs_params=needs_params and len(places) >= 1,
+                     fanout=fanout_read and not isinstance(target, Direct), row_shards=row_shards)
+
+    def _statement(self, stmt: Statement, params: Params | None
+                   ) -> tuple[tuple[str, ...], str, bool, tuple[str, ...] | None] | None:
+        """(databases, reason, needs params, row shards) of one statement; None: no table."""
+        mapped: dict[str, list[str]] = {}
+        reference: list[str] = []
+        sharded_names: list[str] = []
+        for relation in stmt.relations:
+            if is_catalog(relation):
+                continue
+            if relation.name in self.sharded:
+                sharded_names.append(relation.name)
+            elif relation.name in self.reference:
+                reference.append(relation.name)
+            else:
+                database = self._mapped(relation.qualified, relation.name) or self.default
+                mapped.setdefault(database, []).append(relation.qualified)
+        if not (mapped or reference or sharded_names):
+            return None
+        shards: tuple[str, ...] | None = None  # None: any shard will do
+        reason = ""
+        pending = False
+        rows: tuple[str, ...] | None = None
+        if sharded_names:
+            self._need_types(sharded_names)
+            if stmt.moves_rows:
+                raise _moves_rows(stmt, self.sharded)
+            if stmt.kind is Kind.DDL:
+                shards, reason = self.shards, f"DDL on sharded table {_names(sharded_names)} runs on every shard"
+            else:
+                shards, reason, pending, rows = self._sharded(stmt, params)
+        if reference and stmt.kind is not Kind.READ:
+            shards = self.shards
+            reason = (f"{stmt.command} on reference table {_names(reference)} runs on every shard")
+        elif reference and shards is None:
+            reason = f"reference table {_names(reference)} is read from one shard"
+        if mapped:
+            database = next(iter(mapped))
+            together = not (sharded_names or reference) or (
+                database in self.shards and (shards is None or set(shards) == {database}))
+            if len(mapped) > 1 or not together:
+                parts = [f"{', '.join(sorted(set(t)))} on {db}" for db, t in sorted(mapped.items())]
+                if sharded_names or reference:
+                    parts.append(f"{_names(sharded_names + reference)} on the shards")
+                raise ClientError("0A000", f"one statement cannot touch tables of two databases "
+                                  f"({'; '.join(parts)})",
+                                  hint="split it into one statement per database; pgfleet does not join "
+                                       "across databases")
+            tables = mapped[database]
+            return (database,), f"tables {', '.join(sorted(set(tables)))} are on {database}", pending, rows
+        if shards is None:
+            shards = self.shards[:1]
+        return shards, reason, pending, rows
+
+    def _sharded(self, stmt: Statement, params: Params | None
+                 ) -> tuple[tuple[str, ...], str, bool, tuple[str, ...] | None]:
+        """The shards a statement on sharded tables must run on."""
+        if stmt.insert is not None:
+            insert = stmt.insert
+            column = self.sharded[insert.table]
+            if insert.rows is None:
+                raise ClientError("0A000", f"INSERT ... SELECT into sharded table {insert.table} is not "
+                                  "supported: pgfleet cannot tell which shard each row belongs to",
+                                  hint=f"insert VALUES rows, or add /* pgfleet: shard_key=... */ when "
+                                       f"every row has the same {column}")
+            if any(row is None for row in insert.rows):
+                raise ClientError("0A000", f"INSERT into sharded table {insert.table} must give its shard "
+                                  f"key {column} in every row (as a constant or a parameter)",
+                                  hint=f"add {column} to the column list and to each VALUES row")
+            if params is None and any(row is not None and row.param is not None for row in insert.rows):
+                return self.shards[:1], f"INSERT into {insert.table}: shards by parameter", True, None
+            row_shards = tuple(self._one_shard(insert.table, row, params) for row in insert.rows if row)
+            shards = tuple(s for s in self.shards if s in row_shards)
+            reason = (f"INSERT into {insert.table}: {column} of its rows on "
+                      f"{'shard ' if len(shards) == 1 else 'shards '}{', '.join(shards)}")
+            return shards, reason, False, row_shards
+        placement = stmt.placement
+        assert placement is not None
+        tables = [o.table for o in placement.occurrences]
+        bound = [o for o in placement.occurrences if o.values is not None]
+        if params is None and any(v.param is not None for o in bound for v in o.values or ()):
+            return self.shards[:1], f"{_names(tables)}: shard by parameter", True, None
+        sets = [(o, self._shards_of(o.table, o.values or (), params)) for o in bound]
+        if len(placement.occurrences) > 1:
+            if placement.colocated:
+                if sets:  # joined on their keys: any one binding pins them all
+                    occurrence, found = min(sets, key=lambda item: len(item[1]))
+                    return (found, f"{_names(tables)} joined on the shard key, "
+                            f"{self.sharded[occurrence.table]} on {', '.join(found)}", False, None)
+                return (self.shards, f"{_names(tables)} joined on the shard key, no key bound: every shard",
+                        False, None)
+            places = {s for _, found in sets for s in found}
+            if len(bound) == len(placement.occurrences) and len(places) == 1:
+                return (tuple(places), f"{_names(tables)} all bound to shard {next(iter(places))}", False, None)
+            first, second = sorted(set(tables))[:2] if len(set(tables)) > 1 else (tables[0], tables[0])
+            raise ClientError("0A000", f"cross-shard join of {first} and {second} is not supported: join on "
+                              f"the shard key {self.sharded[first]}, or add a pgfleet hint",
+                              hint=f"e.g. ... ON {first}.{self.sharded[first]} = {second}.{self.sharded[second]}, "
+                                   f"or /* pgfleet: shard_key=... */")
+        if not sets:
+            verb = "reads" if stmt.kind is Kind.READ else "runs on"
+            return (self.shards, f"{tables[0]} with no {self.sharded[tables[0]]} bound {verb} every shard",
+                    False, None)
+        (occurrence, found), = sets
+        return (found, f"{occurrence.table}.{self.sharded[occurrence.table]} is on "
+                f"{'shard ' if len(found) == 1 else 'shards '}{', '.join(found)}", False, None)
+
+    # -- shard-key values
+
+    def _need_shards(self, how: str) -> None:
+        if not self.shards:
+            raise ClientError("0A000", f"{how}: this fleet has no shards", hint="configure sharding.shards")
+
+    def _need_types(self, tables: list[str]) -> None:
+        for table in tables:
+            if table not in self.key_types:
+                raise ClientError("55000", f"the type of shard key {table}.{self.sharded[table]} is not "
+                                  f"known yet (pgfleet reads it from shard {self.shards[0]}'s catalog)",
+                                  hint=f"check that {self.shards[0]} is up and has table {table}, or set "
+                                       f"sharding.types.{table} in the config")
+
+    def _type_of(self, table: str) -> str:
+        self._need_types([table])
+        return self.key_types[table]
+
+    def _common_type(self) -> str:
+        types = {self.key_types[t] for t in self.sharded if t in self.key_types}
+        if len(types) == 1:
+            return types.pop()
+        if not types:
+            self._need_types(list(self.sharded))
+        return self.key_types[next(t for t in self.sharded if t in self.key_types)]
+
+    def _key_name(self) -> str:
+        return next(iter(self.sharded.values()), "shard key")
+
+    def _values(self, table: str, value: KeyValue, params: Params | None) -> list[int | str | uuid.UUID]:
+        """The shard-key values one KeyValue stands for (NULLs match no row, so none)."""
+        type_name = self._type_of(table)
+        if value.text is not None:
+            return [key_value(value.text, type_name)]
+        assert value.param is not None
+        index = value.param - 1
+        if params is None or not 0 <= index < len(params.values):
+            raise ClientError("08P01", f"bind message supplies {len(params.values) if params else 0} "
+                              f"parameters, but the shard key of {table} is ${value.param}")
+        data = params.values[index]
+        if data is None:
+            return []
+        binary = params.format_of(index) == 1
+        if value.array:
+            items = _binary_array(data) if binary else _text_array(data)
+            return [binary_key_value(i, type_name) if binary else key_value(i.decode(), type_name)
+                    for i in items if i is not None]
+        if binary:
+            return [binary_key_value(data, type_name)]
+        return [key_value(data.decode(errors="replace"), type_name)]
+
+    def _shards_of(self, table: str, values: tuple[KeyValue, ...], params: Params | None) -> tuple[str, ...]:
+        type_name = self._type_of(table)
+        found = set()
+        for value in values:
+            for item in self._values(table, value, params):
+                found.add(shard_of(item, type_name, len(self.shards), self.function))
+        if not found:  # only NULLs: no row matches, one shard answers that correctly
+            found.add(0)
+        return tuple(self.shards[i] for i in sorted(found))
+
+    def _one_shard(self, table: str, value: KeyValue, params: Params | None) -> str:
+        shards = self._shards_of(table, (value,), params)
+        items = self._values(table, value, params)
+        if not items:
+            raise ClientError("23502", f'null value in column "{self.sharded[table]}" of sharded table '
+                              f'"{table}": a row without its shard key has no shard',
+                              hint=f"give every row a {self.sharded[table]}")
+        return shards[0]
 
 
 _NO_TABLE = "no mapped table: default database"
@@ -122,3 +471,80 @@ def _why_fixed(ctx: SessionContext, database: str) -> str:
     if ctx.key.role is Role.CLIENT:
         return "client keys use the default database"
     return f"{database} is the default database"
+
+
+def _databases(target: Target) -> tuple[str, ...]:
+    if isinstance(target, Direct):
+        return (target.database,)
+    return target.databases
+
+
+def _names(tables: list[str]) -> str:
+    return ", ".join(sorted(set(tables)))
+
+
+def _moves_rows(stmt: Statement, sharded: dict[str, str]) -> ClientError:
+    table = next(o.table for o in stmt.placement.occurrences) if stmt.placement else "?"
+    return ClientError("0A000", f"UPDATE of {table}.{sharded.get(table, '?')} is not supported: changing "
+                       "the shard key would move the row to another shard",
+                       hint="DELETE the row and INSERT it with the new key")
+
+
+_TYPE_NAMES = {"smallint": "int2", "integer": "int4", "int": "int4", "bigint": "int8",
+               "character varying": "varchar", "text": "text", "uuid": "uuid", "int2": "int2",
+               "int4": "int4", "int8": "int8", "varchar": "varchar", "serial": "int4", "bigserial": "int8"}
+
+
+def _type_name(name: str) -> str:
+    """A type as the catalog (format_type) or a config spells it -> the shard functions' name."""
+    base = name.strip().lower().split("(")[0].strip()
+    found = _TYPE_NAMES.get(base)
+    if found is None:
+        raise ValueError(f"shard keys of type {name} are not supported (int2, int4, int8, text, "
+                         "varchar, uuid)")
+    return found
+
+
+def _text_array(data: bytes) -> list[bytes | None]:
+    """A one-dimensional array in text form ({1,2,"x y"}) -> its elements."""
+    text = data.decode(errors="replace").strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        raise ClientError("22P02", f'malformed array literal: "{text[:40]}"',
+                          hint='an array parameter looks like {1,2,3}')
+    items: list[bytes | None] = []
+    body = text[1:-1]
+    pos = 0
+    while pos < len(body):
+        if body[pos] == '"':
+            end = pos + 1
+            out = []
+            while end < len(body) and body[end] != '"':
+                if body[end] == "\\" and end + 1 < len(body):
+                    end += 1
+                out.append(body[end])
+                end += 1
+            items.append("".join(out).encode())
+            pos = end + 2  # past the quote and the comma
+        else:
+            end = body.find(",", pos)
+            end = len(body) if end < 0 else end
+            item = body[pos:end].strip()
+            items.append(None if item.upper() == "NULL" else item.encode())
+            pos = end + 1
+    return items
+
+
+_I32 = struct.Struct("!i")
+
+
+def _binary_array(data: bytes) -> list[bytes | None]:
+    """A one-dimensional array in binary form (array_send) -> its elements."""
+    try:
+        ndim = _I32.unpack_from(data, 0)[0]
+        if ndim == 0:
+            return []
+        if ndim != 1:
+            raise ClientError("0A000", "a shard-key array parameter must have one dimension")
+        return counted_values(data, 20, _I32.unpack_from(data, 12)[0])[0]
+    except struct.error:
+        raise ClientError("22P03", "incorrect binary data format in a shard-key array parameter") from None

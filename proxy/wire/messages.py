@@ -218,6 +218,39 @@ def decode_bind(body: bytes) -> Bind:
     return Bind(portal, statement, body[pos:])
 
 
+def counted_values(data: bytes, pos: int, count: int) -> tuple[list[bytes | None], int]:
+    """``count`` values, each an Int32 length (-1: NULL) then its bytes, as Bind and arrays
+    carry them; and the position after them. Raises ``struct.error`` past the end."""
+    values: list[bytes | None] = []
+    for _ in range(count):
+        length = _I32.unpack_from(data, pos)[0]
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if pos + length > len(data):
+            raise struct.error("a value runs past the end")
+        values.append(data[pos:pos + length])
+        pos += length
+    return values, pos
+
+
+def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
+    """A Bind's parameter format codes and values (``rest`` is what follows the two names)."""
+    try:
+        nformats = _I16.unpack_from(rest, 0)[0]
+        pos = 2
+        formats = struct.unpack_from(f"!{nformats}h", rest, pos) if nformats > 0 else ()
+        pos += 2 * nformats
+        count = _I16.unpack_from(rest, pos)[0]
+        values, _ = counted_values(rest, pos + 2, count)
+    except struct.error:
+        raise ProtocolViolation("invalid Bind message: parameters run past its end") from None
+    if nformats < 0 or count < 0 or (nformats > 1 and nformats != count):
+        raise ProtocolViolation(f"bind message has {nformats} parameter formats but {count} parameters")
+    return tuple(formats), tuple(values)
+
+
 def decode_target(body: bytes, what: str) -> tuple[int, str]:
     """Describe and Close: ``(b'S' or b'P' as int, name)``."""
     if len(body) < 2:

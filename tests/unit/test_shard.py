@@ -142,7 +142,13 @@ def test_binary_parameters() -> None:
     assert shard.binary_key_value((70000).to_bytes(4, "big", signed=True), "int4") == 70000
     u = uuid.uuid4()
     assert shard.binary_key_value(u.bytes, "uuid") == u
-    for data, type_name in ((b"\0\0\0\1", "int8"), (b"\0" * 15, "uuid")):
+    # The client declares a parameter's type: an int4 for a bigint key reads as that integer.
+    assert shard.binary_key_value(b"\0\0\0\1", "int8") == 1
+    assert shard.binary_key_value(b"\xff\xfe", "int8") == -2
+    for data, type_name in ((b"\0\0\1", "int8"), (b"\0" * 15, "uuid")):
         with pytest.raises(ClientError) as err:
             shard.binary_key_value(data, type_name)
         assert err.value.sqlstate == "22P03"
+    with pytest.raises(ClientError) as err:  # an int8 value too big for an int4 key
+        shard.binary_key_value((1 << 40).to_bytes(8, "big", signed=True), "int4")
+    assert err.value.sqlstate == "22003"

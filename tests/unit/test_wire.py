@@ -323,3 +323,19 @@ def test_decode_fields_tolerates_what_a_server_may_send() -> None:
     assert m.decode_fields(b"\x00") == {}
     # Non-UTF-8 text is replaced, not raised: a backend's message must never crash pgfleet.
     assert m.decode_fields(b"SERROR\x00M\xff\x00\x00") == {"S": "ERROR", "M": "\ufffd"}
+
+
+def test_bind_parameters_reads_formats_values_and_nulls() -> None:
+    rest = struct.pack("!hh", 1, 1) + struct.pack("!h", 2) + struct.pack("!i", 2) + b"42" + struct.pack("!i", -1)
+    assert m.bind_parameters(rest + b"\0\0") == ((1,), (b"42", None))
+
+
+@pytest.mark.parametrize("rest", [
+    b"",                                                          # no format count
+    struct.pack("!hh", 0, 1) + struct.pack("!i", 10) + b"abc",    # a value past the end
+    struct.pack("!hhh", 2, 0, 0) + struct.pack("!h", 3),          # two formats, three values
+    struct.pack("!h", -1),                                        # a negative count
+])
+def test_bind_parameters_refuses_malformed_parameter_parts(rest: bytes) -> None:
+    with pytest.raises(ProtocolViolation):
+        m.bind_parameters(rest)
