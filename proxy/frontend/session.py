@@ -47,11 +47,12 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
-from ..router.parse import hints_from
+from ..router.parse import hints_from, split_insert
 from ..router.route import HINT_NAMES, Analysis, Direct, Hints, Kind, Params, Route, SettingChange
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
+from .scatter import Scatter, ScatterError
 from .startup import DIRTY, session_settings, set_statement
 
 log = logging.getLogger("pgfleet.session")
@@ -486,7 +487,10 @@ class Session(asyncio.Protocol):
             analysis = self.fleet.router.analysis(sql)
             if analysis.touches_settings and self._fleet_settings(analysis):
                 return True
-            database = self._route_database(sql)
+            route = self._route(sql)
+            if not isinstance(route.target, Direct):
+                return self._scatter(sql, route, analysis)
+            database = route.target.database
             effect = analysis if analysis.touches_settings else None
         backend = self._backend_for(database)
         if backend is None:
@@ -753,6 +757,45 @@ class Session(asyncio.Protocol):
         else:
             self._write(m.CLOSE_COMPLETE_MSG)
         return True
+
+    def _scatter(self, sql: str, route: Route, analysis: Analysis) -> bool:
+        """A simple query for several databases: run it on all of them, answer once."""
+        target = route.target
+        assert not isinstance(target, Direct)
+        if route.fanout or not route.write:
+            shape = next((s.shape for s in analysis.statements if s.shape), "SELECT")
+            raise ClientError("0A000", f"{shape} across {', '.join(target.databases)} ({route.reason}) "
+                              "needs a federated SELECT, which this version of pgfleet does not run",
+                              hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
+        if self.tx_status != _I or (self.backend is not None and self._engaged(self.backend)):
+            raise ClientError("0A000", f"a statement on several databases ({', '.join(target.databases)}) "
+                              "cannot run inside a transaction block",
+                              hint="run it outside BEGIN ... COMMIT (it then commits on all or none "
+                                   "of them), or bind the shard key")
+        if analysis.touches_settings:
+            raise ClientError("0A000", "a query string for several databases cannot also change settings",
+                              hint="send SET separately")
+        if self.backend is not None:
+            self._detach(self.backend)  # parked here: not needed, and a scatter may need it
+        if route.row_shards is not None:
+            texts = split_insert(sql, route.row_shards)
+            statements = {db: m.query(texts[db]) for db in target.databases}
+        else:
+            statements = {db: m.query(sql) for db in target.databases}
+        self._wait_for(self._run_scatter(statements, route.replicated))
+        return True
+
+    async def _run_scatter(self, statements: dict[str, bytes], replicated: bool) -> None:
+        try:
+            answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated)
+        except ScatterError as exc:
+            error = exc.raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            self._write(error + m.ready_for_query(_I))
+            return
+        except ProxyError as exc:
+            self._write(m.error_response(exc.sqlstate, exc.message, hint=exc.hint) + m.ready_for_query(_I))
+            return
+        self._write(answer + m.ready_for_query(_I))
 
     def _bound_database(self, sql: str, bind: bytes) -> str:
         formats, values = m.bind_parameters(bind)

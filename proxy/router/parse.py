@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from pglast import parse_sql
 from pglast.parser import ParseError, parse_sql_json
+from pglast.stream import RawStream
 
 from . import keybind
 from .keybind import const_text
@@ -94,7 +96,8 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
         placement = keybind.placement(node, sharded)
         insert = keybind.insert_keys(body, sharded) if tag == "InsertStmt" else None
         moves = tag == "UpdateStmt" and keybind.updates_key(body, sharded)
-        stmt = replace(stmt, placement=placement, insert=insert, moves_rows=moves)
+        shape = _shape(body) if tag == "SelectStmt" else ""
+        stmt = replace(stmt, placement=placement, insert=insert, moves_rows=moves, shape=shape)
     if not (changes or opaque or rollback):
         return stmt
     violation = stmt.read_only_violation or opaque or any(
@@ -271,3 +274,59 @@ def is_catalog(relation: Relation) -> bool:
     if relation.schema is not None:
         return relation.schema in _CATALOG_SCHEMAS
     return relation.name.startswith("pg_")
+
+
+def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
+    """An INSERT ... VALUES as one INSERT per place, each with its rows (in order).
+
+    ``row_places`` names the place of each VALUES row. ON CONFLICT and RETURNING are kept.
+    Rare (a multi-row INSERT that spans shards), so it uses pglast's AST and deparser.
+    """
+    (raw,) = parse_sql(sql)
+    insert = raw.stmt
+    rows = insert.selectStmt.valuesLists
+    out: dict[str, str] = {}
+    for place in dict.fromkeys(row_places):
+        insert.selectStmt.valuesLists = tuple(row for row, p in zip(rows, row_places) if p == place)
+        out[place] = RawStream()(raw)
+    insert.selectStmt.valuesLists = rows
+    return out
+
+
+_AGGREGATES = {"count", "sum", "min", "max", "avg", "bool_and", "bool_or", "every", "array_agg",
+               "string_agg", "json_agg", "jsonb_agg", "stddev", "variance", "percentile_cont",
+               "percentile_disc", "mode"}
+
+
+def _shape(body: dict[str, Any]) -> str:
+    """A SELECT in a few words: its aggregates, GROUP BY, ORDER BY, LIMIT, DISTINCT, windows."""
+    parts = []
+    calls = []
+    stack: list[Any] = list(body.get("targetList", ()))
+    windows = False
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            call = node.get("FuncCall")
+            if isinstance(call, dict):
+                name = call.get("funcname", [{}])[-1].get("String", {}).get("sval", "")
+                if "over" in call:
+                    windows = True
+                elif name in _AGGREGATES:
+                    calls.append(f"{name}({'DISTINCT ' if call.get('agg_distinct') else ''}"
+                                 f"{'*' if call.get('agg_star') else '...'})")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    if calls:
+        parts.append(", ".join(sorted(set(calls))))
+    if windows:
+        parts.append("window functions")
+    for key, words in (("groupClause", "GROUP BY"), ("havingClause", "HAVING"), ("distinctClause", "DISTINCT"),
+                       ("sortClause", "ORDER BY"), ("limitCount", "LIMIT"), ("limitOffset", "OFFSET")):
+        if key in body:
+            parts.append(words)
+    if not parts:
+        return "a plain SELECT"
+    head, rest = (parts[0], parts[1:]) if calls else ("", parts)
+    return "SELECT" + (f" {head}" if head else "") + (f" with {', '.join(rest)}" if rest else "")

@@ -67,6 +67,7 @@ class Statement:
     placement: Placement | None = None  # the sharded tables it reads or writes, and their keys
     insert: InsertKeys | None = None   # INSERT into a sharded table: each row's key
     moves_rows: bool = False           # UPDATE that assigns a shard key
+    shape: str = ""                    # a SELECT's shape in words ("count(*) with GROUP BY"), for refusals
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:
@@ -179,3 +180,5 @@ class Route:
     fanout: bool = False  # a read of several databases whose rows must be merged into one result
     # INSERT ... VALUES into a sharded table: which shard each row goes to (row index order).
     row_shards: tuple[str, ...] | None = None
+    # A write of reference tables only: every shard holds a copy, so the count is one shard's.
+    replicated: bool = False

@@ -282,8 +282,10 @@ class Router:
             target = All(self.shards)
         else:
             target = Multi(first)
+        replicated = all(r.endswith(_REPLICATED) for _, r in places)
         return Route(target, write, reason, needs_params=needs_params and len(places) >= 1,
-                     fanout=fanout_read and not isinstance(target, Direct), row_shards=row_shards)
+                     fanout=fanout_read and not isinstance(target, Direct), row_shards=row_shards,
+                     replicated=replicated and not isinstance(target, Direct))
 
     def _statement(self, stmt: Statement, params: Params | None
                    ) -> tuple[tuple[str, ...], str, bool, tuple[str, ...] | None] | None:
@@ -317,7 +319,8 @@ class Router:
                 shards, reason, pending, rows = self._sharded(stmt, params)
         if reference and stmt.kind is not Kind.READ:
             shards = self.shards
-            reason = (f"{stmt.command} on reference table {_names(reference)} runs on every shard")
+            reason = (f"{stmt.command} on reference table {_names(reference)} runs on every shard"
+                      + ("" if sharded_names else _REPLICATED))
         elif reference and shards is None:
             reason = f"reference table {_names(reference)} is read from one shard"
         if mapped:
@@ -463,6 +466,7 @@ class Router:
 
 
 _NO_TABLE = "no mapped table: default database"
+_REPLICATED = " (one copy each)"
 
 
 def _why_fixed(ctx: SessionContext, database: str) -> str:

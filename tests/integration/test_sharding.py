@@ -237,3 +237,79 @@ def test_set_pgfleet_in_the_extended_protocol_is_refused_not_ignored(sharded: Fl
             conn.execute("set pgfleet.shard_key = '3'", prepare=True)
         assert "simple query protocol" in str(err.value)
         assert conn.execute("select current_database()").fetchone() == ("shard_a",)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-fleet writes: every shard, one answer, all or nothing
+
+
+def counts(clusters: dict[str, tuple[Cluster, str]], sql: str) -> dict[str, int]:
+    return {name: rows[0][0] for name, rows in rows_on(clusters, sql).items()}
+
+
+def test_a_multi_row_insert_is_split_by_shard_and_counted_once(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    ids = list(range(300, 310))
+    values = ", ".join(f"({i}, 'split')" for i in ids)
+    out = sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing")
+    assert out.stdout.strip() == "INSERT 0 10"
+    placed = rows_on(clusters, "select user_id from users where name = 'split'")
+    for name in SHARDS:
+        assert sorted(r[0] for r in placed[name]) == [i for i in ids if owner(i) == name]
+    out = sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing returning user_id")
+    assert out.stdout.strip() == "INSERT 0 0"
+
+
+def test_update_and_delete_without_a_key_run_on_every_shard_with_counts_summed(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    ids = list(range(400, 412))
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        for i in ids:
+            conn.execute("insert into accounts (user_id, balance) values (%s, 10)", (i,))
+        cur = conn.execute("update accounts set balance = balance + 1 where user_id between 400 and 411")
+        assert cur.rowcount == len(ids)
+        assert cur.statusmessage == f"UPDATE {len(ids)}"
+        cur = conn.execute("update accounts set balance = 0 where user_id between 400 and 405 returning user_id")
+        assert sorted(r[0] for r in cur.fetchall()) == ids[:6]
+    assert sum(counts(clusters, "select count(*) from accounts where balance = 11").values()) == 6
+    out = sharded.psql("delete from accounts where user_id between 400 and 411")
+    assert out.stdout.strip() == f"DELETE {len(ids)}"
+    assert counts(clusters, "select count(*) from accounts where user_id between 400 and 411") == \
+        {name: 0 for name in SHARDS}
+
+
+def test_ddl_and_reference_writes_run_on_every_shard(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    assert sharded.psql("create index if not exists users_name on users (name)").stdout.strip() == "CREATE INDEX"
+    assert counts(clusters, "select count(*) from pg_indexes where indexname = 'users_name'") == \
+        {name: 1 for name in SHARDS}
+    assert sharded.psql("insert into currencies values ('JPY', 'Yen')").stdout.strip() == "INSERT 0 1"
+    assert counts(clusters, "select count(*) from currencies where code = 'JPY'") == {name: 1 for name in SHARDS}
+    assert sharded.psql("update currencies set name = 'Japanese yen' where code = 'JPY'").stdout.strip() == \
+        "UPDATE 1"  # one row of one table, however many copies the fleet keeps
+    assert sharded.psql("delete from currencies where code = 'JPY'").stdout.strip() == "DELETE 1"
+
+
+def test_a_failure_on_one_shard_rolls_back_every_shard(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    taken = next(i for i in range(100, 140) if owner(i) == "secondary")  # exists already
+    fresh = next(i for i in range(500, 600) if owner(i) == "primary")
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation):  # the backend's own error, as it sent it
+            conn.execute(f"insert into users (user_id, name) values ({fresh}, 'new'), ({taken}, 'dup')")
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert counts(clusters, f"select count(*) from users where user_id = {fresh}") == {name: 0 for name in SHARDS}
+
+
+def test_whole_fleet_writes_are_refused_inside_a_transaction(sharded: Fleet) -> None:
+    with psycopg.connect(sharded.dsn()) as conn:
+        conn.execute("select * from users where user_id = 100")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("update accounts set balance = 0")
+        assert "transaction block" in str(err.value)
+        conn.rollback()
+
+
+def test_fan_out_reads_are_refused_naming_their_shape(sharded: Fleet) -> None:
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("select name, count(*) from users group by name order by 2 desc limit 3")
+        assert "SELECT count(*) with GROUP BY, ORDER BY, LIMIT" in str(err.value)

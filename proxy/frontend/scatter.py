@@ -1,0 +1,276 @@
+"""One write on several databases at once (whole-fleet UPDATE/DELETE, DDL, reference tables,
+an INSERT split by shard), answered to the client as one statement.
+
+Each database gets its own backend from its pool, in shard order (so two scatters can never
+wait on each other), and runs ``BEGIN`` then its statement. When every one has answered,
+all COMMIT if none failed, else all ROLLBACK and the client gets the first error. The
+answers are combined as one database would give them: one RowDescription (they must agree),
+every DataRow, and row counts summed into one command tag. Without two-phase commit the
+COMMITs are not atomic together; a COMMIT that fails after another succeeded is logged as an
+error naming both (DESIGN "Transactions": two_phase_commit closes that gap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import struct
+
+from ..backend.connection import ServerConnection
+from ..backend.expect import FORWARD_QUERY
+from ..backend.pool import Pool
+from ..errors import BackendError, ProxyError
+from ..wire import messages as m
+from .startup import set_statement
+
+log = logging.getLogger("pgfleet.scatter")
+
+_COUNTED = re.compile(rb"^(INSERT 0|UPDATE|DELETE|MERGE|SELECT|COPY) (\d+)$")
+_U32 = struct.Struct("!I")
+
+
+class ScatterError(ProxyError):
+    """The combined statement failed; ``raw`` is the ErrorResponse to send, as a backend sent it."""
+
+    def __init__(self, sqlstate: str, message: str, raw: bytes | None = None, hint: str | None = None) -> None:
+        super().__init__(sqlstate, message, hint=hint)
+        self.raw = raw
+
+
+class _Leg:
+    """One database's part: its backend and the bytes it answered."""
+
+    def __init__(self, database: str, pool: Pool, server: ServerConnection) -> None:
+        self.database = database
+        self.pool = pool
+        self.server = server
+        self.answer = bytearray()
+        self.lost: BackendError | None = None
+
+
+class Scatter:
+    """A ``Link`` for several backends at once, driven by ``run``."""
+
+    def __init__(self) -> None:
+        self.legs: dict[ServerConnection, _Leg] = {}
+        self.waiting = 0
+        self.done: asyncio.Future[None] | None = None
+
+    # -- Link
+
+    def write(self, data: bytes) -> None:
+        pass  # answers are read per backend through _Leg.answer (see _collector)
+
+    def backend_idle(self, server: ServerConnection) -> None:
+        self._arrived()
+
+    def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
+        leg = self.legs.get(server)
+        if leg is not None and leg.lost is None:
+            leg.lost = error
+            self._arrived()
+
+    def parameter_changed(self, name: str, value: str) -> None:
+        pass
+
+    def give_back(self, server: ServerConnection) -> bool:
+        return False
+
+    def _arrived(self) -> None:
+        self.waiting -= 1
+        if self.waiting <= 0 and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    # -- running
+
+    async def run(self, pools: dict[str, Pool], statements: dict[str, bytes],
+                  settings: dict[str, str], replicated: bool = False) -> bytes:
+        """Run ``statements`` ({database: Query message}) and return the client's answer bytes.
+
+        Each backend first takes the client's session ``settings``. Raises ``ProxyError``
+        (``ScatterError`` with the backend's own ErrorResponse when a database refused).
+        """
+        prelude: dict[str, list[bytes]] = {}
+        try:
+            for database in statements:
+                pool = pools[database]
+                server = await pool.acquire()
+                self.legs[server] = _Leg(database, pool, server)
+                server.attach(self)
+                server.write_client = self._collector(self.legs[server])
+                replay = set_statement(settings, server.settings) if server.settings != settings else None
+                server.settings = settings
+                if replay is not None:
+                    prelude[database] = [m.query(replay)]
+            skip = {leg.database: len(prelude.get(leg.database, ())) + 1 for leg in self.legs.values()}
+            await self._round({leg.database: [*prelude.get(leg.database, ()), m.query("BEGIN"),
+                                              statements[leg.database]] for leg in self.legs.values()})
+            answers = {leg.database: _responses(bytes(leg.answer))[skip[leg.database]:]
+                       for leg in self.legs.values()}
+            failed = self._first_failure(answers)
+            for leg in self.legs.values():
+                leg.answer.clear()
+            if failed is not None:
+                await self._round({leg.database: [m.query("ROLLBACK")] for leg in self.legs.values()
+                                   if leg.lost is None})
+                raise failed
+            await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
+            self._check_commits()
+            return _combine(answers, replicated)
+        finally:
+            for leg in self.legs.values():
+                if leg.lost is not None or leg.server.closed:
+                    leg.pool.discard(leg.server)
+                elif leg.server.busy or leg.server.tx_status != 73:
+                    leg.pool.discard(leg.server)  # never hand on a backend in an unknown state
+                else:
+                    leg.pool.release(leg.server)
+
+    def _collector(self, leg: _Leg):  # type: ignore[no-untyped-def]
+        return leg.answer.extend
+
+    async def _round(self, queries: dict[str, list[bytes]]) -> None:
+        self.done = asyncio.get_running_loop().create_future()
+        self.waiting = 0
+        for leg in self.legs.values():
+            sent = queries.get(leg.database)
+            if not sent or leg.lost is not None:
+                continue
+            self.waiting += 1
+            for query in sent:
+                leg.server.push(FORWARD_QUERY)
+                leg.server.send(query)
+            leg.server.flush()
+        if self.waiting:
+            await self.done
+
+    def _first_failure(self, answers: dict[str, list[list[tuple[int, bytes]]]]) -> ProxyError | None:
+        for leg in self.legs.values():
+            if leg.lost is not None:
+                return leg.lost
+            for response in answers[leg.database]:
+                for kind, body in response:
+                    if kind == m.ERROR_RESPONSE:
+                        fields = m.decode_fields(body)
+                        return ScatterError(fields.get("C", "XX000"), fields.get("M", ""),
+                                            raw=m.message(kind, body))
+        return None
+
+    def _check_commits(self) -> None:
+        committed = [leg.database for leg in self.legs.values() if leg.lost is None
+                     and m.ERROR_RESPONSE not in (k for r in _responses(bytes(leg.answer)) for k, _ in r)]
+        failed = [leg.database for leg in self.legs.values() if leg.database not in committed]
+        if failed:
+            log.error("a statement on %s committed on %s but not on %s: the databases disagree until "
+                      "it is repaired by hand", ", ".join(leg.database for leg in self.legs.values()),
+                      ", ".join(committed) or "none", ", ".join(failed))
+            raise ScatterError("40003", f"the statement committed on {', '.join(committed) or 'no database'} "
+                               f"but failed to commit on {', '.join(failed)}",
+                               hint="check those databases; enable two_phase_commit to make this atomic")
+
+
+def _responses(data: bytes) -> list[list[tuple[int, bytes]]]:
+    """A backend's answer bytes, split into one list of (kind, body) per ReadyForQuery."""
+    out: list[list[tuple[int, bytes]]] = []
+    current: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos + 5 <= len(data):
+        kind = data[pos]
+        end = pos + 1 + _U32.unpack_from(data, pos + 1)[0]
+        body = data[pos + 5:end]
+        pos = end
+        if kind == m.READY_FOR_QUERY:
+            out.append(current)
+            current = []
+        else:
+            current.append((kind, body))
+    return out
+
+
+def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool = False) -> bytes:
+    """Several databases' answers to the same statement(s) as one database's answer.
+
+    ``replicated``: each database holds a copy of the same rows (a reference table), so the
+    answer is one database's: its rows and its count, which the others must match.
+    """
+    legs = list(answers.values())
+    parts: list[bytes] = []
+    first = legs[0]
+    for index in range(len(first)):  # one per query message (a multi-statement string is one)
+        groups = [_groups(leg[index]) for leg in legs]
+        for number, group in enumerate(groups[0]):
+            description = group["T"]
+            tags = []
+            for other in groups:
+                if number >= len(other):
+                    raise ScatterError("XX000", "the databases answered the same statement differently")
+                if _columns(other[number]["T"]) != _columns(description):
+                    raise ScatterError("42804", "the databases returned different row descriptions for "
+                                       "the same statement", hint="check that their schemas agree")
+                tags.append(other[number]["C"])
+            if replicated and len({tag for tag in tags}) > 1:
+                log.warning("reference-table copies disagree: the same statement answered %s",
+                            ", ".join(body.rstrip(b"\0").decode(errors="replace") for _, body in tags))
+            parts.extend(m.message(m.NOTICE_RESPONSE, n) for g in groups[:1 if replicated else None]
+                         for n in g[number]["N"])
+            if description is not None:
+                parts.append(m.message(m.ROW_DESCRIPTION, description))
+                for other in groups[:1 if replicated else None]:
+                    parts.extend(m.message(m.DATA_ROW, row) for row in other[number]["D"])
+            parts.append(m.message(*tags[0]) if replicated else _sum_tags(tags))
+    return b"".join(parts)
+
+
+def _groups(response: list[tuple[int, bytes]]) -> list[dict]:  # type: ignore[type-arg]
+    """One statement's messages each: {"T": RowDescription body or None, "D": rows, "C": tag, "N": notices}."""
+    groups = []
+    current: dict = {"T": None, "D": [], "C": None, "N": []}  # type: ignore[type-arg]
+    for kind, body in response:
+        if kind == m.ROW_DESCRIPTION:
+            current["T"] = body
+        elif kind == m.DATA_ROW:
+            current["D"].append(body)
+        elif kind == m.NOTICE_RESPONSE:
+            current["N"].append(body)
+        elif kind in (m.COMMAND_COMPLETE, m.EMPTY_QUERY):
+            current["C"] = (kind, body)
+            groups.append(current)
+            current = {"T": None, "D": [], "C": None, "N": []}
+    return groups
+
+
+def _sum_tags(tags: list[tuple[int, bytes]]) -> bytes:
+    kind, body = tags[0]
+    if kind != m.COMMAND_COMPLETE:
+        return m.message(kind, body)
+    found = _COUNTED.match(body.rstrip(b"\0"))
+    if found is None:
+        return m.message(kind, body)  # DDL and the like: the same tag from every database
+    total = 0
+    for _, other in tags:
+        counted = _COUNTED.match(other.rstrip(b"\0"))
+        total += int(counted.group(2)) if counted else 0
+    return m.command_complete(f"{found.group(1).decode()} {total}")
+
+
+def _columns(description: bytes | None) -> list[tuple[bytes, bytes]] | None:
+    """A RowDescription's columns as (name, type oid + size + modifier + format).
+
+    The table OID and column number are left out: they differ between databases that hold
+    the same table. User-defined types get their own OIDs in each database too, so only
+    built-in type OIDs (below 16384) are compared exactly.
+    """
+    if description is None:
+        return None
+    count = struct.unpack_from("!h", description, 0)[0]
+    pos = 2
+    columns = []
+    for _ in range(count):
+        end = description.index(b"\0", pos)
+        name = description[pos:end]
+        fields = description[end + 7:end + 19]  # type oid, size, modifier, format
+        oid = struct.unpack_from("!I", fields, 0)[0]
+        columns.append((name, fields if oid < 16384 else fields[4:]))
+        pos = end + 19
+    return columns
