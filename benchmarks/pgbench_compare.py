@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import route_bench  # noqa: E402
 from proxy.embedded import Cluster, EmbeddedError, free_port, server_user
 
 HOST = "127.0.0.1"
@@ -717,6 +718,11 @@ def main(argv: list[str] | None = None) -> int:
 
         report = build_report(info, args.mode_list, args.client_list, runs, skipped,
                               pgfleet_log_problems(fleet_log))
+        say("measuring the router (benchmarks/route_bench.py) ...")
+        report += ("\n## Router cost per statement (benchmarks/route_bench.py)\n\n"
+                   "Parse on a plan-cache miss and route on a hit, best of 5, on a fleet where "
+                   "pgbench_accounts is sharded by aid (the hit hashes the Bind value).\n\n"
+                   + route_bench.markdown(route_bench.measure()) + "\n")
         args.output.mkdir(parents=True, exist_ok=True)
         stamp = started.strftime("%Y%m%d-%H%M")
         path = args.output / f"pgbench-{stamp}.md"

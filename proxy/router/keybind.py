@@ -52,11 +52,13 @@ def occurrences(stmt: dict[str, Any], sharded: Mapping[str, str]) -> list[Occurr
     return list(placement(stmt, sharded).occurrences)
 
 
-def placement(stmt: dict[str, Any], sharded: Mapping[str, str]) -> Placement:
+def placement(stmt: dict[str, Any], sharded: Mapping[str, str],
+              query_levels: list[dict[str, Any]] | None = None) -> Placement:
+    """``query_levels``: the statement's levels when the caller walked the tree already."""
     found: list[Occurrence] = []
     levels = 0
     colocated = True
-    for number, level in enumerate(_levels(stmt)):
+    for number, level in enumerate(query_levels if query_levels is not None else _levels(stmt)):
         tables = list(_tables_of(level, sharded))
         if not tables:
             continue
@@ -148,7 +150,7 @@ def updates_key(body: dict[str, Any], sharded: Mapping[str, str]) -> bool:
                for target in body.get("targetList", ()))
 
 
-_LEVELS = ("SelectStmt", "UpdateStmt", "DeleteStmt")
+LEVELS = ("SelectStmt", "UpdateStmt", "DeleteStmt")
 
 
 def _levels(node: Any) -> Iterator[dict[str, Any]]:
@@ -157,7 +159,7 @@ def _levels(node: Any) -> Iterator[dict[str, Any]]:
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            for tag in _LEVELS:
+            for tag in LEVELS:
                 if tag in item:
                     yield item[tag]
             stack.extend(item.values())

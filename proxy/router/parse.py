@@ -8,7 +8,7 @@ route; that is ``router.router``'s job.
 
 from __future__ import annotations
 
-import json
+import msgspec
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -34,6 +34,7 @@ _CATALOG_SCHEMAS = {"pg_catalog", "information_schema"}
 
 
 _NO_SHARDS: Mapping[str, str] = {}
+_decode = msgspec.json.Decoder().decode  # 2-3x json.loads on libpg_query's JSON
 # A leading comment /* pgfleet: name=value ... */ (after blanks or other leading comments' ends).
 _HINT = re.compile(r"\A\s*/\*\s*pgfleet\s*:(.*?)\*/", re.DOTALL)
 _HINT_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^']|'')*'|[^\s']+)\s*")
@@ -42,7 +43,7 @@ _HINT_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^']|'')*'|[^\s']+)\s*")
 def analyze(sql: str, sharded: Mapping[str, str] = _NO_SHARDS) -> Analysis:
     """The analysis of one query string; ``sharded`` maps sharded tables to their key column."""
     try:
-        tree = json.loads(parse_sql_json(sql))
+        tree = _decode(parse_sql_json(sql))
     except ParseError as exc:
         return Analysis((), syntax_error=str(exc))
     stmts = tuple(_statement(raw["stmt"], sharded) for raw in tree.get("stmts", ()) if "stmt" in raw)
@@ -87,13 +88,14 @@ def hints_from(values: Mapping[str, str]) -> Hints:
 
 
 def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
-    stmt = _classify(node)
+    relations, calls, levels = _scan(node)
+    stmt = _classify(node, relations)
     (tag, body), = node.items()
-    changes, opaque = _setting_changes(tag, body)
+    changes, opaque = _setting_changes(tag, body, calls)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
     if sharded and stmt.kind is not Kind.SESSION and stmt.kind is not Kind.TRANSACTION \
             and any(r.name in sharded for r in stmt.relations):
-        placement = keybind.placement(node, sharded)
+        placement = keybind.placement(node, sharded, levels)
         insert = keybind.insert_keys(body, sharded) if tag == "InsertStmt" else None
         moves = tag == "UpdateStmt" and keybind.updates_key(body, sharded)
         shape = _shape(body) if tag == "SelectStmt" else ""
@@ -106,9 +108,8 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
                    rollback=rollback)
 
 
-def _classify(node: dict[str, Any]) -> Statement:
+def _classify(node: dict[str, Any], relations: frozenset[Relation]) -> Statement:
     (tag, body), = node.items()
-    relations = frozenset(_relations(body))
     if tag == "SelectStmt":
         writes = "intoClause" in body or "lockingClause" in body or _modifying_cte(body)
         return Statement(Kind.WRITE if writes else Kind.READ, "SELECT", relations)
@@ -136,7 +137,8 @@ def _classify(node: dict[str, Any]) -> Statement:
     return Statement(Kind.OTHER, tag.removesuffix("Stmt").upper(), relations)
 
 
-def _setting_changes(tag: str, body: dict[str, Any]) -> tuple[tuple[SettingChange, ...], bool]:
+def _setting_changes(tag: str, body: dict[str, Any], calls: list[dict[str, Any]]
+                     ) -> tuple[tuple[SettingChange, ...], bool]:
     """The session-level setting changes of one statement, and whether any is opaque."""
     changes: list[SettingChange] = []
     opaque = False
@@ -156,7 +158,7 @@ def _setting_changes(tag: str, body: dict[str, Any]) -> tuple[tuple[SettingChang
             opaque = True  # SET x FROM CURRENT, SET SESSION CHARACTERISTICS AS TRANSACTION ...
     elif tag == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
         changes.append(SettingChange(None, None))
-    for call in _set_config_calls(body):
+    for call in calls:
         change = _set_config_change(call.get("args", ()))
         if change is None:
             opaque = True
@@ -183,23 +185,6 @@ def _quote_ident(name: str) -> str:
     plain = bool(name) and (name[0] == "_" or "a" <= name[0] <= "z") and all(
         ch == "_" or "a" <= ch <= "z" or "0" <= ch <= "9" for ch in name)
     return name if plain else '"' + name.replace('"', '""') + '"'
-
-
-def _set_config_calls(body: Any) -> list[dict[str, Any]]:
-    found = []
-    stack = [body]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            call = node.get("FuncCall")
-            if isinstance(call, dict):
-                names = [part.get("String", {}).get("sval") for part in call.get("funcname", ())]
-                if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
-                    found.append(call)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
 
 
 def _set_config_change(args: Any) -> SettingChange | None:
@@ -242,22 +227,35 @@ def _option_sets_read_write(option: dict[str, Any]) -> bool:
     return const.get("ival", {}).get("ival", 0) == 0
 
 
-def _relations(body: Any) -> list[Relation]:
-    """Every RangeVar under ``body`` except references to the statement's own CTEs."""
+def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One walk of a statement's tree: the relations it names (but its own CTEs), its
+    set_config() calls, and its query levels (SELECT/UPDATE/DELETE bodies, for keybind)."""
     found: list[Relation] = []
     ctes: set[str] = set()
-    stack = [body]
+    calls: list[dict[str, Any]] = []
+    levels: list[dict[str, Any]] = []
+    stack = [node]
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "relname" in node and "relpersistence" in node:
-                found.append(Relation(node["relname"], node.get("schemaname")))
-            elif "ctename" in node:
-                ctes.add(node["ctename"])
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return [r for r in found if r.schema is not None or r.name not in ctes]
+        item = stack.pop()
+        if type(item) is dict:
+            if "relname" in item and "relpersistence" in item:
+                found.append(Relation(item["relname"], item.get("schemaname")))
+            elif "ctename" in item:
+                ctes.add(item["ctename"])
+            else:
+                call = item.get("FuncCall")
+                if call is not None:
+                    names = [part.get("String", {}).get("sval") for part in call.get("funcname", ())]
+                    if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
+                        calls.append(call)
+                for tag in keybind.LEVELS:
+                    if tag in item:
+                        levels.append(item[tag])
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    relations = frozenset(r for r in found if r.schema is not None or r.name not in ctes)
+    return relations, calls, levels
 
 
 def _dropped(body: dict[str, Any]) -> list[Relation]:

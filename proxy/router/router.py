@@ -45,6 +45,8 @@ class Router:
         # The shard key's type per sharded table: pinned in config, else learned from the catalog.
         self.key_types: dict[str, str] = {t: _type_name(v) for t, v in sharding.types.items()}
         self.cache: OrderedDict[str, Analysis] = OrderedDict()
+        # Routes (or key plans) by (text, key id, database, hints), in insertion order.
+        self.routes: dict[tuple[object, ...], Route | _KeyPlan] = {}
         self.cache_size = cache_size if cache_size is not None else config.router.plan_cache_size
         self.hits = 0
         self.misses = 0
@@ -120,10 +122,72 @@ class Router:
 
     def route(self, sql: str, ctx: SessionContext, hints: Hints | None = None,
               params: Params | None = None) -> Route:
+        """The route of ``sql`` for this client; a repeated statement costs a dict lookup.
+
+        Routes that depend only on the text, the key and the hints are kept as they are;
+        those that depend on one shard-key parameter keep a plan that hashes it.
+        """
+        cache_key = (sql, ctx.key.id, ctx.database, hints)
+        found = self.routes.get(cache_key)
+        if found is not None:
+            self.hits += 1
+            if type(found) is Route:
+                return found
+            assert isinstance(found, _KeyPlan)
+            if params is None:
+                return found.unbound
+            route = found.route(params)
+            if route is not None:
+                return route
+            return self.route_analysis(self.analysis(sql), ctx, hints, params)
         fixed = self.fixed_database(ctx)
         if fixed is not None and not ctx.key.read_only:
-            return Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
-        return self.route_analysis(self.analysis(sql), ctx, hints, params)
+            route = Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
+            self._remember(cache_key, route)
+            return route
+        analysis = self.analysis(sql)
+        route = self.route_analysis(analysis, ctx, hints, None)
+        if not route.needs_params:
+            self._remember(cache_key, route)
+            return route
+        plan = self._key_plan(analysis, ctx, hints, route)
+        if plan is not None:
+            self._remember(cache_key, plan)
+        return route if params is None else self.route_analysis(analysis, ctx, hints, params)
+
+    def _remember(self, cache_key: tuple[object, ...], value: Route | _KeyPlan) -> None:
+        routes = self.routes
+        routes[cache_key] = value
+        if len(routes) > self.cache_size:
+            routes.pop(next(iter(routes)))
+
+    def _key_plan(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None,
+                  unbound: Route) -> _KeyPlan | None:
+        """The common parameter-routed statement: one table, its key = $n (or one VALUES row)."""
+        if ctx.key.role not in (Role.SERVER, Role.ADMIN) or hints or analysis.hints or ctx.key.read_only:
+            return None
+        if len(analysis.statements) != 1:
+            return None
+        stmt = analysis.statements[0]
+        values: tuple[KeyValue, ...] | None = None
+        table = ""
+        if stmt.insert is not None and stmt.insert.rows is not None and len(stmt.insert.rows) == 1:
+            table, values = stmt.insert.table, (stmt.insert.rows[0],) if stmt.insert.rows[0] else None
+        elif stmt.insert is None and stmt.placement is not None and len(stmt.placement.occurrences) == 1:
+            occurrence = stmt.placement.occurrences[0]
+            table, values = occurrence.table, occurrence.values
+        if values is None or len(values) != 1 or values[0].param is None or values[0].array:
+            return None
+        others = [r for r in stmt.relations if r.name != table and not is_catalog(r)]
+        if others or stmt.moves_rows or stmt.kind is Kind.DDL or table not in self.key_types:
+            return None
+        if not all(ctx.key.may_use(shard) for shard in self.shards):
+            return None
+        column = self.sharded[table]
+        routes = tuple(Route(Direct(shard), unbound.write, f"{table}.{column} is on shard {shard}")
+                       for shard in self.shards)
+        return _KeyPlan(values[0].param - 1, self.key_types[table], len(self.shards), self.function,
+                        routes, unbound)
 
     def route_analysis(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None = None,
                        params: Params | None = None) -> Route:
@@ -463,6 +527,34 @@ class Router:
                               f'"{table}": a row without its shard key has no shard',
                               hint=f"give every row a {self.sharded[table]}")
         return shards[0]
+
+
+class _KeyPlan:
+    """A cached route that waits for one parameter: hash it, pick the prebuilt shard route."""
+
+    __slots__ = ("index", "type_name", "shards", "function", "routes", "unbound")
+
+    def __init__(self, index: int, type_name: str, shards: int, function: str, routes: tuple[Route, ...],
+                 unbound: Route) -> None:
+        self.index = index
+        self.type_name = type_name
+        self.shards = shards
+        self.function = function
+        self.routes = routes
+        self.unbound = unbound
+
+    def route(self, params: Params) -> Route | None:
+        """The route for these Bind values; None: let the full router decide (and explain)."""
+        if self.index >= len(params.values):
+            return None
+        data = params.values[self.index]
+        if data is None:
+            return None
+        if params.format_of(self.index) == 1:
+            value = binary_key_value(data, self.type_name)
+        else:
+            value = key_value(data.decode(errors="replace"), self.type_name)
+        return self.routes[shard_of(value, self.type_name, self.shards, self.function)]
 
 
 _NO_TABLE = "no mapped table: default database"

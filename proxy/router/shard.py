@@ -15,6 +15,7 @@ as PostgreSQL would for a value that is not of that type.
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 
@@ -47,16 +48,19 @@ def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
 
 
 def _final(a: int, b: int, c: int) -> tuple[int, int, int]:
-    c ^= b; c = (c - _rot(b, 14)) & _M32
-    a ^= c; a = (a - _rot(c, 11)) & _M32
-    b ^= a; b = (b - _rot(a, 25)) & _M32
-    c ^= b; c = (c - _rot(b, 16)) & _M32
-    a ^= c; a = (a - _rot(c, 4)) & _M32
-    b ^= a; b = (b - _rot(a, 14)) & _M32
-    c ^= b; c = (c - _rot(b, 24)) & _M32
+    # _rot inlined: this runs once per routed shard key.
+    m = _M32
+    c ^= b; c = (c - (((b << 14) | (b >> 18)) & m)) & m
+    a ^= c; a = (a - (((c << 11) | (c >> 21)) & m)) & m
+    b ^= a; b = (b - (((a << 25) | (a >> 7)) & m)) & m
+    c ^= b; c = (c - (((b << 16) | (b >> 16)) & m)) & m
+    a ^= c; a = (a - (((c << 4) | (c >> 28)) & m)) & m
+    b ^= a; b = (b - (((a << 14) | (a >> 18)) & m)) & m
+    c ^= b; c = (c - (((b << 24) | (b >> 8)) & m)) & m
     return a, b, c
 
 
+@functools.lru_cache(maxsize=512)  # (length, seed): the partition seed is constant
 def _seeded(length: int, seed: int) -> tuple[int, int, int]:
     a = b = c = (0x9E3779B9 + length + 3923095) & _M32
     if seed:
