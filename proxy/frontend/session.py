@@ -257,7 +257,17 @@ class Session(asyncio.Protocol):
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
                     if expect is _NOT_VERBATIM and length > 5:  # shorter: _handle() refuses it
-                        if kind == _DESCRIBE and inbox[pos + 5] == 0x50:
+                        if kind == _QUERY:
+                            # A simple query on a decided database that sets nothing: as it came.
+                            if (self.unparsed is not None and self.pending is None
+                                    and inbox.find(0, pos + 5, end) == end - 1
+                                    and _MAYBE_SETTINGS.search(inbox, pos + 5, end) is None):
+                                backend.expects.append(FORWARD_QUERY)
+                                if run < 0:
+                                    run = pos
+                                pos = end
+                                continue
+                        elif kind == _DESCRIBE and inbox[pos + 5] == 0x50:
                             expect = FORWARD_DESCRIBE_PORTAL  # Describe of a portal: as it came
                         elif self.unparsed is not None and inbox[pos + 5] == 0:
                             # The unnamed statement on a decided database: no rewriting either.
@@ -1173,6 +1183,7 @@ _U32 = struct.Struct("!I").unpack_from
 _monotonic = time.monotonic
 _READY = State.READY
 _SYNC = m.SYNC
+_QUERY = m.QUERY
 _DESCRIBE = m.DESCRIBE
 _PARSE = m.PARSE
 _BIND = m.BIND
