@@ -229,33 +229,44 @@ def _option_sets_read_write(option: dict[str, Any]) -> bool:
 
 def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]]]:
     """One walk of a statement's tree: the relations it names (but its own CTEs), its
-    set_config() calls, and its query levels (SELECT/UPDATE/DELETE bodies, for keybind)."""
+    set_config() calls, and its query levels (SELECT/UPDATE/DELETE bodies, for keybind).
+
+    Decides by the key a child sits under, so each node costs one dict iteration; this is
+    most of a plan-cache miss.
+    """
     found: list[Relation] = []
     ctes: set[str] = set()
     calls: list[dict[str, Any]] = []
     levels: list[dict[str, Any]] = []
-    stack = [node]
+    stack: list[Any] = [node]
     while stack:
         item = stack.pop()
-        if type(item) is dict:
-            if "relname" in item and "relpersistence" in item:
-                found.append(Relation(item["relname"], item.get("schemaname")))
-            elif "ctename" in item:
-                ctes.add(item["ctename"])
-            else:
-                call = item.get("FuncCall")
-                if call is not None:
-                    names = [part.get("String", {}).get("sval") for part in call.get("funcname", ())]
-                    if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
-                        calls.append(call)
-                for tag in keybind.LEVELS:
-                    if tag in item:
-                        levels.append(item[tag])
-            stack.extend(item.values())
-        elif type(item) is list:
+        if type(item) is list:
             stack.extend(item)
+            continue
+        for key, value in item.items():
+            kind = type(value)
+            if kind is dict:
+                if "relpersistence" in value:  # a RangeVar's body, under any key
+                    found.append(Relation(value["relname"], value.get("schemaname")))
+                    continue  # its alias holds no relation
+                if key in _SCAN_KEYS:
+                    if key == "CommonTableExpr":
+                        ctes.add(value.get("ctename", ""))
+                    elif key == "FuncCall":
+                        names = [part.get("String", {}).get("sval") for part in value.get("funcname", ())]
+                        if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
+                            calls.append(value)
+                    else:
+                        levels.append(value)
+                stack.append(value)
+            elif kind is list:
+                stack.append(value)
     relations = frozenset(r for r in found if r.schema is not None or r.name not in ctes)
     return relations, calls, levels
+
+
+_SCAN_KEYS = frozenset({"CommonTableExpr", "FuncCall", *keybind.LEVELS})
 
 
 def _dropped(body: dict[str, Any]) -> list[Relation]:

@@ -21,7 +21,7 @@ from ..wire.messages import counted_values
 from .keybind import KeyValue
 from .parse import analyze, is_catalog
 from .route import All, Analysis, Direct, Hints, Kind, Multi, Params, Route, Statement, Target
-from .shard import binary_key_value, key_value, shard_of
+from .shard import binary_key_value, int_shard_of, key_value, shard_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,7 +532,7 @@ class Router:
 class _KeyPlan:
     """A cached route that waits for one parameter: hash it, pick the prebuilt shard route."""
 
-    __slots__ = ("index", "type_name", "shards", "function", "routes", "unbound")
+    __slots__ = ("index", "type_name", "shards", "function", "routes", "unbound", "fast_int")
 
     def __init__(self, index: int, type_name: str, shards: int, function: str, routes: tuple[Route, ...],
                  unbound: Route) -> None:
@@ -542,6 +542,7 @@ class _KeyPlan:
         self.function = function
         self.routes = routes
         self.unbound = unbound
+        self.fast_int = function == "hash" and type_name in ("int2", "int4", "int8")
 
     def route(self, params: Params) -> Route | None:
         """The route for these Bind values; None: let the full router decide (and explain)."""
@@ -550,6 +551,8 @@ class _KeyPlan:
         data = params.values[self.index]
         if data is None:
             return None
+        if self.fast_int and not params.formats and data.isdigit() and len(data) < 10:
+            return self.routes[int_shard_of(int(data), self.shards)]  # plain digits: always in range
         if params.format_of(self.index) == 1:
             value = binary_key_value(data, self.type_name)
         else:

@@ -152,3 +152,8 @@ def test_binary_parameters() -> None:
     with pytest.raises(ClientError) as err:  # an int8 value too big for an int4 key
         shard.binary_key_value((1 << 40).to_bytes(8, "big", signed=True), "int4")
     assert err.value.sqlstate == "22003"
+
+
+@given(st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1), st.integers(min_value=1, max_value=16))
+def test_the_inlined_int_shard_function_equals_shard_of(value: int, shards: int) -> None:
+    assert shard.int_shard_of(value, shards) == shard.shard_of(value, "int8", shards, "hash")
