@@ -60,7 +60,7 @@ class Scatter:
     # -- Link
 
     def write(self, data: bytes) -> None:
-        pass  # answers are read per backend through _Leg.answer (see _collector)
+        pass  # never called: run() points each backend's write_client at its leg's answer
 
     def backend_idle(self, server: ServerConnection) -> None:
         self._arrived()
@@ -98,7 +98,7 @@ class Scatter:
                 server = await pool.acquire()
                 self.legs[server] = _Leg(database, pool, server)
                 server.attach(self)
-                server.write_client = self._collector(self.legs[server])
+                server.write_client = self.legs[server].answer.extend  # each leg's answer apart
                 replay = set_statement(settings, server.settings) if server.settings != settings else None
                 server.settings = settings
                 if replay is not None:
@@ -126,9 +126,6 @@ class Scatter:
                     leg.pool.discard(leg.server)  # never hand on a backend in an unknown state
                 else:
                     leg.pool.release(leg.server)
-
-    def _collector(self, leg: _Leg):  # type: ignore[no-untyped-def]
-        return leg.answer.extend
 
     async def _round(self, queries: dict[str, list[bytes]]) -> None:
         self.done = asyncio.get_running_loop().create_future()
@@ -204,7 +201,8 @@ def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool
             tags = []
             for other in groups:
                 if number >= len(other):
-                    raise ScatterError("XX000", "the databases answered the same statement differently")
+                    raise ScatterError("XX000", "the databases answered the same statement differently",
+                                       hint="check that the shards have the same schema")
                 if _columns(other[number]["T"]) != _columns(description):
                     raise ScatterError("42804", "the databases returned different row descriptions for "
                                        "the same statement", hint="check that their schemas agree")

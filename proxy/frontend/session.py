@@ -126,7 +126,7 @@ class Session(asyncio.Protocol):
         # fleet-wide number that a backend holding exactly that Parse carries too.
         self.unnamed: tuple[bytes, str] | None = None
         self.unnamed_token = 0
-        self.unnamed_routed = False  # the unnamed statement's database is decided at Bind
+        self.unnamed_routed: str | None = None  # its text, when each Bind picks its database
         # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
         self.hint_values: dict[str, str] = {}
         self.hints: Hints | None = None
@@ -550,17 +550,8 @@ class Session(asyncio.Protocol):
         self.hints = hints or None
         tag = analysis.statements[0].command if analysis.statements[0].command != "SET" else (
             "RESET" if all(c.value is None for c in fleet) else "SET")
-        self._write_answer(m.command_complete(tag))
+        self._made_up(Answer.QUERY, m.command_complete(tag) + m.ready_for_query(self.tx_status))
         return True
-
-    def _write_answer(self, data: bytes) -> None:
-        """A whole answer to a simple query pgfleet gives itself, in its place in the stream."""
-        answer = data + m.ready_for_query(self.tx_status)
-        backend = self.backend
-        if backend is not None and backend.expects:
-            backend.push(Expect(Answer.QUERY, Fate.MADE_UP, reply=answer))
-        else:
-            self._write(answer)
 
     def _effect(self, raw: bytes, start: int) -> Analysis | None:
         """The analysis of a statement on a decided database, if it may change settings."""
@@ -642,9 +633,9 @@ class Session(asyncio.Protocol):
             else:
                 self.unnamed_effect = effect
                 self.unnamed = (raw, database)
-                self.unnamed_routed = True
+                self.unnamed_routed = parse.query
                 self.unnamed_token = self.fleet.next_token()
-            self._made_up(m.PARSE_COMPLETE_MSG)
+            self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
             return True
         if parse.name and self.backend is None:
             # A statement some backend already parsed needs no backend now: it is prepared
@@ -662,7 +653,7 @@ class Session(asyncio.Protocol):
         if not parse.name:
             self.unnamed_effect = effect
             self.unnamed = (raw, database)
-            self.unnamed_routed = False
+            self.unnamed_routed = None
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
@@ -690,8 +681,8 @@ class Session(asyncio.Protocol):
                 raise ClientError("26000", "unnamed prepared statement does not exist",
                                   hint="send Parse before Bind")
             parse_raw, database = self.unnamed
-            if self.unnamed_routed and bind is not None:
-                database = self._bound_database(m.decode_parse(parse_raw[5:]).query, bind)
+            if self.unnamed_routed is not None and bind is not None:
+                database = self._bound_database(self.unnamed_routed, bind)
             backend = self._backend_for(database)
             if backend is not None and backend.unnamed_owner != self.unnamed_token:
                 backend.unnamed_owner = self.unnamed_token
@@ -762,10 +753,7 @@ class Session(asyncio.Protocol):
             backend.push(FORWARD_CLOSE)
             backend.send(raw)
             return True
-        if backend is not None:
-            backend.push(Expect(Answer.CLOSE, Fate.MADE_UP, reply=m.CLOSE_COMPLETE_MSG))
-        else:
-            self._write(m.CLOSE_COMPLETE_MSG)
+        self._made_up(Answer.CLOSE, m.CLOSE_COMPLETE_MSG)
         return True
 
     def _scatter(self, sql: str, route: Route, analysis: Analysis) -> bool:
@@ -798,24 +786,19 @@ class Session(asyncio.Protocol):
     async def _run_scatter(self, statements: dict[str, bytes], replicated: bool) -> None:
         try:
             answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated)
-        except ScatterError as exc:
-            error = exc.raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
-            self._write(error + m.ready_for_query(_I))
-            return
         except ProxyError as exc:
-            self._write(m.error_response(exc.sqlstate, exc.message, hint=exc.hint) + m.ready_for_query(_I))
-            return
+            raw = exc.raw if isinstance(exc, ScatterError) else None
+            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
         self._write(answer + m.ready_for_query(_I))
 
     def _bound_database(self, sql: str, bind: bytes) -> str:
         formats, values = m.bind_parameters(bind)
         return _one_database(self._route(sql, Params(values, formats)))
 
-    def _made_up(self, reply: bytes) -> None:
+    def _made_up(self, answer: Answer, reply: bytes) -> None:
         """An answer pgfleet gives in place of a backend's, after what the backend still owes."""
-        backend = self.backend
-        if backend is not None and backend.expects:
-            backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=reply))
+        if self.backend is not None:
+            self.backend.push(Expect(answer, Fate.MADE_UP, reply=reply))  # at once if nothing is due
         else:
             self._write(reply)
 

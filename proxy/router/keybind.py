@@ -97,14 +97,12 @@ def _joined_on_keys(tables: list[tuple[str, str | None]], conjuncts: list[dict[s
 
     by_name = {alias or table: table for table, alias in tables}
     for conjunct in conjuncts:
-        a_expr = conjunct.get("A_Expr")
-        if a_expr is None or a_expr.get("kind") != "AEXPR_OP" or \
-                [n.get("String", {}).get("sval") for n in a_expr.get("name", ())] != ["="]:
+        a_expr = _equality(conjunct)
+        if a_expr is None or a_expr.get("kind") != "AEXPR_OP":
             continue
         sides = []
         for node in (a_expr.get("lexpr"), a_expr.get("rexpr")):
-            fields = [f.get("String", {}).get("sval") for f in node.get("ColumnRef", {}).get("fields", ())] \
-                if isinstance(node, dict) else []
+            fields = _column(node)
             if len(fields) >= 2 and fields[-2] in by_name and fields[-1] == sharded[by_name[fields[-2]]]:
                 sides.append(fields[-2])
         if len(sides) == 2:
@@ -211,8 +209,8 @@ def _conjuncts(expr: Any) -> Iterator[dict[str, Any]]:
 
 def _binding(expr: dict[str, Any], column: str, alias: str | None, table: str,
              single: bool) -> tuple[KeyValue, ...] | None:
-    a_expr = expr.get("A_Expr")
-    if a_expr is None or [n.get("String", {}).get("sval") for n in a_expr.get("name", ())] != ["="]:
+    a_expr = _equality(expr)
+    if a_expr is None:
         return None
     kind, left, right = a_expr.get("kind"), a_expr.get("lexpr"), a_expr.get("rexpr")
     if kind == "AEXPR_OP":
@@ -233,10 +231,26 @@ def _binding(expr: dict[str, Any], column: str, alias: str | None, table: str,
     return None
 
 
-def _is_key(node: Any, column: str, alias: str | None, table: str, single: bool) -> bool:
+def names(items: Any) -> list[str | None]:
+    """The strings of a list of String nodes (a function's or operator's qualified name)."""
+    return [item.get("String", {}).get("sval") for item in items]
+
+
+def _equality(expr: dict[str, Any]) -> dict[str, Any] | None:
+    """The A_Expr of an ``=`` (plain, IN or ANY), or None."""
+    a_expr = expr.get("A_Expr")
+    return a_expr if a_expr is not None and names(a_expr.get("name", ())) == ["="] else None
+
+
+def _column(node: Any) -> list[str | None]:
+    """A ColumnRef's name parts ([] for anything else)."""
     if not isinstance(node, dict) or "ColumnRef" not in node:
-        return False
-    fields = [f.get("String", {}).get("sval") for f in node["ColumnRef"].get("fields", ())]
+        return []
+    return names(node["ColumnRef"].get("fields", ()))
+
+
+def _is_key(node: Any, column: str, alias: str | None, table: str, single: bool) -> bool:
+    fields = _column(node)
     if not fields or fields[-1] != column:
         return False
     if len(fields) == 1:

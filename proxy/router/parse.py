@@ -8,12 +8,12 @@ route; that is ``router.router``'s job.
 
 from __future__ import annotations
 
-import msgspec
 import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 from pglast import parse_sql
 from pglast.parser import ParseError, parse_sql_json
 from pglast.stream import RawStream
@@ -254,8 +254,8 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
                     if key == "CommonTableExpr":
                         ctes.add(value.get("ctename", ""))
                     elif key == "FuncCall":
-                        names = [part.get("String", {}).get("sval") for part in value.get("funcname", ())]
-                        if names and names[-1] == "set_config" and names[:-1] in ([], ["pg_catalog"]):
+                        name = keybind.names(value.get("funcname", ()))
+                        if name and name[-1] == "set_config" and name[:-1] in ([], ["pg_catalog"]):
                             calls.append(value)
                     else:
                         levels.append(value)

@@ -520,19 +520,18 @@ class Router:
         return tuple(self.shards[i] for i in sorted(found))
 
     def _one_shard(self, table: str, value: KeyValue, params: Params | None) -> str:
-        shards = self._shards_of(table, (value,), params)
         items = self._values(table, value, params)
         if not items:
             raise ClientError("23502", f'null value in column "{self.sharded[table]}" of sharded table '
                               f'"{table}": a row without its shard key has no shard',
                               hint=f"give every row a {self.sharded[table]}")
-        return shards[0]
+        return self.shards[shard_of(items[0], self.key_types[table], len(self.shards), self.function)]
 
 
 class _KeyPlan:
     """A cached route that waits for one parameter: hash it, pick the prebuilt shard route."""
 
-    __slots__ = ("index", "type_name", "shards", "function", "routes", "unbound", "fast_int")
+    __slots__ = ("fast_int", "function", "index", "routes", "shards", "type_name", "unbound")
 
     def __init__(self, index: int, type_name: str, shards: int, function: str, routes: tuple[Route, ...],
                  unbound: Route) -> None:
