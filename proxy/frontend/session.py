@@ -668,13 +668,14 @@ class Session(asyncio.Protocol):
             backend.send(m.parse(name, parse.query, parse.param_types))
         return True
 
-    def _prepared_on(self, client_name: bytes, bind: bytes | None = None
+    def _prepared_on(self, client_name: bytes, bind: bytes | None = None, params_at: int = 0
                      ) -> tuple[ServerConnection | None, Prepared | None]:
         """The backend that runs a client's statement, with the statement prepared on it.
 
         The statement is None for the unnamed one, which keeps its name on the backend. A
-        statement whose shard key is a parameter runs where ``bind`` (the Bind's parameter
-        part) says; without one (Describe) on the shard its route named at Parse.
+        statement whose shard key is a parameter runs where ``bind`` (the Bind message, its
+        parameters from ``params_at``) says; without one (Describe) on the shard its route
+        named at Parse.
         """
         if not client_name:
             if self.unnamed is None:
@@ -682,7 +683,7 @@ class Session(asyncio.Protocol):
                                   hint="send Parse before Bind")
             parse_raw, database = self.unnamed
             if self.unnamed_routed is not None and bind is not None:
-                database = self._bound_database(self.unnamed_routed, bind)
+                database = self._bound_database(self.unnamed_routed, bind[params_at:])
             backend = self._backend_for(database)
             if backend is not None and backend.unnamed_owner != self.unnamed_token:
                 backend.unnamed_owner = self.unnamed_token
@@ -696,7 +697,7 @@ class Session(asyncio.Protocol):
                               hint="send Parse for it first")
         database = prepared.database
         if prepared.routed and bind is not None:
-            database = self._bound_database(prepared.query, bind)
+            database = self._bound_database(prepared.query, bind[params_at:])
         backend = self._backend_for(database)
         if backend is not None and prepared.backend_name not in backend.prepared:
             backend.prepared.add(prepared.backend_name)
@@ -710,7 +711,7 @@ class Session(asyncio.Protocol):
         name_end = raw.find(0, portal_end + 1) if portal_end >= 0 else -1
         if name_end < 0:
             raise ProtocolViolation("invalid Bind message: unterminated string")
-        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end], raw[name_end + 1:])
+        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end], raw, name_end + 1)
         if backend is None:
             return False
         effect = self.unnamed_effect if prepared is None else prepared.effect
