@@ -1,12 +1,19 @@
 # pgfleet: a slim image running `pgfleet run` as a non-root user.
 # No Docker engine runs on the development machines: this file is reviewed by reading.
+FROM python:3.11-slim AS build
+# gcc builds proxy/router/_hash.c (the partition hash in C); the image itself needs no compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgfleet
 WORKDIR /opt/pgfleet
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install --no-cache-dir . && mkdir -p /etc/pgfleet
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels && mkdir -p /etc/pgfleet
 
 USER pgfleet
 EXPOSE 6432 9930

@@ -17,12 +17,12 @@ the statement can touch satisfies it, so the shards of its values hold them all.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
+
+class KeyValue(msgspec.Struct, frozen=True):
     """One value a shard key is bound to: a constant (as text) or a parameter number."""
 
     text: str | None = None
@@ -30,17 +30,14 @@ class KeyValue:
     array: bool = False       # = ANY($n): the parameter is an array of values
 
 
-@dataclass(frozen=True, slots=True)
-class Occurrence:
+class Occurrence(msgspec.Struct, frozen=True):
     """One place a sharded table is read or written, and the values that pin its key."""
 
     table: str
     values: tuple[KeyValue, ...] | None  # None: not bound, every shard may hold its rows
-    level: int = field(default=0, compare=False)  # which query level; co-location is per level
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(msgspec.Struct, frozen=True):
     """How the sharded tables of one statement sit together."""
 
     occurrences: tuple[Occurrence, ...]
@@ -58,7 +55,7 @@ def placement(stmt: dict[str, Any], sharded: Mapping[str, str],
     found: list[Occurrence] = []
     levels = 0
     colocated = True
-    for number, level in enumerate(query_levels if query_levels is not None else _levels(stmt)):
+    for level in query_levels if query_levels is not None else _levels(stmt):
         tables = list(_tables_of(level, sharded))
         if not tables:
             continue
@@ -74,7 +71,7 @@ def placement(stmt: dict[str, Any], sharded: Mapping[str, str],
                 values = _binding(conjunct, column, alias, table, single)
                 if values is not None:
                     break
-            found.append(Occurrence(table, values, number))
+            found.append(Occurrence(table, values))
         # Co-location holds through outer joins too: their ON still pairs equal keys.
         pairs = list(conjuncts)
         for join in _joins(level, outer=True):
@@ -110,8 +107,7 @@ def _joined_on_keys(tables: list[tuple[str, str | None]], conjuncts: list[dict[s
     return len({root(name) for name in names}) == 1
 
 
-@dataclass(frozen=True, slots=True)
-class InsertKeys:
+class InsertKeys(msgspec.Struct, frozen=True):
     """The shard-key value of each row an INSERT ... VALUES writes into a sharded table."""
 
     table: str

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 from pglast import parse_sql
 from pglast.parser import ParseError, parse_sql_json
 from pglast.stream import RawStream
@@ -98,7 +98,9 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
         placement = keybind.placement(node, sharded, levels)
         insert = keybind.insert_keys(body, sharded) if tag == "InsertStmt" else None
         moves = tag == "UpdateStmt" and keybind.updates_key(body, sharded)
-        shape = _shape(body) if tag == "SelectStmt" else ""
+        # The shape only words a fan-out's refusal: a SELECT with an unbound sharded table.
+        shape = _shape(body) if tag == "SelectStmt" and any(
+            o.values is None for o in placement.occurrences) else ""
         stmt = replace(stmt, placement=placement, insert=insert, moves_rows=moves, shape=shape)
     if not (changes or opaque or rollback):
         return stmt

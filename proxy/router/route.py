@@ -9,7 +9,8 @@ nothing here knows about sockets or pglast.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+import msgspec
 
 from .keybind import InsertKeys, Placement
 
@@ -25,8 +26,7 @@ class Kind(enum.Enum):
     OTHER = "other"              # anything else (VACUUM, DO, CALL, ...): treated as a write
 
 
-@dataclass(frozen=True, slots=True)
-class Relation:
+class Relation(msgspec.Struct, frozen=True):
     name: str
     schema: str | None = None
 
@@ -41,8 +41,7 @@ LIST_QUOTE = frozenset({"search_path", "temp_tablespaces", "local_preload_librar
                         "unix_socket_directories"})
 
 
-@dataclass(frozen=True, slots=True)
-class SettingChange:
+class SettingChange(msgspec.Struct, frozen=True):
     """A session-level SET or RESET a statement makes.
 
     ``name`` None is RESET ALL (or DISCARD ALL); ``value`` None is RESET name / SET name TO
@@ -53,8 +52,7 @@ class SettingChange:
     value: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Statement:
+class Statement(msgspec.Struct, frozen=True):
     """One parsed statement: its kind, its command tag word and the relations it touches."""
 
     kind: Kind
@@ -78,8 +76,7 @@ class Statement:
 HINT_NAMES = ("shard_key", "shard", "database", "databases")
 
 
-@dataclass(frozen=True, slots=True)
-class Hints:
+class Hints(msgspec.Struct, frozen=True):
     """Where a server key asks a statement to go (a leading comment or SET pgfleet.*)."""
 
     shard_key: str | None = None
@@ -96,8 +93,7 @@ class Hints:
         return " ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
-class Params:
+class Params(msgspec.Struct, frozen=True):
     """A Bind's parameter values and format codes, as the client sent them."""
 
     values: tuple[bytes | None, ...]
@@ -111,8 +107,7 @@ class Params:
         return self.formats[index] if index < len(self.formats) else 0
 
 
-@dataclass(frozen=True, slots=True)
-class Analysis:
+class Analysis(msgspec.Struct, frozen=True):
     """Everything the router needs from the parser, cached by exact statement text."""
 
     statements: tuple[Statement, ...]
@@ -145,18 +140,15 @@ class Analysis:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Direct:
+class Direct(msgspec.Struct, frozen=True):
     database: str
 
 
-@dataclass(frozen=True, slots=True)
-class Multi:
+class Multi(msgspec.Struct, frozen=True):
     databases: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class All:
+class All(msgspec.Struct, frozen=True):
     """Every shard (a statement on a sharded or reference table without a bound key)."""
 
     databases: tuple[str, ...] = ()
@@ -165,12 +157,11 @@ class All:
 Target = Direct | Multi | All
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(msgspec.Struct, frozen=True):
     target: Target
     write: bool
     reason: str
-    merge: object | None = field(default=None)  # the federated-SELECT merge plan slot
+    merge: object | None = None  # the federated-SELECT merge plan slot
     # True when no table decided the database (COMMIT, SET, SELECT 1, catalogs): inside a
     # transaction such a statement runs where the transaction already is.
     anywhere: bool = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..auth.keys import ApiKey, Role
@@ -136,10 +137,7 @@ class Router:
             assert isinstance(found, _KeyPlan)
             if params is None:
                 return found.unbound
-            route = found.route(params)
-            if route is not None:
-                return route
-            return self.route_analysis(self.analysis(sql), ctx, hints, params)
+            return found.route(params)
         fixed = self.fixed_database(ctx)
         if fixed is not None and not ctx.key.read_only:
             route = Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
@@ -151,9 +149,10 @@ class Router:
             self._remember(cache_key, route)
             return route
         plan = self._key_plan(analysis, ctx, hints, route)
-        if plan is not None:
-            self._remember(cache_key, plan)
-        return route if params is None else self.route_analysis(analysis, ctx, hints, params)
+        if plan is None:
+            return route if params is None else self.route_analysis(analysis, ctx, hints, params)
+        self._remember(cache_key, plan)
+        return route if params is None else plan.route(params)
 
     def _remember(self, cache_key: tuple[object, ...], value: Route | _KeyPlan) -> None:
         routes = self.routes
@@ -163,31 +162,31 @@ class Router:
 
     def _key_plan(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None,
                   unbound: Route) -> _KeyPlan | None:
-        """The common parameter-routed statement: one table, its key = $n (or one VALUES row)."""
-        if ctx.key.role not in (Role.SERVER, Role.ADMIN) or hints or analysis.hints or ctx.key.read_only:
+        """A plan for a statement whose only shard-key parameter is one ``$n``.
+
+        Its route then depends on the shard that value hashes to and on nothing else (the
+        words of a route name shards, never values), so the plan keeps one route per shard,
+        each found once by the full router. Tenant keys are left out: their check compares
+        the value itself.
+        """
+        if ctx.key.role not in (Role.SERVER, Role.ADMIN) or hints or analysis.hints:
             return None
         if len(analysis.statements) != 1:
             return None
         stmt = analysis.statements[0]
-        values: tuple[KeyValue, ...] | None = None
-        table = ""
-        if stmt.insert is not None and stmt.insert.rows is not None and len(stmt.insert.rows) == 1:
-            table, values = stmt.insert.table, (stmt.insert.rows[0],) if stmt.insert.rows[0] else None
-        elif stmt.insert is None and stmt.placement is not None and len(stmt.placement.occurrences) == 1:
-            occurrence = stmt.placement.occurrences[0]
-            table, values = occurrence.table, occurrence.values
-        if values is None or len(values) != 1 or values[0].param is None or values[0].array:
+        bound: list[tuple[str, KeyValue]] = []
+        if stmt.insert is not None and stmt.insert.rows is not None:
+            bound = [(stmt.insert.table, row) for row in stmt.insert.rows if row is not None]
+        elif stmt.insert is None and stmt.placement is not None:
+            bound = [(o.table, v) for o in stmt.placement.occurrences for v in o.values or ()]
+        params = {value.param for _, value in bound if value.param is not None}
+        types = {self.key_types.get(table) for table, value in bound if value.param is not None}
+        if len(params) != 1 or len(types) != 1 or None in types or any(value.array for _, value in bound):
             return None
-        others = [r for r in stmt.relations if r.name != table and not is_catalog(r)]
-        if others or stmt.moves_rows or stmt.kind is Kind.DDL or table not in self.key_types:
-            return None
-        if not all(ctx.key.may_use(shard) for shard in self.shards):
-            return None
-        column = self.sharded[table]
-        routes = tuple(Route(Direct(shard), unbound.write, f"{table}.{column} is on shard {shard}")
-                       for shard in self.shards)
-        return _KeyPlan(values[0].param - 1, self.key_types[table], len(self.shards), self.function,
-                        routes, unbound)
+        (param,), (type_name,) = params, types
+        assert param is not None and type_name is not None
+        return _KeyPlan(param - 1, type_name, self.shards, self.function, unbound,
+                        lambda given: self.route_analysis(analysis, ctx, hints, given))
 
     def route_analysis(self, analysis: Analysis, ctx: SessionContext, hints: Hints | None = None,
                        params: Params | None = None) -> Route:
@@ -529,34 +528,42 @@ class Router:
 
 
 class _KeyPlan:
-    """A cached route that waits for one parameter: hash it, pick the prebuilt shard route."""
+    """A cached route that waits for one parameter: hash it, take that shard's route."""
 
-    __slots__ = ("fast_int", "function", "index", "routes", "shards", "type_name", "unbound")
+    __slots__ = ("fast_int", "function", "index", "resolve", "routes", "shards", "type_name", "unbound")
 
-    def __init__(self, index: int, type_name: str, shards: int, function: str, routes: tuple[Route, ...],
-                 unbound: Route) -> None:
+    def __init__(self, index: int, type_name: str, shards: tuple[str, ...], function: str, unbound: Route,
+                 resolve: Callable[[Params], Route]) -> None:
         self.index = index
         self.type_name = type_name
         self.shards = shards
         self.function = function
-        self.routes = routes
         self.unbound = unbound
+        self.resolve = resolve  # the full router, for a shard's first route and for every refusal
+        self.routes: list[Route | None] = [None] * len(shards)
         self.fast_int = function == "hash" and type_name in ("int2", "int4", "int8")
 
-    def route(self, params: Params) -> Route | None:
-        """The route for these Bind values; None: let the full router decide (and explain)."""
+    def route(self, params: Params) -> Route:
+        """The route for these Bind values."""
         if self.index >= len(params.values):
-            return None
+            return self.resolve(params)
         data = params.values[self.index]
         if data is None:
-            return None
+            return self.resolve(params)
         if self.fast_int and not params.formats and data.isdigit() and len(data) < 10:
-            return self.routes[int_shard_of(int(data), self.shards)]  # plain digits: always in range
-        if params.format_of(self.index) == 1:
-            value = binary_key_value(data, self.type_name)
+            shard = int_shard_of(int(data), len(self.shards))  # plain digits: always in range
         else:
-            value = key_value(data.decode(errors="replace"), self.type_name)
-        return self.routes[shard_of(value, self.type_name, self.shards, self.function)]
+            if params.format_of(self.index) == 1:
+                value = binary_key_value(data, self.type_name)
+            else:
+                value = key_value(data.decode(errors="replace"), self.type_name)
+            shard = shard_of(value, self.type_name, len(self.shards), self.function)
+        found = self.routes[shard]
+        if found is None:
+            found = self.resolve(params)
+            if found.target == Direct(self.shards[shard]):
+                self.routes[shard] = found
+        return found
 
 
 _NO_TABLE = "no mapped table: default database"

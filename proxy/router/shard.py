@@ -103,6 +103,15 @@ def hash_int8_extended(value: int, seed: int) -> int:
 
 def partition_hash(value: int | str | uuid.UUID, type_name: str) -> int:
     """The row hash of a one-column hash partition key (compute_partition_hash_value)."""
+    if _native is not None:
+        if type_name in INT_TYPES:
+            return _native.int_hash(value)
+        return _native.bytes_hash(value.bytes if isinstance(value, uuid.UUID) else value.encode())  # type: ignore[union-attr]
+    return python_partition_hash(value, type_name)
+
+
+def python_partition_hash(value: int | str | uuid.UUID, type_name: str) -> int:
+    """``partition_hash`` in Python: used where the C extension is not built; tested equal."""
     if type_name in INT_TYPES:
         assert isinstance(value, int)
         h = hash_int8_extended(value, PARTITION_SEED)
@@ -126,7 +135,7 @@ def shard_of(value: int | str | uuid.UUID, type_name: str, shards: int, function
     return partition_hash(value, type_name) % shards
 
 
-def int_shard_of(value: int, shards: int) -> int:
+def python_int_shard_of(value: int, shards: int) -> int:
     """``shard_of(value, "int8", shards, "hash")`` in one function: the routed-Bind hot path.
 
     hashint8extended -> hash_uint32_extended with the partition seed (whose seeded start is
@@ -196,3 +205,10 @@ def _pg_name(type_name: str) -> str:
 
 
 _SEEDED4 = _seeded(4, PARTITION_SEED)
+
+try:  # the same arithmetic in C (proxy/router/_hash.c), built by pip where a compiler is found
+    from . import _hash as _native
+except ImportError:  # pragma: no cover - a machine without a compiler
+    _native = None  # type: ignore[assignment]
+
+int_shard_of = _native.int_shard_of if _native is not None else python_int_shard_of

@@ -334,3 +334,41 @@ def test_unknown_shard_key_type_is_refused_until_learned() -> None:
     assert err.value.sqlstate == "55000" and "users.user_id" in err.value.message
     router.learn_types({"users": "bigint"})
     assert router.route("select * from users where user_id = 3", ctx("srv")).target == Direct(S)
+
+
+def _outcome(router: Router, sql: str, params: Params | None, key: str, hints: Hints | None) -> object:
+    try:
+        route = router.route(sql, ctx(key), hints, params)
+        if route.needs_params:
+            route = router.route(sql, ctx(key), hints, params or Params(()))
+        return route
+    except ClientError as exc:
+        return (exc.sqlstate, exc.message)
+
+
+@pytest.mark.parametrize(("sql", "params", "key", "hints", "expected"), TABLE,
+                         ids=[f"{row[2]}:{row[0][:60]}" for row in TABLE])
+def test_a_cached_route_is_the_route_the_first_time(sql: str, params: Params | None, key: str,
+                                                    hints: Hints | None, expected: Any) -> None:
+    """The second time a statement comes, its route (or refusal) comes from the caches."""
+    router = Router(CONFIG_OBJ)
+    first = _outcome(router, sql, params, key, hints)
+    misses = router.misses
+    assert _outcome(router, sql, params, key, hints) == first
+    assert router.misses == misses
+
+
+@pytest.mark.parametrize("value", [1, 2, 3, 4, 5, 42, -7, 2**40])
+def test_a_join_bound_by_one_parameter_is_planned_per_shard(value: int) -> None:
+    router = Router(CONFIG_OBJ)
+    sql = ("select * from users u join accounts a on a.user_id = u.user_id "
+           "join currencies c on c.code = a.currency where u.user_id = $1")
+    expected = Direct(P if shard_of(value, "int8", 2) == 0 else S)
+    for other in (1, 3, value):  # both shards' routes are found, then reused
+        router.route(sql, ctx("srv"), None, text(other))
+    route = router.route(sql, ctx("srv"), None, text(value))
+    assert route.target == expected and "joined on the shard key" in route.reason
+    assert router.misses == 1
+    with pytest.raises(ClientError) as err:  # a bad value is still read as the column's type
+        router.route(sql, ctx("srv"), None, text("x"))
+    assert err.value.sqlstate == "22P02"

@@ -157,3 +157,34 @@ def test_binary_parameters() -> None:
 @given(st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1), st.integers(min_value=1, max_value=16))
 def test_the_inlined_int_shard_function_equals_shard_of(value: int, shards: int) -> None:
     assert shard.int_shard_of(value, shards) == shard.shard_of(value, "int8", shards, "hash")
+    assert shard.python_int_shard_of(value, shards) == shard.int_shard_of(value, shards)
+
+
+def test_the_c_hash_is_built() -> None:
+    """``pip install`` builds proxy/router/_hash.c where gcc exists, as on every machine here."""
+    assert shard._native is not None, "proxy.router._hash was not built: pip install -e . with a C compiler"
+
+
+@given(st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1))
+def test_the_c_int_hash_equals_the_python_one(value: int) -> None:
+    assert shard._native is not None
+    for type_name in ("int2", "int4", "int8"):
+        assert shard.partition_hash(value, type_name) == shard.python_partition_hash(value, type_name)
+
+
+@given(st.text(max_size=60))
+def test_the_c_text_hash_equals_the_python_one(text: str) -> None:
+    assert shard.partition_hash(text, "text") == shard.python_partition_hash(text, "text")
+
+
+@given(st.uuids())
+def test_the_c_uuid_hash_equals_the_python_one(value: uuid.UUID) -> None:
+    assert shard.partition_hash(value, "uuid") == shard.python_partition_hash(value, "uuid")
+
+
+def test_the_c_int_shard_function_refuses_what_python_would_not_hash() -> None:
+    assert shard._native is not None
+    with pytest.raises(OverflowError):
+        shard._native.int_shard_of(1 << 63, 2)
+    with pytest.raises(ValueError):
+        shard._native.int_shard_of(1, 0)
