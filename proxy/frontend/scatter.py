@@ -85,11 +85,15 @@ class Scatter:
     # -- running
 
     async def run(self, pools: dict[str, Pool], statements: dict[str, bytes],
-                  settings: dict[str, str], replicated: bool = False) -> bytes:
-        """Run ``statements`` ({database: Query message}) and return the client's answer bytes.
+                  settings: dict[str, str], replicated: bool = False, describe: bool | None = None) -> bytes:
+        """Run ``statements`` and return the client's answer bytes.
 
-        Each backend first takes the client's session ``settings``. Raises ``ProxyError``
-        (``ScatterError`` with the backend's own ErrorResponse when a database refused).
+        ``statements`` maps each database to a Query message, or (``describe`` not None) to
+        Parse, Bind, Describe of the portal, Execute and Sync of the unnamed statement and
+        portal: then the answer is an Execute's, with the portal's RowDescription or NoData
+        first when ``describe`` is True. Each backend first takes the client's session
+        ``settings``. Raises ``ProxyError`` (``ScatterError`` with the backend's own
+        ErrorResponse when a database refused).
         """
         prelude: dict[str, list[bytes]] = {}
         try:
@@ -99,6 +103,7 @@ class Scatter:
                 self.legs[server] = _Leg(database, pool, server)
                 server.attach(self)
                 server.write_client = self.legs[server].answer.extend  # each leg's answer apart
+                server.unnamed_owner = 0  # its unnamed statement is about to be this one's
                 replay = set_statement(settings, server.settings) if server.settings != settings else None
                 server.settings = settings
                 if replay is not None:
@@ -117,7 +122,7 @@ class Scatter:
                 raise failed
             await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
             self._check_commits()
-            return _combine(answers, replicated)
+            return _combine(answers, replicated, describe)
         finally:
             for leg in self.legs.values():
                 if leg.lost is not None or leg.server.closed:
@@ -185,15 +190,21 @@ def _responses(data: bytes) -> list[list[tuple[int, bytes]]]:
     return out
 
 
-def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool = False) -> bytes:
+def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool = False,
+             describe: bool | None = None) -> bytes:
     """Several databases' answers to the same statement(s) as one database's answer.
 
     ``replicated``: each database holds a copy of the same rows (a reference table), so the
     answer is one database's: its rows and its count, which the others must match.
+    ``describe``: None for simple queries (a RowDescription when there are rows); True or
+    False for an Execute whose portal the client did or did not Describe.
     """
     legs = list(answers.values())
     parts: list[bytes] = []
     first = legs[0]
+    if describe and first and not _groups(first[0]):  # Describe without Execute
+        found = [m.message(k, b) for k, b in first[0] if k in (m.ROW_DESCRIPTION, m.NO_DATA)]
+        return found[0] if found else m.NO_DATA_MSG
     for index in range(len(first)):  # one per query message (a multi-statement string is one)
         groups = [_groups(leg[index]) for leg in legs]
         for number, group in enumerate(groups[0]):
@@ -212,8 +223,11 @@ def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool
                             ", ".join(body.rstrip(b"\0").decode(errors="replace") for _, body in tags))
             parts.extend(m.message(m.NOTICE_RESPONSE, n) for g in groups[:1 if replicated else None]
                          for n in g[number]["N"])
-            if description is not None:
+            if describe is not False and description is not None:
                 parts.append(m.message(m.ROW_DESCRIPTION, description))
+            elif describe:
+                parts.append(m.NO_DATA_MSG)
+            if description is not None:
                 for other in groups[:1 if replicated else None]:
                     parts.extend(m.message(m.DATA_ROW, row) for row in other[number]["D"])
             parts.append(m.message(*tags[0]) if replicated else _sum_tags(tags))

@@ -48,7 +48,18 @@ from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
 from ..router.parse import hints_from, split_insert
-from ..router.route import HINT_NAMES, Analysis, Direct, Hints, Kind, Params, Route, SettingChange
+from ..router.route import (
+    HINT_NAMES,
+    All,
+    Analysis,
+    Direct,
+    Hints,
+    Kind,
+    Multi,
+    Params,
+    Route,
+    SettingChange,
+)
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
@@ -94,6 +105,19 @@ class Prepared:
         self.routed = routed  # its shard key is a parameter: each Bind decides the database
 
 
+class _Portal:
+    """A bound statement that writes on several databases; run at its Execute."""
+
+    __slots__ = ("databases", "describe", "messages", "name", "replicated")
+
+    def __init__(self, name: str, databases: tuple[str, ...], messages: bytes, replicated: bool) -> None:
+        self.name = name
+        self.databases = databases
+        self.messages = messages  # Parse and Bind of the unnamed statement and portal, for each
+        self.replicated = replicated
+        self.describe = False     # the client sent Describe for it: answer RowDescription/NoData
+
+
 class Session(asyncio.Protocol):
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -127,6 +151,7 @@ class Session(asyncio.Protocol):
         self.unnamed: tuple[bytes, str] | None = None
         self.unnamed_token = 0
         self.unnamed_routed: str | None = None  # its text, when each Bind picks its database
+        self.portal: _Portal | None = None  # a portal bound for several databases, not yet run
         # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
         self.hint_values: dict[str, str] = {}
         self.hints: Hints | None = None
@@ -316,9 +341,10 @@ class Session(asyncio.Protocol):
             if kind == m.CLOSE:
                 return self._close(raw)
             if kind == m.EXECUTE:
-                raise ClientError("34000", "portal does not exist: Execute needs a Bind first in the "
-                                  "same transaction")
+                return self._execute(raw)
             if kind == m.SYNC:
+                if self._sync_portal():
+                    return False  # answered, then the Sync comes round again
                 self.batch_open = False
                 self._write(m.ready_for_query(self.tx_status))
                 return True
@@ -612,8 +638,9 @@ class Session(asyncio.Protocol):
             database = self.unparsed
         else:
             route = self._route(parse.query)
-            database = _one_database(route) if not route.needs_params else _first(route)
-            routed = route.needs_params
+            # A write for several databases runs at Execute, as one scatter (see _bind).
+            routed = route.needs_params or (route.write and not isinstance(route.target, Direct))
+            database = _first(route) if routed else _one_database(route)
         key = parse.name.encode()
         if self.unparsed is None:
             analysis = self.fleet.router.analysis(parse.query)
@@ -668,42 +695,40 @@ class Session(asyncio.Protocol):
             backend.send(m.parse(name, parse.query, parse.param_types))
         return True
 
-    def _prepared_on(self, client_name: bytes, bind: bytes | None = None, params_at: int = 0
+    def _prepared_on(self, client_name: bytes, bound: str | None = None
                      ) -> tuple[ServerConnection | None, Prepared | None]:
         """The backend that runs a client's statement, with the statement prepared on it.
 
         The statement is None for the unnamed one, which keeps its name on the backend. A
-        statement whose shard key is a parameter runs where ``bind`` (the Bind message, its
-        parameters from ``params_at``) says; without one (Describe) on the shard its route
-        named at Parse.
+        statement whose shard key is a parameter runs on ``bound``, the database its Bind
+        chose; without one (Describe) on the shard its route named at Parse.
         """
         if not client_name:
             if self.unnamed is None:
                 raise ClientError("26000", "unnamed prepared statement does not exist",
                                   hint="send Parse before Bind")
             parse_raw, database = self.unnamed
-            if self.unnamed_routed is not None and bind is not None:
-                database = self._bound_database(self.unnamed_routed, bind[params_at:])
-            backend = self._backend_for(database)
+            backend = self._backend_for(bound or database)
             if backend is not None and backend.unnamed_owner != self.unnamed_token:
                 backend.unnamed_owner = self.unnamed_token
                 backend.push(DROP_PARSE)
                 backend.send(parse_raw)
             return backend, None
-        prepared = self.statements.get(client_name)
-        if prepared is None:
-            name = client_name.decode(errors="replace")
-            raise ClientError("26000", f'prepared statement "{name}" does not exist',
-                              hint="send Parse for it first")
-        database = prepared.database
-        if prepared.routed and bind is not None:
-            database = self._bound_database(prepared.query, bind[params_at:])
-        backend = self._backend_for(database)
+        prepared = self._named(client_name)
+        backend = self._backend_for(bound or prepared.database)
         if backend is not None and prepared.backend_name not in backend.prepared:
             backend.prepared.add(prepared.backend_name)
             backend.push(Expect(Answer.PARSE, Fate.DROP, statement=prepared.backend_name))
             backend.send(m.parse(prepared.backend_name, prepared.query, prepared.param_types))
         return backend, prepared
+
+    def _named(self, client_name: bytes) -> Prepared:
+        prepared = self.statements.get(client_name)
+        if prepared is None:
+            name = client_name.decode(errors="replace")
+            raise ClientError("26000", f'prepared statement "{name}" does not exist',
+                              hint="send Parse for it first")
+        return prepared
 
     def _bind(self, raw: bytes) -> bool:
         # Only the statement name is rewritten; the rest of the Bind goes as it came.
@@ -711,7 +736,16 @@ class Session(asyncio.Protocol):
         name_end = raw.find(0, portal_end + 1) if portal_end >= 0 else -1
         if name_end < 0:
             raise ProtocolViolation("invalid Bind message: unterminated string")
-        backend, prepared = self._prepared_on(raw[portal_end + 1:name_end], raw, name_end + 1)
+        client_name = raw[portal_end + 1:name_end]
+        bound = None
+        routed = self._routed_text(client_name)
+        if routed is not None:
+            formats, values = m.bind_parameters(raw[name_end + 1:])
+            route = self._route(routed[0], Params(values, formats))
+            if not isinstance(route.target, Direct):
+                return self._bind_scatter(raw, portal_end, name_end, routed, route)
+            bound = route.target.database
+        backend, prepared = self._prepared_on(client_name, bound)
         if backend is None:
             return False
         effect = self.unnamed_effect if prepared is None else prepared.effect
@@ -726,8 +760,78 @@ class Session(asyncio.Protocol):
             backend.send(m.message(m.BIND, body))
         return True
 
+    def _routed_text(self, client_name: bytes) -> tuple[str, bytes, Analysis | None] | None:
+        """(text, parameter types, effect) of a statement whose Bind decides where it runs."""
+        if not client_name:
+            if self.unnamed_routed is None or self.unnamed is None:
+                return None
+            return self.unnamed_routed, m.decode_parse(self.unnamed[0][5:]).param_types, self.unnamed_effect
+        prepared = self._named(client_name)
+        return (prepared.query, prepared.param_types, prepared.effect) if prepared.routed else None
+
+    def _bind_scatter(self, raw: bytes, portal_end: int, name_end: int,
+                      statement: tuple[str, bytes, Analysis | None], route: Route) -> bool:
+        """A Bind whose statement writes on several databases: a portal kept here.
+
+        It runs at Execute, as Parse/Bind/Execute on every database in one scatter (see
+        ``_scatter``); pgfleet answers the Bind itself.
+        """
+        query, param_types, effect = statement
+        target = route.target
+        assert not isinstance(target, Direct)
+        if route.fanout or not route.write:
+            _one_database(route)  # refused until the federated SELECT
+        if route.row_shards is not None and len(set(route.row_shards)) > 1:
+            raise ClientError("0A000", f"an INSERT whose rows go to several shards ({route.reason}) must be "
+                              "a simple query: in the extended protocol each shard's part would leave "
+                              "some parameters unused", hint="insert one row per statement (executemany "
+                              "pipelines them), or send the INSERT without parameters")
+        self._may_scatter(target, effect)
+        self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases,
+                              m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:]),
+                              route.replicated)
+        self._write(m.BIND_COMPLETE_MSG)
+        return True
+
+    def _may_scatter(self, target: Multi | All, effect: Analysis | None) -> None:
+        """A statement for several databases runs alone, outside transactions; refused otherwise."""
+        backend = self.backend
+        if self.tx_status != _I or (backend is not None and backend.tx_status != _I):
+            raise ClientError("0A000", f"a statement on several databases ({', '.join(target.databases)}) "
+                              "cannot run inside a transaction block",
+                              hint="run it outside BEGIN ... COMMIT (it then commits on all or none "
+                                   "of them), or bind the shard key")
+        if effect is not None and effect.touches_settings:
+            raise ClientError("0A000", "a query string for several databases cannot also change settings",
+                              hint="send SET separately")
+        if backend is not None:
+            if backend.expects:  # its answers would come after the scatter's: out of order
+                raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use database "
+                                  f"{backend.database} and then several databases",
+                                  hint="send a Sync before a statement for several databases")
+            self._detach(backend)  # parked here, or done with: the scatter takes its own
+
+    def _execute(self, raw: bytes) -> bool:
+        portal = self.portal
+        name, max_rows = m.decode_execute(raw[5:])
+        if portal is None or name != portal.name:
+            raise ClientError("34000", f'portal "{name}" does not exist: Execute needs a Bind first in '
+                              "the same transaction")
+        self.portal = None
+        if max_rows > 0:
+            raise ClientError("0A000", f"Execute with a row limit ({max_rows}) is not supported for a "
+                              f"statement on several databases ({', '.join(portal.databases)})",
+                              hint="fetch all its rows at once (no fetch size)")
+        statement = portal.messages + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG
+        self._wait_for(self._run_scatter({db: statement for db in portal.databases}, portal.replicated,
+                                         describe=portal.describe))
+        return True
+
     def _describe(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Describe")
+        if kind == 0x50 and self.portal is not None and name == self.portal.name:
+            self.portal.describe = True  # answered with its rows, at Execute (or at Sync)
+            return True
         if kind == 0x50:  # a portal: only exists on the backend that bound it
             if self.backend is None:
                 raise ClientError("34000", f'portal "{name}" does not exist', hint="Bind it first")
@@ -750,6 +854,8 @@ class Session(asyncio.Protocol):
             self.statements.pop(name.encode(), None)
             if not name:
                 self.unnamed = None
+        elif self.portal is not None and name == self.portal.name:
+            self.portal = None
         elif backend is not None:
             backend.push(FORWARD_CLOSE)
             backend.send(raw)
@@ -766,16 +872,7 @@ class Session(asyncio.Protocol):
             raise ClientError("0A000", f"{shape} across {', '.join(target.databases)} ({route.reason}) "
                               "needs a federated SELECT, which this version of pgfleet does not run",
                               hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
-        if self.tx_status != _I or (self.backend is not None and self._engaged(self.backend)):
-            raise ClientError("0A000", f"a statement on several databases ({', '.join(target.databases)}) "
-                              "cannot run inside a transaction block",
-                              hint="run it outside BEGIN ... COMMIT (it then commits on all or none "
-                                   "of them), or bind the shard key")
-        if analysis.touches_settings:
-            raise ClientError("0A000", "a query string for several databases cannot also change settings",
-                              hint="send SET separately")
-        if self.backend is not None:
-            self._detach(self.backend)  # parked here: not needed, and a scatter may need it
+        self._may_scatter(target, analysis)
         if route.row_shards is not None:
             texts = split_insert(sql, route.row_shards)
             statements = {db: m.query(texts[db]) for db in target.databases}
@@ -784,17 +881,27 @@ class Session(asyncio.Protocol):
         self._wait_for(self._run_scatter(statements, route.replicated))
         return True
 
-    async def _run_scatter(self, statements: dict[str, bytes], replicated: bool) -> None:
+    async def _run_scatter(self, statements: dict[str, bytes], replicated: bool,
+                           describe: bool | None = None) -> None:
+        """``describe`` None: a simple query, answered up to ReadyForQuery. True or False: an
+        Execute (with the client's Describe of the portal or without), answered up to its
+        CommandComplete; an error skips the client's messages up to Sync, as PostgreSQL does."""
         try:
-            answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated)
+            answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated, describe)
         except ProxyError as exc:
             raw = exc.raw if isinstance(exc, ScatterError) else None
             answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
-        self._write(answer + m.ready_for_query(_I))
+            self.skipping = describe is not None
+        self._write(answer + m.ready_for_query(_I) if describe is None else answer)
 
-    def _bound_database(self, sql: str, bind: bytes) -> str:
-        formats, values = m.bind_parameters(bind)
-        return _one_database(self._route(sql, Params(values, formats)))
+    def _sync_portal(self) -> bool:
+        """A Sync after a Describe of a several-database portal that was never executed."""
+        portal, self.portal = self.portal, None
+        if portal is None or not portal.describe:
+            return False
+        statement = portal.messages + m.describe(0x50, "") + m.SYNC_MSG
+        self._wait_for(self._run_scatter({portal.databases[0]: statement}, True, describe=True))
+        return True
 
     def _made_up(self, answer: Answer, reply: bytes) -> None:
         """An answer pgfleet gives in place of a backend's, after what the backend still owes."""
@@ -807,6 +914,10 @@ class Session(asyncio.Protocol):
 
     def _backend_for(self, database: str) -> ServerConnection | None:
         """The attached backend of ``database``, attaching one if needed; None means wait."""
+        if self.portal is not None:
+            raise ClientError("0A000", f'portal "{self.portal.name}" for several databases is still '
+                              "open: one pipeline cannot also use another database",
+                              hint="send Execute and Sync for it first")
         backend = self.backend
         if backend is not None:
             if backend.database == database:

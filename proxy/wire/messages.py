@@ -251,6 +251,14 @@ def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, .
     return tuple(formats), tuple(values)
 
 
+def decode_execute(body: bytes) -> tuple[str, int]:
+    """Execute: (portal name, the most rows to return; 0 is all)."""
+    portal, pos = _cstr(body, 0)
+    if len(body) != pos + 4:
+        raise ProtocolViolation("invalid Execute message: the row limit must follow the portal name")
+    return portal, _I32.unpack_from(body, pos)[0]
+
+
 def decode_target(body: bytes, what: str) -> tuple[int, str]:
     """Describe and Close: ``(b'S' or b'P' as int, name)``."""
     if len(body) < 2:
@@ -365,6 +373,8 @@ READY_IN_TRANSACTION = message(READY_FOR_QUERY, b"T")
 READY_FAILED = message(READY_FOR_QUERY, b"E")
 PARSE_COMPLETE_MSG = message(PARSE_COMPLETE)
 CLOSE_COMPLETE_MSG = message(CLOSE_COMPLETE)
+BIND_COMPLETE_MSG = message(BIND_COMPLETE)
+NO_DATA_MSG = message(NO_DATA)
 SYNC_MSG = message(SYNC)
 FLUSH_MSG = message(FLUSH)
 TERMINATE_MSG = message(TERMINATE)
@@ -418,3 +428,7 @@ def describe(kind: int, name: str) -> bytes:
 
 def close(kind: int, name: str) -> bytes:
     return message(CLOSE, bytes((kind,)) + _c(name))
+
+
+def execute(portal: str, max_rows: int = 0) -> bytes:
+    return message(EXECUTE, _c(portal) + _I32.pack(max_rows))

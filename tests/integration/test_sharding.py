@@ -313,3 +313,133 @@ def test_fan_out_reads_are_refused_naming_their_shape(sharded: Fleet) -> None:
         with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
             conn.execute("select name, count(*) from users group by name order by 2 desc limit 3")
         assert "SELECT count(*) with GROUP BY, ORDER BY, LIMIT" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-fleet writes in the extended protocol (Parse/Bind/Execute, as drivers send them)
+
+
+def test_extended_update_and_delete_without_a_key_run_on_every_shard(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    ids = list(range(700, 712))
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        for i in ids:
+            conn.execute("insert into accounts (user_id, balance) values (%s, 10)", (i,))
+        cur = conn.execute("update accounts set balance = balance + %s where user_id between %s and %s",
+                           (5, 700, 711))
+        assert (cur.rowcount, cur.statusmessage) == (len(ids), f"UPDATE {len(ids)}")
+        assert cur.description is None  # NoData: the client's Describe of the portal is answered
+        cur = conn.execute("update accounts set balance = %s where user_id between %s and %s returning user_id, "
+                           "balance", (1, 700, 705))
+        assert [d.name for d in cur.description or ()] == ["user_id", "balance"]
+        assert sorted(cur.fetchall()) == [(i, 1) for i in ids[:6]]
+        assert conn.execute("select 1").fetchone() == (1,)  # the next statement uses one backend again
+    assert sum(counts(clusters, "select count(*) from accounts where user_id between 706 and 711 "
+                                "and balance = 15").values()) == 6
+    placed = rows_on(clusters, "select user_id from accounts where user_id between 700 and 711")
+    assert all(placed[name] for name in SHARDS), "the test needs rows on both shards"
+
+    async def run() -> tuple[str, list[int], list[str]]:
+        conn = await asyncpg.connect(sharded.dsn())
+        try:
+            status = await conn.execute("update accounts set balance = $1 where user_id between $2 and $3",
+                                        7, 700, 711)
+            stmt = await conn.prepare("delete from accounts where user_id between $1 and $2 returning user_id")
+            deleted = [r["user_id"] for r in await stmt.fetch(700, 705)]
+            deleted += [r["user_id"] for r in await stmt.fetch(706, 711)]  # the same statement again
+            return status, sorted(deleted), [await conn.fetchval("select 'still here'")]
+        finally:
+            await conn.close()
+
+    import asyncio
+    assert asyncio.run(run()) == (f"UPDATE {len(ids)}", ids, ["still here"])
+    assert counts(clusters, "select count(*) from accounts where user_id between 700 and 711") == \
+        {name: 0 for name in SHARDS}
+
+
+def test_extended_reference_writes_and_ddl_reach_every_shard_once_counted(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        cur = conn.execute("insert into currencies (code, name) values (%s, %s)", ("CHF", "Swiss franc"))
+        assert cur.rowcount == 1
+        cur = conn.execute("update currencies set name = %s where code = %s returning code", ("Franc", "CHF"))
+        assert cur.fetchall() == [("CHF",)]  # one copy's rows, not one per shard
+    assert rows_on(clusters, "select name from currencies where code = 'CHF'") == \
+        {name: [("Franc",)] for name in SHARDS}
+
+    async def run() -> str:
+        conn = await asyncpg.connect(sharded.dsn())
+        try:
+            return await conn.execute("delete from currencies where code = $1", "CHF")
+        finally:
+            await conn.close()
+
+    import asyncio
+    assert asyncio.run(run()) == "DELETE 1"
+    assert counts(clusters, "select count(*) from currencies where code = 'CHF'") == {name: 0 for name in SHARDS}
+
+
+def test_extended_write_failing_on_one_shard_changes_no_shard(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    with direct(clusters, "secondary") as conn:
+        conn.execute("insert into currencies values ('XAU', 'gold') on conflict do nothing")
+    try:
+        with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("insert into currencies (code, name) values (%s, %s)", ("XAU", "Gold"))
+            assert conn.execute("select %s::int", (3,)).fetchone() == (3,)  # skipped to Sync, then on
+        assert counts(clusters, "select count(*) from currencies where code = 'XAU'") == \
+            {"primary": 0, "secondary": 1}
+    finally:
+        with direct(clusters, "secondary") as conn:
+            conn.execute("delete from currencies where code = 'XAU'")
+
+
+def test_extended_whole_fleet_writes_refused_where_they_cannot_be_exact(sharded: Fleet) -> None:
+    one = next(i for i in range(800, 900) if owner(i) == "primary")
+    two = next(i for i in range(800, 900) if owner(i) == "secondary")
+    with psycopg.connect(sharded.dsn()) as conn:
+        conn.execute("select * from users where user_id = %s", (100,))
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("update accounts set balance = %s", (0,))
+        assert "transaction block" in str(err.value)
+        conn.rollback()
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("insert into users (user_id, name) values (%s, 'a'), (%s, 'b')", (one, two))
+        assert "one row per statement" in (err.value.diag.message_hint or "")
+        assert conn.execute("select count(*) from users where user_id in (%s, %s)", (one, one)).fetchone() == (0,)
+
+
+def test_extended_portal_for_every_shard_raw_protocol(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    """What no driver above sends: Describe without Execute, a row limit, a pipeline that mixes."""
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw, errors
+    update = "update accounts set balance = balance + 1 where user_id >= 950 returning id"  # every shard
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        conn.execute("insert into accounts (user_id, balance) values (%s, 0)", (950,))
+    with Raw(sharded.port) as raw:
+        raw.login("pf_server", KEYS["pf_server"][0])
+        m_parse = m.parse("", update)
+        bind = m.bind("", "", b"\0\0\0\0\0\0")
+        # Describe of the portal, then Sync without Execute: its RowDescription, nothing run.
+        raw.send(m_parse + bind + m.describe(0x50, "") + m.SYNC_MSG)
+        got = raw.until("Z")
+        assert [x.kind for x in got] == ["1", "2", "T", "Z"]
+        assert counts(clusters, "select count(*) from accounts where user_id >= 950 and balance = 0")[owner(950)] == 1
+        # Execute with a row limit is refused before anything runs; the session goes on.
+        raw.send(m_parse + bind + m.execute("", 5) + m.SYNC_MSG)
+        got = raw.until("Z")
+        assert [x.kind for x in got] == ["1", "2", "E", "Z"] and errors(got)[0]["C"] == "0A000"
+        # A pipeline that would use one database's backend while the portal is open.
+        raw.send(m_parse + bind + m.parse("", "select 1") + m.SYNC_MSG)
+        got = raw.until("Z")
+        assert errors(got)[0]["C"] == "0A000" and got[-1].kind == "Z"
+        # Execute then Sync: the whole answer, once.
+        raw.send(m_parse + bind + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG)
+        got = raw.until("Z")
+        assert [x.kind for x in got] == ["1", "2", "T", "D", "C", "Z"]
+        assert got[4].body == b"UPDATE 1\0"
+        assert [x.kind for x in raw.query("select 1")] == ["T", "D", "C", "Z"]
+    assert rows_on(clusters, "select balance from accounts where user_id >= 950")[owner(950)] == [(1,)]

@@ -57,3 +57,30 @@ def test_different_columns_are_an_error_not_a_mixed_result() -> None:
     with pytest.raises(ScatterError) as err:
         _combine({"a": a, "b": b})
     assert err.value.sqlstate == "42804"
+
+
+def extended(*messages: bytes) -> list[list[tuple[int, bytes]]]:
+    """A backend's answer to Parse, Bind, Describe (portal), Execute, Sync."""
+    return answer(m.PARSE_COMPLETE_MSG, m.BIND_COMPLETE_MSG, *messages)
+
+
+@pytest.mark.parametrize("describe", [True, False])
+def test_an_execute_answers_the_portal_description_only_when_asked(describe: bool) -> None:
+    a = extended(m.message(m.ROW_DESCRIPTION, description(1)), row(b"1"), m.command_complete("DELETE 1"))
+    b = extended(m.message(m.ROW_DESCRIPTION, description(2)), m.command_complete("DELETE 0"))
+    out = _combine({"a": a, "b": b}, describe=describe)
+    assert kinds(out) == (["T"] if describe else []) + ["D", "C"]  # never Parse/BindComplete again
+    assert out.endswith(m.command_complete("DELETE 1"))
+
+
+def test_an_execute_without_rows_answers_nodata_when_described() -> None:
+    a = extended(m.NO_DATA_MSG, m.command_complete("UPDATE 2"))
+    b = extended(m.NO_DATA_MSG, m.command_complete("UPDATE 3"))
+    assert kinds(_combine({"a": a, "b": b}, describe=True)) == ["n", "C"]
+    assert _combine({"a": a, "b": b}, describe=False) == m.command_complete("UPDATE 5")
+
+
+def test_a_describe_without_execute_answers_the_description_alone() -> None:
+    with_rows = extended(m.message(m.ROW_DESCRIPTION, description(1)))
+    assert _combine({"a": with_rows}, describe=True) == m.message(m.ROW_DESCRIPTION, description(1))
+    assert _combine({"a": extended(m.NO_DATA_MSG)}, describe=True) == m.NO_DATA_MSG

@@ -339,3 +339,11 @@ def test_bind_parameters_reads_formats_values_and_nulls() -> None:
 def test_bind_parameters_refuses_malformed_parameter_parts(rest: bytes) -> None:
     with pytest.raises(ProtocolViolation):
         m.bind_parameters(rest)
+
+
+def test_execute_round_trip_and_malformed() -> None:
+    assert m.decode_execute(m.execute("p1", 7)[5:]) == ("p1", 7)
+    assert m.decode_execute(m.execute("")[5:]) == ("", 0)
+    for body in (b"p1\0\0\0", b"p1", b"p1\0\0\0\0\0\0"):
+        with pytest.raises(ProtocolViolation):
+            m.decode_execute(body)
