@@ -1,7 +1,8 @@
 """Control-plane reads of a backend's catalog (asyncpg; never on the statement path).
 
 Today: the type of each sharded table's shard-key column, read off the first shard, which
-decides how a key value hashes (DESIGN "Shard functions").
+decides how a key value hashes (DESIGN "Shard functions"); and each database's collation,
+which decides whether pgfleet may merge text sort keys by their bytes.
 """
 
 from __future__ import annotations
@@ -23,11 +24,35 @@ where not a.attisdropped
 """
 
 
-async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> dict[str, str]:
-    """``{table: type}`` for the ``{table: key column}`` that exist on the database at ``dsn``."""
-    conn = await asyncio.wait_for(asyncpg.connect(
+_COLLATION = """
+select d.datcollate, coalesce(to_jsonb(d) ->> 'datlocprovider', 'c'), coalesce(to_jsonb(d) ->> 'datlocale', '')
+from pg_database d where d.datname = current_database()
+"""
+# Collations whose order is the order of the UTF-8 bytes (code points).
+BYTE_ORDER = frozenset({"c", "posix", "c.utf-8", "c.utf8", "ucs_basic"})
+
+
+async def _connect(dsn: Dsn, timeout: float) -> asyncpg.Connection:
+    return await asyncio.wait_for(asyncpg.connect(
         host=dsn.host, port=dsn.port, user=dsn.user, password=dsn.password, database=dsn.dbname,
         timeout=timeout, server_settings={"application_name": "pgfleet catalog"}), timeout)
+
+
+async def byte_order(dsn: Dsn, timeout: float) -> bool:
+    """Whether the database at ``dsn`` sorts text in byte order (a C collation)."""
+    conn = await _connect(dsn, timeout)
+    try:
+        collate, provider, locale = await conn.fetchrow(_COLLATION, timeout=timeout)
+    finally:
+        await conn.close()
+    if provider == "b":  # PostgreSQL 17's builtin provider: C and C.UTF-8 are code-point order
+        return locale.lower() in BYTE_ORDER
+    return provider == "c" and collate.lower() in BYTE_ORDER
+
+
+async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> dict[str, str]:
+    """``{table: type}`` for the ``{table: key column}`` that exist on the database at ``dsn``."""
+    conn = await _connect(dsn, timeout)
     try:
         tables = list(columns)
         rows = await conn.fetch(_KEY_TYPES, tables, [columns[t] for t in tables], timeout=timeout)

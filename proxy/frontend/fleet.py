@@ -37,6 +37,8 @@ class Fleet:
                 startup={"application_name": "pgfleet"},
             )
         self.sessions: dict[int, Session] = {}
+        # Whether each database sorts text in byte order (learned from its catalog at start).
+        self.byte_order: dict[str, bool] = {}
         self._statement_names: dict[tuple[str, bytes], str] = {}
         self._tokens = 0
 

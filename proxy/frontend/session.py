@@ -60,9 +60,12 @@ from ..router.route import (
     Route,
     SettingChange,
 )
+from ..router.fanout import FanoutPlan
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
+from .gather import Gather
+from .merge import Merger
 from .scatter import Scatter, ScatterError
 from .startup import DIRTY, session_settings, set_statement
 
@@ -152,6 +155,7 @@ class Session(asyncio.Protocol):
         self.unnamed_token = 0
         self.unnamed_routed: str | None = None  # its text, when each Bind picks its database
         self.portal: _Portal | None = None  # a portal bound for several databases, not yet run
+        self.gather: Gather | None = None   # a federated SELECT running
         # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
         self.hint_values: dict[str, str] = {}
         self.hints: Hints | None = None
@@ -195,11 +199,15 @@ class Session(asyncio.Protocol):
         self.paused_by_client = True
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.pause_reading()
+        if self.gather is not None:
+            self.gather.pause()
 
     def resume_writing(self) -> None:
         self.paused_by_client = False
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.resume_reading()
+        if self.gather is not None:
+            self.gather.resume()
 
     # ------------------------------------------------------------------ the message loop
 
@@ -867,11 +875,13 @@ class Session(asyncio.Protocol):
         """A simple query for several databases: run it on all of them, answer once."""
         target = route.target
         assert not isinstance(target, Direct)
-        if route.fanout or not route.write:
-            shape = next((s.shape for s in analysis.statements if s.shape), "SELECT")
-            raise ClientError("0A000", f"{shape} across {', '.join(target.databases)} ({route.reason}) "
-                              "needs a federated SELECT, which this version of pgfleet does not run",
-                              hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
+        if route.fanout:
+            plan = self.fleet.router.fanout_plan(sql, analysis)
+            self._may_scatter(target, analysis)
+            self._wait_for(self._run_gather(plan, target.databases))
+            return True
+        if not route.write:
+            _one_database(route)
         self._may_scatter(target, analysis)
         if route.row_shards is not None:
             texts = split_insert(sql, route.row_shards)
@@ -893,6 +903,23 @@ class Session(asyncio.Protocol):
             answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
             self.skipping = describe is not None
         self._write(answer + m.ready_for_query(_I) if describe is None else answer)
+
+    async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...]) -> None:
+        """A federated SELECT in the simple protocol: merged rows as they come, then ReadyForQuery."""
+        try:
+            digits = int(self.settings.get("extra_float_digits", "1"))
+        except ValueError:
+            digits = 1
+        text_order = all(self.fleet.byte_order.get(db, False) for db in databases)
+        gather = Gather(Merger(plan, len(databases), float_digits=digits, text_order=text_order), self._write)
+        self.gather = gather
+        if self.paused_by_client:
+            gather.pause()
+        try:
+            last = await gather.run(self.fleet.pools, databases, plan.sql, self.settings)
+        finally:
+            self.gather = None
+        self._write(last + m.ready_for_query(_I))
 
     def _sync_portal(self) -> bool:
         """A Sync after a Describe of a several-database portal that was never executed."""

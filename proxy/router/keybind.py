@@ -156,6 +156,9 @@ def _levels(node: Any) -> Iterator[dict[str, Any]]:
             for tag in LEVELS:
                 if tag in item:
                     yield item[tag]
+            for arm in ("larg", "rarg"):  # a set operation's arms: SELECT bodies, unwrapped
+                if arm in item:
+                    yield item[arm]
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)

@@ -19,6 +19,7 @@ from pglast.parser import ParseError, parse_sql_json
 from pglast.stream import RawStream
 
 from . import keybind
+from .fanout import FanoutPlan, Unmergeable, plan_fanout
 from .keybind import const_text
 from .route import HINT_NAMES, LIST_QUOTE, Analysis, Hints, Kind, Relation, SettingChange, Statement
 
@@ -268,7 +269,8 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
     return relations, calls, levels
 
 
-_SCAN_KEYS = frozenset({"CommonTableExpr", "FuncCall", *keybind.LEVELS})
+# "larg" and "rarg" hold the arms of UNION / INTERSECT / EXCEPT: SELECT bodies, unwrapped.
+_SCAN_KEYS = frozenset({"CommonTableExpr", "FuncCall", "larg", "rarg", *keybind.LEVELS})
 
 
 def _dropped(body: dict[str, Any]) -> list[Relation]:
@@ -302,6 +304,22 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
         out[place] = RawStream()(raw)
     insert.selectStmt.valuesLists = rows
     return out
+
+
+def fanout_plan(sql: str, key_columns: Mapping[str, str], shape: str) -> FanoutPlan:
+    """The federated plan of a SELECT that runs on every shard (see ``fanout.py``).
+
+    Raises ``Unmergeable`` for shapes that cannot be merged exactly. Runs once per text (the
+    route cache keeps the plan), so it can afford pglast's AST and deparser.
+    """
+    statements = parse_sql(sql)
+    if len(statements) != 1 or type(statements[0].stmt).__name__ != "SelectStmt":
+        raise Unmergeable("several statements in one fan-out query", "send each SELECT on its own")
+    return plan_fanout(statements[0].stmt, _deparse, key_columns, shape)
+
+
+def _deparse(node: Any) -> str:
+    return str(RawStream()(node))
 
 
 _AGGREGATES = {"count", "sum", "min", "max", "avg", "bool_and", "bool_or", "every", "array_agg",

@@ -19,8 +19,9 @@ from ..auth.keys import ApiKey, Role
 from ..config import Config
 from ..errors import ClientError
 from ..wire.messages import counted_values
+from .fanout import FanoutPlan, Unmergeable
 from .keybind import KeyValue
-from .parse import analyze, is_catalog
+from .parse import analyze, fanout_plan, is_catalog
 from .route import All, Analysis, Direct, Hints, Kind, Multi, Params, Route, Statement, Target
 from .shard import binary_key_value, int_shard_of, key_value, shard_of
 
@@ -48,6 +49,7 @@ class Router:
         self.cache: OrderedDict[str, Analysis] = OrderedDict()
         # Routes (or key plans) by (text, key id, database, hints), in insertion order.
         self.routes: dict[tuple[object, ...], Route | _KeyPlan] = {}
+        self.plans: OrderedDict[str, FanoutPlan | Unmergeable] = OrderedDict()  # federated SELECTs
         self.cache_size = cache_size if cache_size is not None else config.router.plan_cache_size
         self.hits = 0
         self.misses = 0
@@ -119,6 +121,26 @@ class Router:
         cache[sql] = found
         if len(cache) > self.cache_size:
             cache.popitem(last=False)
+        return found
+
+    def fanout_plan(self, sql: str, analysis: Analysis) -> FanoutPlan:
+        """How a SELECT read from several databases is merged; 0A000 for shapes that cannot be."""
+        plans = self.plans
+        found = plans.get(sql)
+        if found is None:
+            keys = {r.name: self.sharded[r.name] for stmt in analysis.statements for r in stmt.relations
+                    if r.name in self.sharded}
+            shape = next((stmt.shape for stmt in analysis.statements if stmt.shape), "SELECT")
+            try:
+                found = fanout_plan(sql, keys, shape)
+            except Unmergeable as exc:
+                found = exc
+            plans[sql] = found
+            if len(plans) > self.cache_size:
+                plans.popitem(last=False)
+        if isinstance(found, Unmergeable):
+            raise ClientError("0A000", f"{found.shape} is not supported: pgfleet cannot merge it exactly",
+                              hint=found.hint)
         return found
 
     def route(self, sql: str, ctx: SessionContext, hints: Hints | None = None,
@@ -444,7 +466,12 @@ class Router:
             places = {s for _, found in sets for s in found}
             if len(bound) == len(placement.occurrences) and len(places) == 1:
                 return (tuple(places), f"{_names(tables)} all bound to shard {next(iter(places))}", False, None)
-            first, second = sorted(set(tables))[:2] if len(set(tables)) > 1 else (tables[0], tables[0])
+            if len(set(tables)) == 1:
+                raise ClientError("0A000", f"a statement that reads sharded table {tables[0]} more than once "
+                                  "(a self-join not on the shard key, a subquery or a UNION) is not supported "
+                                  "across shards", hint=f"bind {self.sharded[tables[0]]} in every part, or "
+                                  "send each part on its own")
+            first, second = sorted(set(tables))[:2]
             raise ClientError("0A000", f"cross-shard join of {first} and {second} is not supported: join on "
                               f"the shard key {self.sharded[first]}, or add a pgfleet hint",
                               hint=f"e.g. ... ON {first}.{self.sharded[first]} = {second}.{self.sharded[second]}, "

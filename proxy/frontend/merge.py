@@ -1,0 +1,675 @@
+"""The merger of a federated SELECT: the shards' answers in, one database's answer out. Pure.
+
+It is fed each shard's RowDescription, DataRows and CommandComplete (``feed``) as they
+arrive and hands back the bytes the client may have now (``take``), then the rest and the
+CommandComplete once every shard is done (``finish``). No sockets: the driver in
+``gather.py`` moves the bytes and applies back-pressure with ``buffered``.
+
+Values are read from PostgreSQL's text output by type OID. Text types compare by their
+bytes, which is PostgreSQL's order under the C collation (and C.UTF-8); the driver refuses
+text sort keys on databases with another collation. Dates and timestamps must be in ISO
+DateStyle (the default).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+import struct
+from collections import deque
+from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Context, Decimal
+from typing import Any
+
+from ..errors import ProxyError
+from ..router.fanout import Cmp, Const, FanoutPlan, IsNull, Logic, Output, Ref
+from ..wire import messages as m
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+
+INT_TYPES = frozenset({20, 21, 23, 26, 28})      # int8, int2, int4, oid, xid
+FLOAT_TYPES = frozenset({700, 701})
+NUMERIC = 1700
+BYTE_ORDER_TYPES = frozenset({25, 1043, 1042, 19, 18, 16, 2950, 1083})  # text-like, bool, uuid, time
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 18})
+DATE, TIMESTAMP, TIMESTAMPTZ = 1082, 1114, 1184
+TYPE_NAMES = {1186: "interval", 114: "json", 3802: "jsonb", 17: "bytea", 790: "money", 1266: "timetz",
+              869: "inet", 650: "cidr", 829: "macaddr", 3614: "tsvector", 142: "xml", 600: "point"}
+
+
+class MergeError(ProxyError):
+    """The shards' answers cannot be merged (they disagree, or a value cannot be read)."""
+
+
+# -- values
+
+def _int(raw: bytes) -> int:
+    return int(raw)
+
+
+def _float(raw: bytes) -> Any:
+    value = float(raw)  # "NaN", "Infinity", "-Infinity" read as Python reads them
+    return (1, 0.0) if math.isnan(value) else (0, value)  # NaN sorts above everything and equals NaN
+
+
+def _numeric(raw: bytes) -> Any:
+    value = Decimal(raw.decode())
+    return (1, Decimal(0)) if value.is_nan() else (0, value)
+
+
+def _bytes(raw: bytes) -> bytes:
+    return raw
+
+
+_DATETIME = re.compile(rb"^(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
+                       rb"(?:([+-])(\d\d)(?::(\d\d)(?::(\d\d))?)?)?)?( BC)?$")
+
+
+def _days_from_civil(y: int, m_: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (any year; 0 is 1 BC)."""
+    y -= m_ <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m_ + (-3 if m_ > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _datetime(raw: bytes) -> Any:
+    """A date, timestamp or timestamptz in ISO DateStyle as microseconds since 1970 (UTC)."""
+    if raw == b"infinity":
+        return math.inf
+    if raw == b"-infinity":
+        return -math.inf
+    found = _DATETIME.match(raw)
+    if found is None:
+        raise MergeError("0A000", f"cannot read the date/time value {raw.decode(errors='replace')!r} to "
+                         "merge the shards' rows", hint="SET DateStyle TO ISO for federated queries")
+    year, month, day, hh, mi, ss, frac, sign, oh, om, os_, bc = found.groups()
+    y = int(year)
+    if bc:
+        y = 1 - y
+    micros = _days_from_civil(y, int(month), int(day)) * 86_400_000_000
+    if hh is not None:
+        micros += ((int(hh) * 60 + int(mi)) * 60 + int(ss)) * 1_000_000
+        if frac:
+            micros += int(frac.ljust(6, b"0"))
+    if sign is not None:
+        offset = (int(oh) * 60 + int(om or 0)) * 60 + int(os_ or 0)
+        micros -= (offset if sign == b"+" else -offset) * 1_000_000
+    return micros
+
+
+def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes], Any]:
+    """How to read a column's text value into something Python orders as PostgreSQL does."""
+    if type_oid in INT_TYPES:
+        return _int
+    if type_oid in FLOAT_TYPES:
+        return _float
+    if type_oid == NUMERIC:
+        return _numeric
+    if type_oid in (DATE, TIMESTAMP, TIMESTAMPTZ):
+        return _datetime
+    if type_oid in BYTE_ORDER_TYPES:
+        if type_oid in TEXT_TYPES and not text_order:
+            raise MergeError("0A000", f"{what} on a text column across shards needs the C collation, "
+                             "which these databases do not use",
+                             hint="bind the shard key, or order the rows in the application")
+        return _bytes
+    name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
+    raise MergeError("0A000", f"{what} on a column of type {name} across shards is not supported",
+                     hint="bind the shard key, or cast it to a type pgfleet can compare (text, numeric, "
+                          "timestamp)")
+
+
+class _Desc:
+    """A value that sorts in reverse (for DESC keys of any type)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Desc) -> bool:
+        return other.value < self.value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and self.value == other.value
+
+
+# -- DataRow bytes
+
+def fields(body: bytes) -> list[bytes | None]:
+    """A DataRow body's values (None for NULL)."""
+    return m.counted_values(body, 2, _I16.unpack_from(body, 0)[0])[0]
+
+
+def data_row(values: list[bytes | None]) -> bytes:
+    parts = [_I16.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+        else:
+            parts.append(_I32.pack(len(value)))
+            parts.append(value)
+    return m.message(m.DATA_ROW, b"".join(parts))
+
+
+def columns(description: bytes) -> list[tuple[bytes, bytes]]:
+    """A RowDescription body as (name, the 18 bytes that follow it) per column."""
+    count = _I16.unpack_from(description, 0)[0]
+    pos = 2
+    out = []
+    for _ in range(count):
+        end = description.index(b"\0", pos)
+        out.append((description[pos:end], description[end + 1:end + 19]))
+        pos = end + 19
+    return out
+
+
+def type_of(column: tuple[bytes, bytes]) -> int:
+    return int(struct.unpack_from("!I", column[1], 6)[0])
+
+
+def row_description(cols: list[tuple[bytes, bytes]]) -> bytes:
+    return m.message(m.ROW_DESCRIPTION, _I16.pack(len(cols)) + b"".join(name + b"\0" + rest for name, rest in cols))
+
+
+def _same(a: list[tuple[bytes, bytes]], b: list[tuple[bytes, bytes]]) -> bool:
+    """Same names and types; table OIDs and column numbers differ between databases."""
+    if len(a) != len(b):
+        return False
+    for (name_a, rest_a), (name_b, rest_b) in zip(a, b, strict=True):
+        if name_a != name_b:
+            return False
+        oid = struct.unpack_from("!I", rest_a, 6)[0]
+        if rest_a[6:] != rest_b[6:] and not (oid >= 16384 and rest_a[10:] == rest_b[10:]):
+            return False
+    return True
+
+
+# -- PostgreSQL's output of computed values
+
+def float_text(value: float, extra_digits: int = 1) -> bytes:
+    """A float8 as PostgreSQL writes it (float8out): shortest exact digits when
+    extra_float_digits > 0, else %.{15+extra}g."""
+    if math.isnan(value):
+        return b"NaN"
+    if value in (math.inf, -math.inf):
+        return b"Infinity" if value > 0 else b"-Infinity"
+    if extra_digits <= 0:
+        return (f"%.{15 + extra_digits}g" % value).encode()
+    if value == 0:
+        return b"-0" if math.copysign(1.0, value) < 0 else b"0"
+    _, digits, exponent = _shortest(abs(value)).as_tuple()
+    text = "".join(map(str, digits)).rstrip("0") or "0"
+    point = len(digits) + int(exponent) - 1  # the exponent of the first digit
+    head = "-" if value < 0 else ""
+    if point < -4 or point >= 15:
+        mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
+        return f"{head}{mantissa}e{'+' if point >= 0 else '-'}{abs(point):02d}".encode()
+    if point < 0:
+        return f"{head}0.{'0' * (-point - 1)}{text}".encode()
+    if len(text) <= point + 1:
+        return f"{head}{text}{'0' * (point + 1 - len(text))}".encode()
+    return f"{head}{text[:point + 1]}.{text[point + 1:]}".encode()
+
+
+_WIDE = Context(prec=1200)
+
+
+def _shortest(value: float) -> Decimal:
+    """The fewest digits that read back as ``value`` (positive, finite), as PostgreSQL's Ryu
+    finds them: strictly inside the rounding interval. Python's repr also takes a decimal on
+    the interval's edge when the mantissa is even, so it is only the first length to try."""
+    exact = Decimal(value)
+    low = _WIDE.divide(_WIDE.add(exact, Decimal(math.nextafter(value, -math.inf))), 2)
+    high = _WIDE.divide(_WIDE.add(exact, Decimal(math.nextafter(value, math.inf))), 2)
+    start = len(repr(value).split("e")[0].replace(".", "").replace("-", "").strip("0")) or 1
+    for length in range(start, 18):
+        candidate = Decimal(format(value, f".{length - 1}e"))  # correctly rounded to that length
+        if low < candidate < high:
+            return candidate
+    return Decimal(format(value, ".16e"))
+
+
+def _nbase(value: Decimal) -> tuple[int, int]:
+    """(weight, first digit) of a numeric in PostgreSQL's base-10000 digits."""
+    value = abs(value)
+    if value == 0:
+        return 0, 0
+    weight = value.adjusted() // 4
+    first = int(value.scaleb(-4 * weight, _WIDE))
+    return weight, first
+
+
+def numeric_div(total: Decimal, count: int) -> Decimal:
+    """numeric_div(total, count) with PostgreSQL's result scale (select_div_scale)."""
+    divisor = Decimal(count)
+    w1, f1 = _nbase(total)
+    w2, f2 = _nbase(divisor)
+    qweight = w1 - w2 - (1 if f1 <= f2 else 0)
+    scale = max(16 - qweight * 4, -int(total.as_tuple().exponent), 0)
+    scale = min(scale, 1000)
+    quotient = _WIDE.divide(total, divisor)
+    return quotient.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP, context=_WIDE)
+
+
+def numeric_text(value: Decimal) -> bytes:
+    return format(value, "f").encode()
+
+
+# -- the merger
+
+class _Group:
+    __slots__ = ("first", "states")
+
+    def __init__(self, first: list[bytes | None], states: list[Any]) -> None:
+        self.first = first     # the first row seen: group values and plain columns
+        self.states = states
+
+
+class Merger:
+    """One federated SELECT's merge; ``legs`` shards answer the same shard query."""
+
+    def __init__(self, plan: FanoutPlan, legs: int, *, float_digits: int = 1, text_order: bool = True) -> None:
+        self.plan = plan
+        self.legs = legs
+        self.float_digits = float_digits
+        self.text_order = text_order
+        self.description: list[tuple[bytes, bytes]] | None = None
+        self.width = 0
+        self.described = [False] * legs
+        self.finished = [False] * legs
+        self.out: list[bytes] = []
+        self.sent = 0           # rows the client got
+        self.skipped = 0        # rows OFFSET dropped
+        self.full = False       # LIMIT reached: the rest is not needed
+        self.queues: list[deque[tuple[Any, list[bytes | None] | None, bytes]]] = [deque() for _ in range(legs)]
+        self.heap: list[tuple[Any, int, int]] = []
+        self.in_heap = [False] * legs
+        self.seq = 0
+        self.sort_keys: list[tuple[int, Callable[[bytes], Any], bool, bool]] = []
+        self.seen: set[Any] = set()
+        self.last_on: Any = None
+        self.groups: dict[Any, _Group] = {}
+        self.group_readers: list[Callable[[bytes], Any]] = []
+        self.combiners: list[Any] = []
+
+    # -- input
+
+    def feed(self, leg: int, kind: int, body: bytes) -> None:
+        if kind == m.DATA_ROW:
+            self._row(leg, body)
+        elif kind == m.ROW_DESCRIPTION:
+            self._describe(leg, body)
+        elif kind in (m.COMMAND_COMPLETE, m.EMPTY_QUERY):
+            self.finished[leg] = True
+            if not self.plan.groups and self.plan.order:
+                self._merge()
+
+    def buffered(self, leg: int) -> int:
+        return len(self.queues[leg])
+
+    def take(self) -> bytes:
+        out = b"".join(self.out)
+        self.out.clear()
+        return out
+
+    def finish(self) -> bytes:
+        """Everything left, then CommandComplete; call once every shard has completed."""
+        if self.description is None:  # no shard described rows (cannot happen for a SELECT)
+            return self.take() + m.command_complete("SELECT 0")
+        if self.plan.groups:
+            self._finish_groups()
+        elif self.plan.order:
+            self._merge()
+        return self.take() + m.command_complete(f"SELECT {self.sent}")
+
+    # -- row description
+
+    def _describe(self, leg: int, body: bytes) -> None:
+        cols = columns(body)
+        self.described[leg] = True
+        if self.description is not None:
+            if not _same(cols, self.description):
+                raise MergeError("42804", f"shard {leg + 1} returned a different row description for the "
+                                 "same query (a column added or changed on some shards only)",
+                                 hint="make the shards' schemas the same")
+            return
+        self.description = cols
+        self.width = len(cols)
+        plan = self.plan
+        if plan.groups:
+            self._setup_groups(cols)
+            visible = [self._output_column(cols, out) for out in plan.outputs[:plan.visible]]
+        else:
+            visible = cols[:len(cols) - plan.hidden]
+            for key in plan.order:
+                column = key.column if key.column >= 0 else len(cols) + key.column
+                self.sort_keys.append((column, reader(type_of(cols[column]), "ORDER BY", self.text_order),
+                                       key.descending, key.nulls_first))
+            if plan.distinct or plan.distinct_on:
+                on = plan.distinct_on or tuple(range(len(visible)))
+                self.distinct_readers = [(c, self._equality(type_of(cols[c]))) for c in on]
+        self.out.append(row_description(visible))
+
+    def _equality(self, type_oid: int) -> Callable[[bytes], Any]:
+        try:
+            return reader(type_oid, "DISTINCT", True)  # equality needs no collation order
+        except MergeError:
+            return _bytes  # other types: equal values have equal text in one database's output
+
+    def _output_column(self, cols: list[tuple[bytes, bytes]], out: Output) -> tuple[bytes, bytes]:
+        name, rest = cols[out.source]
+        if out.agg != "avg":
+            return name, rest
+        total = type_of(cols[out.source])
+        oid, size = (701, 8) if total in FLOAT_TYPES else (NUMERIC, -1)
+        return name, struct.pack("!IhIhih", 0, 0, oid, size, -1, 0)
+
+    # -- rows plans
+
+    def _row(self, leg: int, body: bytes) -> None:
+        plan = self.plan
+        if plan.groups:
+            self._group_row(fields(body))
+            return
+        if self.full:
+            return
+        if not plan.order:
+            self._emit(body, None)
+            return
+        values = fields(body)
+        self.queues[leg].append((self._sort_key(values), values, body))
+        if not self.in_heap[leg]:
+            self._merge()
+
+    def _sort_key(self, values: list[bytes | None]) -> tuple[Any, ...]:
+        key = []
+        for column, read, descending, nulls_first in self.sort_keys:
+            raw = values[column]
+            if raw is None:
+                key.append((0 if nulls_first else 2, 0))
+            else:
+                value = read(raw)
+                key.append((1, _Desc(value) if descending else value))
+        return tuple(key)
+
+    def _merge(self) -> None:
+        """Emit rows while every shard still sending has a row waiting (k-way merge)."""
+        queues, heap, in_heap = self.queues, self.heap, self.in_heap
+        for leg in range(self.legs):
+            if not in_heap[leg] and queues[leg]:
+                heapq.heappush(heap, (queues[leg][0][0], self.seq, leg))
+                self.seq += 1
+                in_heap[leg] = True
+        while heap and not self.full:
+            if any(not in_heap[leg] and not self.finished[leg] for leg in range(self.legs)):
+                return  # a shard may still send a smaller row
+            _, _, leg = heapq.heappop(heap)
+            _, values, body = queues[leg].popleft()
+            in_heap[leg] = False
+            self._emit(body, values)
+            if queues[leg]:
+                heapq.heappush(heap, (queues[leg][0][0], self.seq, leg))
+                self.seq += 1
+                in_heap[leg] = True
+
+    def _emit(self, body: bytes, values: list[bytes | None] | None) -> None:
+        plan = self.plan
+        if plan.distinct or plan.distinct_on:
+            values = values if values is not None else fields(body)
+            key = tuple(None if values[c] is None else read(values[c])  # type: ignore[arg-type]
+                        for c, read in self.distinct_readers)
+            if plan.distinct_on and plan.order:
+                if key == self.last_on:
+                    return
+                self.last_on = key
+            else:
+                if key in self.seen:
+                    return
+                self.seen.add(key)
+        if self.skipped < plan.offset:
+            self.skipped += 1
+            return
+        if plan.hidden:
+            values = values if values is not None else fields(body)
+            self.out.append(data_row(values[:self.width - plan.hidden]))
+        else:
+            self.out.append(m.message(m.DATA_ROW, body))
+        self.sent += 1
+        if plan.limit is not None and self.sent >= plan.limit:
+            self.full = True
+
+    # -- groups plans
+
+    def _setup_groups(self, cols: list[tuple[bytes, bytes]]) -> None:
+        plan = self.plan
+        self.group_readers = [self._equality(type_of(cols[c])) for c in plan.group_by]
+        self.combiners = [_combiner(out, cols, self.text_order) if out.agg else None for out in plan.outputs]
+
+    def _group_row(self, values: list[bytes | None]) -> None:
+        key = tuple(None if values[c] is None else read(values[c])  # type: ignore[arg-type]
+                    for c, read in zip(self.plan.group_by, self.group_readers, strict=True))
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(values, [c.start() if c else None for c in self.combiners])
+        for index, combiner in enumerate(self.combiners):
+            if combiner is not None:
+                group.states[index] = combiner.add(group.states[index], values)
+
+    def _finish_groups(self) -> None:
+        plan = self.plan
+        if not plan.group_by and not self.groups:
+            # Aggregates without GROUP BY answer one row even when no shard had one.
+            self.groups[()] = _Group([None] * self.width, [c.start() if c else None for c in self.combiners])
+        rows = []
+        assert self.description is not None
+        types = [type_of(self._output_column(self.description, out)) for out in plan.outputs]
+        for group in self.groups.values():
+            row = [group.first[out.source] if combiner is None else combiner.result(state, self.float_digits)
+                   for out, combiner, state in zip(plan.outputs, self.combiners, group.states, strict=True)]
+            if plan.having is not None and _truth(plan.having, row, types) is not True:
+                continue
+            rows.append(row)
+        if plan.order:
+            keys = [(key.column, reader(types[key.column], "ORDER BY", self.text_order), key.descending,
+                     key.nulls_first) for key in plan.order]
+            self.sort_keys = keys
+            rows.sort(key=self._sort_key)
+        if plan.distinct or plan.distinct_on:
+            on = plan.distinct_on or tuple(range(plan.visible))
+            self.distinct_readers = [(c, self._equality(types[c])) for c in on]
+        for row in rows:
+            if self.full:
+                break
+            self._emit(data_row(row[:plan.visible])[5:], row)
+
+
+# -- aggregates: start, add a shard's partial, result
+
+class _Partial:
+    """Combines one aggregate's partial results; a shard's NULL partial adds nothing."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+
+    def start(self) -> Any:
+        return None
+
+    def add(self, state: Any, values: list[bytes | None]) -> Any:
+        raw = values[self.column]
+        return state if raw is None else self.combine(state, raw)
+
+    def combine(self, state: Any, raw: bytes) -> Any:
+        raise NotImplementedError
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        raise NotImplementedError
+
+
+class _Count(_Partial):
+    def start(self) -> Any:
+        return 0
+
+    def combine(self, state: Any, raw: bytes) -> Any:
+        return state + int(raw)
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        return str(state).encode()
+
+
+class _Sum(_Partial):
+    def __init__(self, column: int, type_oid: int) -> None:
+        super().__init__(column)
+        if type_oid in INT_TYPES:
+            self.read: Callable[[bytes], Any] = int
+            self.write: Callable[[Any, int], bytes] = lambda v, _: str(v).encode()
+        elif type_oid == NUMERIC:
+            self.read = lambda raw: Decimal(raw.decode())
+            self.write = lambda v, _: numeric_text(v)
+        elif type_oid == 701:
+            self.read = float
+            self.write = float_text
+        else:
+            name = {700: "real"}.get(type_oid, TYPE_NAMES.get(type_oid, f"type OID {type_oid}"))
+            raise MergeError("0A000", f"sum() or avg() of a {name} column across shards is not supported",
+                             hint="cast it to numeric or double precision")
+
+    def combine(self, state: Any, raw: bytes) -> Any:
+        value = self.read(raw)
+        return value if state is None else state + value
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        return None if state is None else self.write(state, float_digits)
+
+
+class _Avg(_Sum):
+    def __init__(self, column: int, count: int, type_oid: int) -> None:
+        super().__init__(column, type_oid)
+        self.count = count
+        self.floating = type_oid == 701
+
+    def start(self) -> Any:
+        return [None, 0]
+
+    def add(self, state: Any, values: list[bytes | None]) -> Any:
+        raw = values[self.column]
+        if raw is not None:
+            state[0] = self.combine(state[0], raw)
+        count = values[self.count]
+        state[1] += int(count) if count is not None else 0
+        return state
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        total, count = state
+        if total is None or count == 0:
+            return None
+        if self.floating:
+            return float_text(total / count, float_digits)
+        return numeric_text(numeric_div(Decimal(total), count))
+
+
+class _Extreme(_Partial):
+    def __init__(self, column: int, type_oid: int, largest: bool, text_order: bool) -> None:
+        super().__init__(column)
+        self.read = reader(type_oid, "max()" if largest else "min()", text_order)
+        self.largest = largest
+
+    def combine(self, state: Any, raw: bytes) -> Any:
+        value = self.read(raw)
+        if state is None or (value > state[0] if self.largest else value < state[0]):
+            return (value, raw)
+        return state
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        return None if state is None else state[1]
+
+
+class _Bool(_Partial):
+    def __init__(self, column: int, conjunction: bool) -> None:
+        super().__init__(column)
+        self.conjunction = conjunction
+
+    def combine(self, state: Any, raw: bytes) -> Any:
+        value = raw == b"t"
+        if state is None:
+            return value
+        return (state and value) if self.conjunction else (state or value)
+
+    def result(self, state: Any, float_digits: int) -> bytes | None:
+        return None if state is None else (b"t" if state else b"f")
+
+
+def _combiner(out: Output, cols: list[tuple[bytes, bytes]], text_order: bool) -> Any:
+    type_oid = type_of(cols[out.source])
+    if out.agg == "count":
+        return _Count(out.source)
+    if out.agg == "sum":
+        return _Sum(out.source, type_oid)
+    if out.agg == "avg":
+        return _Avg(out.source, out.count, type_oid)
+    if out.agg in ("min", "max"):
+        return _Extreme(out.source, type_oid, out.agg == "max", text_order)
+    return _Bool(out.source, out.agg == "bool_and")
+
+
+# -- HAVING, in SQL's three-valued logic (None is unknown)
+
+def _truth(expr: Any, row: list[bytes | None], types: list[int]) -> bool | None:
+    if isinstance(expr, Logic):
+        values = [_truth(arg, row, types) for arg in expr.args]
+        if expr.op == "not":
+            return None if values[0] is None else not values[0]
+        if expr.op == "and":
+            return False if False in values else (None if None in values else True)
+        return True if True in values else (None if None in values else False)
+    if isinstance(expr, IsNull):
+        value = _operand(expr.arg, row, types, None)
+        return (value is not None) if expr.negated else (value is None)
+    assert isinstance(expr, Cmp)
+    type_oid = types[expr.left.column] if isinstance(expr.left, Ref) else (
+        types[expr.right.column] if isinstance(expr.right, Ref) else 25)
+    left = _operand(expr.left, row, types, type_oid)
+    right = _operand(expr.right, row, types, type_oid)
+    if left is None or right is None:
+        return None
+    op = expr.op
+    if op == "=":
+        return bool(left == right)
+    if op == "<>":
+        return bool(left != right)
+    if op == "<":
+        return bool(left < right)
+    if op == "<=":
+        return bool(left <= right)
+    if op == ">":
+        return bool(left > right)
+    return bool(left >= right)
+
+
+_NUMBERS = INT_TYPES | FLOAT_TYPES | {NUMERIC}
+
+
+def _operand(node: Any, row: list[bytes | None], types: list[int], type_oid: int | None) -> Any:
+    """A HAVING operand as a comparable value: numbers of any type as (NaN last, Decimal)."""
+    if isinstance(node, Const):
+        if node.text is None:
+            return None
+        raw = node.text.encode()
+    else:
+        raw = row[node.column]
+        if raw is None:
+            return None
+        type_oid = types[node.column]
+    if type_oid in _NUMBERS:
+        try:
+            return _numeric(raw)  # Decimal reads ints, numerics and floats (Infinity too) exactly
+        except ArithmeticError:
+            raise MergeError("22P02", f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
+    if type_oid == 16:
+        return b"t" if raw.lower() in (b"t", b"true", b"on", b"1", b"yes", b"y") else b"f"
+    return reader(type_oid or 25, "HAVING")(raw)

@@ -1,0 +1,505 @@
+"""The plan of a federated SELECT: what each shard runs and how pgfleet merges the answers.
+
+Pure. It reads the statement's pglast AST (given by ``parse.py``, the one module that
+imports pglast; nodes are read by their class name here) and writes the shard query as
+text. A plan is exact or there is none: ``plan_fanout`` raises ``Unmergeable`` naming the
+shape and the way out, and the statement is refused with ``0A000``.
+
+Two kinds of plan:
+
+- **rows** (no aggregate, no GROUP BY): every shard runs the query with its ORDER BY, and
+  ``LIMIT limit+offset`` when there is one (OFFSET is applied once, by the merger). Sort
+  keys missing from the select list are added at its end as hidden columns. The merger
+  streams the rows through, or k-way merges them on the decoded sort keys.
+- **groups** (aggregates or GROUP BY): every shard returns its partial aggregates per group
+  (``avg`` as ``sum`` and ``count``); the merger combines them per group, evaluates HAVING,
+  then sorts, applies DISTINCT, OFFSET and LIMIT itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+# Aggregates whose partial results combine exactly.
+COMBINABLE = {"count": "count", "sum": "sum", "min": "min", "max": "max", "avg": "avg",
+              "bool_and": "bool_and", "every": "bool_and", "bool_or": "bool_or"}
+_NOT_EXACT = {
+    "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp", "corr", "covar_pop",
+    "covar_samp", "regr_avgx", "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_slope",
+    "regr_sxx", "regr_sxy", "regr_syy", "array_agg", "string_agg", "json_agg", "jsonb_agg",
+    "json_object_agg", "jsonb_object_agg", "xmlagg", "bit_and", "bit_or", "bit_xor", "percentile_cont",
+    "percentile_disc", "mode", "rank", "dense_rank", "percent_rank", "cume_dist", "range_agg",
+    "range_intersect_agg", "any_value", "json_arrayagg", "json_objectagg",
+}
+
+
+class Unmergeable(Exception):
+    """The statement's shape cannot be merged exactly: refused, naming it."""
+
+    def __init__(self, shape: str, hint: str) -> None:
+        super().__init__(shape)
+        self.shape = shape
+        self.hint = hint
+
+
+class SortKey(msgspec.Struct, frozen=True):
+    column: int          # in the merged row (rows plan: the shard row; groups plan: the output row)
+    descending: bool = False
+    nulls_first: bool = False
+
+
+class Output(msgspec.Struct, frozen=True):
+    """One column of a groups plan's output row: a group value or a combined aggregate."""
+
+    source: int              # the shard column it comes from (avg: its sum)
+    agg: str | None = None   # count, sum, min, max, avg, bool_and, bool_or
+    count: int = -1          # avg: the shard column of its count
+
+
+class Cmp(msgspec.Struct, frozen=True):
+    op: str
+    left: Any
+    right: Any
+
+
+class Logic(msgspec.Struct, frozen=True):
+    op: str                  # and, or, not
+    args: tuple[Any, ...]
+
+
+class IsNull(msgspec.Struct, frozen=True):
+    arg: Any
+    negated: bool = False
+
+
+class Ref(msgspec.Struct, frozen=True):
+    column: int              # in the output row
+
+
+class Const(msgspec.Struct, frozen=True):
+    text: str | None         # None: NULL
+
+
+class FanoutPlan(msgspec.Struct, frozen=True):
+    sql: str                         # what every shard runs
+    shape: str                       # in words, for errors and logs
+    groups: bool                     # False: a rows plan
+    hidden: int = 0                  # rows plan: trailing shard columns the client does not see
+    outputs: tuple[Output, ...] = ()  # groups plan: the output row (visible, then hidden)
+    visible: int = 0                 # groups plan: how many outputs the client sees
+    group_by: tuple[int, ...] = ()   # groups plan: the shard columns that make the group key
+    order: tuple[SortKey, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+    distinct: bool = False           # over the visible columns
+    distinct_on: tuple[int, ...] = ()
+    having: Any = None               # groups plan: Cmp / Logic / IsNull over output columns
+
+
+def plan_fanout(select: Any, deparse: Callable[[Any], str], key_columns: Mapping[str, str],
+                shape: str) -> FanoutPlan:
+    """The plan for ``select`` (a pglast SelectStmt node) on every shard.
+
+    ``key_columns``: the sharded tables it reads, with their shard-key columns (a
+    ``count(DISTINCT key)`` is exact: each key value lives on one shard).
+    """
+    return _Planner(select, deparse, key_columns, shape).plan()
+
+
+def _kind(node: Any) -> str:
+    return type(node).__name__
+
+
+def _name(func: Any) -> str:
+    return func.funcname[-1].sval.lower()
+
+
+class _Planner:
+    def __init__(self, select: Any, deparse: Callable[[Any], str], key_columns: Mapping[str, str],
+                 shape: str) -> None:
+        self.select = select
+        self.deparse = deparse
+        self.key_columns = key_columns
+        self.shape = shape
+        self.columns: list[str] = []    # the shard query's select list, as text
+        self.texts: dict[str, int] = {}  # an expression's text -> its shard column
+        self.hidden_names = 0
+
+    # -- refusals
+
+    def refuse(self, what: str, hint: str) -> Unmergeable:
+        return Unmergeable(what, hint)
+
+    def _check(self) -> None:
+        s = self.select
+        if s.op is not None and int(s.op) != 0:
+            raise self.refuse("a set operation (UNION, INTERSECT or EXCEPT) across shards",
+                              "run each side on its own, or bind the shard key on each side")
+        if s.windowClause or _has(s, "over"):
+            raise self.refuse("window functions over a sharded table",
+                              "bind the shard key, or compute the window in the application")
+        if s.limitOption is not None and int(s.limitOption) == 2:
+            raise self.refuse("FETCH FIRST ... WITH TIES across shards", "use ORDER BY with LIMIT")
+        if s.lockingClause:
+            raise self.refuse("SELECT ... FOR UPDATE/SHARE across shards", "bind the shard key")
+        if s.intoClause:
+            raise self.refuse("SELECT INTO across shards", "use CREATE TABLE ... then INSERT")
+        for group in s.groupClause or ():
+            if _kind(group) in ("GroupingSet",):
+                raise self.refuse("GROUP BY ROLLUP, CUBE or GROUPING SETS across shards",
+                                  "group by plain expressions")
+
+    # -- the plan
+
+    def plan(self) -> FanoutPlan:
+        self._check()
+        s = self.select
+        aggregates = [f for t in s.targetList for f in _calls(t.val)]
+        aggregates += [f for f in _calls(s.havingClause)]
+        aggregates += [f for sort in s.sortClause or () for f in _calls(sort.node)]
+        grouped = bool(s.groupClause) or any(_name(f) in COMBINABLE or _name(f) in _NOT_EXACT
+                                             for f in aggregates) or s.havingClause is not None
+        limit, offset = self._limit()
+        if grouped:
+            return self._groups(limit, offset)
+        return self._rows(limit, offset)
+
+    def _limit(self) -> tuple[int | None, int]:
+        s = self.select
+        limit = _int_const(s.limitCount, "LIMIT")
+        offset = _int_const(s.limitOffset, "OFFSET")
+        return limit, offset or 0
+
+    def _target_text(self, target: Any) -> str:
+        return self.deparse(target.val)
+
+    def _alias(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    def _hidden(self, text: str) -> int:
+        found = self.texts.get(text)
+        if found is not None:
+            return found
+        self.hidden_names += 1
+        self.columns.append(f"{text} AS \"?pgfleet_{self.hidden_names}\"")
+        self.texts[text] = len(self.columns) - 1
+        return len(self.columns) - 1
+
+    # -- rows: streamed through, or merged on sort keys
+
+    def _rows(self, limit: int | None, offset: int) -> FanoutPlan:
+        s = self.select
+        star = any(_is_star(t.val) for t in s.targetList)
+        by_alias: dict[str, int] = {}
+        visible = len(s.targetList)
+        for index, target in enumerate(s.targetList):
+            if not star:
+                self.texts.setdefault(self._target_text(target), index)
+                if target.name:
+                    by_alias.setdefault(target.name, index)
+        hidden: list[str] = []
+        order = []
+        for sort in s.sortClause or ():
+            column = self._sort_column(sort.node, by_alias, visible, star)
+            if column is None:  # not in the select list: a hidden column at its end
+                text = self.deparse(sort.node)
+                if s.distinctClause:
+                    raise self.refuse("SELECT DISTINCT ordered by an expression not in its select list",
+                                      "add the expression to the select list")
+                if text not in hidden:
+                    hidden.append(text)
+                column = -(hidden.index(text) + 1)  # from the end: the select list's length is unknown
+            order.append(_sort_key(sort, column))
+        distinct_on: tuple[int, ...] = ()
+        distinct = False
+        if s.distinctClause:
+            if s.distinctClause[0] is None:
+                distinct = True
+            elif star:
+                raise self.refuse("SELECT DISTINCT ON with * across shards", "name the columns")
+            else:
+                positions = []
+                for expr in s.distinctClause:
+                    column = self._sort_column(expr, by_alias, visible, star)
+                    if column is None:
+                        raise self.refuse("DISTINCT ON an expression not in the select list across shards",
+                                          "add the expression to the select list")
+                    positions.append(column)
+                distinct_on = tuple(positions)
+        pushed = None if limit is None else limit + offset
+        sql = self._rows_sql(hidden, pushed)
+        # Hidden columns counted from the end become shard-row positions once the merger
+        # knows the row's width; keep them negative here.
+        return FanoutPlan(sql=sql, shape=self.shape, groups=False, hidden=len(hidden), order=tuple(order),
+                          limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on)
+
+    def _sort_column(self, node: Any, by_alias: dict[str, int], visible: int, star: bool) -> int | None:
+        if _kind(node) == "A_Const" and _kind(getattr(node, "val", None)) == "Integer":
+            position = node.val.ival
+            if star or not 1 <= position <= visible:
+                if star:
+                    return None
+                raise self.refuse(f"ORDER BY position {position}", "use a position in the select list")
+            return position - 1
+        if not star and _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String":
+            name = node.fields[0].sval
+            if name in by_alias:
+                return by_alias[name]
+        if star:
+            return None
+        return self.texts.get(self.deparse(node))
+
+    def _rows_sql(self, hidden: list[str], limit: int | None) -> str:
+        s = self.select
+        parts = []
+        if s.withClause:
+            parts.append(self.deparse(s.withClause))
+        head = "SELECT"
+        if s.distinctClause:
+            head += " DISTINCT" if s.distinctClause[0] is None else \
+                f" DISTINCT ON ({', '.join(self.deparse(e) for e in s.distinctClause)})"
+        targets = [self.deparse(t) for t in s.targetList]
+        targets += [f"{text} AS \"?pgfleet_{i + 1}\"" for i, text in enumerate(hidden)]
+        parts.append(f"{head} {', '.join(targets)}")
+        parts.extend(self._from_where())
+        if s.sortClause:
+            parts.append("ORDER BY " + ", ".join(self.deparse(sort) for sort in s.sortClause))
+        if limit is not None:
+            parts.append(f"LIMIT {limit}")
+        return " ".join(parts)
+
+    def _from_where(self) -> list[str]:
+        s = self.select
+        parts = []
+        if s.fromClause:
+            parts.append("FROM " + ", ".join(self.deparse(f) for f in s.fromClause))
+        if s.whereClause is not None:
+            parts.append("WHERE " + self.deparse(s.whereClause))
+        return parts
+
+    # -- groups: partial aggregates combined per group
+
+    def _groups(self, limit: int | None, offset: int) -> FanoutPlan:
+        s = self.select
+        if any(_is_star(t.val) for t in s.targetList):
+            raise self.refuse("SELECT * with aggregates or GROUP BY across shards", "name the columns")
+        outputs: list[Output] = []
+        by_alias: dict[str, int] = {}
+        by_text: dict[str, int] = {}
+        for target in s.targetList:
+            text = self._target_text(target)
+            name = target.name
+            outputs.append(self._output(target.val, name))
+            by_text.setdefault(text, len(outputs) - 1)
+            if name:
+                by_alias.setdefault(name, len(outputs) - 1)
+        visible = len(outputs)
+        group_by = []
+        for item in s.groupClause or ():
+            if _kind(item) == "A_Const" and _kind(getattr(item, "val", None)) == "Integer":
+                position = item.val.ival
+                if not 1 <= position <= visible or outputs[position - 1].agg is not None:
+                    raise self.refuse(f"GROUP BY position {position}", "group by a column of the select list")
+                group_by.append(outputs[position - 1].source)
+                continue
+            text = self.deparse(item)
+            if _kind(item) == "ColumnRef" and len(item.fields) == 1 and _kind(item.fields[0]) == "String" \
+                    and item.fields[0].sval in by_alias and text not in self.texts:
+                group_by.append(outputs[by_alias[item.fields[0].sval]].source)
+                continue
+            group_by.append(self.texts[text] if text in self.texts else self._hidden(text))
+
+        def output_of(node: Any) -> int:
+            """The output column of an expression in HAVING or ORDER BY, adding a hidden one."""
+            text = self.deparse(node)
+            if text in by_text:
+                return by_text[text]
+            if _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String" \
+                    and node.fields[0].sval in by_alias:
+                return by_alias[node.fields[0].sval]
+            outputs.append(self._output(node, None))
+            by_text[text] = len(outputs) - 1
+            return len(outputs) - 1
+
+        having = self._condition(s.havingClause, output_of) if s.havingClause is not None else None
+        order = []
+        for sort in s.sortClause or ():
+            node = sort.node
+            if _kind(node) == "A_Const" and _kind(getattr(node, "val", None)) == "Integer":
+                position = node.val.ival
+                if not 1 <= position <= visible:
+                    raise self.refuse(f"ORDER BY position {position}", "use a position in the select list")
+                column = position - 1
+            else:
+                column = output_of(node)
+                if s.distinctClause and column >= visible:
+                    raise self.refuse("SELECT DISTINCT ordered by an expression not in its select list",
+                                      "add the expression to the select list")
+            order.append(_sort_key(sort, column))
+        distinct = False
+        distinct_on: tuple[int, ...] = ()
+        if s.distinctClause:
+            if s.distinctClause[0] is None:
+                distinct = True
+            else:
+                distinct_on = tuple(output_of(expr) for expr in s.distinctClause)
+        parts = []
+        if s.withClause:
+            parts.append(self.deparse(s.withClause))
+        parts.append("SELECT " + ", ".join(self.columns))
+        parts.extend(self._from_where())
+        if group_by:
+            parts.append("GROUP BY " + ", ".join(str(c + 1) for c in dict.fromkeys(group_by)))
+        return FanoutPlan(sql=" ".join(parts), shape=self.shape, groups=True, outputs=tuple(outputs),
+                          visible=visible, group_by=tuple(dict.fromkeys(group_by)), order=tuple(order),
+                          limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on,
+                          having=having)
+
+    def _output(self, node: Any, name: str | None) -> Output:
+        """A select-list (or HAVING / ORDER BY) expression as an output column."""
+        if _kind(node) == "FuncCall" and _name(node) in COMBINABLE and node.over is None:
+            return self._aggregate(node, name)
+        inner = list(_calls(node))
+        if inner:
+            names = sorted({_name(f) for f in inner})
+            if any(n in _NOT_EXACT for n in names):
+                raise self.refuse(f"{', '.join(names)} across shards",
+                                  "bind the shard key, or aggregate in the application")
+            if any(n in COMBINABLE for n in names):
+                raise self.refuse(f"an expression over aggregates ({self.deparse(node)}) across shards",
+                                  "select the aggregates themselves and compute the expression in the application")
+        text = self.deparse(node)
+        if text in self.texts:
+            return Output(self.texts[text])
+        self.columns.append(text + (f" AS {self._alias(name)}" if name else ""))
+        self.texts[text] = len(self.columns) - 1
+        return Output(len(self.columns) - 1)
+
+    def _aggregate(self, call: Any, name: str | None) -> Output:
+        kind = COMBINABLE[_name(call)]
+        if call.agg_within_group:
+            raise self.refuse(f"the ordered-set aggregate {_name(call)}() across shards",
+                              "bind the shard key, or compute it in the application")
+        if call.agg_order:
+            raise self.refuse(f"{_name(call)}() with ORDER BY inside it across shards", "drop the ORDER BY")
+        if call.agg_distinct and (kind != "count" or not self._on_shard_key(call)):
+            raise self.refuse(f"{_name(call)}(DISTINCT ...) across shards",
+                                  "only count(DISTINCT shard key) merges exactly: each key value is on "
+                                  "one shard")
+        text = self.deparse(call)
+        alias = self._alias(name or _name(call))
+        if kind == "avg":
+            arg = ", ".join(self.deparse(a) for a in call.args or ())
+            tail = f" FILTER (WHERE {self.deparse(call.agg_filter)})" if call.agg_filter is not None else ""
+            sum_text = f"sum({arg}){tail}"
+            count_text = f"count({arg}){tail}"
+            self.columns.append(f"{sum_text} AS {alias}")
+            total = len(self.columns) - 1
+            count = self._hidden(count_text)
+            return Output(total, "avg", count)
+        if text in self.texts:
+            return Output(self.texts[text], kind)
+        self.columns.append(f"{text} AS {alias}")
+        self.texts[text] = len(self.columns) - 1
+        return Output(len(self.columns) - 1, kind)
+
+    def _on_shard_key(self, call: Any) -> bool:
+        args = call.args or ()
+        if len(args) != 1 or _kind(args[0]) != "ColumnRef":
+            return False
+        field = args[0].fields[-1]
+        return _kind(field) == "String" and field.sval in self.key_columns.values()
+
+    def _condition(self, node: Any, output_of: Callable[[Any], int]) -> Any:
+        kind = _kind(node)
+        if kind == "BoolExpr":
+            op = {0: "and", 1: "or", 2: "not"}[int(node.boolop)]
+            return Logic(op, tuple(self._condition(arg, output_of) for arg in node.args))
+        if kind == "NullTest":
+            return IsNull(self._operand(node.arg, output_of), int(node.nulltesttype) == 1)
+        if kind == "A_Expr" and int(node.kind) == 0 and len(node.name) == 1:
+            op = node.name[0].sval
+            if op in ("=", "<>", "!=", "<", "<=", ">", ">="):
+                return Cmp("<>" if op == "!=" else op, self._operand(node.lexpr, output_of),
+                           self._operand(node.rexpr, output_of))
+        raise self.refuse(f"HAVING {self.deparse(node)} across shards",
+                          "HAVING may compare aggregates and grouped columns with constants "
+                          "(=, <>, <, <=, >, >=, AND, OR, NOT, IS NULL)")
+
+    def _operand(self, node: Any, output_of: Callable[[Any], int]) -> Any:
+        kind = _kind(node)
+        if kind == "TypeCast":
+            node = node.arg
+            kind = _kind(node)
+        if kind == "A_Const":
+            if node.isnull:
+                return Const(None)
+            value = node.val
+            inner = _kind(value)
+            if inner == "Integer":
+                return Const(str(value.ival))
+            if inner == "Float":
+                return Const(value.fval)
+            if inner == "String":
+                return Const(value.sval)
+            if inner == "Boolean":
+                return Const("t" if value.boolval else "f")
+        if kind == "ParamRef":
+            raise self.refuse("HAVING with a parameter across shards", "write the value in the query")
+        return Ref(output_of(node))
+
+
+def _sort_key(sort: Any, column: int) -> SortKey:
+    descending = int(sort.sortby_dir) == 2
+    nulls = int(sort.sortby_nulls)
+    if sort.useOp:
+        raise Unmergeable("ORDER BY ... USING across shards", "use ASC or DESC")
+    return SortKey(column, descending, descending if nulls == 0 else nulls == 1)
+
+
+def _int_const(node: Any, what: str) -> int | None:
+    if node is None or (_kind(node) == "A_Const" and node.isnull):
+        return None
+    if _kind(node) == "A_Const" and _kind(node.val) == "Integer" and node.val.ival >= 0:
+        return int(node.val.ival)
+    if _kind(node) == "A_Const" and _kind(node.val) == "Float" and node.val.fval.isdigit():
+        return int(node.val.fval)  # a bigint constant
+    raise Unmergeable(f"{what} given by an expression or a parameter across shards",
+                      f"write {what} as a number")
+
+
+def _is_star(node: Any) -> bool:
+    return _kind(node) == "ColumnRef" and _kind(node.fields[-1]) == "A_Star"
+
+
+def _calls(node: Any) -> list[Any]:
+    """Every FuncCall in an expression tree (not inside subqueries)."""
+    found = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            continue
+        if isinstance(item, tuple | list):
+            stack.extend(item)
+            continue
+        kind = _kind(item)
+        if kind in ("SubLink", "SelectStmt", "String", "Integer", "Float", "Boolean"):
+            continue
+        if kind == "FuncCall":
+            found.append(item)
+        for slot in getattr(item, "__slots__", ()):
+            value = getattr(item, slot, None)
+            if value is not None and not isinstance(value, str | int | float | bool):
+                stack.append(value)
+    return found
+
+
+def _has(select: Any, attribute: str) -> bool:
+    """Whether any FuncCall of the select list, HAVING or ORDER BY has ``attribute`` set."""
+    nodes = [t.val for t in select.targetList] + [select.havingClause] + \
+        [s.node for s in select.sortClause or ()]
+    return any(getattr(call, attribute, None) is not None for call in _calls(nodes))
