@@ -115,11 +115,11 @@ class Gather:
 
     # -- running
 
-    async def run(self, pools: dict[str, Pool], databases: tuple[str, ...], sql: str,
+    async def run(self, pools: dict[str, Pool], databases: tuple[str, ...], query: bytes,
                   settings: dict[str, str]) -> bytes:
-        """Run ``sql`` on every database; write the merged rows; return the last bytes
-        (the rest and CommandComplete, or the ErrorResponse)."""
-        query = m.query(sql)
+        """Run ``query`` (a Query message, or Parse/Bind/Describe/Execute/Sync) on every
+        database; write the merged rows; return the last bytes (the rest and CommandComplete,
+        or the ErrorResponse)."""
         try:
             for index, database in enumerate(databases):
                 pool = pools[database]
@@ -128,6 +128,7 @@ class Gather:
                 self.shards[server] = shard
                 server.attach(self)  # type: ignore[arg-type]
                 server.write_client = lambda data, shard=shard: self._received(shard, data)
+                server.unnamed_owner = 0  # its unnamed statement becomes the shard query's
                 if self.client_paused and server.transport is not None:
                     server.transport.pause_reading()
             self.done = asyncio.get_running_loop().create_future()
@@ -183,6 +184,10 @@ class Gather:
                     merger.feed(shard.index, kind, bytes(inbox[pos + 5:end]))
                 except ProxyError as exc:
                     self._fail(m.error_response(exc.sqlstate, exc.message, hint=exc.hint), shard)
+                except Exception:  # a bug in the merge must not take the shard's connection with it
+                    log.exception("internal error merging the answer of shard %s", shard.database)
+                    self._fail(m.error_response("XX000", "internal error in pgfleet while merging the "
+                                                "shards' answers; the details are in its log"), shard)
             pos = end
         del inbox[:pos]
         if self.failure is None:

@@ -3,140 +3,39 @@
 It is fed each shard's RowDescription, DataRows and CommandComplete (``feed``) as they
 arrive and hands back the bytes the client may have now (``take``), then the rest and the
 CommandComplete once every shard is done (``finish``). No sockets: the driver in
-``gather.py`` moves the bytes and applies back-pressure with ``buffered``.
-
-Values are read from PostgreSQL's text output by type OID. Text types compare by their
-bytes, which is PostgreSQL's order under the C collation (and C.UTF-8); the driver refuses
-text sort keys on databases with another collation. Dates and timestamps must be in ISO
-DateStyle (the default).
+``gather.py`` moves the bytes and applies back-pressure with ``buffered``. Shards answer in
+text; values are read, compared and written by ``values.py``.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-import re
 import struct
 from collections import deque
 from collections.abc import Callable
-from decimal import ROUND_HALF_UP, Context, Decimal
+from decimal import Decimal
 from typing import Any
 
-from ..errors import ProxyError
 from ..router.fanout import Cmp, Const, FanoutPlan, IsNull, Logic, Output, Ref
 from ..wire import messages as m
+from .values import (
+    FLOAT_TYPES,
+    INT_TYPES,
+    NUMERIC,
+    TYPE_NAMES,
+    Desc,
+    MergeError,
+    binary_writer,
+    float_text,
+    numeric_div,
+    numeric_text,
+    read_bytes,
+    read_numeric,
+    reader,
+)
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
-
-INT_TYPES = frozenset({20, 21, 23, 26, 28})      # int8, int2, int4, oid, xid
-FLOAT_TYPES = frozenset({700, 701})
-NUMERIC = 1700
-BYTE_ORDER_TYPES = frozenset({25, 1043, 1042, 19, 18, 16, 2950, 1083})  # text-like, bool, uuid, time
-TEXT_TYPES = frozenset({25, 1043, 1042, 19, 18})
-DATE, TIMESTAMP, TIMESTAMPTZ = 1082, 1114, 1184
-TYPE_NAMES = {1186: "interval", 114: "json", 3802: "jsonb", 17: "bytea", 790: "money", 1266: "timetz",
-              869: "inet", 650: "cidr", 829: "macaddr", 3614: "tsvector", 142: "xml", 600: "point"}
-
-
-class MergeError(ProxyError):
-    """The shards' answers cannot be merged (they disagree, or a value cannot be read)."""
-
-
-# -- values
-
-def _int(raw: bytes) -> int:
-    return int(raw)
-
-
-def _float(raw: bytes) -> Any:
-    value = float(raw)  # "NaN", "Infinity", "-Infinity" read as Python reads them
-    return (1, 0.0) if math.isnan(value) else (0, value)  # NaN sorts above everything and equals NaN
-
-
-def _numeric(raw: bytes) -> Any:
-    value = Decimal(raw.decode())
-    return (1, Decimal(0)) if value.is_nan() else (0, value)
-
-
-def _bytes(raw: bytes) -> bytes:
-    return raw
-
-
-_DATETIME = re.compile(rb"^(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
-                       rb"(?:([+-])(\d\d)(?::(\d\d)(?::(\d\d))?)?)?)?( BC)?$")
-
-
-def _days_from_civil(y: int, m_: int, d: int) -> int:
-    """Days since 1970-01-01 of a proleptic Gregorian date (any year; 0 is 1 BC)."""
-    y -= m_ <= 2
-    era = (y if y >= 0 else y - 399) // 400
-    yoe = y - era * 400
-    doy = (153 * (m_ + (-3 if m_ > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _datetime(raw: bytes) -> Any:
-    """A date, timestamp or timestamptz in ISO DateStyle as microseconds since 1970 (UTC)."""
-    if raw == b"infinity":
-        return math.inf
-    if raw == b"-infinity":
-        return -math.inf
-    found = _DATETIME.match(raw)
-    if found is None:
-        raise MergeError("0A000", f"cannot read the date/time value {raw.decode(errors='replace')!r} to "
-                         "merge the shards' rows", hint="SET DateStyle TO ISO for federated queries")
-    year, month, day, hh, mi, ss, frac, sign, oh, om, os_, bc = found.groups()
-    y = int(year)
-    if bc:
-        y = 1 - y
-    micros = _days_from_civil(y, int(month), int(day)) * 86_400_000_000
-    if hh is not None:
-        micros += ((int(hh) * 60 + int(mi)) * 60 + int(ss)) * 1_000_000
-        if frac:
-            micros += int(frac.ljust(6, b"0"))
-    if sign is not None:
-        offset = (int(oh) * 60 + int(om or 0)) * 60 + int(os_ or 0)
-        micros -= (offset if sign == b"+" else -offset) * 1_000_000
-    return micros
-
-
-def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes], Any]:
-    """How to read a column's text value into something Python orders as PostgreSQL does."""
-    if type_oid in INT_TYPES:
-        return _int
-    if type_oid in FLOAT_TYPES:
-        return _float
-    if type_oid == NUMERIC:
-        return _numeric
-    if type_oid in (DATE, TIMESTAMP, TIMESTAMPTZ):
-        return _datetime
-    if type_oid in BYTE_ORDER_TYPES:
-        if type_oid in TEXT_TYPES and not text_order:
-            raise MergeError("0A000", f"{what} on a text column across shards needs the C collation, "
-                             "which these databases do not use",
-                             hint="bind the shard key, or order the rows in the application")
-        return _bytes
-    name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
-    raise MergeError("0A000", f"{what} on a column of type {name} across shards is not supported",
-                     hint="bind the shard key, or cast it to a type pgfleet can compare (text, numeric, "
-                          "timestamp)")
-
-
-class _Desc:
-    """A value that sorts in reverse (for DESC keys of any type)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __lt__(self, other: _Desc) -> bool:
-        return other.value < self.value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Desc) and self.value == other.value
 
 
 # -- DataRow bytes
@@ -190,77 +89,6 @@ def _same(a: list[tuple[bytes, bytes]], b: list[tuple[bytes, bytes]]) -> bool:
     return True
 
 
-# -- PostgreSQL's output of computed values
-
-def float_text(value: float, extra_digits: int = 1) -> bytes:
-    """A float8 as PostgreSQL writes it (float8out): shortest exact digits when
-    extra_float_digits > 0, else %.{15+extra}g."""
-    if math.isnan(value):
-        return b"NaN"
-    if value in (math.inf, -math.inf):
-        return b"Infinity" if value > 0 else b"-Infinity"
-    if extra_digits <= 0:
-        return (f"%.{15 + extra_digits}g" % value).encode()
-    if value == 0:
-        return b"-0" if math.copysign(1.0, value) < 0 else b"0"
-    _, digits, exponent = _shortest(abs(value)).as_tuple()
-    text = "".join(map(str, digits)).rstrip("0") or "0"
-    point = len(digits) + int(exponent) - 1  # the exponent of the first digit
-    head = "-" if value < 0 else ""
-    if point < -4 or point >= 15:
-        mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
-        return f"{head}{mantissa}e{'+' if point >= 0 else '-'}{abs(point):02d}".encode()
-    if point < 0:
-        return f"{head}0.{'0' * (-point - 1)}{text}".encode()
-    if len(text) <= point + 1:
-        return f"{head}{text}{'0' * (point + 1 - len(text))}".encode()
-    return f"{head}{text[:point + 1]}.{text[point + 1:]}".encode()
-
-
-_WIDE = Context(prec=1200)
-
-
-def _shortest(value: float) -> Decimal:
-    """The fewest digits that read back as ``value`` (positive, finite), as PostgreSQL's Ryu
-    finds them: strictly inside the rounding interval. Python's repr also takes a decimal on
-    the interval's edge when the mantissa is even, so it is only the first length to try."""
-    exact = Decimal(value)
-    low = _WIDE.divide(_WIDE.add(exact, Decimal(math.nextafter(value, -math.inf))), 2)
-    high = _WIDE.divide(_WIDE.add(exact, Decimal(math.nextafter(value, math.inf))), 2)
-    start = len(repr(value).split("e")[0].replace(".", "").replace("-", "").strip("0")) or 1
-    for length in range(start, 18):
-        candidate = Decimal(format(value, f".{length - 1}e"))  # correctly rounded to that length
-        if low < candidate < high:
-            return candidate
-    return Decimal(format(value, ".16e"))
-
-
-def _nbase(value: Decimal) -> tuple[int, int]:
-    """(weight, first digit) of a numeric in PostgreSQL's base-10000 digits."""
-    value = abs(value)
-    if value == 0:
-        return 0, 0
-    weight = value.adjusted() // 4
-    first = int(value.scaleb(-4 * weight, _WIDE))
-    return weight, first
-
-
-def numeric_div(total: Decimal, count: int) -> Decimal:
-    """numeric_div(total, count) with PostgreSQL's result scale (select_div_scale)."""
-    divisor = Decimal(count)
-    w1, f1 = _nbase(total)
-    w2, f2 = _nbase(divisor)
-    qweight = w1 - w2 - (1 if f1 <= f2 else 0)
-    scale = max(16 - qweight * 4, -int(total.as_tuple().exponent), 0)
-    scale = min(scale, 1000)
-    quotient = _WIDE.divide(total, divisor)
-    return quotient.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP, context=_WIDE)
-
-
-def numeric_text(value: Decimal) -> bytes:
-    return format(value, "f").encode()
-
-
 # -- the merger
 
 class _Group:
@@ -274,8 +102,16 @@ class _Group:
 class Merger:
     """One federated SELECT's merge; ``legs`` shards answer the same shard query."""
 
-    def __init__(self, plan: FanoutPlan, legs: int, *, float_digits: int = 1, text_order: bool = True) -> None:
+    def __init__(self, plan: FanoutPlan, legs: int, *, float_digits: int = 1, text_order: bool = True,
+                 formats: tuple[int, ...] = (), describe: bool = True) -> None:
+        """``formats``: the client's result format codes, as in Bind (shards answer in text);
+        ``describe``: send the RowDescription (a simple query) or not (an Execute)."""
         self.plan = plan
+        self.formats = formats
+        self.describe = describe
+        self.writers: list[Callable[[bytes], bytes] | None] | None = None  # text -> binary, per column
+        self.visible = 0
+        self.plain = not plan.groups and not plan.hidden  # shard rows go to the client as they are
         self.legs = legs
         self.float_digits = float_digits
         self.text_order = text_order
@@ -354,13 +190,29 @@ class Merger:
             if plan.distinct or plan.distinct_on:
                 on = plan.distinct_on or tuple(range(len(visible)))
                 self.distinct_readers = [(c, self._equality(type_of(cols[c]))) for c in on]
-        self.out.append(row_description(visible))
+        self.visible = len(visible)
+        visible = self._client_formats(visible)
+        if self.describe:
+            self.out.append(row_description(visible))
+
+    def _client_formats(self, visible: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Binary columns the client asked for: their writers, and their format in the description."""
+        formats = self.formats
+        if len(formats) > 1 and len(formats) != len(visible):
+            raise MergeError("08P01", f"bind message has {len(formats)} result formats but query has "
+                             f"{len(visible)} columns")
+        codes = [formats[0] if len(formats) == 1 else (formats[i] if formats else 0) for i in range(len(visible))]
+        if not any(codes):
+            return visible
+        self.writers = [binary_writer(type_of(col)) if code else None for col, code in zip(visible, codes, strict=True)]
+        self.plain = False
+        return [(name, rest[:16] + struct.pack("!h", code)) for (name, rest), code in zip(visible, codes, strict=True)]
 
     def _equality(self, type_oid: int) -> Callable[[bytes], Any]:
         try:
             return reader(type_oid, "DISTINCT", True)  # equality needs no collation order
         except MergeError:
-            return _bytes  # other types: equal values have equal text in one database's output
+            return read_bytes  # other types: equal values have equal text in one database's output
 
     def _output_column(self, cols: list[tuple[bytes, bytes]], out: Output) -> tuple[bytes, bytes]:
         name, rest = cols[out.source]
@@ -395,7 +247,7 @@ class Merger:
                 key.append((0 if nulls_first else 2, 0))
             else:
                 value = read(raw)
-                key.append((1, _Desc(value) if descending else value))
+                key.append((1, Desc(value) if descending else value))
         return tuple(key)
 
     def _merge(self) -> None:
@@ -419,6 +271,7 @@ class Merger:
                 in_heap[leg] = True
 
     def _emit(self, body: bytes, values: list[bytes | None] | None) -> None:
+        """One merged row: DISTINCT, OFFSET and LIMIT, then out (``body`` when ``plain``)."""
         plan = self.plan
         if plan.distinct or plan.distinct_on:
             values = values if values is not None else fields(body)
@@ -435,11 +288,15 @@ class Merger:
         if self.skipped < plan.offset:
             self.skipped += 1
             return
-        if plan.hidden:
-            values = values if values is not None else fields(body)
-            self.out.append(data_row(values[:self.width - plan.hidden]))
-        else:
+        if self.plain:
             self.out.append(m.message(m.DATA_ROW, body))
+        else:
+            values = values if values is not None else fields(body)
+            shown = values[:self.visible]
+            writers = self.writers
+            if writers is not None:
+                shown = [v if v is None or w is None else w(v) for v, w in zip(shown, writers, strict=True)]
+            self.out.append(data_row(shown))
         self.sent += 1
         if plan.limit is not None and self.sent >= plan.limit:
             self.full = True
@@ -486,7 +343,7 @@ class Merger:
         for row in rows:
             if self.full:
                 break
-            self._emit(data_row(row[:plan.visible])[5:], row)
+            self._emit(b"", row)
 
 
 # -- aggregates: start, add a shard's partial, result
@@ -667,7 +524,7 @@ def _operand(node: Any, row: list[bytes | None], types: list[int], type_oid: int
         type_oid = types[node.column]
     if type_oid in _NUMBERS:
         try:
-            return _numeric(raw)  # Decimal reads ints, numerics and floats (Infinity too) exactly
+            return read_numeric(raw)  # Decimal reads ints, numerics and floats (Infinity too) exactly
         except ArithmeticError:
             raise MergeError("22P02", f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
     if type_oid == 16:

@@ -27,6 +27,7 @@ import re
 import secrets
 import struct
 import time
+from collections import deque
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
 from ..backend.connection import ServerConnection
@@ -47,6 +48,7 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
+from ..router.fanout import FanoutPlan
 from ..router.parse import hints_from, split_insert
 from ..router.route import (
     HINT_NAMES,
@@ -60,7 +62,6 @@ from ..router.route import (
     Route,
     SettingChange,
 )
-from ..router.fanout import FanoutPlan
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .fleet import Fleet
@@ -109,16 +110,30 @@ class Prepared:
 
 
 class _Portal:
-    """A bound statement that writes on several databases; run at its Execute."""
+    """A bound statement for several databases, kept by pgfleet and run at its Execute:
+    a write (one scatter) or, with a ``plan``, a federated SELECT (one gather)."""
 
-    __slots__ = ("databases", "describe", "messages", "name", "replicated")
+    __slots__ = ("databases", "describe_messages", "formats", "messages", "name", "plan", "replicated", "rows")
 
-    def __init__(self, name: str, databases: tuple[str, ...], messages: bytes, replicated: bool) -> None:
+    def __init__(self, name: str, databases: tuple[str, ...], describe_messages: bytes, messages: bytes,
+                 replicated: bool, plan: FanoutPlan | None = None, formats: tuple[int, ...] = ()) -> None:
         self.name = name
         self.databases = databases
-        self.messages = messages  # Parse and Bind of the unnamed statement and portal, for each
+        self.describe_messages = describe_messages  # Parse and Bind of the client's own statement
+        self.messages = messages  # Parse and Bind of what each database runs (unnamed)
         self.replicated = replicated
-        self.describe = False     # the client sent Describe for it: answer RowDescription/NoData
+        self.plan = plan
+        self.formats = formats    # the client's result formats
+        self.rows: deque[bytes] | None = None  # a row-limited Execute's result, not yet handed out
+
+    def next_rows(self, max_rows: int) -> bytes:
+        """The next ``max_rows`` rows (all when 0), then PortalSuspended or CommandComplete."""
+        rows = self.rows
+        assert rows is not None
+        count = len(rows) if max_rows <= 0 else min(max_rows, len(rows))
+        out = [m.message(m.DATA_ROW, rows.popleft()) for _ in range(count)]
+        out.append(m.PORTAL_SUSPENDED_MSG if rows else m.command_complete(f"SELECT {count}"))
+        return b"".join(out)
 
 
 class Session(asyncio.Protocol):
@@ -351,8 +366,7 @@ class Session(asyncio.Protocol):
             if kind == m.EXECUTE:
                 return self._execute(raw)
             if kind == m.SYNC:
-                if self._sync_portal():
-                    return False  # answered, then the Sync comes round again
+                self.portal = None  # the implicit transaction ends, and its portals with it
                 self.batch_open = False
                 self._write(m.ready_for_query(self.tx_status))
                 return True
@@ -646,8 +660,8 @@ class Session(asyncio.Protocol):
             database = self.unparsed
         else:
             route = self._route(parse.query)
-            # A write for several databases runs at Execute, as one scatter (see _bind).
-            routed = route.needs_params or (route.write and not isinstance(route.target, Direct))
+            # A statement for several databases runs at Execute, as one scatter or gather (_bind).
+            routed = route.needs_params or route.fanout or (route.write and not isinstance(route.target, Direct))
             database = _first(route) if routed else _one_database(route)
         key = parse.name.encode()
         if self.unparsed is None:
@@ -751,6 +765,8 @@ class Session(asyncio.Protocol):
             formats, values = m.bind_parameters(raw[name_end + 1:])
             route = self._route(routed[0], Params(values, formats))
             if not isinstance(route.target, Direct):
+                if route.fanout:
+                    return self._bind_gather(raw, portal_end, name_end, routed, route)
                 return self._bind_scatter(raw, portal_end, name_end, routed, route)
             bound = route.target.database
         backend, prepared = self._prepared_on(client_name, bound)
@@ -795,9 +811,31 @@ class Session(asyncio.Protocol):
                               "some parameters unused", hint="insert one row per statement (executemany "
                               "pipelines them), or send the INSERT without parameters")
         self._may_scatter(target, effect)
-        self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases,
-                              m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:]),
+        bound = m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
+        self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, bound, bound,
                               route.replicated)
+        self._write(m.BIND_COMPLETE_MSG)
+        return True
+
+    def _bind_gather(self, raw: bytes, portal_end: int, name_end: int,
+                     statement: tuple[str, bytes, Analysis | None], route: Route) -> bool:
+        """A Bind of a SELECT that reads several databases: a portal kept here, merged at Execute.
+
+        Every shard runs the plan's shard query with the client's parameters and answers in
+        text; the merger writes the client's result formats.
+        """
+        query, param_types, effect = statement
+        target = route.target
+        assert not isinstance(target, Direct)
+        plan = self.fleet.router.fanout_plan(query, self.fleet.router.analysis(query))
+        self._may_scatter(target, effect)
+        params, formats = m.bind_results(raw[name_end + 1:])
+        if plan.limit_param is not None or plan.offset_param is not None:
+            plan = plan.bound(_limits(*m.bind_parameters(params + b"\0\0"), plan))
+        original = m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
+        shard_query = m.parse("", plan.sql, param_types) + m.message(m.BIND, b"\0\0" + params + b"\0\0")
+        self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, original,
+                              shard_query, False, plan, formats)
         self._write(m.BIND_COMPLETE_MSG)
         return True
 
@@ -825,20 +863,39 @@ class Session(asyncio.Protocol):
         if portal is None or name != portal.name:
             raise ClientError("34000", f'portal "{name}" does not exist: Execute needs a Bind first in '
                               "the same transaction")
+        statement = portal.messages + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG
+        if portal.plan is not None:
+            if portal.rows is not None:
+                self._write(portal.next_rows(max_rows))
+                return True
+            self._wait_for(self._run_gather(portal.plan, portal.databases, statement, portal, max_rows))
+            return True
         self.portal = None
         if max_rows > 0:
             raise ClientError("0A000", f"Execute with a row limit ({max_rows}) is not supported for a "
-                              f"statement on several databases ({', '.join(portal.databases)})",
+                              f"statement that writes on several databases ({', '.join(portal.databases)})",
                               hint="fetch all its rows at once (no fetch size)")
-        statement = portal.messages + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG
         self._wait_for(self._run_scatter({db: statement for db in portal.databases}, portal.replicated,
-                                         describe=portal.describe))
+                                         describe=False))
         return True
+
+    async def _describe_portal(self, portal: _Portal) -> None:
+        """Describe of a portal for several databases: the first shard describes the client's
+        own statement, bound as the client bound it (its formats too), without running it."""
+        statement = portal.describe_messages + m.describe(0x50, "") + m.SYNC_MSG
+        try:
+            answer = await Scatter().run(self.fleet.pools, {portal.databases[0]: statement}, self.settings,
+                                         True, describe=True)
+        except ProxyError as exc:
+            raw = exc.raw if isinstance(exc, ScatterError) else None
+            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            self.skipping = True
+        self._write(answer)
 
     def _describe(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Describe")
         if kind == 0x50 and self.portal is not None and name == self.portal.name:
-            self.portal.describe = True  # answered with its rows, at Execute (or at Sync)
+            self._wait_for(self._describe_portal(self.portal))
             return True
         if kind == 0x50:  # a portal: only exists on the backend that bound it
             if self.backend is None:
@@ -878,7 +935,7 @@ class Session(asyncio.Protocol):
         if route.fanout:
             plan = self.fleet.router.fanout_plan(sql, analysis)
             self._may_scatter(target, analysis)
-            self._wait_for(self._run_gather(plan, target.databases))
+            self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql)))
             return True
         if not route.write:
             _one_database(route)
@@ -904,31 +961,44 @@ class Session(asyncio.Protocol):
             self.skipping = describe is not None
         self._write(answer + m.ready_for_query(_I) if describe is None else answer)
 
-    async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...]) -> None:
-        """A federated SELECT in the simple protocol: merged rows as they come, then ReadyForQuery."""
+    async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...], query: bytes,
+                          portal: _Portal | None = None, max_rows: int = 0) -> None:
+        """A federated SELECT: merged rows to the client as they come.
+
+        A simple query (no ``portal``) ends with ReadyForQuery. An Execute ends with its
+        CommandComplete; with a row limit the whole result is kept in the portal and handed
+        out ``max_rows`` at a time (PortalSuspended between), as PostgreSQL does.
+        """
         try:
             digits = int(self.settings.get("extra_float_digits", "1"))
         except ValueError:
             digits = 1
         text_order = all(self.fleet.byte_order.get(db, False) for db in databases)
-        gather = Gather(Merger(plan, len(databases), float_digits=digits, text_order=text_order), self._write)
+        merger = Merger(plan, len(databases), float_digits=digits, text_order=text_order,
+                        formats=portal.formats if portal else (), describe=portal is None)
+        kept: list[bytes] = []
+        gather = Gather(merger, kept.append if max_rows > 0 else self._write)
         self.gather = gather
         if self.paused_by_client:
             gather.pause()
         try:
-            last = await gather.run(self.fleet.pools, databases, plan.sql, self.settings)
+            last = await gather.run(self.fleet.pools, databases, query, self.settings)
         finally:
             self.gather = None
-        self._write(last + m.ready_for_query(_I))
-
-    def _sync_portal(self) -> bool:
-        """A Sync after a Describe of a several-database portal that was never executed."""
-        portal, self.portal = self.portal, None
-        if portal is None or not portal.describe:
-            return False
-        statement = portal.messages + m.describe(0x50, "") + m.SYNC_MSG
-        self._wait_for(self._run_scatter({portal.databases[0]: statement}, True, describe=True))
-        return True
+        if portal is None:
+            self._write(last + m.ready_for_query(_I))
+            return
+        if gather.failure is not None or last[:1] == b"E":
+            self.portal = None
+            self.skipping = True
+            self._write(b"".join(kept) + last)
+            return
+        if max_rows == 0:
+            self.portal = None
+            self._write(last)
+            return
+        portal.rows = deque(body for kind, body in _split(b"".join(kept) + last) if kind == m.DATA_ROW)
+        self._write(portal.next_rows(max_rows))
 
     def _made_up(self, answer: Answer, reply: bytes) -> None:
         """An answer pgfleet gives in place of a backend's, after what the backend still owes."""
@@ -1331,6 +1401,42 @@ def _one_database(route: Route) -> str:
     raise ClientError("0A000", f"{what} several databases ({', '.join(target.databases)}: {route.reason}) "
                       "is not supported by this version of pgfleet",
                       hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
+
+
+def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: FanoutPlan
+            ) -> tuple[int | None, ...]:
+    """The Bind's LIMIT and OFFSET parameters as integers (None for NULL), as PostgreSQL reads them."""
+    out: list[int | None] = [None] * len(values)
+    for number, what, sqlstate in ((plan.limit_param, "LIMIT", "2201W"), (plan.offset_param, "OFFSET", "2201X")):
+        if number is None:
+            continue
+        if number > len(values):
+            raise ClientError("08P01", f"bind message supplies {len(values)} parameters, but the statement "
+                              f"needs ${number}")
+        data = values[number - 1]
+        if data is None:
+            continue
+        binary = (formats[0] if len(formats) == 1 else formats[number - 1] if formats else 0) == 1
+        try:
+            value = int.from_bytes(data, "big", signed=True) if binary and len(data) in (2, 4, 8) else int(data)
+        except ValueError:
+            raise ClientError("22P02", f'invalid input syntax for type bigint: "{data.decode(errors="replace")}"') \
+                from None
+        if value < 0:
+            raise ClientError(sqlstate, f"{what} must not be negative")
+        out[number - 1] = value
+    return tuple(out)
+
+
+def _split(data: bytes) -> list[tuple[int, bytes]]:
+    """Backend messages as (kind, body)."""
+    out = []
+    pos = 0
+    while pos + 5 <= len(data):
+        end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+        out.append((data[pos], data[pos + 5:end]))
+        pos = end
+    return out
 
 
 def _first(route: Route) -> str:

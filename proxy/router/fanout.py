@@ -94,6 +94,17 @@ class FanoutPlan(msgspec.Struct, frozen=True):
     order: tuple[SortKey, ...] = ()
     limit: int | None = None
     offset: int = 0
+    limit_param: int | None = None   # LIMIT $n: the merger's limit comes from Bind (``bound``)
+    offset_param: int | None = None
+
+    def bound(self, values: tuple[int | None, ...]) -> FanoutPlan:
+        """The plan with LIMIT / OFFSET parameters read (``values``: the Bind's, as integers)."""
+        limit, offset = self.limit, self.offset
+        if self.limit_param is not None:
+            limit = values[self.limit_param - 1]
+        if self.offset_param is not None:
+            offset = values[self.offset_param - 1] or 0
+        return msgspec.structs.replace(self, limit=limit, offset=offset, limit_param=None, offset_param=None)
     distinct: bool = False           # over the visible columns
     distinct_on: tuple[int, ...] = ()
     having: Any = None               # groups plan: Cmp / Logic / IsNull over output columns
@@ -127,6 +138,8 @@ class _Planner:
         self.columns: list[str] = []    # the shard query's select list, as text
         self.texts: dict[str, int] = {}  # an expression's text -> its shard column
         self.hidden_names = 0
+        self.limit_param: int | None = None
+        self.offset_param: int | None = None
 
     # -- refusals
 
@@ -169,9 +182,21 @@ class _Planner:
 
     def _limit(self) -> tuple[int | None, int]:
         s = self.select
-        limit = _int_const(s.limitCount, "LIMIT")
-        offset = _int_const(s.limitOffset, "OFFSET")
+        self.limit_param = _param(s.limitCount)
+        self.offset_param = _param(s.limitOffset)
+        limit = None if self.limit_param else _int_const(s.limitCount, "LIMIT")
+        offset = None if self.offset_param else _int_const(s.limitOffset, "OFFSET")
         return limit, offset or 0
+
+    def _pushed_limit(self, limit: int | None, offset: int) -> str | None:
+        """The shard query's LIMIT: limit + offset, parameters cast so that PostgreSQL types them."""
+        if self.limit_param is None:
+            if limit is None:
+                return None
+            return str(limit + offset) if self.offset_param is None else \
+                f"{limit} + coalesce(${self.offset_param}::bigint, 0)"
+        tail = f" + coalesce(${self.offset_param}::bigint, 0)" if self.offset_param else (f" + {offset}" if offset else "")
+        return f"${self.limit_param}::bigint{tail}"
 
     def _target_text(self, target: Any) -> str:
         return self.deparse(target.val)
@@ -229,12 +254,12 @@ class _Planner:
                                           "add the expression to the select list")
                     positions.append(column)
                 distinct_on = tuple(positions)
-        pushed = None if limit is None else limit + offset
-        sql = self._rows_sql(hidden, pushed)
+        sql = self._rows_sql(hidden, self._pushed_limit(limit, offset))
         # Hidden columns counted from the end become shard-row positions once the merger
         # knows the row's width; keep them negative here.
         return FanoutPlan(sql=sql, shape=self.shape, groups=False, hidden=len(hidden), order=tuple(order),
-                          limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on)
+                          limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on,
+                          limit_param=self.limit_param, offset_param=self.offset_param)
 
     def _sort_column(self, node: Any, by_alias: dict[str, int], visible: int, star: bool) -> int | None:
         if _kind(node) == "A_Const" and _kind(getattr(node, "val", None)) == "Integer":
@@ -252,7 +277,7 @@ class _Planner:
             return None
         return self.texts.get(self.deparse(node))
 
-    def _rows_sql(self, hidden: list[str], limit: int | None) -> str:
+    def _rows_sql(self, hidden: list[str], limit: str | None) -> str:
         s = self.select
         parts = []
         if s.withClause:
@@ -356,7 +381,7 @@ class _Planner:
         return FanoutPlan(sql=" ".join(parts), shape=self.shape, groups=True, outputs=tuple(outputs),
                           visible=visible, group_by=tuple(dict.fromkeys(group_by)), order=tuple(order),
                           limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on,
-                          having=having)
+                          having=having, limit_param=self.limit_param, offset_param=self.offset_param)
 
     def _output(self, node: Any, name: str | None) -> Output:
         """A select-list (or HAVING / ORDER BY) expression as an output column."""
@@ -469,6 +494,13 @@ def _int_const(node: Any, what: str) -> int | None:
         return int(node.val.fval)  # a bigint constant
     raise Unmergeable(f"{what} given by an expression or a parameter across shards",
                       f"write {what} as a number")
+
+
+def _param(node: Any) -> int | None:
+    """$n of a LIMIT or OFFSET given as a parameter (a cast on it allowed)."""
+    if _kind(node) == "TypeCast":
+        node = node.arg
+    return int(node.number) if _kind(node) == "ParamRef" else None
 
 
 def _is_star(node: Any) -> bool:

@@ -251,6 +251,24 @@ def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, .
     return tuple(formats), tuple(values)
 
 
+def bind_results(rest: bytes) -> tuple[bytes, tuple[int, ...]]:
+    """A Bind's parameters (format codes and values, as they came) and its result format codes."""
+    try:
+        nformats = _I16.unpack_from(rest, 0)[0]
+        pos = 2 + 2 * max(nformats, 0)
+        count = _I16.unpack_from(rest, pos)[0]
+        _, pos = counted_values(rest, pos + 2, count)
+        nresults = _I16.unpack_from(rest, pos)[0]
+        results = struct.unpack_from(f"!{nresults}h", rest, pos + 2) if nresults > 0 else ()
+    except struct.error:
+        raise ProtocolViolation("invalid Bind message: it ends before its result formats") from None
+    if nformats < 0 or count < 0 or nresults < 0 or len(rest) != pos + 2 + 2 * nresults:
+        raise ProtocolViolation("invalid Bind message: its counts do not match its length")
+    if any(code not in (0, 1) for code in results):
+        raise ProtocolViolation(f"unsupported format code: {max(results)}")
+    return rest[:pos], tuple(results)
+
+
 def decode_execute(body: bytes) -> tuple[str, int]:
     """Execute: (portal name, the most rows to return; 0 is all)."""
     portal, pos = _cstr(body, 0)
@@ -373,6 +391,7 @@ READY_IN_TRANSACTION = message(READY_FOR_QUERY, b"T")
 READY_FAILED = message(READY_FOR_QUERY, b"E")
 PARSE_COMPLETE_MSG = message(PARSE_COMPLETE)
 CLOSE_COMPLETE_MSG = message(CLOSE_COMPLETE)
+PORTAL_SUSPENDED_MSG = message(PORTAL_SUSPENDED)
 BIND_COMPLETE_MSG = message(BIND_COMPLETE)
 NO_DATA_MSG = message(NO_DATA)
 SYNC_MSG = message(SYNC)

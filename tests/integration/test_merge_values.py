@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.embedded import Cluster
-from proxy.frontend.merge import _datetime, float_text, numeric_div
+from proxy.frontend.values import float_text, numeric_div, read_datetime
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +61,5 @@ def test_timestamps_read_as_the_instants_the_server_orders(conn: psycopg.Connect
         order by u.v""").fetchall()
     conn.execute("reset timezone")
     texts = [r[0].encode() for r in rows]
-    assert sorted(texts, key=_datetime) == texts
-    assert len({_datetime(t) for t in texts}) == len(texts)
+    assert sorted(texts, key=read_datetime) == texts
+    assert len({read_datetime(t) for t in texts}) == len(texts)

@@ -457,3 +457,36 @@ def test_extended_portal_for_every_shard_raw_protocol(sharded: Fleet, clusters: 
         assert got[4].body == b"UPDATE 1\0"
         assert [x.kind for x in raw.query("select 1")] == ["T", "D", "C", "Z"]
     assert rows_on(clusters, "select balance from accounts where user_id >= 950")[owner(950)] == [(1,)]
+
+
+def test_fan_out_reads_in_the_extended_protocol(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    values = ", ".join(f"({i}, 'x{i % 4}')" for i in range(1000, 1020))
+    sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing")
+    everything = sorted(r for rows in rows_on(clusters, "select user_id, name from users").values() for r in rows)
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        cur = conn.execute("select user_id, name from users where user_id > %s order by user_id desc limit %s",
+                           (0, 5))  # LIMIT as a parameter: refused until planned per Bind
+        assert cur.fetchall() == sorted(everything, reverse=True)[:5]
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        cur = conn.execute("select count(*), avg(user_id) from users where user_id >= %s", (0,))
+        with direct(clusters, "secondary") as one:  # one database's own avg of the same values
+            expected = one.execute("select avg(v) from unnest(%s::bigint[]) v", ([r[0] for r in everything],))
+            assert cur.fetchone() == (len(everything), expected.fetchone()[0])  # type: ignore[index]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        conn = await asyncpg.connect(sharded.dsn())
+        try:
+            rows = await conn.fetch("select user_id, name from users where name <> $1 order by name, user_id", "")
+            agg = await conn.fetch("select name, count(*), max(user_id) from users group by name order by 1")
+            return [tuple(r) for r in rows], [tuple(r) for r in agg]
+        finally:
+            await conn.close()
+
+    import asyncio
+    rows, agg = asyncio.run(run())
+    assert rows == sorted(everything, key=lambda r: (r[1], r[0]))
+    names: dict[str, list[int]] = {}
+    for user_id, name in everything:
+        names.setdefault(name, []).append(user_id)
+    assert agg == [(name, len(ids), max(ids)) for name, ids in sorted(names.items())]
+    sharded.psql("delete from users where user_id between 1000 and 1019")
