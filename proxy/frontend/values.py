@@ -59,7 +59,7 @@ _DATETIME = re.compile(rb"^(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\
 def _days_from_civil(y: int, m_: int, d: int) -> int:
     """Days since 1970-01-01 of a proleptic Gregorian date (any year; 0 is 1 BC)."""
     y -= m_ <= 2
-    era = (y if y >= 0 else y - 399) // 400
+    era = y // 400  # Python's // floors, so no adjustment for negative years
     yoe = y - era * 400
     doy = (153 * (m_ + (-3 if m_ > 2 else 9)) + 2) // 5 + d - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
@@ -213,7 +213,7 @@ _BINARY_SIMPLE: dict[int, Callable[[bytes], bytes]] = {
     26: lambda raw: struct.pack("!I", int(raw)),
     700: lambda raw: struct.pack("!f", float(raw)),
     701: lambda raw: struct.pack("!d", float(raw)),
-    16: lambda raw: b"\x01" if raw == b"t" else b"\x00",
+    16: lambda raw: b"\x01" if raw in (b"t", b"true") else b"\x00",
     2950: lambda raw: bytes.fromhex(raw.decode().replace("-", "")),
 }
 
@@ -239,9 +239,9 @@ def _binary_timestamp(raw: bytes) -> bytes:
 def _binary_numeric(raw: bytes) -> bytes:
     """numeric_send: base-10000 digits, weight, sign and display scale."""
     text = raw.decode()
-    special = {"NaN": 0xC000, "Infinity": 0xD000, "-Infinity": 0xF000}.get(text)
-    if special is not None:
-        return struct.pack("!hhHh", 0, 0, special, 0)
+    special = {"NaN": (0xC000, 0), "Infinity": (0xD000, 32), "-Infinity": (0xF000, 32)}.get(text)
+    if special is not None:  # the server sends a display scale of 32 for the infinities
+        return struct.pack("!hhHh", 0, 0, *special)
     negative = text.startswith("-")
     whole, _, fraction = text.lstrip("+-").partition(".")
     scale = len(fraction)

@@ -63,3 +63,31 @@ def test_timestamps_read_as_the_instants_the_server_orders(conn: psycopg.Connect
     texts = [r[0].encode() for r in rows]
     assert sorted(texts, key=read_datetime) == texts
     assert len({read_datetime(t) for t in texts}) == len(texts)
+
+
+@pytest.mark.parametrize(("type_name", "oid", "send", "literals"), [
+    ("numeric", 1700, "numeric_send", ["0", "0.00", "-1", "12345.6789", "0.0001", "10000", "-99999999.000001",
+                                       "123456789012345678901234567890.5", "NaN", "Infinity", "-Infinity", "1e-20"]),
+    ("int8", 20, "int8send", ["0", "-1", "9223372036854775807", "-9223372036854775808"]),
+    ("int4", 23, "int4send", ["0", "-2147483648", "2147483647"]),
+    ("int2", 21, "int2send", ["0", "-32768", "32767"]),
+    ("float8", 701, "float8send", ["0", "-0", "1.5", "NaN", "Infinity", "-Infinity", "1e-300"]),
+    ("float4", 700, "float4send", ["0", "1.5", "NaN", "-Infinity", "3.4e38"]),
+    ("bool", 16, "boolsend", ["t", "f"]),
+    ("uuid", 2950, "uuid_send", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "00000000-0000-0000-0000-000000000000"]),
+    ("date", 1082, "date_send", ["2024-02-29", "1999-12-31", "0044-03-15 BC", "infinity", "-infinity", "5874897-12-31"]),
+    ("timestamp", 1114, "timestamp_send", ["2000-01-01 00:00:00", "1970-01-01 00:00:00.000001", "infinity",
+                                           "0044-03-15 12:30:00 BC"]),
+    ("timestamptz", 1184, "timestamptz_send", ["2024-03-10 03:15:00-04", "2000-01-01 00:00:00+05:30", "-infinity"]),
+    ("text", 25, "textsend", ["", "héllo", "a\tb"]),
+])
+def test_binary_output_is_the_servers_send_function(conn: psycopg.Connection[Any], type_name: str, oid: int,
+                                                    send: str, literals: list[str]) -> None:
+    from proxy.frontend.values import binary_writer
+    write = binary_writer(oid)
+    conn.execute("set timezone = 'UTC'")
+    for literal in literals:
+        text, binary = conn.execute(f"select %s::{type_name}::text, {send}(%s::{type_name})",
+                                    (literal, literal)).fetchone()  # type: ignore[misc]
+        assert write(text.encode()) == bytes(binary), (type_name, literal, text)
+    conn.execute("reset timezone")
