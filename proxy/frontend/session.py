@@ -828,7 +828,7 @@ class Session(asyncio.Protocol):
         target = route.target
         assert not isinstance(target, Direct)
         plan = self.fleet.router.fanout_plan(query, self.fleet.router.analysis(query))
-        self._may_scatter(target, effect)
+        self._may_scatter(target, effect, read=True)
         params, formats = m.bind_results(raw[name_end + 1:])
         if plan.limit_param is not None or plan.offset_param is not None:
             plan = plan.bound(_limits(*m.bind_parameters(params + b"\0\0"), plan))
@@ -839,10 +839,17 @@ class Session(asyncio.Protocol):
         self._write(m.BIND_COMPLETE_MSG)
         return True
 
-    def _may_scatter(self, target: Multi | All, effect: Analysis | None) -> None:
-        """A statement for several databases runs alone, outside transactions; refused otherwise."""
+    def _may_scatter(self, target: Multi | All, effect: Analysis | None, read: bool = False) -> None:
+        """A statement for several databases runs alone, outside transactions; refused otherwise.
+
+        A read may also run in a transaction that has not reached any database yet (drivers
+        that BEGIN before every statement): in READ COMMITTED each statement has its own
+        snapshot anyway. REPEATABLE READ and SERIALIZABLE would need one snapshot for all.
+        """
         backend = self.backend
-        if self.tx_status != _I or (backend is not None and backend.tx_status != _I):
+        deferred = self.deferred_begin is not None and (backend is None or backend.tx_status == _I) \
+            and _SNAPSHOT_LEVELS.search(self.deferred_begin) is None
+        if (self.tx_status != _I and not (read and deferred)) or (backend is not None and backend.tx_status != _I):
             raise ClientError("0A000", f"a statement on several databases ({', '.join(target.databases)}) "
                               "cannot run inside a transaction block",
                               hint="run it outside BEGIN ... COMMIT (it then commits on all or none "
@@ -934,7 +941,7 @@ class Session(asyncio.Protocol):
         assert not isinstance(target, Direct)
         if route.fanout:
             plan = self.fleet.router.fanout_plan(sql, analysis)
-            self._may_scatter(target, analysis)
+            self._may_scatter(target, analysis, read=True)
             self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql)))
             return True
         if not route.write:
@@ -986,7 +993,7 @@ class Session(asyncio.Protocol):
         finally:
             self.gather = None
         if portal is None:
-            self._write(last + m.ready_for_query(_I))
+            self._write(last + m.ready_for_query(self.tx_status))
             return
         if gather.failure is not None or last[:1] == b"E":
             self.portal = None
@@ -1376,6 +1383,7 @@ _monotonic = time.monotonic
 _READY = State.READY
 _SYNC = m.SYNC
 _QUERY = m.QUERY
+_SNAPSHOT_LEVELS = re.compile(rb"(?i)repeatable|serializable")
 _DESCRIBE = m.DESCRIBE
 _PARSE = m.PARSE
 _BIND = m.BIND

@@ -490,3 +490,43 @@ def test_fan_out_reads_in_the_extended_protocol(sharded: Fleet, clusters: dict[s
         names.setdefault(name, []).append(user_id)
     assert agg == [(name, len(ids), max(ids)) for name, ids in sorted(names.items())]
     sharded.psql("delete from users where user_id between 1000 and 1019")
+
+
+def test_fan_out_portal_with_a_row_limit_raw_protocol(sharded: Fleet) -> None:
+    """Execute with max rows on a merged portal: PortalSuspended until the last rows, as PostgreSQL."""
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw, rows
+    values = ", ".join(f"({i}, 'r{i}')" for i in range(2000, 2007))
+    sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing")
+    with Raw(sharded.port) as raw:
+        raw.login("pf_server", KEYS["pf_server"][0])
+        parse = m.parse("", "select user_id from users where user_id >= 2000 order by user_id desc")
+        bind = m.bind("", "", b"\0\0\0\0\0\0")
+        raw.send(parse + bind + m.describe(0x50, "") + m.execute("", 3) + m.execute("", 3) + m.execute("", 3)
+                 + m.SYNC_MSG)
+        got = raw.until("Z")
+        assert [x.kind for x in got] == ["1", "2", "T", "D", "D", "D", "s", "D", "D", "D", "s", "D", "C", "Z"]
+        assert [int(r[0]) for r in rows(got)] == list(range(2006, 1999, -1))
+        assert got[-2].body == b"SELECT 1\0"
+        raw.send(m.execute("", 0) + m.SYNC_MSG)  # the portal ended with the implicit transaction
+        got = raw.until("Z")
+        assert got[0].kind == "E" and got[0].fields["C"] == "34000"
+    sharded.psql("delete from users where user_id between 2000 and 2006")
+
+
+def test_fan_out_reads_in_a_transaction_that_has_not_reached_a_database(sharded: Fleet) -> None:
+    with psycopg.connect(sharded.dsn()) as conn:  # not autocommit: psycopg sends BEGIN first
+        total = conn.execute("select count(*) from users").fetchone()
+        assert total is not None and conn.execute("select count(*) from users where user_id >= %s", (0,)
+                                                  ).fetchone() == total
+        conn.execute("select name from users where user_id = 100")  # now on one shard's backend
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("select count(*) from users")
+        assert "transaction block" in str(err.value)
+        conn.rollback()
+    with psycopg.connect(sharded.dsn()) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with pytest.raises(psycopg.errors.FeatureNotSupported):  # one snapshot across shards: not possible
+            conn.execute("select count(*) from users")
+        conn.rollback()
