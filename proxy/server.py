@@ -13,7 +13,7 @@ import signal
 
 import asyncpg
 
-from .backend.catalog import byte_order, shard_key_types
+from .backend.catalog import shard_key_types
 from .config import Config
 from .errors import ProxyError
 from .frontend.fleet import Fleet
@@ -39,7 +39,6 @@ class Server:
         self.listener = await loop.create_server(
             lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
         await self.learn_shard_key_types()
-        await self.learn_collations()
         self._reaper = loop.create_task(self._reap())
         log.info("pgfleet listening on %s:%d (fleet database %r, %d databases, pool mode %s)",
                  listen.host, listen.port, listen.database, len(self.config.databases),
@@ -52,11 +51,8 @@ class Server:
             for pool in self.fleet.pools.values():
                 pool.reap()
             ticks += 1
-            if ticks % TYPES_RETRY == 0:
-                if self.fleet.router.unknown_types:
-                    await self.learn_shard_key_types()
-                if len(self.fleet.byte_order) < len(self.config.databases):
-                    await self.learn_collations()
+            if self.fleet.router.unknown_types and ticks % TYPES_RETRY == 0:
+                await self.learn_shard_key_types()
 
     async def learn_shard_key_types(self) -> None:
         """Read the shard-key column types off the first shard (config's sharding.types win)."""
@@ -79,18 +75,6 @@ class Server:
             log.warning("database %s has no shard-key column for %s; statements on them are refused "
                         "(create the tables, or set sharding.types)", first,
                         ", ".join(f"{t}.{router.sharded[t]}" for t in still))
-
-    async def learn_collations(self) -> None:
-        """Which databases sort text in byte order; federated text sort keys need it."""
-        missing = [db for db in self.config.databases if db not in self.fleet.byte_order]
-        found = await asyncio.gather(*(byte_order(self.config.dsn(db), self.config.pool.connect_timeout)
-                                       for db in missing), return_exceptions=True)
-        for db, result in zip(missing, found, strict=True):
-            if isinstance(result, bool):
-                self.fleet.byte_order[db] = result
-            else:
-                log.warning("could not read the collation of database %s: %s; federated queries that "
-                            "sort text there are refused until it answers", db, result)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -7,16 +7,21 @@ backend serves every client that prepares the same text (as PgBouncer 1.21+ does
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from typing import TYPE_CHECKING
 
 from ..auth.keys import ApiKey, load_keys
+from ..backend.catalog import byte_order
 from ..backend.pool import Pool
 from ..config import Config
 from ..router.router import Router
 
 if TYPE_CHECKING:
     from .session import Session
+
+log = logging.getLogger("pgfleet.fleet")
 
 
 class Fleet:
@@ -37,10 +42,27 @@ class Fleet:
                 startup={"application_name": "pgfleet"},
             )
         self.sessions: dict[int, Session] = {}
-        # Whether each database sorts text in byte order (learned from its catalog at start).
+        # Whether each database sorts text in byte order (read from its catalog when a
+        # federated query first needs it).
         self.byte_order: dict[str, bool] = {}
         self._statement_names: dict[tuple[str, bytes], str] = {}
         self._tokens = 0
+
+    async def learn_byte_order(self, databases: tuple[str, ...]) -> None:
+        """Read the collation of those of ``databases`` not known yet; one that does not
+        answer stays unknown (its text sort keys are refused) and is asked again next time."""
+        missing = [db for db in databases if db not in self.byte_order]
+        if not missing:
+            return
+        timeout = self.config.pool.connect_timeout
+        found = await asyncio.gather(*(byte_order(self.config.dsn(db), timeout) for db in missing),
+                                     return_exceptions=True)
+        for db, result in zip(missing, found, strict=True):
+            if isinstance(result, bool):
+                self.byte_order[db] = result
+            else:
+                log.warning("could not read the collation of database %s: %s; federated queries that "
+                            "sort text there are refused until it answers", db, result)
 
     def statement_name(self, query: str, param_types: bytes) -> str:
         key = (query, param_types)

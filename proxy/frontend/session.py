@@ -980,6 +980,7 @@ class Session(asyncio.Protocol):
             digits = int(self.settings.get("extra_float_digits", "1"))
         except ValueError:
             digits = 1
+        await self.fleet.learn_byte_order(databases)
         text_order = all(self.fleet.byte_order.get(db, False) for db in databases)
         merger = Merger(plan, len(databases), float_digits=digits, text_order=text_order,
                         formats=portal.formats if portal else (), describe=portal is None)
