@@ -171,8 +171,8 @@ class Merger:
         self.described[leg] = True
         if self.description is not None:
             if not _same(cols, self.description):
-                raise MergeError("42804", f"shard {leg + 1} returned a different row description for the "
-                                 "same query (a column added or changed on some shards only)",
+                raise MergeError("42804", "the shards returned different row descriptions for the same query "
+                                 "(a column added or changed on some shards only)",
                                  hint="make the shards' schemas the same")
             return
         self.description = cols
