@@ -530,3 +530,21 @@ def test_fan_out_reads_in_a_transaction_that_has_not_reached_a_database(sharded:
         with pytest.raises(psycopg.errors.FeatureNotSupported):  # one snapshot across shards: not possible
             conn.execute("select count(*) from users")
         conn.rollback()
+
+
+def test_a_fan_out_with_an_unreachable_shard_fails_whole_naming_it(make_fleet: Any, pg: Cluster) -> None:
+    from proxy.embedded import free_port
+    pg.create_database("lonely_a")
+    pg.psql(SCHEMA, dbname="lonely_a")
+    fleet: Fleet = make_fleet(
+        databases={"primary": {"dsn": pg.dsn("lonely_a")},
+                   "gone": {"dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"}},
+        default_database="primary",
+        sharding={"shards": ["primary", "gone"], "tables": {"users": "user_id"}, "types": {"users": "bigint"}},
+        pool={"size": 2, "connect_timeout": "2s", "acquire_timeout": "3s"})
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ConnectionFailure) as err:
+            conn.execute("select count(*) from users")
+        assert "gone" in str(err.value)
+        on_primary = next(i for i in range(100, 140) if owner(i) == "primary")  # shard 0 of 2
+        assert conn.execute("select count(*) from users where user_id = %s", (on_primary,)).fetchone() == (0,)
