@@ -169,11 +169,22 @@ class Gather:
         pos = 0
         n = len(inbox)
         merger = self.merger
+        run = -1  # the start of a run of DataRows that goes out whole (merger.passthrough)
+        rows = 0
         while n - pos >= 5:
             end = pos + 1 + _U32.unpack_from(inbox, pos + 1)[0]
             if end > n:
                 break
             kind = inbox[pos]
+            if kind == m.DATA_ROW and merger.passthrough and self.failure is None and not shard.replays:
+                if run < 0:
+                    run = pos
+                rows += 1
+                pos = end
+                continue
+            if run >= 0:
+                merger.pass_rows(bytes(inbox[run:pos]), rows)
+                run, rows = -1, 0
             if kind == m.ERROR_RESPONSE:
                 self._fail(bytes(inbox[pos:end]), shard)
             elif shard.replays:
@@ -189,6 +200,8 @@ class Gather:
                     self._fail(m.error_response("XX000", "internal error in pgfleet while merging the "
                                                 "shards' answers; the details are in its log"), shard)
             pos = end
+        if run >= 0:
+            merger.pass_rows(bytes(inbox[run:pos]), rows)
         del inbox[:pos]
         if self.failure is None:
             out = merger.take()

@@ -112,6 +112,7 @@ class Merger:
         self.writers: list[Callable[[bytes], bytes] | None] | None = None  # text -> binary, per column
         self.visible = 0
         self.plain = not plan.groups and not plan.hidden  # shard rows go to the client as they are
+        self.passthrough = False  # plain, and nothing to decide per row: whole runs of rows go out
         self.legs = legs
         self.float_digits = float_digits
         self.text_order = text_order
@@ -192,6 +193,8 @@ class Merger:
                 self.distinct_readers = [(c, self._equality(type_of(cols[c]))) for c in on]
         self.visible = len(visible)
         visible = self._client_formats(visible)
+        if not plan.groups:
+            self.passthrough = self.plain and not (plan.order or plan.distinct or plan.distinct_on or plan.offset)
         if self.describe:
             self.out.append(row_description(visible))
 
@@ -238,6 +241,23 @@ class Merger:
         self.queues[leg].append((self._sort_key(values), values, body))
         if not self.in_heap[leg]:
             self._merge()
+
+    def pass_rows(self, data: bytes, count: int) -> None:
+        """``count`` whole DataRow messages, as one shard sent them, when ``passthrough``."""
+        limit = self.plan.limit
+        if self.full:
+            return
+        if limit is not None and self.sent + count > limit:
+            pos = 0
+            while pos < len(data) and not self.full:  # the last few, one by one
+                end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+                self._emit(data[pos + 5:end], None)
+                pos = end
+            return
+        self.out.append(data)
+        self.sent += count
+        if limit is not None and self.sent >= limit:
+            self.full = True
 
     def _sort_key(self, values: list[bytes | None]) -> tuple[Any, ...]:
         key = []

@@ -226,9 +226,10 @@ class _Planner:
                 if target.name:
                     by_alias.setdefault(target.name, index)
         hidden: list[str] = []
-        order = []
+        keys: list[tuple[Any, int | None, int]] = []  # (sort clause, select-list column, hidden number)
         for sort in s.sortClause or ():
             column = self._sort_column(sort.node, by_alias, visible, star)
+            number = -1
             if column is None:  # not in the select list: a hidden column at its end
                 text = self.deparse(sort.node)
                 if s.distinctClause:
@@ -236,8 +237,11 @@ class _Planner:
                                       "add the expression to the select list")
                 if text not in hidden:
                     hidden.append(text)
-                column = -(hidden.index(text) + 1)  # from the end: the select list's length is unknown
-            order.append(_sort_key(sort, column))
+                number = hidden.index(text)
+            keys.append((sort, column, number))
+        # Hidden columns are counted from the end: with * the select list's length is unknown.
+        order = [_sort_key(sort, column if column is not None else number - len(hidden))
+                 for sort, column, number in keys]
         distinct_on: tuple[int, ...] = ()
         distinct = False
         if s.distinctClause:

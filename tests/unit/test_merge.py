@@ -204,3 +204,24 @@ def test_float_text_is_postgresql_float8out(value: float, text: str) -> None:
 ])
 def test_numeric_division_has_postgresql_scale(total: object, count: int, text: str) -> None:
     assert format(numeric_div(Decimal(total), count), "f") == text  # type: ignore[arg-type]
+
+
+def test_several_hidden_sort_keys_keep_their_order() -> None:
+    # select * hides every key: ORDER BY b, a must not merge as ORDER BY a, b.
+    plan = fanout_plan("select * from t order by b, a", {"t": "id"}, "SELECT")
+    assert plan.hidden == 2 and [k.column for k in plan.order] == [-2, -1]
+    cols = (("a", INT8), ("b", INT8), ("?pgfleet_1", INT8), ("?pgfleet_2", INT8))
+    out = run("select * from t order by b, a", cols, [[(2, 1, 1, 2), (1, 3, 3, 1)], [(9, 2, 2, 9)]])
+    assert values(out) == [["2", "1"], ["9", "2"], ["1", "3"]]
+
+
+def test_plain_fan_outs_pass_whole_runs_of_rows_and_stop_at_the_limit() -> None:
+    plan = fanout_plan("select id from t limit 3", {"t": "id"}, "SELECT")
+    merger = Merger(plan, 2)
+    for leg in (0, 1):
+        merger.feed(leg, m.ROW_DESCRIPTION, description(("id", INT8)))
+    assert merger.passthrough
+    merger.pass_rows(data_row([b"1"]) + data_row([b"2"]), 2)
+    merger.pass_rows(data_row([b"3"]) + data_row([b"4"]), 2)  # only one of these fits
+    merger.pass_rows(data_row([b"5"]), 1)
+    assert values(merger.take()) == [["1"], ["2"], ["3"]] and merger.full
