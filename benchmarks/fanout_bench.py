@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -56,8 +55,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import psycopg
+from pgbench_compare import BenchError, last_line, say, stop_process, warn  # the shared helpers
 from psycopg.types.string import TextLoader
 
 from proxy.embedded import Cluster, EmbeddedError, free_port
@@ -107,23 +108,6 @@ STREAM_SHAPES: list[tuple[str, str, str, bool]] = [
     ("order_all", "ORDER BY without LIMIT",
      "select id, grp, v, score, name from {table} order by score, id", True),
 ]
-
-
-class BenchError(Exception):
-    """An expected failure: reported as one line, never a traceback."""
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def warn(msg: str) -> None:
-    print(f"fanout_bench: {msg}", file=sys.stderr, flush=True)
-
-
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no output)"
 
 
 def one_line(exc: BaseException) -> str:
@@ -258,23 +242,6 @@ def start_fleet(workdir: Path, cluster: Cluster, n: int, pool_size: int, python:
             time.sleep(0.3)
     stop_process(proc, "pgfleet")
     raise BenchError(f"pgfleet ({n} shards) did not answer within 30 s: {last}")
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, name: str) -> None:
-    """SIGTERM to the process group we started, then SIGKILL if it does not go."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    warn(f"{name} (pid {proc.pid}) did not stop")
 
 
 def log_problems(log: Path, limit: int = 30) -> list[str]:

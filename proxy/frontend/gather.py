@@ -153,6 +153,10 @@ class Gather:
             if self.failure is not None:
                 return self.failure
             return m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+        except Exception:  # a bug must not leave the client without an answer
+            log.exception("internal error in a federated query on %s", ", ".join(databases))
+            return m.error_response("XX000", "internal error in pgfleet while merging the shards' answers; "
+                                    "the details are in its log")
         finally:
             for shard in self.shards.values():
                 server = shard.server

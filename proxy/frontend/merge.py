@@ -10,6 +10,7 @@ text; values are read, compared and written by ``values.py``.
 from __future__ import annotations
 
 import heapq
+import operator
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .values import (
     TYPE_NAMES,
     Desc,
     MergeError,
+    add_numeric,
     binary_writer,
     float_text,
     numeric_div,
@@ -123,7 +125,7 @@ class Merger:
         self.out: list[bytes] = []
         self.sent = 0           # rows the client got
         self.skipped = 0        # rows OFFSET dropped
-        self.full = False       # LIMIT reached: the rest is not needed
+        self.full = plan.limit == 0  # LIMIT reached: the rest is not needed
         self.queues: list[deque[tuple[Any, list[bytes | None] | None, bytes]]] = [deque() for _ in range(legs)]
         self.heap: list[tuple[Any, int, int]] = []
         self.in_heap = [False] * legs
@@ -293,6 +295,8 @@ class Merger:
     def _emit(self, body: bytes, values: list[bytes | None] | None) -> None:
         """One merged row: DISTINCT, OFFSET and LIMIT, then out (``body`` when ``plain``)."""
         plan = self.plan
+        if self.full:
+            return
         if plan.distinct or plan.distinct_on:
             values = values if values is not None else fields(body)
             key = tuple(None if values[c] is None else read(values[c])  # type: ignore[arg-type]
@@ -402,12 +406,14 @@ class _Count(_Partial):
 class _Sum(_Partial):
     def __init__(self, column: int, type_oid: int) -> None:
         super().__init__(column)
+        self.plus: Callable[[Any, Any], Any] = operator.add
         if type_oid in INT_TYPES:
             self.read: Callable[[bytes], Any] = int
             self.write: Callable[[Any, int], bytes] = lambda v, _: str(v).encode()
         elif type_oid == NUMERIC:
             self.read = lambda raw: Decimal(raw.decode())
             self.write = lambda v, _: numeric_text(v)
+            self.plus = add_numeric
         elif type_oid == 701:
             self.read = float
             self.write = float_text
@@ -418,7 +424,7 @@ class _Sum(_Partial):
 
     def combine(self, state: Any, raw: bytes) -> Any:
         value = self.read(raw)
-        return value if state is None else state + value
+        return value if state is None else self.plus(state, value)
 
     def result(self, state: Any, float_digits: int) -> bytes | None:
         return None if state is None else self.write(state, float_digits)

@@ -765,7 +765,7 @@ class Session(asyncio.Protocol):
             formats, values = m.bind_parameters(raw[name_end + 1:])
             route = self._route(routed[0], Params(values, formats))
             if not isinstance(route.target, Direct):
-                if route.fanout:
+                if route.fanout or self.fleet.router.analysis(routed[0]).statements[0].command == "SELECT":
                     return self._bind_gather(raw, portal_end, name_end, routed, route)
                 return self._bind_scatter(raw, portal_end, name_end, routed, route)
             bound = route.target.database
@@ -939,7 +939,7 @@ class Session(asyncio.Protocol):
         """A simple query for several databases: run it on all of them, answer once."""
         target = route.target
         assert not isinstance(target, Direct)
-        if route.fanout:
+        if route.fanout or analysis.statements[0].command == "SELECT":  # FOR UPDATE, INTO: refused there
             plan = self.fleet.router.fanout_plan(sql, analysis)
             self._may_scatter(target, analysis, read=True)
             self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql)))

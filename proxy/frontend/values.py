@@ -188,7 +188,11 @@ def _nbase(value: Decimal) -> tuple[int, int]:
 
 
 def numeric_div(total: Decimal, count: int) -> Decimal:
-    """numeric_div(total, count) with PostgreSQL's result scale (select_div_scale)."""
+    """numeric_div(total, count) with PostgreSQL's result scale (select_div_scale).
+
+    NaN and the infinities divide to themselves (count is positive)."""
+    if not total.is_finite():
+        return total
     divisor = Decimal(count)
     w1, f1 = _nbase(total)
     w2, f2 = _nbase(divisor)
@@ -200,7 +204,15 @@ def numeric_div(total: Decimal, count: int) -> Decimal:
 
 
 def numeric_text(value: Decimal) -> bytes:
-    return format(value, "f").encode()
+    return format(value, "f").encode()  # NaN, Infinity, -Infinity as PostgreSQL spells them
+
+
+# Sums of numerics as PostgreSQL adds them: Infinity + -Infinity is NaN, not an error.
+NUMERIC_SUMS = Context(prec=1200, traps=[])
+
+
+def add_numeric(a: Decimal, b: Decimal) -> Decimal:
+    return NUMERIC_SUMS.add(a, b)
 
 
 # -- binary output (for clients that ask for binary results)

@@ -164,6 +164,62 @@ class _Planner:
             if _kind(group) in ("GroupingSet",):
                 raise self.refuse("GROUP BY ROLLUP, CUBE or GROUPING SETS across shards",
                                   "group by plain expressions")
+        for cte in (s.withClause.ctes if s.withClause else ()):
+            if _kind(cte.ctequery) != "SelectStmt":
+                raise self.refuse("a data-modifying WITH across shards", "run the write on its own")
+            self._row_wise(cte.ctequery, f"the WITH query {cte.ctename}")
+        for item in s.fromClause or ():
+            self._from_item(item)
+        for where in (s.whereClause, s.havingClause, *(t.val for t in s.targetList),
+                      *(x.node for x in s.sortClause or ())):
+            self._sublinks(where)
+
+    def _from_item(self, item: Any) -> None:
+        kind = _kind(item)
+        if kind == "JoinExpr":
+            self._from_item(item.larg)
+            self._from_item(item.rarg)
+            self._sublinks(item.quals)
+        elif kind == "RangeSubselect":
+            if item.lateral:
+                raise self.refuse("a LATERAL subquery across shards", "bind the shard key")
+            self._row_wise(item.subquery, "a subquery in FROM")
+        elif kind == "RangeTableSample":
+            raise self.refuse("TABLESAMPLE across shards", "sample each shard on its own")
+        elif kind == "RangeFunction":
+            self._sublinks(item.functions)
+
+    def _row_wise(self, select: Any, what: str) -> None:
+        """A nested SELECT that each shard may run on its own rows: it keeps or drops rows one
+        by one (filters, projections, co-located joins), so the shards' parts add up."""
+        if not self._reads_sharded(select):
+            return
+        s = select
+        if (s.op is not None and int(s.op) != 0) or s.groupClause or s.havingClause is not None \
+                or s.distinctClause or s.limitCount is not None or s.limitOffset is not None \
+                or s.windowClause or s.lockingClause or any(
+                    _name(f) in COMBINABLE or _name(f) in _NOT_EXACT or f.over is not None
+                    for t in s.targetList or () for f in _calls(t.val)):
+            raise self.refuse(f"{what} that aggregates, sorts with a limit, removes duplicates or "
+                              "combines sets over a sharded table",
+                              "move the aggregate to the outer query, or bind the shard key")
+        for cte in (s.withClause.ctes if s.withClause else ()):
+            self._row_wise(cte.ctequery, f"the WITH query {cte.ctename}")
+        for item in s.fromClause or ():
+            self._from_item(item)
+        for expr in (s.whereClause, *(t.val for t in s.targetList or ())):
+            self._sublinks(expr)
+
+    def _sublinks(self, node: Any) -> None:
+        """A subquery in an expression sees only its own shard's rows: refused when it reads a
+        sharded table (EXISTS, IN, scalar subqueries)."""
+        for sub in _nodes(node, "SubLink"):
+            if self._reads_sharded(sub.subselect):
+                raise self.refuse("a subquery on a sharded table inside an expression across shards",
+                                  "join on the shard key instead, or bind the shard key")
+
+    def _reads_sharded(self, node: Any) -> bool:
+        return any(var.relname in self.key_columns for var in _nodes(node, "RangeVar", into_subqueries=True))
 
     # -- the plan
 
@@ -232,7 +288,7 @@ class _Planner:
             number = -1
             if column is None:  # not in the select list: a hidden column at its end
                 text = self.deparse(sort.node)
-                if s.distinctClause:
+                if s.distinctClause and s.distinctClause[0] is None:  # DISTINCT ON allows it
                     raise self.refuse("SELECT DISTINCT ordered by an expression not in its select list",
                                       "add the expression to the select list")
                 if text not in hidden:
@@ -285,7 +341,7 @@ class _Planner:
         s = self.select
         parts = []
         if s.withClause:
-            parts.append(self.deparse(s.withClause))
+            parts.append("WITH " + self.deparse(s.withClause))
         head = "SELECT"
         if s.distinctClause:
             head += " DISTINCT" if s.distinctClause[0] is None else \
@@ -364,7 +420,7 @@ class _Planner:
                 column = position - 1
             else:
                 column = output_of(node)
-                if s.distinctClause and column >= visible:
+                if s.distinctClause and s.distinctClause[0] is None and column >= visible:
                     raise self.refuse("SELECT DISTINCT ordered by an expression not in its select list",
                                       "add the expression to the select list")
             order.append(_sort_key(sort, column))
@@ -377,7 +433,7 @@ class _Planner:
                 distinct_on = tuple(output_of(expr) for expr in s.distinctClause)
         parts = []
         if s.withClause:
-            parts.append(self.deparse(s.withClause))
+            parts.append("WITH " + self.deparse(s.withClause))
         parts.append("SELECT " + ", ".join(self.columns))
         parts.extend(self._from_where())
         if group_by:
@@ -527,6 +583,31 @@ def _calls(node: Any) -> list[Any]:
             continue
         if kind == "FuncCall":
             found.append(item)
+        for slot in getattr(item, "__slots__", ()):
+            value = getattr(item, slot, None)
+            if value is not None and not isinstance(value, str | int | float | bool):
+                stack.append(value)
+    return found
+
+
+def _nodes(node: Any, kind: str, into_subqueries: bool = False) -> list[Any]:
+    """Every node of class ``kind`` in a tree; inside subqueries only with ``into_subqueries``."""
+    found = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if item is None or isinstance(item, str | int | float | bool):
+            continue
+        if isinstance(item, tuple | list):
+            stack.extend(item)
+            continue
+        name = _kind(item)
+        if name == kind:
+            found.append(item)
+            if kind == "SubLink" and not into_subqueries:
+                continue
+        if not into_subqueries and name == "SelectStmt" and item is not node:
+            continue
         for slot in getattr(item, "__slots__", ()):
             value = getattr(item, slot, None)
             if value is not None and not isinstance(value, str | int | float | bool):

@@ -451,6 +451,9 @@ class Router:
         placement = stmt.placement
         assert placement is not None
         tables = [o.table for o in placement.occurrences]
+        if not tables:  # named where keybind does not look (TABLESAMPLE, ...): no key is bound
+            names = _names([r.name for r in stmt.relations if r.name in self.sharded])
+            return self.shards, f"{names} with no shard key bound: every shard", False, None
         bound = [o for o in placement.occurrences if o.values is not None]
         if params is None and any(v.param is not None for o in bound for v in o.values or ()):
             return self.shards[:1], f"{_names(tables)}: shard by parameter", True, None
