@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench lint clean
 
-$(STAMP): pyproject.toml setup.py proxy/router/_hash.c
+$(STAMP): pyproject.toml setup.py proxy/router/_hash.c proxy/wire/_datarow.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

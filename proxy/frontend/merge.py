@@ -42,9 +42,7 @@ _I32 = struct.Struct("!i")
 
 # -- DataRow bytes
 
-def fields(body: bytes) -> list[bytes | None]:
-    """A DataRow body's values (None for NULL)."""
-    return m.counted_values(body, 2, _I16.unpack_from(body, 0)[0])[0]
+fields = m.row_values  # a DataRow body's values (None for NULL), in C where built
 
 
 def data_row(values: list[bytes | None]) -> bytes:

@@ -113,7 +113,8 @@ class _Portal:
     """A bound statement for several databases, kept by pgfleet and run at its Execute:
     a write (one scatter) or, with a ``plan``, a federated SELECT (one gather)."""
 
-    __slots__ = ("databases", "describe_messages", "formats", "messages", "name", "plan", "replicated", "rows")
+    __slots__ = ("databases", "describe", "describe_messages", "formats", "messages", "name", "plan",
+                 "replicated", "rows")
 
     def __init__(self, name: str, databases: tuple[str, ...], describe_messages: bytes, messages: bytes,
                  replicated: bool, plan: FanoutPlan | None = None, formats: tuple[int, ...] = ()) -> None:
@@ -125,6 +126,7 @@ class _Portal:
         self.plan = plan
         self.formats = formats    # the client's result formats
         self.rows: deque[bytes] | None = None  # a row-limited Execute's result, not yet handed out
+        self.describe = False     # the client's Describe of it, not answered yet
 
     def next_rows(self, max_rows: int) -> bytes:
         """The next ``max_rows`` rows (all when 0), then PortalSuspended or CommandComplete."""
@@ -352,6 +354,11 @@ class Session(asyncio.Protocol):
 
     def _handle(self, kind: int, raw: bytes) -> bool:
         """One message that needs a decision. False: wait, and handle it again later."""
+        portal = self.portal
+        if portal is not None and portal.describe and kind != m.EXECUTE:
+            portal.describe = False  # a Describe not followed by its Execute: answer it now
+            self._wait_for(self._describe_portal(portal))
+            return False
         try:
             if kind == m.QUERY:
                 return self._query(raw)
@@ -877,13 +884,14 @@ class Session(asyncio.Protocol):
                 return True
             self._wait_for(self._run_gather(portal.plan, portal.databases, statement, portal, max_rows))
             return True
+        described, portal.describe = portal.describe, False
         self.portal = None
         if max_rows > 0:
             raise ClientError("0A000", f"Execute with a row limit ({max_rows}) is not supported for a "
                               f"statement that writes on several databases ({', '.join(portal.databases)})",
                               hint="fetch all its rows at once (no fetch size)")
         self._wait_for(self._run_scatter({db: statement for db in portal.databases}, portal.replicated,
-                                         describe=False))
+                                         describe=described))
         return True
 
     async def _describe_portal(self, portal: _Portal) -> None:
@@ -902,7 +910,9 @@ class Session(asyncio.Protocol):
     def _describe(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Describe")
         if kind == 0x50 and self.portal is not None and name == self.portal.name:
-            self._wait_for(self._describe_portal(self.portal))
+            # Answered with the rows when its Execute comes next (drivers send them together),
+            # else by a round of its own before the next message (see _handle).
+            self.portal.describe = True
             return True
         if kind == 0x50:  # a portal: only exists on the backend that bound it
             if self.backend is None:
@@ -983,7 +993,9 @@ class Session(asyncio.Protocol):
         await self.fleet.learn_byte_order(databases)
         text_order = all(self.fleet.byte_order.get(db, False) for db in databases)
         merger = Merger(plan, len(databases), float_digits=digits, text_order=text_order,
-                        formats=portal.formats if portal else (), describe=portal is None)
+                        formats=portal.formats if portal else (), describe=portal is None or portal.describe)
+        if portal is not None:
+            portal.describe = False
         kept: list[bytes] = []
         gather = Gather(merger, kept.append if max_rows > 0 else self._write)
         self.gather = gather
@@ -1005,8 +1017,10 @@ class Session(asyncio.Protocol):
             self.portal = None
             self._write(last)
             return
-        portal.rows = deque(body for kind, body in _split(b"".join(kept) + last) if kind == m.DATA_ROW)
-        self._write(portal.next_rows(max_rows))
+        answer = _split(b"".join(kept) + last)
+        portal.rows = deque(body for kind, body in answer if kind == m.DATA_ROW)
+        described = b"".join(m.message(kind, body) for kind, body in answer if kind == m.ROW_DESCRIPTION)
+        self._write(described + portal.next_rows(max_rows))
 
     def _made_up(self, answer: Answer, reply: bytes) -> None:
         """An answer pgfleet gives in place of a backend's, after what the backend still owes."""

@@ -235,6 +235,24 @@ def counted_values(data: bytes, pos: int, count: int) -> tuple[list[bytes | None
     return values, pos
 
 
+def python_row_values(body: bytes) -> list[bytes | None]:
+    """A DataRow body's values (None for NULL); ValueError when it is not a whole DataRow."""
+    try:
+        count = _I16.unpack_from(body, 0)[0]
+        values, _ = counted_values(body, 2, count)
+    except struct.error:
+        raise ValueError("malformed DataRow: a value runs past the end of the message") from None
+    if count < 0:
+        raise ValueError("malformed DataRow: a value runs past the end of the message")
+    return values
+
+
+try:  # the same in C (proxy/wire/_datarow.c), built by pip where a compiler is found
+    from ._datarow import fields as row_values
+except ImportError:  # pragma: no cover - a machine without a compiler
+    row_values = python_row_values
+
+
 def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
     """A Bind's parameter format codes and values (``rest`` is what follows the two names)."""
     try:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import ProtocolViolation
 from proxy.wire import messages as m
@@ -347,3 +349,21 @@ def test_execute_round_trip_and_malformed() -> None:
     for body in (b"p1\0\0\0", b"p1", b"p1\0\0\0\0\0\0"):
         with pytest.raises(ProtocolViolation):
             m.decode_execute(body)
+
+
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=40)), max_size=12))
+def test_row_values_in_c_and_python_agree(values: list[bytes | None]) -> None:
+    body = struct.pack("!h", len(values)) + b"".join(
+        b"\xff\xff\xff\xff" if v is None else struct.pack("!i", len(v)) + v for v in values)
+    assert m.python_row_values(body) == values
+    assert m.row_values(body) == values
+    for cut in range(len(body)):  # every truncation is an error in both, never a short row
+        with pytest.raises(ValueError):
+            m.row_values(body[:cut])
+        with pytest.raises(ValueError):
+            m.python_row_values(body[:cut])
+
+
+def test_row_values_is_the_c_one() -> None:
+    from proxy.wire import _datarow
+    assert m.row_values is _datarow.fields
