@@ -28,10 +28,11 @@ from .values import (
     MergeError,
     add_numeric,
     binary_writer,
+    equality_reader,
     float_text,
     numeric_div,
     numeric_text,
-    read_bytes,
+    read_float,
     read_numeric,
     reader,
 )
@@ -211,11 +212,8 @@ class Merger:
         self.plain = False
         return [(name, rest[:16] + struct.pack("!h", code)) for (name, rest), code in zip(visible, codes, strict=True)]
 
-    def _equality(self, type_oid: int) -> Callable[[bytes], Any]:
-        try:
-            return reader(type_oid, "DISTINCT", True)  # equality needs no collation order
-        except MergeError:
-            return read_bytes  # other types: equal values have equal text in one database's output
+    def _equality(self, type_oid: int, what: str = "DISTINCT") -> Callable[[bytes], Any]:
+        return equality_reader(type_oid, what)  # equality needs no collation order
 
     def _output_column(self, cols: list[tuple[bytes, bytes]], out: Output) -> tuple[bytes, bytes]:
         name, rest = cols[out.source]
@@ -327,7 +325,7 @@ class Merger:
 
     def _setup_groups(self, cols: list[tuple[bytes, bytes]]) -> None:
         plan = self.plan
-        self.group_readers = [self._equality(type_of(cols[c])) for c in plan.group_by]
+        self.group_readers = [self._equality(type_of(cols[c]), "GROUP BY") for c in plan.group_by]
         self.combiners = [_combiner(out, cols, self.text_order) if out.agg else None for out in plan.outputs]
 
     def _group_row(self, values: list[bytes | None]) -> None:
@@ -351,7 +349,7 @@ class Merger:
         for group in self.groups.values():
             row = [group.first[out.source] if combiner is None else combiner.result(state, self.float_digits)
                    for out, combiner, state in zip(plan.outputs, self.combiners, group.states, strict=True)]
-            if plan.having is not None and _truth(plan.having, row, types) is not True:
+            if plan.having is not None and _truth(plan.having, row, types, self.text_order) is not True:
                 continue
             rows.append(row)
         if plan.order:
@@ -500,20 +498,23 @@ def _combiner(out: Output, cols: list[tuple[bytes, bytes]], text_order: bool) ->
 
 # -- HAVING, in SQL's three-valued logic (None is unknown)
 
-def _truth(expr: Any, row: list[bytes | None], types: list[int]) -> bool | None:
+def _truth(expr: Any, row: list[bytes | None], types: list[int], text_order: bool = True) -> bool | None:
     if isinstance(expr, Logic):
-        values = [_truth(arg, row, types) for arg in expr.args]
+        values = [_truth(arg, row, types, text_order) for arg in expr.args]
         if expr.op == "not":
             return None if values[0] is None else not values[0]
         if expr.op == "and":
             return False if False in values else (None if None in values else True)
         return True if True in values else (None if None in values else False)
     if isinstance(expr, IsNull):
-        value = _operand(expr.arg, row, types, None)
-        return (value is not None) if expr.negated else (value is None)
+        null = row[expr.arg.column] is None if isinstance(expr.arg, Ref) else expr.arg.text is None
+        return (not null) if expr.negated else null
     assert isinstance(expr, Cmp)
     type_oid = types[expr.left.column] if isinstance(expr.left, Ref) else (
         types[expr.right.column] if isinstance(expr.right, Ref) else 25)
+    if type_oid in (25, 1043, 19) and expr.op not in ("=", "<>") and not text_order:
+        raise MergeError("0A000", "HAVING ordering text across shards needs the C collation, which these "
+                         "databases do not use", hint="compare it in the application")
     left = _operand(expr.left, row, types, type_oid)
     right = _operand(expr.right, row, types, type_oid)
     if left is None or right is None:
@@ -532,11 +533,11 @@ def _truth(expr: Any, row: list[bytes | None], types: list[int]) -> bool | None:
     return bool(left >= right)
 
 
-_NUMBERS = INT_TYPES | FLOAT_TYPES | {NUMERIC}
-
-
 def _operand(node: Any, row: list[bytes | None], types: list[int], type_oid: int | None) -> Any:
-    """A HAVING operand as a comparable value: numbers of any type as (NaN last, Decimal)."""
+    """A HAVING operand as a comparable value, read as the column it is compared with:
+    integers and numerics as Decimal, floats as float (PostgreSQL casts the constant), text
+    by its bytes, bool as bool. Other types are refused: their constants need the server's
+    input functions (time zones, uuid spellings)."""
     if isinstance(node, Const):
         if node.text is None:
             return None
@@ -546,11 +547,24 @@ def _operand(node: Any, row: list[bytes | None], types: list[int], type_oid: int
         if raw is None:
             return None
         type_oid = types[node.column]
-    if type_oid in _NUMBERS:
-        try:
-            return read_numeric(raw)  # Decimal reads ints, numerics and floats (Infinity too) exactly
-        except ArithmeticError:
-            raise MergeError("22P02", f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
+    try:
+        if type_oid in INT_TYPES or type_oid == NUMERIC:
+            return read_numeric(raw)  # (NaN last, Decimal): ints and numerics compare exactly
+        if type_oid in FLOAT_TYPES:
+            return read_float(raw)
+    except (ArithmeticError, ValueError):
+        raise MergeError("22P02", f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
     if type_oid == 16:
-        return b"t" if raw.lower() in (b"t", b"true", b"on", b"1", b"yes", b"y") else b"f"
-    return reader(type_oid or 25, "HAVING")(raw)
+        text = raw.decode().strip().lower()
+        if text not in _BOOLS:
+            raise MergeError("22P02", f'invalid input syntax for type boolean: "{raw.decode()}"')
+        return _BOOLS[text]
+    if type_oid in (25, 1043, 19):
+        return raw
+    name = TYPE_NAMES.get(type_oid or 0, f"type OID {type_oid}")
+    raise MergeError("0A000", f"HAVING comparing a {name} across shards is not supported",
+                     hint="compare it in the application, or bind the shard key")
+
+
+_BOOLS = {"t": True, "true": True, "on": True, "1": True, "yes": True, "y": True,
+          "f": False, "false": False, "off": False, "0": False, "no": False, "n": False}

@@ -838,7 +838,7 @@ class Session(asyncio.Protocol):
         self._may_scatter(target, effect, read=True)
         params, formats = m.bind_results(raw[name_end + 1:])
         if plan.limit_param is not None or plan.offset_param is not None:
-            plan = plan.bound(_limits(*m.bind_parameters(params + b"\0\0"), plan))
+            plan = plan.bound(_limits(*m.bind_parameters(params + b"\0\0"), plan, param_types))
         original = m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
         shard_query = m.parse("", plan.sql, param_types) + m.message(m.BIND, b"\0\0" + params + b"\0\0")
         self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, original,
@@ -1426,16 +1426,24 @@ def _one_database(route: Route) -> str:
                       hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
 
 
-def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: FanoutPlan
+def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: FanoutPlan, param_types: bytes
             ) -> tuple[int | None, ...]:
-    """The Bind's LIMIT and OFFSET parameters as integers (None for NULL), as PostgreSQL reads them."""
+    """The Bind's LIMIT and OFFSET parameters as integers (None for NULL), as PostgreSQL reads them.
+
+    Parameters declared as another type than an integer (float8 2.7, numeric 2.5) are refused:
+    PostgreSQL would round them, in ways that depend on the type."""
     out: list[int | None] = [None] * len(values)
+    declared = struct.unpack_from(f"!{len(param_types) // 4}I", param_types, 2) if len(param_types) > 2 else ()
     for number, what, sqlstate in ((plan.limit_param, "LIMIT", "2201W"), (plan.offset_param, "OFFSET", "2201X")):
         if number is None:
             continue
         if number > len(values):
             raise ClientError("08P01", f"bind message supplies {len(values)} parameters, but the statement "
                               f"needs ${number}")
+        oid = declared[number - 1] if number <= len(declared) else 0
+        if oid not in (0, 20, 21, 23, 25, 1043):
+            raise ClientError("0A000", f"{what} ${number} of type OID {oid} across shards is not supported",
+                              hint=f"send {what} as an integer")
         data = values[number - 1]
         if data is None:
             continue

@@ -21,10 +21,13 @@ from ..errors import ProxyError
 INT_TYPES = frozenset({20, 21, 23, 26, 28})      # int8, int2, int4, oid, xid
 FLOAT_TYPES = frozenset({700, 701})
 NUMERIC = 1700
-BYTE_ORDER_TYPES = frozenset({25, 1043, 1042, 19, 18, 16, 2950, 1083})  # text-like, bool, uuid, time
+BYTE_ORDER_TYPES = frozenset({25, 1043, 19, 16, 2950, 1083})  # text, varchar, name, bool, uuid, time
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 18})
+BPCHAR = 1042  # char(n): trailing spaces do not count
 DATE, TIMESTAMP, TIMESTAMPTZ = 1082, 1114, 1184
-TYPE_NAMES = {1186: "interval", 114: "json", 3802: "jsonb", 17: "bytea", 790: "money", 1266: "timetz",
+# Types whose text output is canonical: equal values print the same (bytea as hex, inet, ...).
+_BYTES_EQUAL = frozenset({17, 869, 650, 829, 774, 26, 1266})
+TYPE_NAMES = {18: '"char"', 1186: "interval", 114: "json", 3802: "jsonb", 17: "bytea", 790: "money", 1266: "timetz",
               869: "inet", 650: "cidr", 829: "macaddr", 3614: "tsvector", 142: "xml", 600: "point"}
 
 
@@ -91,6 +94,22 @@ def read_datetime(raw: bytes) -> Any:
     return micros
 
 
+def read_bpchar(raw: bytes) -> bytes:
+    return raw.rstrip(b" ")
+
+
+def equality_reader(type_oid: int, what: str) -> Callable[[bytes], Any]:
+    """How to read a column's value so that Python's == is PostgreSQL's = (GROUP BY, DISTINCT).
+
+    Types whose equal values can print differently ('1 day' and '24 hours', jsonb numbers)
+    are refused: their text does not tell."""
+    if type_oid == 18:  # "char": one byte
+        return read_bytes
+    if type_oid in _BYTES_EQUAL:
+        return read_bytes
+    return reader(type_oid, what)
+
+
 def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes], Any]:
     """How to read a column's text value into something Python orders as PostgreSQL does."""
     if type_oid in INT_TYPES:
@@ -101,12 +120,12 @@ def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes
         return read_numeric
     if type_oid in (DATE, TIMESTAMP, TIMESTAMPTZ):
         return read_datetime
-    if type_oid in BYTE_ORDER_TYPES:
+    if type_oid in BYTE_ORDER_TYPES or type_oid == BPCHAR:
         if type_oid in TEXT_TYPES and not text_order:
             raise MergeError("0A000", f"{what} on a text column across shards needs the C collation, "
                              "which these databases do not use",
                              hint="bind the shard key, or order the rows in the application")
-        return read_bytes
+        return read_bpchar if type_oid == BPCHAR else read_bytes
     name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
     raise MergeError("0A000", f"{what} on a column of type {name} across shards is not supported",
                      hint="bind the shard key, or cast it to a type pgfleet can compare (text, numeric, "

@@ -36,6 +36,16 @@ _NOT_EXACT = {
 }
 
 
+# Set-returning functions: next to aggregates they multiply the merged groups' rows.
+_SET_RETURNING = {"generate_series", "unnest", "generate_subscripts", "regexp_matches", "regexp_split_to_table",
+                  "string_to_table", "json_array_elements", "jsonb_array_elements", "json_array_elements_text",
+                  "jsonb_array_elements_text", "json_each", "jsonb_each", "json_each_text", "jsonb_each_text",
+                  "json_object_keys", "jsonb_object_keys", "jsonb_path_query", "json_populate_recordset",
+                  "jsonb_populate_recordset", "json_to_recordset", "jsonb_to_recordset", "pg_get_keywords"}
+_BYTE_ORDER_COLLATIONS = {"c", "posix", "ucs_basic", "c.utf8", "c.utf-8", "pg_catalog.c", "pg_catalog.posix",
+                          "pg_c_utf8", "pg_catalog.pg_c_utf8"}
+
+
 class Unmergeable(Exception):
     """The statement's shape cannot be merged exactly: refused, naming it."""
 
@@ -140,6 +150,8 @@ class _Planner:
         self.hidden_names = 0
         self.limit_param: int | None = None
         self.offset_param: int | None = None
+        self.sharded_ctes: set[str] = set()  # WITH queries that read a sharded table
+        self.star_aliases: set[str] = set()
 
     # -- refusals
 
@@ -168,11 +180,41 @@ class _Planner:
             if _kind(cte.ctequery) != "SelectStmt":
                 raise self.refuse("a data-modifying WITH across shards", "run the write on its own")
             self._row_wise(cte.ctequery, f"the WITH query {cte.ctename}")
+            if self._reads_sharded(cte.ctequery):
+                self.sharded_ctes.add(cte.ctename)
         for item in s.fromClause or ():
             self._from_item(item)
+        sources = [name for item in s.fromClause or () for name in self._sharded_sources(item)]
+        if not sources:
+            raise self.refuse("a query whose sharded tables are only in WITH queries or subqueries it does "
+                              "not read from", "read the sharded table in FROM, or bind the shard key")
+        if len(sources) > 1 and any(kind != "table" for kind in sources):
+            raise self.refuse("a join of a WITH query or subquery on a sharded table with another sharded "
+                              "source across shards", "join the tables themselves on the shard key")
+        for clause in (s.targetList, s.sortClause, s.havingClause, s.distinctClause, s.groupClause):
+            for collate in _nodes(clause, "CollateClause"):
+                name = ".".join(part.sval for part in collate.collname if _kind(part) == "String")
+                if name.lower() not in _BYTE_ORDER_COLLATIONS:
+                    raise self.refuse(f'COLLATE "{name}" in a merged part of the query across shards',
+                                      'pgfleet merges text in byte order: use COLLATE "C", or sort in the '
+                                      "application")
         for where in (s.whereClause, s.havingClause, *(t.val for t in s.targetList),
                       *(x.node for x in s.sortClause or ())):
             self._sublinks(where)
+
+    def _sharded_sources(self, item: Any) -> list[str]:
+        """The sharded sources a FROM item reads: "table" for a sharded table, "derived" for
+        a WITH query or subquery over one."""
+        kind = _kind(item)
+        if kind == "JoinExpr":
+            return self._sharded_sources(item.larg) + self._sharded_sources(item.rarg)
+        if kind == "RangeVar":
+            if item.schemaname is None and item.relname in self.sharded_ctes:
+                return ["derived"]
+            return ["table"] if item.relname in self.key_columns else []
+        if kind == "RangeSubselect":
+            return ["derived"] if self._reads_sharded(item.subquery) else []
+        return []
 
     def _from_item(self, item: Any) -> None:
         kind = _kind(item)
@@ -180,6 +222,13 @@ class _Planner:
             self._from_item(item.larg)
             self._from_item(item.rarg)
             self._sublinks(item.quals)
+            join = int(item.jointype)  # 0 inner, 1 left, 2 full, 3 right
+            left, right = bool(self._sharded_sources(item.larg)), bool(self._sharded_sources(item.rarg))
+            if (join == 1 and not left and right) or (join == 3 and left and not right) or \
+                    (join == 2 and not (left and right)):
+                raise self.refuse("an outer join that keeps the rows of an unsharded table against a sharded "
+                                  "one across shards (every shard would return them)",
+                                  "put the sharded table on the kept side, or join in the application")
         elif kind == "RangeSubselect":
             if item.lateral:
                 raise self.refuse("a LATERAL subquery across shards", "bind the shard key")
@@ -219,11 +268,14 @@ class _Planner:
                                   "join on the shard key instead, or bind the shard key")
 
     def _reads_sharded(self, node: Any) -> bool:
-        return any(var.relname in self.key_columns for var in _nodes(node, "RangeVar", into_subqueries=True))
+        return any(var.relname in self.key_columns or (var.schemaname is None and var.relname in self.sharded_ctes)
+                   for var in _nodes(node, "RangeVar", into_subqueries=True))
 
     # -- the plan
 
     def plan(self) -> FanoutPlan:
+        if not self.select.targetList:
+            raise self.refuse("a SELECT with an empty select list across shards", "select at least one column")
         self._check()
         s = self.select
         aggregates = [f for t in s.targetList for f in _calls(t.val)]
@@ -245,14 +297,23 @@ class _Planner:
         return limit, offset or 0
 
     def _pushed_limit(self, limit: int | None, offset: int) -> str | None:
-        """The shard query's LIMIT: limit + offset, parameters cast so that PostgreSQL types them."""
-        if self.limit_param is None:
-            if limit is None:
-                return None
-            return str(limit + offset) if self.offset_param is None else \
-                f"{limit} + coalesce(${self.offset_param}::bigint, 0)"
-        tail = f" + coalesce(${self.offset_param}::bigint, 0)" if self.offset_param else (f" + {offset}" if offset else "")
-        return f"${self.limit_param}::bigint{tail}"
+        """The shard query's LIMIT (limit + offset) and OFFSET clauses.
+
+        Parameters stay parameters, cast to bigint as PostgreSQL types them in LIMIT, and the
+        sum is capped at bigint's largest value. A parameter the shard query would no longer
+        use is kept in an OFFSET that is always 0: a parameter sent without a type must still
+        get one from the statement."""
+        big = 9223372036854775807
+        limit_param, offset_param = self.limit_param, self.offset_param
+        if limit_param is None and limit is None:
+            return None if offset_param is None else _unused((offset_param,))
+        if limit_param is None and offset_param is None:
+            assert limit is not None
+            return f"LIMIT {min(limit + offset, big)}"
+        first = f"${limit_param}::bigint" if limit_param is not None else str(limit)
+        second = f"coalesce(${offset_param}::bigint, 0)" if offset_param is not None else str(offset)
+        # LIMIT NULL is no limit, and stays NULL through the sum.
+        return f"LIMIT least({first}::numeric + {second}::numeric, {big})::bigint"
 
     def _target_text(self, target: Any) -> str:
         return self.deparse(target.val)
@@ -274,6 +335,7 @@ class _Planner:
     def _rows(self, limit: int | None, offset: int) -> FanoutPlan:
         s = self.select
         star = any(_is_star(t.val) for t in s.targetList)
+        self.star_aliases = {t.name for t in s.targetList if t.name}
         by_alias: dict[str, int] = {}
         visible = len(s.targetList)
         for index, target in enumerate(s.targetList):
@@ -324,13 +386,17 @@ class _Planner:
     def _sort_column(self, node: Any, by_alias: dict[str, int], visible: int, star: bool) -> int | None:
         if _kind(node) == "A_Const" and _kind(getattr(node, "val", None)) == "Integer":
             position = node.val.ival
-            if star or not 1 <= position <= visible:
-                if star:
-                    return None
+            if star:
+                raise self.refuse(f"ORDER BY position {position} with SELECT * across shards",
+                                  "name the columns, or order by the column's name")
+            if not 1 <= position <= visible:
                 raise self.refuse(f"ORDER BY position {position}", "use a position in the select list")
             return position - 1
-        if not star and _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String":
+        if _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String":
             name = node.fields[0].sval
+            if star and name in self.star_aliases:
+                raise self.refuse(f"ORDER BY the output name {name} with SELECT * across shards",
+                                  "name the columns, or order by the expression itself")
             if name in by_alias:
                 return by_alias[name]
         if star:
@@ -353,7 +419,7 @@ class _Planner:
         if s.sortClause:
             parts.append("ORDER BY " + ", ".join(self.deparse(sort) for sort in s.sortClause))
         if limit is not None:
-            parts.append(f"LIMIT {limit}")
+            parts.append(limit)
         return " ".join(parts)
 
     def _from_where(self) -> list[str]:
@@ -377,10 +443,11 @@ class _Planner:
         for target in s.targetList:
             text = self._target_text(target)
             name = target.name
-            outputs.append(self._output(target.val, name))
+            outputs.append(self._output(target.val, name, shown=True))
             by_text.setdefault(text, len(outputs) - 1)
             if name:
                 by_alias.setdefault(name, len(outputs) - 1)
+        self._no_set_returning(s.targetList)
         visible = len(outputs)
         group_by = []
         for item in s.groupClause or ():
@@ -393,23 +460,31 @@ class _Planner:
             text = self.deparse(item)
             if _kind(item) == "ColumnRef" and len(item.fields) == 1 and _kind(item.fields[0]) == "String" \
                     and item.fields[0].sval in by_alias and text not in self.texts:
-                group_by.append(outputs[by_alias[item.fields[0].sval]].source)
-                continue
+                # PostgreSQL groups by an input column of that name first, and only pgfleet's
+                # catalog-free planner cannot tell whether there is one.
+                raise self.refuse(f"GROUP BY {text}, which is both an output name and maybe an input column, "
+                                  "across shards", "group by the expression itself, or by its position")
             group_by.append(self.texts[text] if text in self.texts else self._hidden(text))
 
-        def output_of(node: Any) -> int:
-            """The output column of an expression in HAVING or ORDER BY, adding a hidden one."""
+        def output_of(node: Any, names: bool = True) -> int:
+            """The output column of an expression in HAVING or ORDER BY, adding a hidden one.
+
+            ORDER BY sees output names first (``names``); HAVING never sees them."""
             text = self.deparse(node)
+            bare = _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String"
+            if bare and names and node.fields[0].sval in by_alias:
+                return by_alias[node.fields[0].sval]
+            if bare and not names and node.fields[0].sval in by_alias and text not in self.texts:
+                raise self.refuse(f"HAVING {text}, the name of an output column, across shards",
+                                  "write the expression itself in HAVING")
             if text in by_text:
                 return by_text[text]
-            if _kind(node) == "ColumnRef" and len(node.fields) == 1 and _kind(node.fields[0]) == "String" \
-                    and node.fields[0].sval in by_alias:
-                return by_alias[node.fields[0].sval]
             outputs.append(self._output(node, None))
             by_text[text] = len(outputs) - 1
             return len(outputs) - 1
 
-        having = self._condition(s.havingClause, output_of) if s.havingClause is not None else None
+        having = self._condition(s.havingClause, lambda node: output_of(node, names=False)) \
+            if s.havingClause is not None else None
         order = []
         for sort in s.sortClause or ():
             node = sort.node
@@ -438,15 +513,19 @@ class _Planner:
         parts.extend(self._from_where())
         if group_by:
             parts.append("GROUP BY " + ", ".join(str(c + 1) for c in dict.fromkeys(group_by)))
+        params = tuple(p for p in (self.limit_param, self.offset_param) if p is not None)
+        if params:  # applied after the merge; only named so that they get a type
+            parts.append(_unused(params))
         return FanoutPlan(sql=" ".join(parts), shape=self.shape, groups=True, outputs=tuple(outputs),
                           visible=visible, group_by=tuple(dict.fromkeys(group_by)), order=tuple(order),
                           limit=limit, offset=offset, distinct=distinct, distinct_on=distinct_on,
                           having=having, limit_param=self.limit_param, offset_param=self.offset_param)
 
-    def _output(self, node: Any, name: str | None) -> Output:
-        """A select-list (or HAVING / ORDER BY) expression as an output column."""
+    def _output(self, node: Any, name: str | None, shown: bool = False) -> Output:
+        """A select-list (or HAVING / ORDER BY) expression as an output column. A ``shown``
+        one gets its own shard column, so that it keeps its own name."""
         if _kind(node) == "FuncCall" and _name(node) in COMBINABLE and node.over is None:
-            return self._aggregate(node, name)
+            return self._aggregate(node, name, shown)
         inner = list(_calls(node))
         if inner:
             names = sorted({_name(f) for f in inner})
@@ -457,13 +536,20 @@ class _Planner:
                 raise self.refuse(f"an expression over aggregates ({self.deparse(node)}) across shards",
                                   "select the aggregates themselves and compute the expression in the application")
         text = self.deparse(node)
-        if text in self.texts:
+        if text in self.texts and not shown:
             return Output(self.texts[text])
         self.columns.append(text + (f" AS {self._alias(name)}" if name else ""))
-        self.texts[text] = len(self.columns) - 1
+        self.texts.setdefault(text, len(self.columns) - 1)
         return Output(len(self.columns) - 1)
 
-    def _aggregate(self, call: Any, name: str | None) -> Output:
+    def _no_set_returning(self, targets: Any) -> None:
+        for target in targets:
+            for call in _calls(target.val):
+                if _name(call) in _SET_RETURNING:
+                    raise self.refuse(f"the set-returning function {_name(call)}() next to aggregates across "
+                                      "shards", "expand the set in a subquery in FROM")
+
+    def _aggregate(self, call: Any, name: str | None, shown: bool = False) -> Output:
         kind = COMBINABLE[_name(call)]
         if call.agg_within_group:
             raise self.refuse(f"the ordered-set aggregate {_name(call)}() across shards",
@@ -485,18 +571,26 @@ class _Planner:
             total = len(self.columns) - 1
             count = self._hidden(count_text)
             return Output(total, "avg", count)
-        if text in self.texts:
+        if text in self.texts and not shown:
             return Output(self.texts[text], kind)
         self.columns.append(f"{text} AS {alias}")
-        self.texts[text] = len(self.columns) - 1
+        self.texts.setdefault(text, len(self.columns) - 1)
         return Output(len(self.columns) - 1, kind)
 
     def _on_shard_key(self, call: Any) -> bool:
+        """count(DISTINCT key) where key is the shard key of a sharded table in FROM (not a
+        subquery's column that happens to share the name)."""
         args = call.args or ()
         if len(args) != 1 or _kind(args[0]) != "ColumnRef":
             return False
-        field = args[0].fields[-1]
-        return _kind(field) == "String" and field.sval in self.key_columns.values()
+        names = [f.sval if _kind(f) == "String" else None for f in args[0].fields]
+        sources = _from_sources(self.select.fromClause or ())
+        tables = {alias: table for alias, table in sources if table in self.key_columns}
+        if len(names) == 2:
+            table = tables.get(names[0])
+            return table is not None and names[1] == self.key_columns[table]
+        return len(names) == 1 and len(sources) == 1 and len(tables) == 1 and \
+            names[0] == self.key_columns[next(iter(tables.values()))]
 
     def _condition(self, node: Any, output_of: Callable[[Any], int]) -> Any:
         kind = _kind(node)
@@ -508,8 +602,11 @@ class _Planner:
         if kind == "A_Expr" and int(node.kind) == 0 and len(node.name) == 1:
             op = node.name[0].sval
             if op in ("=", "<>", "!=", "<", "<=", ">", ">="):
-                return Cmp("<>" if op == "!=" else op, self._operand(node.lexpr, output_of),
-                           self._operand(node.rexpr, output_of))
+                left, right = self._operand(node.lexpr, output_of), self._operand(node.rexpr, output_of)
+                if not (isinstance(left, Ref) or isinstance(right, Ref)):
+                    raise self.refuse(f"HAVING {self.deparse(node)}, a comparison of constants, across shards",
+                                      "compare an aggregate or a grouped column with the constant")
+                return Cmp("<>" if op == "!=" else op, left, right)
         raise self.refuse(f"HAVING {self.deparse(node)} across shards",
                           "HAVING may compare aggregates and grouped columns with constants "
                           "(=, <>, <, <=, >, >=, AND, OR, NOT, IS NULL)")
@@ -517,8 +614,8 @@ class _Planner:
     def _operand(self, node: Any, output_of: Callable[[Any], int]) -> Any:
         kind = _kind(node)
         if kind == "TypeCast":
-            node = node.arg
-            kind = _kind(node)
+            raise self.refuse(f"HAVING with a cast ({self.deparse(node)}) across shards",
+                              "compare without the cast, or filter in the application")
         if kind == "A_Const":
             if node.isnull:
                 return Const(None)
@@ -556,11 +653,30 @@ def _int_const(node: Any, what: str) -> int | None:
                       f"write {what} as a number")
 
 
+def _unused(params: tuple[int, ...]) -> str:
+    """An OFFSET of 0 that names LIMIT/OFFSET parameters the shard query does not use."""
+    return "OFFSET 0 * (" + " + ".join(f"coalesce(${p}::bigint, 0)" for p in params) + ")"
+
+
 def _param(node: Any) -> int | None:
     """$n of a LIMIT or OFFSET given as a parameter (a cast on it allowed)."""
     if _kind(node) == "TypeCast":
         node = node.arg
     return int(node.number) if _kind(node) == "ParamRef" else None
+
+
+def _from_sources(items: Any) -> list[tuple[str, str]]:
+    """(alias or name, table) of every FROM item (through joins); subqueries as ("", "")."""
+    out: list[tuple[str, str]] = []
+    for item in items:
+        kind = _kind(item)
+        if kind == "JoinExpr":
+            out += _from_sources((item.larg, item.rarg))
+        elif kind == "RangeVar":
+            out.append((item.alias.aliasname if item.alias else item.relname, item.relname))
+        else:
+            out.append(("", ""))
+    return out
 
 
 def _is_star(node: Any) -> bool:

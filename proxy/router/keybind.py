@@ -265,6 +265,9 @@ def _value(node: Any) -> KeyValue | None:
         return _value(node["TypeCast"].get("arg"))
     if "ParamRef" in node:
         return KeyValue(param=node["ParamRef"].get("number", 0))
+    fval = node.get("A_Const", {}).get("fval")
+    if fval is not None and not fval.get("fval", "").lstrip("-").isdigit():
+        return None  # key = 1.0 compares as numeric: it binds no integer shard key to one value
     text = const_text(node)
     return KeyValue(text=text) if text is not None else None
 
