@@ -206,11 +206,24 @@ class Merger:
             raise MergeError("08P01", f"bind message has {len(formats)} result formats but query has "
                              f"{len(visible)} columns")
         codes = [formats[0] if len(formats) == 1 else (formats[i] if formats else 0) for i in range(len(visible))]
-        if not any(codes):
+        rounded = self.float_digits <= 0 and any(type_of(col) in FLOAT_TYPES for col in visible)
+        if not any(codes) and not rounded:
             return visible
-        self.writers = [binary_writer(type_of(col)) if code else None for col, code in zip(visible, codes, strict=True)]
+        self.writers = [binary_writer(type_of(col)) if code else self._float_writer(type_of(col))
+                        for col, code in zip(visible, codes, strict=True)]
         self.plain = False
         return [(name, rest[:16] + struct.pack("!h", code)) for (name, rest), code in zip(visible, codes, strict=True)]
+
+    def _float_writer(self, type_oid: int) -> Callable[[bytes], bytes] | None:
+        """With extra_float_digits <= 0 the shards still send exact floats (sort keys and
+        sums need them); the client's text is rounded here, as its own setting asks."""
+        digits = self.float_digits
+        if digits > 0 or type_oid not in FLOAT_TYPES:
+            return None
+        if type_oid == 701:
+            return lambda raw: float_text(float(raw), digits)
+        return lambda raw: float_text(float(raw), digits) if raw in (b"NaN", b"Infinity", b"-Infinity") \
+            else (f"%.{6 + digits}g" % float(raw)).encode()
 
     def _equality(self, type_oid: int, what: str = "DISTINCT") -> Callable[[bytes], Any]:
         return equality_reader(type_oid, what)  # equality needs no collation order

@@ -134,7 +134,8 @@ class _Portal:
         assert rows is not None
         count = len(rows) if max_rows <= 0 else min(max_rows, len(rows))
         out = [m.message(m.DATA_ROW, rows.popleft()) for _ in range(count)]
-        out.append(m.PORTAL_SUSPENDED_MSG if rows else m.command_complete(f"SELECT {count}"))
+        # As PostgreSQL: a fetch that filled its limit suspends, even when nothing is left.
+        out.append(m.PORTAL_SUSPENDED_MSG if 0 < max_rows == count else m.command_complete(f"SELECT {count}"))
         return b"".join(out)
 
 
@@ -669,6 +670,9 @@ class Session(asyncio.Protocol):
             route = self._route(parse.query)
             # A statement for several databases runs at Execute, as one scatter or gather (_bind).
             routed = route.needs_params or route.fanout or (route.write and not isinstance(route.target, Direct))
+            if route.fanout:  # what cannot be merged is refused at Parse, as PostgreSQL's errors come
+                _limit_types(self.fleet.router.fanout_plan(parse.query, self.fleet.router.analysis(parse.query)),
+                             parse.param_types)
             database = _first(route) if routed else _one_database(route)
         key = parse.name.encode()
         if self.unparsed is None:
@@ -818,6 +822,7 @@ class Session(asyncio.Protocol):
                               "some parameters unused", hint="insert one row per statement (executemany "
                               "pipelines them), or send the INSERT without parameters")
         self._may_scatter(target, effect)
+        self._one_portal(raw[5:portal_end].decode(errors="replace"))
         bound = m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
         self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, bound, bound,
                               route.replicated)
@@ -836,6 +841,7 @@ class Session(asyncio.Protocol):
         assert not isinstance(target, Direct)
         plan = self.fleet.router.fanout_plan(query, self.fleet.router.analysis(query))
         self._may_scatter(target, effect, read=True)
+        self._one_portal(raw[5:portal_end].decode(errors="replace"))
         params, formats = m.bind_results(raw[name_end + 1:])
         if plan.limit_param is not None or plan.offset_param is not None:
             plan = plan.bound(_limits(*m.bind_parameters(params + b"\0\0"), plan, param_types))
@@ -845,6 +851,13 @@ class Session(asyncio.Protocol):
                               shard_query, False, plan, formats)
         self._write(m.BIND_COMPLETE_MSG)
         return True
+
+    def _one_portal(self, name: str) -> None:
+        """pgfleet keeps one portal for several databases at a time (binding it again replaces it)."""
+        if self.portal is not None and self.portal.name != name:
+            raise ClientError("0A000", f'portal "{self.portal.name}" for several databases is still open: pgfleet '
+                              f'keeps one such portal at a time, so "{name}" cannot be bound beside it',
+                              hint="Execute the first portal (or Close it) before binding the next")
 
     def _may_scatter(self, target: Multi | All, effect: Analysis | None, read: bool = False) -> None:
         """A statement for several databases runs alone, outside transactions; refused otherwise.
@@ -991,7 +1004,12 @@ class Session(asyncio.Protocol):
         except ValueError:
             digits = 1
         await self.fleet.learn_byte_order(databases)
-        text_order = all(self.fleet.byte_order.get(db, False) for db in databases)
+        # Text compares by its bytes only in UTF-8 (other client encodings reorder it).
+        text_order = all(self.fleet.byte_order.get(db, False) for db in databases) and \
+            _encoding(self.settings.get("client_encoding", "UTF8")) in ("UTF8", "UNICODE")
+        settings = self.settings
+        if digits <= 0:  # the shards send exact floats; the merger rounds them as the client asked
+            settings = {**settings, "extra_float_digits": "1"}
         merger = Merger(plan, len(databases), float_digits=digits, text_order=text_order,
                         formats=portal.formats if portal else (), describe=portal is None or portal.describe)
         if portal is not None:
@@ -1002,7 +1020,7 @@ class Session(asyncio.Protocol):
         if self.paused_by_client:
             gather.pause()
         try:
-            last = await gather.run(self.fleet.pools, databases, query, self.settings)
+            last = await gather.run(self.fleet.pools, databases, query, settings)
         finally:
             self.gather = None
         if portal is None:
@@ -1014,7 +1032,7 @@ class Session(asyncio.Protocol):
             self._write(b"".join(kept) + last)
             return
         if max_rows == 0:
-            self.portal = None
+            portal.rows = deque()  # run to completion: running it again answers SELECT 0
             self._write(last)
             return
         answer = _split(b"".join(kept) + last)
@@ -1323,9 +1341,12 @@ class Session(asyncio.Protocol):
         target = self.fleet.sessions.get(request.pid)
         if target is not None and secrets.compare_digest(
                 target.secret.to_bytes(4, "big"), request.secret.to_bytes(4, "big", signed=True)):
-            server = target.backend
-            if server is not None and server.busy:
-                asyncio.get_running_loop().create_task(_send_cancel(server))
+            servers = [target.backend] if target.backend is not None else []
+            if target.gather is not None:  # a federated SELECT: every shard still answering
+                servers += [shard.server for shard in target.gather.shards.values() if not shard.done]
+            for server in servers:
+                if server.busy:
+                    asyncio.get_running_loop().create_task(_send_cancel(server))
         self.state = State.CLOSED
         assert self.transport is not None
         self.transport.close()
@@ -1426,6 +1447,24 @@ def _one_database(route: Route) -> str:
                       hint="bind the shard key (WHERE key = value), or add /* pgfleet: shard=N */")
 
 
+def _encoding(name: str) -> str:
+    """An encoding name as PostgreSQL compares them ('utf-8', as asyncpg sends it, is UTF8)."""
+    return "".join(ch for ch in name.upper() if ch.isalnum())
+
+
+def _limit_types(plan: FanoutPlan, param_types: bytes) -> None:
+    """LIMIT $n / OFFSET $n declared as text: PostgreSQL's own error (at Parse, as it does).
+    Other non-integer types (float8 2.7, numeric 2.5) are refused: PostgreSQL rounds them."""
+    declared = struct.unpack_from(f"!{len(param_types) // 4}I", param_types, 2) if len(param_types) > 2 else ()
+    for number, what in ((plan.limit_param, "LIMIT"), (plan.offset_param, "OFFSET")):
+        oid = declared[number - 1] if number is not None and number <= len(declared) else 0
+        if oid in (25, 1043):
+            raise ClientError("42804", f"argument of {what} must be type bigint, not type text")
+        if oid not in (0, 20, 21, 23):
+            raise ClientError("0A000", f"{what} ${number} of type OID {oid} across shards is not supported",
+                              hint=f"send {what} as an integer")
+
+
 def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: FanoutPlan, param_types: bytes
             ) -> tuple[int | None, ...]:
     """The Bind's LIMIT and OFFSET parameters as integers (None for NULL), as PostgreSQL reads them.
@@ -1433,17 +1472,13 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
     Parameters declared as another type than an integer (float8 2.7, numeric 2.5) are refused:
     PostgreSQL would round them, in ways that depend on the type."""
     out: list[int | None] = [None] * len(values)
-    declared = struct.unpack_from(f"!{len(param_types) // 4}I", param_types, 2) if len(param_types) > 2 else ()
+    _limit_types(plan, param_types)
     for number, what, sqlstate in ((plan.limit_param, "LIMIT", "2201W"), (plan.offset_param, "OFFSET", "2201X")):
         if number is None:
             continue
         if number > len(values):
             raise ClientError("08P01", f"bind message supplies {len(values)} parameters, but the statement "
                               f"needs ${number}")
-        oid = declared[number - 1] if number <= len(declared) else 0
-        if oid not in (0, 20, 21, 23, 25, 1043):
-            raise ClientError("0A000", f"{what} ${number} of type OID {oid} across shards is not supported",
-                              hint=f"send {what} as an integer")
         data = values[number - 1]
         if data is None:
             continue

@@ -122,8 +122,8 @@ def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes
         return read_datetime
     if type_oid in BYTE_ORDER_TYPES or type_oid == BPCHAR:
         if type_oid in TEXT_TYPES and not text_order:
-            raise MergeError("0A000", f"{what} on a text column across shards needs the C collation, "
-                             "which these databases do not use",
+            raise MergeError("0A000", f"{what} on a text column across shards needs the C collation and "
+                             "client_encoding UTF8, which this query does not have",
                              hint="bind the shard key, or order the rows in the application")
         return read_bpchar if type_oid == BPCHAR else read_bytes
     name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
@@ -245,6 +245,8 @@ _BINARY_SIMPLE: dict[int, Callable[[bytes], bytes]] = {
     700: lambda raw: struct.pack("!f", float(raw)),
     701: lambda raw: struct.pack("!d", float(raw)),
     16: lambda raw: b"\x01" if raw in (b"t", b"true") else b"\x00",
+    18: lambda raw: b"\x00" if not raw else (bytes((int(raw[1:], 8),)) if raw[:1] == b"\\" and len(raw) == 4
+                                             else raw[:1]),  # "char": its one byte
     2950: lambda raw: bytes.fromhex(raw.decode().replace("-", "")),
 }
 
@@ -297,7 +299,7 @@ def binary_writer(type_oid: int) -> Callable[[bytes], bytes]:
     found = _BINARY_SIMPLE.get(type_oid)
     if found is not None:
         return found
-    if type_oid in TEXT_TYPES:
+    if type_oid in TEXT_TYPES and type_oid != 18:
         return _binary_text
     if type_oid == DATE:
         return _binary_date

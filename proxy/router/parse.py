@@ -94,6 +94,8 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
     (tag, body), = node.items()
     changes, opaque = _setting_changes(tag, body, calls)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
+    if tag in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+        stmt = replace(stmt, target=body.get("relation", {}).get("relname"))
     if sharded and stmt.kind is not Kind.SESSION and stmt.kind is not Kind.TRANSACTION \
             and any(r.name in sharded for r in stmt.relations):
         placement = keybind.placement(node, sharded, levels)

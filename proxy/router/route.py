@@ -66,6 +66,7 @@ class Statement(msgspec.Struct, frozen=True):
     insert: InsertKeys | None = None   # INSERT into a sharded table: each row's key
     moves_rows: bool = False           # UPDATE that assigns a shard key
     shape: str = ""                    # a SELECT's shape in words ("count(*) with GROUP BY"), for refusals
+    target: str | None = None          # the table an INSERT/UPDATE/DELETE/MERGE writes
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:

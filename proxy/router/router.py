@@ -402,6 +402,11 @@ class Router:
                 shards, reason = self.shards, f"DDL on sharded table {_names(sharded_names)} runs on every shard"
             else:
                 shards, reason, pending, rows = self._sharded(stmt, params)
+        if reference and stmt.kind is not Kind.READ and sharded_names and stmt.target in self.reference:
+            raise ClientError("0A000", f"{stmt.command} on reference table {stmt.target} that reads sharded table "
+                              f"{_names(sharded_names)} is not supported: each shard would write its copy from "
+                              "its own rows only, and the copies would differ",
+                              hint="read the sharded rows first, then write the reference table with constants")
         if reference and stmt.kind is not Kind.READ:
             shards = self.shards
             reason = (f"{stmt.command} on reference table {_names(reference)} runs on every shard"

@@ -36,6 +36,7 @@ addition order, so there a relative tolerance of 1e-9.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
@@ -50,6 +51,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -57,6 +59,7 @@ from hypothesis import strategies as st
 from psycopg.pq import TransactionStatus
 
 from proxy.embedded import Cluster, free_port
+from proxy.wire import messages as m
 
 from .conftest import KEYS, Fleet
 from .federated_data import (
@@ -70,6 +73,8 @@ from .federated_data import (
     fixed_dataset,
     split,
 )
+from .rawclient import Raw
+from .rawclient import rows as raw_rows
 
 ORACLE = "fed_oracle"
 SHUFFLED = "fed_shuffled"  # the oracle's rows in another physical order: checks the harness
@@ -939,3 +944,210 @@ def test_harness_comparison_rules() -> None:
     assert compare(ans((date(2000, 1, 1),)), ans((datetime(2000, 1, 1),)), Q("")) is not None
     assert compare(ans(), Answer([("y", 0)], [], "SELECT 0"), Q("")) is not None
     assert compare(ans((1,)), Answer([("x", 0)], [(1,)], "SELECT 2"), Q("")) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Red-team probes, second pass: drivers, the extended protocol, whole-fleet writes. Each runs
+# the same steps against the oracle and every fleet; the fleets' outcome must be the oracle's
+# (or a 0A000 refusal where marked). The failing ones stay until pgfleet is fixed.
+
+
+def _outcomes(env: Env, steps: Any) -> dict[str, Any]:
+    """{"oracle" | "fleetN": ("ok", value) or ("error", sqlstate, message)} of ``steps(dsn)``."""
+    targets = {"oracle": env.pg.dsn(ORACLE), **{f"fleet{n}": f.dsn() for n, f in env.fleets.items()}}
+    out: dict[str, Any] = {}
+    for name, dsn in targets.items():
+        try:
+            out[name] = ("ok", steps(dsn))
+        except (psycopg.Error, asyncpg.PostgresError) as exc:
+            out[name] = ("error", getattr(exc, "sqlstate", None), str(exc).splitlines()[0][:200])
+    return out
+
+
+def _canon(value: Any) -> Any:
+    """Decimals by their text (NaN equals NaN, the scale counts), floats NaN-equal, records as tuples."""
+    if isinstance(value, Decimal):
+        return ("numeric", str(value))
+    if isinstance(value, float) and math.isnan(value):
+        return ("float", "nan")
+    if isinstance(value, list | tuple) or type(value).__name__ == "Record":
+        return tuple(_canon(v) for v in value)
+    return value
+
+
+def _assert_same(outcomes: dict[str, Any], refusal_ok: bool = False) -> None:
+    expected = _canon(outcomes["oracle"])
+    assert expected[0] == "ok", f"harness: the oracle fails: {outcomes['oracle']}"
+    wrong = []
+    for name, got in outcomes.items():
+        if name == "oracle":
+            continue
+        if refusal_ok and got[0] == "error" and got[1] == "0A000":
+            continue
+        if _canon(got) != expected:
+            wrong.append(f"{name}: {str(got)[:700]}")
+    assert not wrong, f"\n  oracle: {str(outcomes['oracle'])[:700]}\n  " + "\n  ".join(wrong)
+
+
+def _asyncpg_fetch(dsn: str, sql: str) -> list[Any]:
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+    return asyncio.run(run())
+
+
+def _binary_floats_efd0(dsn: str) -> list[Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("set extra_float_digits = 0")
+        cur = conn.cursor(binary=True)
+        cur.execute("select id, ratio, score::float4 as f4 from items where ratio is not null order by id limit 40",
+                    prepare=False)
+        return cur.fetchall()
+
+
+def _win1252_order(dsn: str) -> list[Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("set client_encoding = 'WIN1252'")  # the query text stays ASCII
+        return conn.execute("select id, case when id % 2 = 0 then chr(8364) else chr(196) end as c from items "
+                            "order by c, id").fetchall()
+
+
+def _cancelled_fanout(dsn: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        try:
+            conn.execute("select id from items where pg_sleep(0.002) is not null order by id").fetchall()
+            outcome = "ran to the end"
+        except psycopg.Error as exc:
+            outcome = exc.sqlstate
+        finally:
+            timer.cancel()
+        return outcome, time.monotonic() - started < 1.0, conn.execute("select 1").fetchall()
+
+
+DRIVER_PROBES = {
+    # asyncpg asks for binary "char": one byte, not charout's octal escape (\303) or '' for \0
+    "asyncpg_char_binary": lambda dsn: _asyncpg_fetch(dsn, 'select id, cat::"char" as c from items order by id'),
+    # binary float8/float4 are exact whatever extra_float_digits says; the shards' text is not
+    "binary_float_extra_float_digits_0": _binary_floats_efd0,
+    # text sort keys arrive in the client's encoding; PostgreSQL orders by the server's (UTF-8)
+    "client_encoding_win1252_order": _win1252_order,
+    # a CancelRequest during a fan-out cancels it (57014), as it cancels a query on one database
+    "cancel_fanout": _cancelled_fanout,
+}
+
+
+@pytest.mark.parametrize("name", list(DRIVER_PROBES))
+def test_driver_probe(fixed: Env, name: str) -> None:
+    _assert_same(_outcomes(fixed, DRIVER_PROBES[name]), refusal_ok=True)
+
+
+# The raw extended protocol: (messages up to Sync) per round, the answers' kinds, rows, SQLSTATEs and tags.
+_NO_PARAMS = b"\0\0\0\0\0\0"
+_F1 = "select id from items order by id limit 3"
+_F2 = "select id from items order by id desc limit 2"
+RAW_PROBES: dict[str, list[list[bytes]]] = {
+    # two named portals of fan-outs, executed after both are bound
+    "two_fanout_portals": [[m.parse("s1", _F1), m.bind("p1", "s1", _NO_PARAMS), m.parse("s2", _F2),
+                            m.bind("p2", "s2", _NO_PARAMS), m.execute("p1"), m.execute("p2"), m.SYNC_MSG]],
+    # a row limit that ends exactly at the last row: PortalSuspended, then an empty "SELECT 0"
+    "row_limit_ends_on_last_row": [[m.parse("", "select id from items order by id limit 4"),
+                                    m.bind("", "", _NO_PARAMS), m.execute("", 2), m.execute("", 2),
+                                    m.execute("", 2), m.SYNC_MSG]],
+    # a portal run to its end may be executed again: "SELECT 0"
+    "execute_completed_portal_again": [[m.parse("", _F1), m.bind("", "", _NO_PARAMS), m.execute(""),
+                                        m.execute(""), m.SYNC_MSG]],
+    # LIMIT $1 declared text: PostgreSQL refuses it (42804)
+    "limit_param_declared_text": [[m.parse("", "select id from items order by id limit $1", b"\0\x01\0\0\0\x19"),
+                                   m.bind("", "", b"\0\0\0\x01\0\0\0\x012\0\0"), m.execute(""), m.SYNC_MSG]],
+}
+
+
+def _raw_rounds(port: int, user: str, secret: str, database: str, rounds: list[list[bytes]]) -> list[Any]:
+    out = []
+    with Raw(port, timeout=5) as raw:
+        raw.login(user, secret, database)
+        for batch in rounds:
+            raw.send(b"".join(batch))
+            answer = []
+            for msg in raw.until("Z"):
+                detail: Any = None
+                if msg.kind == "D":
+                    detail = raw_rows([msg])[0]
+                elif msg.kind == "E":
+                    detail = msg.fields.get("C")
+                elif msg.kind == "C":
+                    detail = msg.body.rstrip(b"\0").decode()
+                answer.append((msg.kind, detail))
+            out.append(answer)
+    return out
+
+
+@pytest.mark.parametrize("name", list(RAW_PROBES))
+def test_raw_protocol_probe(fixed: Env, name: str) -> None:
+    outcomes = {"oracle": ("ok", _raw_rounds(fixed.pg.port, "postgres", fixed.pg.password, ORACLE, RAW_PROBES[name]))}
+    for n, fleet in fixed.fleets.items():
+        rounds = _raw_rounds(fleet.port, "pf_server", KEYS["pf_server"][0], "app", RAW_PROBES[name])
+        refused = any(("E", "0A000") in answer for answer in rounds) and not any(
+            ("E", "0A000") in answer for answer in outcomes["oracle"][1])
+        # The contract: the oracle's answer, or a refusal with 0A000 (and the session goes on).
+        outcomes[f"fleet{n}"] = ("error", "0A000", str(rounds)[:200]) if refused else ("ok", rounds)
+    _assert_same(outcomes, refusal_ok=True)
+
+
+WRITE_PROBES = [
+    # writes on a reference table that read a sharded table: each shard would use its own rows
+    "delete from cats where code in (select cat from items where grp = 1 and qty > 0) returning code",
+    "update cats set label = (select max(note) from items where grp = 2) where code = 'a' returning *",
+    ("insert into cats select distinct cat || '!' from items where grp = 3 and cat is not null "
+     "on conflict do nothing returning code"),
+    "update cats set label = label where code = 'A' returning code, (select count(*) from items) as n",
+    # answered exactly today (kept so that they stay so)
+    "insert into items (id, grp, note) values (10001, 1, 'n1'), (10002, 1, 'n2'), (10003, 1, 'n3') returning id, note",
+    ("insert into cats values ('a', 'new'), ('q', 'Q') on conflict (code) do update set label = excluded.label "
+     "returning *"),
+]
+
+
+def _fleet_state(env: Env) -> dict[str, Any]:
+    """Every database's items and cats after a write: a fleet's items together, each cats copy."""
+    def read(db: str) -> tuple[list[Row], list[Row]]:
+        conn = env.loaders[db]
+        return (conn.execute("select id, grp, qty, note from items").fetchall(),
+                conn.execute("select code, label from cats order by code").fetchall())
+    state: dict[str, Any] = {"oracle": read(ORACLE)}
+    for n, shards in FLEETS.items():
+        parts = [read(db) for db in shards]
+        state[f"fleet{n}"] = ([r for items, _ in parts for r in items], [c for _, c in parts])
+    return {name: (sorted(items, key=lambda r: r[0]), cats if name == "oracle" else
+                   (cats[0] if all(c == cats[0] for c in cats) else ("copies differ", cats)))
+            for name, (items, cats) in state.items()}
+
+
+@pytest.mark.parametrize("sql", [pytest.param(sql, id=f"write{i:02d}") for i, sql in enumerate(WRITE_PROBES, 1)])
+def test_write_probe(fixed: Env, sql: str) -> None:
+    """A whole-fleet write: its tag and RETURNING rows, then every copy of the data, as on one database."""
+    def write(dsn: str) -> Any:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(sql)
+            return cur.statusmessage, sorted(cur.fetchall(), key=repr) if cur.description else None
+    try:
+        before = _fleet_state(fixed)
+        outcomes = _outcomes(fixed, write)
+        state = _fleet_state(fixed)
+        _assert_same(outcomes, refusal_ok=True)
+        refused = {name for name, got in outcomes.items() if got[0] == "error" and got[1] == "0A000"}
+        for name in refused:  # a refused write changed nothing
+            assert state[name] == before[name], f"{name} refused the write but its data changed"
+        _assert_same({name: ("ok", value) for name, value in state.items() if name not in refused})
+    finally:
+        fixed.loaded = None  # items reloaded by the next test; cats restored here
+        rows = ", ".join("(%s, %s)" for _ in CATS)
+        for conn in fixed.loaders.values():
+            conn.execute("truncate cats")
+            conn.execute(f"insert into cats values {rows}", [v for row in CATS for v in row])
