@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                               pgfleet_log_problems(fleet_log))
         say("measuring the router (benchmarks/route_bench.py) ...")
         report += ("\n## Router cost per statement (benchmarks/route_bench.py)\n\n"
-                   "Parse on a plan-cache miss and route on a hit, best of 5, on a fleet where "
+                   "Parse on a plan-cache miss and route on a hit, best of 7, on a fleet where "
                    "pgbench_accounts is sharded by aid (the hit hashes the Bind value).\n\n"
                    + route_bench.markdown(route_bench.measure()) + "\n")
         args.output.mkdir(parents=True, exist_ok=True)
