@@ -36,9 +36,10 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
+        # Types first: a statement on a sharded table that came before them would be refused.
+        await self.learn_shard_key_types()
         self.listener = await loop.create_server(
             lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
-        await self.learn_shard_key_types()
         self._reaper = loop.create_task(self._reap())
         log.info("pgfleet listening on %s:%d (fleet database %r, %d databases, pool mode %s)",
                  listen.host, listen.port, listen.database, len(self.config.databases),

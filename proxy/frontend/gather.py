@@ -36,14 +36,6 @@ HIGH_ROWS = 4096  # rows a shard may have waiting in the merge before it is paus
 LOW_ROWS = 1024
 
 
-class GatherError(ProxyError):
-    """The statement failed on a shard; ``raw`` is the ErrorResponse to send."""
-
-    def __init__(self, sqlstate: str, message: str, raw: bytes) -> None:
-        super().__init__(sqlstate, message)
-        self.raw = raw
-
-
 class _Shard:
     def __init__(self, index: int, database: str, pool: Pool, server: ServerConnection) -> None:
         self.index = index
@@ -64,7 +56,6 @@ class Gather:
         self.write = write
         self.shards: dict[ServerConnection, _Shard] = {}
         self.failure: bytes | None = None
-        self.failure_code = ""
         self.waiting = 0
         self.done: asyncio.Future[None] | None = None
         self.client_paused = False
@@ -234,9 +225,9 @@ class Gather:
             return
         body = error[5:]
         fields = m.decode_fields(body)
-        self.failure_code = fields.get("C", "XX000")
         self.failure = _naming(body, shard.database)
-        log.info("federated query failed on shard %s: %s %s", shard.database, self.failure_code, fields.get("M", ""))
+        log.info("federated query failed on shard %s: %s %s", shard.database, fields.get("C", "XX000"),
+                 fields.get("M", ""))
         for other in self.shards.values():  # nothing more is needed from the others
             if other.paused and other.server.transport is not None:
                 other.paused = False

@@ -119,7 +119,6 @@ class Merger:
         self.text_order = text_order
         self.description: list[tuple[bytes, bytes]] | None = None
         self.width = 0
-        self.described = [False] * legs
         self.finished = [False] * legs
         self.out: list[bytes] = []
         self.sent = 0           # rows the client got
@@ -170,7 +169,6 @@ class Merger:
 
     def _describe(self, leg: int, body: bytes) -> None:
         cols = columns(body)
-        self.described[leg] = True
         if self.description is not None:
             if not _same(cols, self.description):
                 raise MergeError("42804", "the shards returned different row descriptions for the same query "

@@ -1,9 +1,10 @@
 """The router's answer for one statement, as values.
 
-A ``Route`` says where a statement runs (``Direct`` today; ``Multi`` and ``All`` are the
-seams for sharding and fan-out), whether it writes, and why — in words that appear in errors
-and logs. These are plain frozen values shared by the router, the backend and the frontend;
-nothing here knows about sockets or pglast.
+A ``Route`` says where a statement runs (``Direct``, or ``Multi`` / ``All`` for several
+databases), whether it writes, whether a read must be merged (``fanout``: its merge plan is
+``Router.fanout_plan``, cached by text), and why — in words that appear in errors and logs.
+These are plain frozen values (msgspec structs) shared by the router, the backend and the
+frontend; nothing here knows about sockets or pglast.
 """
 
 from __future__ import annotations
@@ -162,7 +163,6 @@ class Route(msgspec.Struct, frozen=True):
     target: Target
     write: bool
     reason: str
-    merge: object | None = None  # the federated-SELECT merge plan slot
     # True when no table decided the database (COMMIT, SET, SELECT 1, catalogs): inside a
     # transaction such a statement runs where the transaction already is.
     anywhere: bool = False
