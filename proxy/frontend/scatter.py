@@ -85,14 +85,16 @@ class Scatter:
     # -- running
 
     async def run(self, pools: dict[str, Pool], statements: dict[str, bytes],
-                  settings: dict[str, str], replicated: bool = False, describe: bool | None = None) -> bytes:
+                  settings: dict[str, str], replicated: bool = False, describe: bool | None = None,
+                  keep: frozenset[int] | None = None) -> bytes:
         """Run ``statements`` and return the client's answer bytes.
 
         ``statements`` maps each database to a Query message, or (``describe`` not None) to
         Parse, Bind, Describe of the portal, Execute and Sync of the unnamed statement and
         portal: then the answer is an Execute's, with the portal's RowDescription or NoData
         first when ``describe`` is True. Each backend first takes the client's session
-        ``settings``. Raises ``ProxyError`` (``ScatterError`` with the backend's own
+        ``settings``. ``keep``: return only those kinds of the first database's answer (a
+        Describe run apart). Raises ``ProxyError`` (``ScatterError`` with the backend's own
         ErrorResponse when a database refused).
         """
         prelude: dict[str, list[bytes]] = {}
@@ -122,6 +124,9 @@ class Scatter:
                 raise failed
             await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
             self._check_commits()
+            if keep is not None:  # only these messages of the first database's answer
+                first = next(iter(answers.values()))
+                return b"".join(m.message(kind, body) for kind, body in (first[0] if first else ()) if kind in keep)
             return _combine(answers, replicated, describe)
         finally:
             for leg in self.legs.values():

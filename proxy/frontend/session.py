@@ -907,6 +907,20 @@ class Session(asyncio.Protocol):
                                          describe=described))
         return True
 
+    async def _describe_apart(self, query: str, param_types: bytes) -> None:
+        """Describe of a statement routed at Bind: ParameterDescription and RowDescription (or
+        NoData) from the first shard it may run on, on a backend outside the client's transaction."""
+        database = _first(self._route(query))
+        statement = m.parse("", query, param_types) + m.describe(0x53, "") + m.SYNC_MSG
+        try:
+            answer = await Scatter().run(self.fleet.pools, {database: statement}, self.settings, True,
+                                         keep=_STATEMENT_DESCRIPTION)
+        except ProxyError as exc:
+            raw = exc.raw if isinstance(exc, ScatterError) else None
+            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            self.skipping = True
+        self._write(answer)
+
     async def _describe_portal(self, portal: _Portal) -> None:
         """Describe of a portal for several databases: the first shard describes the client's
         own statement, bound as the client bound it (its formats too), without running it."""
@@ -932,6 +946,13 @@ class Session(asyncio.Protocol):
                 raise ClientError("34000", f'portal "{name}" does not exist', hint="Bind it first")
             self.backend.push(FORWARD_DESCRIBE_PORTAL)
             self.backend.send(raw)
+            return True
+        routed = self._routed_text(name.encode())
+        parked = self.backend is None or (self.backend.tx_status == _I and not self.backend.expects)
+        if routed is not None and self.deferred_begin is not None and parked:
+            # A transaction that has not reached a database yet must not be pinned by a Describe
+            # (asyncpg describes every statement): the first shard describes it apart.
+            self._wait_for(self._describe_apart(routed[0], routed[1]))
             return True
         backend, prepared = self._prepared_on(name.encode())
         if backend is None:
@@ -1420,6 +1441,7 @@ _READY = State.READY
 _SYNC = m.SYNC
 _QUERY = m.QUERY
 _SNAPSHOT_LEVELS = re.compile(rb"(?i)repeatable|serializable")
+_STATEMENT_DESCRIPTION = frozenset((m.PARAMETER_DESCRIPTION, m.ROW_DESCRIPTION, m.NO_DATA))
 _DESCRIBE = m.DESCRIBE
 _PARSE = m.PARSE
 _BIND = m.BIND

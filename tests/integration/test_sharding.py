@@ -548,3 +548,24 @@ def test_a_fan_out_with_an_unreachable_shard_fails_whole_naming_it(make_fleet: A
         assert "gone" in str(err.value)
         on_primary = next(i for i in range(100, 140) if owner(i) == "primary")  # shard 0 of 2
         assert conn.execute("select count(*) from users where user_id = %s", (on_primary,)).fetchone() == (0,)
+
+
+def test_fan_out_reads_in_an_asyncpg_transaction(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    """asyncpg describes every statement before it runs it; in a transaction that has not reached a
+    database that Describe must not pin it to the first shard."""
+    everything = sorted(r[0] for rows in rows_on(clusters, "select user_id from users").values() for r in rows)
+    on_secondary = next(i for i in everything if owner(i) == "secondary")
+
+    async def run() -> tuple[int, str | None]:
+        conn = await asyncpg.connect(sharded.dsn())
+        try:
+            async with conn.transaction():
+                total = await conn.fetchval("select count(*) from users where user_id >= $1", -1)
+                name = await conn.fetchval("select name from users where user_id = $1", on_secondary)
+            return total, name
+        finally:
+            await conn.close()
+
+    import asyncio
+    total, name = asyncio.run(run())
+    assert total == len(everything) and name is not None
