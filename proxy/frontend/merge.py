@@ -127,6 +127,7 @@ class Merger:
         self.queues: list[deque[tuple[Any, list[bytes | None] | None, bytes]]] = [deque() for _ in range(legs)]
         self.heap: list[tuple[Any, int, int]] = []
         self.in_heap = [False] * legs
+        self.starved = legs  # shards still sending with no row waiting: the merge must wait for them
         self.seq = 0
         self.sort_keys: list[tuple[int, Callable[[bytes], Any], bool, bool]] = []
         self.seen: set[Any] = set()
@@ -143,7 +144,10 @@ class Merger:
         elif kind == m.ROW_DESCRIPTION:
             self._describe(leg, body)
         elif kind in (m.COMMAND_COMPLETE, m.EMPTY_QUERY):
-            self.finished[leg] = True
+            if not self.finished[leg]:
+                self.finished[leg] = True
+                if not self.in_heap[leg]:
+                    self.starved -= 1
             if not self.plan.groups and self.plan.order:
                 self._merge()
 
@@ -247,9 +251,15 @@ class Merger:
             self._emit(body, None)
             return
         values = fields(body)
-        self.queues[leg].append((self._sort_key(values), values, body))
-        if not self.in_heap[leg]:
-            self._merge()
+        key = self._sort_key(values)
+        self.queues[leg].append((key, values, body))
+        if not self.in_heap[leg]:  # its first waiting row: into the heap, and maybe the merge can go on
+            heapq.heappush(self.heap, (key, self.seq, leg))
+            self.seq += 1
+            self.in_heap[leg] = True
+            self.starved -= 1
+            if self.starved == 0:
+                self._merge()
 
     def pass_rows(self, data: bytes, count: int) -> None:
         """``count`` whole DataRow messages, as one shard sent them, when ``passthrough``."""
@@ -280,16 +290,12 @@ class Merger:
         return tuple(key)
 
     def _merge(self) -> None:
-        """Emit rows while every shard still sending has a row waiting (k-way merge)."""
-        queues, heap, in_heap = self.queues, self.heap, self.in_heap
-        for leg in range(self.legs):
-            if not in_heap[leg] and queues[leg]:
-                heapq.heappush(heap, (queues[leg][0][0], self.seq, leg))
-                self.seq += 1
-                in_heap[leg] = True
-        while heap and not self.full:
-            if any(not in_heap[leg] and not self.finished[leg] for leg in range(self.legs)):
-                return  # a shard may still send a smaller row
+        """Emit rows while every shard still sending has a row waiting (k-way merge).
+
+        The heap holds each shard's first waiting row; ``starved`` counts the shards still
+        sending that have none, and while it is not 0 a smaller row may yet come."""
+        queues, heap, in_heap, finished = self.queues, self.heap, self.in_heap, self.finished
+        while heap and self.starved == 0 and not self.full:
             _, _, leg = heapq.heappop(heap)
             _, values, body = queues[leg].popleft()
             in_heap[leg] = False
@@ -298,6 +304,8 @@ class Merger:
                 heapq.heappush(heap, (queues[leg][0][0], self.seq, leg))
                 self.seq += 1
                 in_heap[leg] = True
+            elif not finished[leg]:
+                self.starved += 1
 
     def _emit(self, body: bytes, values: list[bytes | None] | None) -> None:
         """One merged row: DISTINCT, OFFSET and LIMIT, then out (``body`` when ``plain``)."""
