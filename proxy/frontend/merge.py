@@ -267,11 +267,10 @@ class Merger:
         if self.full:
             return
         if limit is not None and self.sent + count > limit:
-            pos = 0
-            while pos < len(data) and not self.full:  # the last few, one by one
-                end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
-                self._emit(data[pos + 5:end], None)
-                pos = end
+            for _, body in m.split(data):  # the last few, one by one
+                if self.full:
+                    break
+                self._emit(body, None)
             return
         self.out.append(data)
         self.sent += count

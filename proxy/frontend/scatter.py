@@ -27,7 +27,12 @@ from .startup import set_statement
 log = logging.getLogger("pgfleet.scatter")
 
 _COUNTED = re.compile(rb"^(INSERT 0|UPDATE|DELETE|MERGE|SELECT|COPY) (\d+)$")
-_U32 = struct.Struct("!I")
+
+
+def answer_of(exc: ProxyError) -> bytes:
+    """The ErrorResponse a client gets for a failed scatter: a database's own, else pgfleet's."""
+    raw = exc.raw if isinstance(exc, ScatterError) else None
+    return raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
 
 
 class ScatterError(ProxyError):
@@ -181,12 +186,7 @@ def _responses(data: bytes) -> list[list[tuple[int, bytes]]]:
     """A backend's answer bytes, split into one list of (kind, body) per ReadyForQuery."""
     out: list[list[tuple[int, bytes]]] = []
     current: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos + 5 <= len(data):
-        kind = data[pos]
-        end = pos + 1 + _U32.unpack_from(data, pos + 1)[0]
-        body = data[pos + 5:end]
-        pos = end
+    for kind, body in m.split(data):
         if kind == m.READY_FOR_QUERY:
             out.append(current)
             current = []

@@ -67,7 +67,7 @@ from ..wire import messages as m
 from .fleet import Fleet
 from .gather import Gather
 from .merge import Merger
-from .scatter import Scatter, ScatterError
+from .scatter import Scatter, answer_of
 from .startup import DIRTY, session_settings, set_statement
 
 log = logging.getLogger("pgfleet.session")
@@ -916,8 +916,7 @@ class Session(asyncio.Protocol):
             answer = await Scatter().run(self.fleet.pools, {database: statement}, self.settings, True,
                                          keep=_STATEMENT_DESCRIPTION)
         except ProxyError as exc:
-            raw = exc.raw if isinstance(exc, ScatterError) else None
-            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            answer = answer_of(exc)
             self.skipping = True
         self._write(answer)
 
@@ -929,8 +928,7 @@ class Session(asyncio.Protocol):
             answer = await Scatter().run(self.fleet.pools, {portal.databases[0]: statement}, self.settings,
                                          True, describe=True)
         except ProxyError as exc:
-            raw = exc.raw if isinstance(exc, ScatterError) else None
-            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            answer = answer_of(exc)
             self.skipping = True
         self._write(answer)
 
@@ -1007,8 +1005,7 @@ class Session(asyncio.Protocol):
         try:
             answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated, describe)
         except ProxyError as exc:
-            raw = exc.raw if isinstance(exc, ScatterError) else None
-            answer = raw or m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+            answer = answer_of(exc)
             self.skipping = describe is not None
         self._write(answer + m.ready_for_query(_I) if describe is None else answer)
 
@@ -1056,7 +1053,7 @@ class Session(asyncio.Protocol):
             portal.rows = deque()  # run to completion: running it again answers SELECT 0
             self._write(last)
             return
-        answer = _split(b"".join(kept) + last)
+        answer = m.split(b"".join(kept) + last)
         portal.rows = deque(body for kind, body in answer if kind == m.DATA_ROW)
         described = b"".join(m.message(kind, body) for kind, body in answer if kind == m.ROW_DESCRIPTION)
         self._write(described + portal.next_rows(max_rows))
@@ -1514,17 +1511,6 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
-
-
-def _split(data: bytes) -> list[tuple[int, bytes]]:
-    """Backend messages as (kind, body)."""
-    out = []
-    pos = 0
-    while pos + 5 <= len(data):
-        end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
-        out.append((data[pos], data[pos + 5:end]))
-        pos = end
-    return out
 
 
 def _first(route: Route) -> str:

@@ -685,25 +685,7 @@ def _is_star(node: Any) -> bool:
 
 def _calls(node: Any) -> list[Any]:
     """Every FuncCall in an expression tree (not inside subqueries)."""
-    found = []
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if item is None:
-            continue
-        if isinstance(item, tuple | list):
-            stack.extend(item)
-            continue
-        kind = _kind(item)
-        if kind in ("SubLink", "SelectStmt", "String", "Integer", "Float", "Boolean"):
-            continue
-        if kind == "FuncCall":
-            found.append(item)
-        for slot in getattr(item, "__slots__", ()):
-            value = getattr(item, slot, None)
-            if value is not None and not isinstance(value, str | int | float | bool):
-                stack.append(value)
-    return found
+    return _nodes(node, "FuncCall")
 
 
 def _nodes(node: Any, kind: str, into_subqueries: bool = False) -> list[Any]:

@@ -363,6 +363,20 @@ def decode_backend_key(body: bytes) -> tuple[int, int]:
 # Builders
 
 
+def split(data: bytes) -> list[tuple[int, bytes]]:
+    """Whole backend messages, as (kind, body); a partial one at the end is left out."""
+    out = []
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        end = pos + 1 + _I32.unpack_from(data, pos + 1)[0]
+        if end > n:
+            break
+        out.append((data[pos], data[pos + 5:end]))
+        pos = end
+    return out
+
+
 def message(kind: int, body: bytes = b"") -> bytes:
     return _HEAD.pack(bytes((kind,)), len(body) + 4) + body
 

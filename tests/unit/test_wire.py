@@ -367,3 +367,9 @@ def test_row_values_in_c_and_python_agree(values: list[bytes | None]) -> None:
 def test_row_values_is_the_c_one() -> None:
     from proxy.wire import _datarow
     assert m.row_values is _datarow.fields
+
+
+def test_split_gives_whole_messages_and_leaves_a_partial_one_out() -> None:
+    data = m.command_complete("SELECT 1") + m.ready_for_query(73)
+    assert m.split(data) == [(m.COMMAND_COMPLETE, b"SELECT 1\0"), (m.READY_FOR_QUERY, b"I")]
+    assert m.split(data + m.command_complete("X")[:6]) == m.split(data)
