@@ -24,7 +24,7 @@ from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
 from ..errors import BackendError, ProxyError
 from ..wire import messages as m
-from .merge import Merger
+from .merge import Merger, keyed_rows
 from .startup import set_statement
 
 log = logging.getLogger("pgfleet.gather")
@@ -92,10 +92,10 @@ class Gather:
     # -- flow control
 
     def pause(self) -> None:
-        """The client reads slowly: stop reading every shard."""
+        """The client reads slowly: stop reading every shard still answering."""
         self.client_paused = True
         for shard in self.shards.values():
-            if shard.server.transport is not None:
+            if not shard.done and shard.server.transport is not None:
                 shard.server.transport.pause_reading()
 
     def resume(self) -> None:
@@ -151,7 +151,9 @@ class Gather:
         finally:
             for shard in self.shards.values():
                 server = shard.server
-                if shard.paused and server.transport is not None and not server.closed:
+                # A backend goes back to its pool reading, whoever paused it (a client that
+                # paused after the last answer came would leave it deaf for the next one).
+                if (shard.paused or self.client_paused) and server.transport is not None and not server.closed:
                     server.transport.resume_reading()
                 if server.closed or server.busy or server.tx_status != 73:
                     shard.pool.discard(server)
@@ -166,11 +168,27 @@ class Gather:
         merger = self.merger
         run = -1  # the start of a run of DataRows that goes out whole (merger.passthrough)
         rows = 0
+        ended = False  # this shard's answer is complete
         while n - pos >= 5:
             end = pos + 1 + _U32.unpack_from(inbox, pos + 1)[0]
             if end > n:
                 break
             kind = inbox[pos]
+            if kind == m.DATA_ROW and merger.ordered and self.failure is None and not shard.replays:
+                try:  # the run of DataRows from here, each with its sort key, framed and read in C
+                    keyed, after = keyed_rows(inbox, pos, merger.sort_spec)
+                    merger.keyed(shard.index, keyed)
+                except Exception as exc:  # noqa: BLE001 - _merge_failed tells a refusal from a bug
+                    self._merge_failed(exc, shard)
+                    after = pos
+                if after == pos:
+                    end = pos + 1 + _U32.unpack_from(inbox, pos + 1)[0]
+                    if end > n:
+                        break
+                    pos = end  # the row failed: skip it, as after any failure
+                else:
+                    pos = after
+                continue
             if kind == m.DATA_ROW and merger.passthrough and self.failure is None and not shard.replays:
                 if run < 0:
                     run = pos
@@ -185,24 +203,34 @@ class Gather:
             elif shard.replays:
                 if kind == m.READY_FOR_QUERY:
                     shard.replays -= 1
+            elif kind == m.READY_FOR_QUERY:
+                ended = True
             elif self.failure is None and kind not in _NOT_MERGED:
                 try:
                     merger.feed(shard.index, kind, bytes(inbox[pos + 5:end]))
-                except ProxyError as exc:
-                    self._fail(m.error_response(exc.sqlstate, exc.message, hint=exc.hint), shard)
-                except Exception:  # a bug in the merge must not take the shard's connection with it
-                    log.exception("internal error merging the answer of shard %s", shard.database)
-                    self._fail(m.error_response("XX000", "internal error in pgfleet while merging the "
-                                                "shards' answers; the details are in its log"), shard)
+                except Exception as exc:  # noqa: BLE001 - _merge_failed tells a refusal from a bug
+                    self._merge_failed(exc, shard)
             pos = end
         if run >= 0:
             merger.pass_rows(bytes(inbox[run:pos]), rows)
         del inbox[:pos]
         if self.failure is None:
-            out = merger.take()
-            if out:
-                self.write(out)
+            # The last shard's last answer: what is left goes out with CommandComplete (run),
+            # so a small result is one send.
+            if not (ended and self.waiting <= 1):
+                out = merger.take()
+                if out:
+                    self.write(out)
             self._balance()
+
+    def _merge_failed(self, exc: Exception, shard: _Shard) -> None:
+        if isinstance(exc, ProxyError):  # the merger refuses what the shard sent
+            self._fail(m.error_response(exc.sqlstate, exc.message, hint=exc.hint), shard)
+            return
+        # A bug in the merge (or a malformed row) must not take the shard's connection with it.
+        log.error("internal error merging the answer of shard %s", shard.database, exc_info=exc)
+        self._fail(m.error_response("XX000", "internal error in pgfleet while merging the "
+                                    "shards' answers; the details are in its log"), shard)
 
     def _balance(self) -> None:
         """Pause a shard whose rows pile up in the merge; resume those it has caught up on."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from ..router.fanout import Cmp, Const, FanoutPlan, IsNull, Logic, Output, Ref
+from ..router.fanout import Cmp, Const, FanoutPlan, IsNull, Logic, Output, Ref, SortKey
 from ..wire import messages as m
 from .values import (
     FLOAT_TYPES,
@@ -32,7 +32,9 @@ from .values import (
     float_text,
     numeric_div,
     numeric_text,
+    read_bytes,
     read_float,
+    read_int,
     read_numeric,
     reader,
 )
@@ -44,6 +46,12 @@ _I32 = struct.Struct("!i")
 # -- DataRow bytes
 
 fields = m.row_values  # a DataRow body's values (None for NULL), in C where built
+keyed_rows = m.keyed_rows  # DataRows with their sort keys, in C where built
+row_key = m.row_key
+
+
+def _descending(read: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    return lambda raw: Desc(read(raw))
 
 
 def data_row(values: list[bytes | None]) -> bytes:
@@ -114,6 +122,7 @@ class Merger:
         self.visible = 0
         self.plain = not plan.groups and not plan.hidden  # shard rows go to the client as they are
         self.passthrough = False  # plain, and nothing to decide per row: whole runs of rows go out
+        self.ordered = bool(plan.order) and not plan.groups  # rows go in with their keys (keyed)
         self.legs = legs
         self.float_digits = float_digits
         self.text_order = text_order
@@ -124,12 +133,12 @@ class Merger:
         self.sent = 0           # rows the client got
         self.skipped = 0        # rows OFFSET dropped
         self.full = plan.limit == 0  # LIMIT reached: the rest is not needed
-        self.queues: list[deque[tuple[Any, list[bytes | None] | None, bytes]]] = [deque() for _ in range(legs)]
+        self.queues: list[deque[tuple[Any, bytes]]] = [deque() for _ in range(legs)]  # (key, DataRow)
         self.heap: list[tuple[Any, int, int]] = []
         self.in_heap = [False] * legs
         self.starved = legs  # shards still sending with no row waiting: the merge must wait for them
         self.seq = 0
-        self.sort_keys: list[tuple[int, Callable[[bytes], Any], bool, bool]] = []
+        self.sort_spec: m.SortSpec = ()  # see messages.keyed_rows
         self.seen: set[Any] = set()
         self.last_on: Any = None
         self.groups: dict[Any, _Group] = {}
@@ -187,10 +196,11 @@ class Merger:
             visible = [self._output_column(cols, out) for out in plan.outputs[:plan.visible]]
         else:
             visible = cols[:len(cols) - plan.hidden]
+            spec = []
             for key in plan.order:
                 column = key.column if key.column >= 0 else len(cols) + key.column
-                self.sort_keys.append((column, reader(type_of(cols[column]), "ORDER BY", self.text_order),
-                                       key.descending, key.nulls_first))
+                spec.append(self._sort_column(column, type_of(cols[column]), key))
+            self.sort_spec = tuple(spec)
             if plan.distinct or plan.distinct_on:
                 on = plan.distinct_on or tuple(range(len(visible)))
                 self.distinct_readers = [(c, self._equality(type_of(cols[c]))) for c in on]
@@ -200,6 +210,21 @@ class Merger:
             self.passthrough = self.plain and not (plan.order or plan.distinct or plan.distinct_on or plan.offset)
         if self.describe:
             self.out.append(row_description(visible))
+
+    def _sort_column(self, column: int, type_oid: int, key: SortKey) -> tuple[int, int, Any, bool]:
+        """How keyed_rows reads one ORDER BY column."""
+        read = reader(type_oid, "ORDER BY", self.text_order)
+        if read is read_int:
+            mode = m.KEY_INT_DESC if key.descending else m.KEY_INT
+        elif read is read_float:
+            mode = m.KEY_FLOAT_DESC if key.descending else m.KEY_FLOAT
+        elif read is read_bytes and not key.descending:
+            mode = m.KEY_BYTES
+        else:
+            mode = m.KEY_CALL
+            if key.descending:
+                read = _descending(read)
+        return column, mode, read, key.nulls_first
 
     def _client_formats(self, visible: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Binary columns the client asked for: their writers, and their format in the description."""
@@ -247,14 +272,20 @@ class Merger:
             return
         if self.full:
             return
+        message = m.message(m.DATA_ROW, body)
         if not plan.order:
-            self._emit(body, None)
+            self._emit(message)
             return
-        values = fields(body)
-        key = self._sort_key(values)
-        self.queues[leg].append((key, values, body))
+        self.keyed(leg, keyed_rows(message, 0, self.sort_spec)[0])
+
+    def keyed(self, leg: int, rows: list[tuple[Any, bytes]]) -> None:
+        """A shard's DataRows, each with its sort key (``keyed_rows`` with ``sort_spec``)."""
+        if self.full or not rows:
+            return
+        queue = self.queues[leg]
+        queue.extend(rows)
         if not self.in_heap[leg]:  # its first waiting row: into the heap, and maybe the merge can go on
-            heapq.heappush(self.heap, (key, self.seq, leg))
+            heapq.heappush(self.heap, (queue[0][0], self.seq, leg))
             self.seq += 1
             self.in_heap[leg] = True
             self.starved -= 1
@@ -270,23 +301,12 @@ class Merger:
             for _, body in m.split(data):  # the last few, one by one
                 if self.full:
                     break
-                self._emit(body, None)
+                self._emit(m.message(m.DATA_ROW, body))
             return
         self.out.append(data)
         self.sent += count
         if limit is not None and self.sent >= limit:
             self.full = True
-
-    def _sort_key(self, values: list[bytes | None]) -> tuple[Any, ...]:
-        key = []
-        for column, read, descending, nulls_first in self.sort_keys:
-            raw = values[column]
-            if raw is None:
-                key.append((0 if nulls_first else 2, 0))
-            else:
-                value = read(raw)
-                key.append((1, Desc(value) if descending else value))
-        return tuple(key)
 
     def _merge(self) -> None:
         """Emit rows while every shard still sending has a row waiting (k-way merge).
@@ -296,9 +316,9 @@ class Merger:
         queues, heap, in_heap, finished = self.queues, self.heap, self.in_heap, self.finished
         while heap and self.starved == 0 and not self.full:
             _, _, leg = heapq.heappop(heap)
-            _, values, body = queues[leg].popleft()
+            _, message = queues[leg].popleft()
             in_heap[leg] = False
-            self._emit(body, values)
+            self._emit(message)
             if queues[leg]:
                 heapq.heappush(heap, (queues[leg][0][0], self.seq, leg))
                 self.seq += 1
@@ -306,13 +326,14 @@ class Merger:
             elif not finished[leg]:
                 self.starved += 1
 
-    def _emit(self, body: bytes, values: list[bytes | None] | None) -> None:
-        """One merged row: DISTINCT, OFFSET and LIMIT, then out (``body`` when ``plain``)."""
+    def _emit(self, message: bytes, values: list[bytes | None] | None = None) -> None:
+        """One merged row: DISTINCT, OFFSET and LIMIT, then out (the shard's DataRow
+        ``message`` as it came when ``plain``, else its ``values``)."""
         plan = self.plan
         if self.full:
             return
         if plan.distinct or plan.distinct_on:
-            values = values if values is not None else fields(body)
+            values = values if values is not None else fields(message[5:])
             key = tuple(None if values[c] is None else read(values[c])  # type: ignore[arg-type]
                         for c, read in self.distinct_readers)
             if plan.distinct_on and plan.order:
@@ -327,9 +348,9 @@ class Merger:
             self.skipped += 1
             return
         if self.plain:
-            self.out.append(m.message(m.DATA_ROW, body))
+            self.out.append(message)
         else:
-            values = values if values is not None else fields(body)
+            values = values if values is not None else fields(message[5:])
             shown = values[:self.visible]
             writers = self.writers
             if writers is not None:
@@ -371,10 +392,8 @@ class Merger:
                 continue
             rows.append(row)
         if plan.order:
-            keys = [(key.column, reader(types[key.column], "ORDER BY", self.text_order), key.descending,
-                     key.nulls_first) for key in plan.order]
-            self.sort_keys = keys
-            rows.sort(key=self._sort_key)
+            spec = tuple(self._sort_column(key.column, types[key.column], key) for key in plan.order)
+            rows.sort(key=lambda row: row_key(row, spec))
         if plan.distinct or plan.distinct_on:
             on = plan.distinct_on or tuple(range(plan.visible))
             self.distinct_readers = [(c, self._equality(types[c])) for c in on]

@@ -186,6 +186,10 @@ class Session(asyncio.Protocol):
         self._scram: ScramExchange | None = None
         self._md5_salt = b""
         self.login_timer: asyncio.TimerHandle | None = None
+        # While a client's messages are handled (_process), what is written to it is
+        # gathered here and goes out in one write at the end (see _write).
+        self.corked = False
+        self.out: list[bytes] = []
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -230,6 +234,7 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ the message loop
 
     def _process(self) -> None:
+        self.corked = True
         try:
             if self.state is State.STARTUP:
                 self._startup()
@@ -244,6 +249,10 @@ class Session(asyncio.Protocol):
         except Exception as exc:  # our bug: never a traceback for the client, always one in the log
             log.exception("internal error in session %s (key %s): %s", self.peer, self.user, exc)
             self._fatal(ProxyError("XX000", "internal error in pgfleet; the details are in its log"))
+        finally:
+            self.corked = False
+            if self.out:
+                self._flush()
 
     def _startup(self) -> None:
         while self.state is State.STARTUP:
@@ -383,6 +392,7 @@ class Session(asyncio.Protocol):
             if kind == m.TERMINATE:
                 self._close_backend()
                 self.state = State.CLOSED
+                self._flush()
                 assert self.transport is not None
                 self.transport.close()
                 return True
@@ -1208,7 +1218,9 @@ class Session(asyncio.Protocol):
     # -- Link: called by the attached backend
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
+        if self.corked:  # a backend answers at once while the client's messages are handled
+            self.out.append(data)
+        elif self.transport is not None:
             self.transport.write(data)
 
     def backend_idle(self, server: ServerConnection) -> None:
@@ -1332,12 +1344,25 @@ class Session(asyncio.Protocol):
         self._write(m.error_response(exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))
         self.state = State.CLOSED
         self._close_backend()
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        """Write to the client; while its messages are being handled, at the end of them,
+        all in one send (a pipeline's ParseComplete, BindComplete, ... were one send each)."""
+        if self.corked:
+            self.out.append(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        self.out = []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _close_backend(self) -> None:
         """The client is gone: give its backend back clean, or drop it."""

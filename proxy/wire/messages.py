@@ -7,8 +7,11 @@ bytes. It never does I/O and never raises anything but ``ProtocolViolation`` on 
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ProtocolViolation
 
@@ -247,10 +250,67 @@ def python_row_values(body: bytes) -> list[bytes | None]:
     return values
 
 
+# How keyed_rows reads a sort key column (the spec's mode).
+KEY_CALL, KEY_INT, KEY_INT_DESC, KEY_FLOAT, KEY_FLOAT_DESC, KEY_BYTES = range(6)
+SortSpec = tuple[tuple[int, int, Callable[[bytes], Any] | None, bool], ...]
+
+
+def python_keyed_rows(buffer: bytes | bytearray, pos: int, spec: SortSpec) -> tuple[list[tuple[tuple[Any, ...], bytes]], int]:
+    """The whole DataRow messages of ``buffer`` from ``pos`` on (up to the first other or
+    incomplete message), each as (sort key, message); and the position after them.
+
+    ``spec`` has one (column, mode, read, nulls_first) per ORDER BY key. Each adds a
+    (flag, value) pair to the key, so that Python's tuple order is PostgreSQL's: flag 0 is
+    NULLS FIRST, 3 NULLS LAST, 1 and 2 values. Integers and floats are read here, negated
+    for DESC; a float's NaN (above every number) takes flag 2 ascending, 1 descending. Other
+    columns are their bytes (KEY_BYTES) or ``read(bytes)`` (KEY_CALL, DESC included in it).
+    """
+    rows = []
+    size = len(buffer)
+    while size - pos >= 5 and buffer[pos] == DATA_ROW:
+        length = _I32.unpack_from(buffer, pos + 1)[0]
+        if length < 4:
+            raise ValueError("malformed DataRow: a value runs past the end of the message")
+        end = pos + 1 + length
+        if end > size:
+            break
+        message = bytes(buffer[pos:end])
+        rows.append((row_key(python_row_values(message[5:]), spec), message))
+        pos = end
+    return rows, pos
+
+
+def row_key(values: list[bytes | None], spec: SortSpec) -> tuple[Any, ...]:
+    """The sort key of one row's values (see python_keyed_rows)."""
+    key: list[Any] = []
+    for column, mode, read, nulls_first in spec:
+        if column >= len(values):
+            raise ValueError("malformed DataRow: a value runs past the end of the message")
+        raw = values[column]
+        if raw is None:
+            key += (0 if nulls_first else 3, 0)
+        elif mode in (KEY_INT, KEY_INT_DESC):
+            value = int(raw)
+            key += (1, -value if mode == KEY_INT_DESC else value)
+        elif mode in (KEY_FLOAT, KEY_FLOAT_DESC):
+            number = float(raw)
+            if math.isnan(number):
+                key += (2 if mode == KEY_FLOAT else 1, 0.0)
+            elif mode == KEY_FLOAT_DESC:
+                key += (2, -number)
+            else:
+                key += (1, number)
+        else:
+            key += (1, raw if mode == KEY_BYTES else read(raw))  # type: ignore[misc]
+    return tuple(key)
+
+
 try:  # the same in C (proxy/wire/_datarow.c), built by pip where a compiler is found
     from ._datarow import fields as row_values
+    from ._datarow import keyed_rows
 except ImportError:  # pragma: no cover - a machine without a compiler
     row_values = python_row_values
+    keyed_rows = python_keyed_rows
 
 
 def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:

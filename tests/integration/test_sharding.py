@@ -569,3 +569,45 @@ def test_fan_out_reads_in_an_asyncpg_transaction(sharded: Fleet, clusters: dict[
     import asyncio
     total, name = asyncio.run(run())
     assert total == len(everything) and name is not None
+
+
+def test_a_slow_client_of_a_large_fan_out_gets_every_row_and_leaves_the_pool_healthy(sharded: Fleet) -> None:
+    """Back-pressure: a client that stops reading pauses every shard; when it reads again it
+    gets every row in order, and the backends go back to the pool reading (a backend paused
+    by the client after its last answer used to be pooled deaf, hanging its next statement)."""
+    import time
+
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw
+    values = ", ".join(f"({i}, 'slow {i}')" for i in range(7000, 9000))
+    sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing")
+    try:
+        for attempt in range(3):
+            with Raw(sharded.port) as raw:
+                raw.login("pf_server", KEYS["pf_server"][0])
+                raw.send(m.query("select user_id, repeat(name, 500) as wide from users "
+                                 "where user_id between 7000 and 8999 order by user_id"))
+                time.sleep(0.5)  # pgfleet's buffer to the client fills: it pauses the shards
+                data = bytearray()
+                raw.sock.settimeout(10)
+                while not data.endswith(m.ready_for_query(ord("I"))):
+                    chunk = raw.sock.recv(16384)
+                    assert chunk, "pgfleet closed the connection"
+                    data += chunk
+                    if len(data) < 2_000_000:
+                        time.sleep(0.001)  # slowly at first: pause and resume many times
+                answer = m.split(bytes(data))
+                got = [m.row_values(body) for kind, body in answer if kind == m.DATA_ROW]
+                assert [int(r[0]) for r in got] == list(range(7000, 9000)), attempt  # type: ignore[arg-type]
+                assert all(r[1] == f"slow {int(r[0])}".encode() * 500 for r in got)  # type: ignore[arg-type]
+                assert answer[-2] == (m.COMMAND_COMPLETE, b"SELECT 2000\0")
+        # Every pooled backend of every shard still answers (more statements than the pool has).
+        with Raw(sharded.port) as raw:
+            raw.login("pf_server", KEYS["pf_server"][0])
+            for _ in range(12):
+                raw.send(m.query("select count(*) from users where user_id between 7000 and 8999"))
+                got = raw.until("Z", timeout=5)
+                assert [x.kind for x in got] == ["T", "D", "C", "Z"]
+    finally:
+        sharded.psql("delete from users where user_id between 7000 and 8999")

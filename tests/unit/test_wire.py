@@ -9,6 +9,7 @@ nothing else.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -367,6 +368,73 @@ def test_row_values_in_c_and_python_agree(values: list[bytes | None]) -> None:
 def test_row_values_is_the_c_one() -> None:
     from proxy.wire import _datarow
     assert m.row_values is _datarow.fields
+
+
+def _data_row(values: list[bytes | None]) -> bytes:
+    return m.message(m.DATA_ROW, struct.pack("!h", len(values)) + b"".join(
+        b"\xff\xff\xff\xff" if v is None else struct.pack("!i", len(v)) + v for v in values))
+
+
+_INTS = st.integers(-(2**63), 2**63 - 1).map(lambda i: str(i).encode())
+_FLOATS = st.one_of(st.floats(allow_nan=True).map(
+    lambda f: b"NaN" if math.isnan(f) else b"Infinity" if f == float("inf") else b"-Infinity" if f == -float("inf")
+    else repr(f).encode()), st.sampled_from([b"-0", b"1e+300", b"4.9e-324"]))
+_KEY_ROWS = st.lists(st.tuples(st.one_of(st.none(), _INTS), st.one_of(st.none(), _FLOATS),
+                               st.one_of(st.none(), st.binary(max_size=8))), max_size=8)
+
+
+@given(_KEY_ROWS, st.lists(st.tuples(st.sampled_from(range(3)), st.booleans(), st.booleans(), st.booleans()),
+                           min_size=1, max_size=4))
+def test_keyed_rows_in_c_and_python_agree(rows: list[tuple[bytes | None, ...]],
+                                          keys: list[tuple[int, bool, bool, bool]]) -> None:
+    modes = {0: (m.KEY_INT, m.KEY_INT_DESC), 1: (m.KEY_FLOAT, m.KEY_FLOAT_DESC), 2: (m.KEY_BYTES, m.KEY_CALL)}
+    spec = tuple((column, modes[column][descending], bytes.upper if column == 2 and descending else None,
+                  nulls_first) for column, descending, nulls_first, _ in keys)
+    data = b"".join(_data_row(list(row)) for row in rows)
+    tail = m.command_complete("SELECT 1")
+    for buffer in (data, bytearray(data + tail), data + _data_row([b"1"])[:-1]):
+        python = m.python_keyed_rows(buffer, 0, spec)
+        assert m.keyed_rows(buffer, 0, spec) == python
+        assert python[1] == len(data)
+        assert [message for _, message in python[0]] == [_data_row(list(row)) for row in rows]
+
+
+def test_keyed_rows_order_is_postgresql_order() -> None:
+    """NULLs first or last, NaN above every float, DESC reversed: sorting by the key gives
+    what ORDER BY gives."""
+    floats = [b"1.5", None, b"NaN", b"-Infinity", b"Infinity", b"-2", b"0"]
+    data = b"".join(_data_row([b"7", f]) for f in floats)
+    for keyed in (m.keyed_rows, m.python_keyed_rows):
+        def order(mode: int, nulls_first: bool) -> list[bytes | None]:
+            rows, _ = keyed(data, 0, ((1, mode, None, nulls_first),))  # noqa: B023
+            return [m.row_values(message[5:])[1] for _, message in sorted(rows, key=lambda r: r[0])]
+        assert order(m.KEY_FLOAT, False) == [b"-Infinity", b"-2", b"0", b"1.5", b"Infinity", b"NaN", None]
+        assert order(m.KEY_FLOAT, True) == [None, b"-Infinity", b"-2", b"0", b"1.5", b"Infinity", b"NaN"]
+        assert order(m.KEY_FLOAT_DESC, True) == [None, b"NaN", b"Infinity", b"1.5", b"0", b"-2", b"-Infinity"]
+        assert order(m.KEY_FLOAT_DESC, False) == [b"NaN", b"Infinity", b"1.5", b"0", b"-2", b"-Infinity", None]
+        ints = b"".join(_data_row([i]) for i in (b"3", None, b"-9223372036854775808", b"10"))
+        rows, _ = keyed(ints, 0, ((0, m.KEY_INT_DESC, None, False),))
+        assert [m.row_values(msg[5:])[0] for _, msg in sorted(rows, key=lambda r: r[0])] == [
+            b"10", b"3", b"-9223372036854775808", None]
+
+
+@pytest.mark.parametrize("message", [
+    m.message(m.DATA_ROW, b"\0\1\0\0\0\x09ab"),           # a value past the end
+    m.message(m.DATA_ROW, b"\0\0"),                          # no column 0
+    m.message(m.DATA_ROW, b"\0"),                             # no column count
+    b"D\0\0\0\x02",                                          # a length under 4
+    m.message(m.DATA_ROW, b"\0\1\0\0\0\x03x1y"),          # not a number
+    m.message(m.DATA_ROW, b"\0\1\0\0\0\0"),               # an empty number
+])
+def test_keyed_rows_refuses_malformed_rows_in_c_and_python(message: bytes) -> None:
+    for keyed in (m.keyed_rows, m.python_keyed_rows):
+        with pytest.raises(ValueError):
+            keyed(message, 0, ((0, m.KEY_INT, None, False),))
+
+
+def test_keyed_rows_is_the_c_one() -> None:
+    from proxy.wire import _datarow
+    assert m.keyed_rows is _datarow.keyed_rows
 
 
 def test_split_gives_whole_messages_and_leaves_a_partial_one_out() -> None:
