@@ -80,7 +80,8 @@ _REFUSED_SQL = m.query("pgfleet refused this statement")
 _MISSING_STATEMENT = "pgfleet_refused_statement"
 # Text that may change session settings (SET, RESET, set_config(), DISCARD ALL). Statements
 # on a decided database are parsed only when this matches, to follow the client's settings.
-_MAYBE_SETTINGS = re.compile(rb"set|discard", re.IGNORECASE)
+# Words without which a statement neither changes settings nor pins its backend.
+_MAYBE_SETTINGS = re.compile(rb"set|discard|listen|advisory|temp|prepare|hold|deallocate|close", re.IGNORECASE)
 
 
 class State(enum.Enum):
@@ -183,6 +184,10 @@ class Session(asyncio.Protocol):
         self.wait_task: asyncio.Task[None] | None = None
         self.paused_by_client = False
         self.session_mode = fleet.config.pool.mode == "session"
+        # Session state on the attached backend that no other backend has (LISTEN, a temp
+        # table, ...): while any, the client keeps that backend, as in session mode.
+        self.pins: set[str] = set()
+        self.unpinning: tuple[tuple[str, ...], int] | None = None  # dropped if no error (backend_idle)
         self._scram: ScramExchange | None = None
         self._md5_salt = b""
         self.login_timer: asyncio.TimerHandle | None = None
@@ -567,7 +572,7 @@ class Session(asyncio.Protocol):
             if not isinstance(route.target, Direct):
                 return self._scatter(sql, route, analysis)
             database = route.target.database
-            effect = analysis if analysis.touches_settings else None
+            effect = analysis if analysis.touches_session else None
         backend = self._backend_for(database)
         if backend is None:
             return False
@@ -625,7 +630,7 @@ class Session(asyncio.Protocol):
             return None
         end = raw.find(0, start)
         analysis = self.fleet.router.analysis(raw[start:end].decode(errors="replace"))
-        return analysis if analysis.touches_settings else None
+        return analysis if analysis.touches_session else None
 
     def _transaction_control(self, sql: str, raw: bytes) -> bool:
         """BEGIN on the fleet waits for its first routed statement, which picks the database.
@@ -687,7 +692,7 @@ class Session(asyncio.Protocol):
         key = parse.name.encode()
         if self.unparsed is None:
             analysis = self.fleet.router.analysis(parse.query)
-            effect = analysis if analysis.touches_settings else None
+            effect = analysis if analysis.touches_session else None
         else:
             effect = self._effect(raw, 5 + len(key) + 1)
         _no_fleet_settings(effect)
@@ -887,12 +892,19 @@ class Session(asyncio.Protocol):
         if effect is not None and effect.touches_settings:
             raise ClientError("0A000", "a query string for several databases cannot also change settings",
                               hint="send SET separately")
+        pins = [p for stmt in effect.statements for p in stmt.pins] if effect is not None else []
+        if pins:
+            raise ClientError("0A000", f"a statement for several databases ({', '.join(target.databases)}) "
+                              f"cannot leave session state ({', '.join(sorted(set(pins)))}) on each: one "
+                              "client keeps at most one backend", hint="bind the shard key, or run it "
+                              "on one database (/* pgfleet: database=NAME */)")
         if backend is not None:
             if backend.expects:  # its answers would come after the scatter's: out of order
                 raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use database "
                                   f"{backend.database} and then several databases",
                                   hint="send a Sync before a statement for several databases")
-            self._detach(backend)  # parked here, or done with: the scatter takes its own
+            if not self.pins:  # a pinned backend stays; the others are taken from the pools
+                self._detach(backend)  # parked here, or done with: the scatter takes its own
 
     def _execute(self, raw: bytes) -> bool:
         portal = self.portal
@@ -1089,6 +1101,12 @@ class Session(asyncio.Protocol):
                 if self.deferred_begin is not None:  # a parked backend: BEGIN goes first
                     self._send_begin(backend)
                 return backend
+            if self.pins:
+                raise ClientError("0A000", f"this connection keeps its backend of database {backend.database} "
+                                  f"({', '.join(sorted(self.pins))} left session state there); a statement "
+                                  f"for database {database} needs another connection",
+                                  hint="use a separate connection for the other database, or release the "
+                                       "state first (DISCARD ALL)")
             if backend.tx_status != _I:
                 raise ClientError("0A000", f"this transaction runs on database {backend.database}; "
                                   f"a statement for database {database} cannot join it",
@@ -1172,7 +1190,7 @@ class Session(asyncio.Protocol):
 
         Otherwise it is only parked with this client between transactions.
         """
-        return server.tx_status != _I or self.batch_open or bool(server.expects)
+        return server.tx_status != _I or self.batch_open or bool(server.expects) or bool(self.pins)
 
     def _replay_settings(self, server: ServerConnection) -> None:
         sql = set_statement(self.settings, server.settings) if server.settings != self.settings else None
@@ -1194,7 +1212,7 @@ class Session(asyncio.Protocol):
             pool.release(server)
 
     def _maybe_release(self, server: ServerConnection) -> None:
-        if not self.session_mode and not server.expects and server.tx_status == _I and not self.batch_open:
+        if not self.session_mode and not self.pins and not server.expects and server.tx_status == _I and not self.batch_open:
             pool = self.fleet.pools[server.database]
             now = _monotonic()
             if not pool.waiters and server.generation == pool.generation \
@@ -1207,7 +1225,7 @@ class Session(asyncio.Protocol):
     def give_back(self, server: ServerConnection) -> bool:
         """The pool takes a parked backend back, if this client is between transactions on it."""
         if (self.backend is not server or server.expects or server.outbox or server.tx_status != _I
-                or self.batch_open or self.pending is not None):
+                or self.batch_open or self.pending is not None or self.pins):
             return False
         self.backend = None
         server.detach()
@@ -1227,6 +1245,14 @@ class Session(asyncio.Protocol):
         self.tx_status = server.tx_status
         if self.pending is not None:
             self._settle(server)
+        if self.unpinning is not None and server.tx_status == _I:
+            dropped, errors = self.unpinning
+            self.unpinning = None
+            if server.errors == errors:  # DISCARD ALL, UNLISTEN * ... ran
+                if "*" in dropped:
+                    self.pins.clear()
+                else:
+                    self.pins.difference_update(dropped)
         if self.state is State.SETTING_UP:
             self._setup_done(server)
             return
@@ -1263,8 +1289,18 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ session settings
 
     def _follow(self, effect: Analysis, backend: ServerConnection) -> None:
-        """A statement that changes settings goes to ``backend``: remember what it sets."""
+        """A statement that changes settings goes to ``backend``: remember what it sets, and
+        the session state that pins the client to this backend."""
         for stmt in effect.statements:
+            if stmt.pins:
+                if not self.pins:
+                    log.info("client %s (key %s) keeps its backend of database %s until it disconnects: "
+                             "%s leaves session state there", self.peer, self.user, backend.database,
+                             ", ".join(stmt.pins))
+                self.pins.update(stmt.pins)
+                self.unpinning = None
+            if stmt.unpins and self.pins:
+                self.unpinning = (stmt.unpins, backend.errors)
             if stmt.rollback:  # the backend undoes the transaction's SETs itself
                 self.pending = None
                 self.pending_opaque = False
@@ -1375,8 +1411,8 @@ class Session(asyncio.Protocol):
             pool.discard(server)
         elif server.busy:
             pool.discard(server, DisconnectReason.DIRTY)  # a statement is still running
-        elif server.tx_status != _I or self.session_mode:
-            Janitor(pool, server, rollback=server.tx_status != _I, reset=self.session_mode)
+        elif server.tx_status != _I or self.session_mode or self.pins:
+            Janitor(pool, server, rollback=server.tx_status != _I, reset=self.session_mode or bool(self.pins))
         else:
             pool.release(server)
 

@@ -89,9 +89,12 @@ def hints_from(values: Mapping[str, str]) -> Hints:
 
 
 def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
-    relations, calls, levels = _scan(node)
+    relations, calls, levels, state = _scan(node)
     stmt = _classify(node, relations)
     (tag, body), = node.items()
+    pins, unpins = _session_state(tag, body, state)
+    if pins or unpins:
+        stmt = replace(stmt, pins=pins, unpins=unpins)
     changes, opaque = _setting_changes(tag, body, calls)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
     if tag in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
@@ -111,6 +114,38 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
         change.name is None or change.name in _READ_ONLY_GUCS for change in changes)
     return replace(stmt, read_only_violation=violation, settings=changes, opaque_settings=opaque,
                    rollback=rollback)
+
+
+# Session-level advisory locks: held by the backend past the transaction.
+_SESSION_LOCKS = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                            "pg_try_advisory_lock_shared"})
+_CURSOR_OPT_HOLD = 0x0020
+_DISCARDS = {"DISCARD_ALL": ("*",), "DISCARD_TEMP": ("temporary table",)}
+
+
+def _session_state(tag: str, body: dict[str, Any], state: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What session state a statement leaves on its backend that another backend would not
+    have (the client must keep that backend), and what state it drops ("*": all of it)."""
+    pins = set(state)
+    unpins: tuple[str, ...] = ()
+    if tag == "ListenStmt":
+        pins.add("LISTEN")
+    elif tag == "PrepareStmt":
+        pins.add("PREPARE")
+    elif tag == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
+        pins.add("a cursor WITH HOLD")
+    elif tag == "UnlistenStmt" and "conditionname" not in body:
+        unpins = ("LISTEN",)
+    elif tag == "DeallocateStmt" and body.get("isall"):
+        unpins = ("PREPARE",)
+    elif tag == "ClosePortalStmt" and "portalname" not in body:
+        unpins = ("a cursor WITH HOLD",)
+    elif tag == "DiscardStmt":
+        unpins = _DISCARDS.get(body.get("target", ""), ())
+    if "pg_advisory_unlock_all" in state:
+        pins.discard("pg_advisory_unlock_all")
+        unpins = ("an advisory lock",)
+    return tuple(sorted(pins)), unpins
 
 
 def _classify(node: dict[str, Any], relations: frozenset[Relation]) -> Statement:
@@ -232,9 +267,10 @@ def _option_sets_read_write(option: dict[str, Any]) -> bool:
     return const.get("ival", {}).get("ival", 0) == 0
 
 
-def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]]]:
+def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """One walk of a statement's tree: the relations it names (but its own CTEs), its
-    set_config() calls, and its query levels (SELECT/UPDATE/DELETE bodies, for keybind).
+    set_config() calls, its query levels (SELECT/UPDATE/DELETE bodies, for keybind), and
+    the session state it creates (temporary relations, session advisory locks).
 
     Decides by the key a child sits under, so each node costs one dict iteration; this is
     most of a plan-cache miss.
@@ -243,6 +279,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
     ctes: set[str] = set()
     calls: list[dict[str, Any]] = []
     levels: list[dict[str, Any]] = []
+    state: list[str] = []
     stack: list[Any] = [node]
     while stack:
         item = stack.pop()
@@ -254,21 +291,28 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
             if kind is dict:
                 if "relpersistence" in value:  # a RangeVar's body, under any key
                     found.append(Relation(value["relname"], value.get("schemaname")))
+                    if value["relpersistence"] == "t":  # CREATE TEMP ..., SELECT INTO TEMP
+                        state.append("temporary table")
                     continue  # its alias holds no relation
                 if key in _SCAN_KEYS:
                     if key == "CommonTableExpr":
                         ctes.add(value.get("ctename", ""))
                     elif key == "FuncCall":
                         name = keybind.names(value.get("funcname", ()))
-                        if name and name[-1] == "set_config" and name[:-1] in ([], ["pg_catalog"]):
-                            calls.append(value)
+                        if name and name[:-1] in ([], ["pg_catalog"]):
+                            if name[-1] == "set_config":
+                                calls.append(value)
+                            elif name[-1] in _SESSION_LOCKS:
+                                state.append("an advisory lock")
+                            elif name[-1] == "pg_advisory_unlock_all":
+                                state.append("pg_advisory_unlock_all")
                     else:
                         levels.append(value)
                 stack.append(value)
             elif kind is list:
                 stack.append(value)
     relations = frozenset(r for r in found if r.schema is not None or r.name not in ctes)
-    return relations, calls, levels
+    return relations, calls, levels, state
 
 
 # "larg" and "rarg" hold the arms of UNION / INTERSECT / EXCEPT: SELECT bodies, unwrapped.

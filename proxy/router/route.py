@@ -68,6 +68,8 @@ class Statement(msgspec.Struct, frozen=True):
     moves_rows: bool = False           # UPDATE that assigns a shard key
     shape: str = ""                    # a SELECT's shape in words ("count(*) with GROUP BY"), for refusals
     target: str | None = None          # the table an INSERT/UPDATE/DELETE/MERGE writes
+    pins: tuple[str, ...] = ()         # session state it leaves on its backend (LISTEN, ...)
+    unpins: tuple[str, ...] = ()       # session state it drops ("*": all, DISCARD ALL)
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:
@@ -133,6 +135,12 @@ class Analysis(msgspec.Struct, frozen=True):
     def touches_settings(self) -> bool:
         """Whether pgfleet must follow this text to keep the client's settings."""
         return any(stmt.settings or stmt.opaque_settings or stmt.rollback for stmt in self.statements)
+
+    @property
+    def touches_session(self) -> bool:
+        """Whether pgfleet must follow this text: settings, or state that pins a backend."""
+        return any(stmt.settings or stmt.opaque_settings or stmt.rollback or stmt.pins or stmt.unpins
+                   for stmt in self.statements)
 
     @property
     def writes(self) -> Statement | None:
