@@ -57,6 +57,7 @@ class Listen(_Struct):
     database: str = "app"
     auth: Literal["scram-sha-256", "md5", "password"] = "scram-sha-256"
     max_message_size: int = 256 * 1024 * 1024
+    max_client_connections: int | None = None  # past it, a new client gets 53300
 
 
 class Http(_Struct):
@@ -154,6 +155,7 @@ class Config(_Struct):
     tables: dict[str, str] = {}
     router: RouterConfig = RouterConfig()
     two_phase_commit: bool = False
+    shutdown_timeout: Duration = Duration(30.0)  # SIGTERM: how long open transactions may finish
     keys: tuple[Key, ...] = ()
     replication: Replication = Replication()
     audit: Audit = Audit()
@@ -339,6 +341,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"databases.{name}.pool_size", "must be at least 1")
     if config.pool.size < 1:
         raise ConfigError("pool.size", "must be at least 1")
+    if config.listen.max_client_connections is not None and config.listen.max_client_connections < 1:
+        raise ConfigError("listen.max_client_connections", "must be at least 1 (leave it out for no limit)")
     default = config.default_database
     if default is None:
         default = "primary" if "primary" in names else sorted(names)[0]
@@ -382,6 +386,8 @@ def validate(config: Config) -> Config:
         for db in key.databases or ():
             if db not in names:
                 raise ConfigError(f"{where}.databases", f"{db!r} is not one of databases")
+        if key.max_connections is not None and key.max_connections < 1:
+            raise ConfigError(f"{where}.max_connections", "must be at least 1 (leave it out for no limit)")
         if key.role == "database" and key.user_id is None and key.shard_key is None:
             raise ConfigError(f"{where}.user_id", "missing: a database key is bound to one shard-key value")
         if key.secret.startswith("SCRAM-SHA-256$") and config.listen.auth != "scram-sha-256":

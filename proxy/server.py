@@ -20,6 +20,8 @@ from .frontend.fleet import Fleet
 from .frontend.session import Session
 
 log = logging.getLogger("pgfleet")
+SHUTTING_DOWN = ProxyError("57P01", "terminating connection because pgfleet is shutting down",
+                           hint="reconnect in a moment")
 
 REAP_INTERVAL = 1.0
 TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types
@@ -31,6 +33,7 @@ class Server:
         self.fleet = Fleet(config)
         self.listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
+        self._fast = False
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -77,24 +80,42 @@ class Server:
                         "(create the tables, or set sharding.types)", first,
                         ", ".join(f"{t}.{router.sharded[t]}" for t in still))
 
-    def stop(self) -> None:
+    def stop(self, fast: bool = False) -> None:
+        """SIGTERM: let open transactions finish (up to shutdown_timeout); SIGINT (``fast``):
+        only the statements running now."""
+        self._fast = self._fast or fast
+        if self._stopped.is_set():
+            self._fast = True  # a second signal: do not wait any more
         self._stopped.set()
 
-    async def serve_until_stopped(self, shutdown_timeout: float = 10.0) -> None:
+    async def serve_until_stopped(self) -> None:
         await self._stopped.wait()
-        await self.close(shutdown_timeout)
+        await self.close(self.config.shutdown_timeout, fast=self._fast)
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float = 10.0, *, fast: bool = False) -> None:
+        """Stop accepting; close clients between transactions at once, the others as their
+        transaction (``fast``: their statement) ends, all of them at ``timeout``; then the
+        backends."""
+        loop = asyncio.get_running_loop()
         if self.listener is not None:
             self.listener.close()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while any(s.backend is not None and s.backend.tx_status != 73 for s in self.fleet.sessions.values()):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        for session in list(self.fleet.sessions.values()):
-            session.close(ProxyError("57P01", "terminating connection because pgfleet is shutting down",
-                                     hint="reconnect in a moment"))
+        fleet = self.fleet
+        fleet.shutting_down = True
+        running = sum(1 for s in fleet.sessions.values() if s.busy(fast))
+        log.info("pgfleet shutting down: %d client(s), %d with a %s still running; waiting up to %gs",
+                 len(fleet.sessions), running, "statement" if fast else "transaction", timeout)
+        for session in list(fleet.sessions.values()):
+            if not session.busy(fast):
+                session.close(SHUTTING_DOWN)
+        deadline = loop.time() + timeout
+        while any(s.busy(fast) for s in fleet.sessions.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left = list(fleet.sessions.values())
+        if any(s.busy(fast) for s in left):
+            log.warning("pgfleet shutdown: %d client(s) still in a transaction after %gs are disconnected "
+                        "(their transactions roll back)", sum(1 for s in left if s.busy(fast)), timeout)
+        for session in left:
+            session.close(SHUTTING_DOWN)
         for pool in self.fleet.pools.values():
             pool.close()
         if self._reaper is not None:
@@ -107,8 +128,8 @@ async def serve(config: Config) -> None:
     server = Server(config)
     await server.start()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+    loop.add_signal_handler(signal.SIGTERM, server.stop)
+    loop.add_signal_handler(signal.SIGINT, server.stop, True)
     await server.serve_until_stopped()
     log.info("pgfleet stopped")
 

@@ -32,6 +32,7 @@ class DisconnectReason(enum.Enum):
     GENERATION = "generation"
     SHUTDOWN = "shutdown"
     DIRTY = "dirty"
+    DATABASE_GOING = "database_going"  # DROP DATABASE / ALTER DATABASE ... RENAME of its database
 
 
 class Pool:
@@ -210,6 +211,24 @@ class Pool:
             if link is not None and link.give_back(server):
                 self.active.discard(server)
                 self._retire(server, reason)
+
+    def close_idle(self, reason: DisconnectReason) -> int:
+        """Close every connection no client is using (idle, or parked with a client between
+        transactions); the number closed."""
+        closed = 0
+        while self.idle:
+            server = self.idle.pop()
+            if not server.closed:
+                self._retire(server, reason)
+                closed += 1
+        for server in list(self.parked):
+            del self.parked[server]
+            link = server.link
+            if link is not None and link.give_back(server):
+                self.active.discard(server)
+                self._retire(server, reason)
+                closed += 1
+        return closed
 
     def close(self) -> None:
         self.closed = True

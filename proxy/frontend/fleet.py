@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..auth.keys import ApiKey, load_keys
 from ..backend.catalog import byte_order
-from ..backend.pool import Pool
+from ..backend.pool import DisconnectReason, Pool
 from ..config import Config
 from ..router.router import Router
 
@@ -41,7 +41,10 @@ class Fleet:
                 connect_timeout=config.pool.connect_timeout,
                 startup={"application_name": "pgfleet"},
             )
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, Session] = {}  # logged-in clients, by their BackendKeyData pid
+        self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
+        self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
+        self.shutting_down = False
         # Whether each database sorts text in byte order (read from its catalog when a
         # federated query first needs it).
         self.byte_order: dict[str, bool] = {}
@@ -63,6 +66,19 @@ class Fleet:
             else:
                 log.warning("could not read the collation of database %s: %s; federated queries that "
                             "sort text there are refused until it answers", db, result)
+
+    def close_idle_connections(self, dbname: str) -> None:
+        """Before DROP DATABASE (or a rename) of ``dbname``: pgfleet's own idle connections
+        to it would block it, so they go."""
+        for pool in self.pools.values():
+            if pool.dsn.dbname == dbname:
+                closed = pool.close_idle(DisconnectReason.DATABASE_GOING)
+                log.info("closed %d idle connection(s) of database %s to %s before it is dropped or renamed",
+                         closed, pool.name, dbname)
+
+    def pinned(self) -> int:
+        """Clients that keep their backend for session state (LISTEN, temp tables, ...)."""
+        return sum(1 for session in self.sessions.values() if session.pins)
 
     def statement_name(self, query: str, param_types: bytes) -> str:
         key = (query, param_types)

@@ -81,7 +81,8 @@ _MISSING_STATEMENT = "pgfleet_refused_statement"
 # Text that may change session settings (SET, RESET, set_config(), DISCARD ALL). Statements
 # on a decided database are parsed only when this matches, to follow the client's settings.
 # Words without which a statement neither changes settings nor pins its backend.
-_MAYBE_SETTINGS = re.compile(rb"set|discard|listen|advisory|temp|prepare|hold|deallocate|close", re.IGNORECASE)
+_MAYBE_SETTINGS = re.compile(rb"set|discard|listen|advisory|temp|prepare|hold|deallocate|close|database",
+                             re.IGNORECASE)
 
 
 class State(enum.Enum):
@@ -195,11 +196,13 @@ class Session(asyncio.Protocol):
         # gathered here and goes out in one write at the end (see _write).
         self.corked = False
         self.out: list[bytes] = []
+        self.counted_key: str | None = None  # the key this client counts against (fleet.key_clients)
 
     # ------------------------------------------------------------------ transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.fleet.clients += 1
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.login_timer = asyncio.get_running_loop().call_later(LOGIN_TIMEOUT, self._login_timeout)
@@ -215,6 +218,10 @@ class Session(asyncio.Protocol):
             self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.fleet.clients -= 1
+        if self.counted_key is not None:
+            self.fleet.key_clients[self.counted_key] -= 1
+            self.counted_key = None
         self._close_backend()
         self.state = State.CLOSED
         if self.wait_task is not None:
@@ -423,6 +430,11 @@ class Session(asyncio.Protocol):
         if not user:
             raise AuthFailed("28000", "no PostgreSQL user name specified in startup packet",
                              hint="give the key id as the user name")
+        limit = self.config.listen.max_client_connections
+        if limit is not None and self.fleet.clients > limit:
+            raise ProxyError("53300", "sorry, too many clients already",
+                             hint=f"pgfleet takes {limit} client connections (listen.max_client_connections): "
+                                  "close idle ones, or raise the limit")
         self.user = user
         self.database = params.get("database") or user
         self.settings = session_settings(params)
@@ -485,6 +497,13 @@ class Session(asyncio.Protocol):
             raise ClientError("3D000", f'database "{database}" does not exist',
                               hint=f"connect to the fleet database {fleet_name!r} or one of: "
                                    f"{', '.join(self.config.databases)}")
+        if key.max_connections is not None:
+            if self.fleet.key_clients.get(key.id, 0) >= key.max_connections:
+                raise ProxyError("53300", f'too many connections for key "{key.id}"',
+                                 hint=f"the key allows {key.max_connections} connections (its max_connections): "
+                                      "close idle ones, or raise it")
+            self.fleet.key_clients[key.id] = self.fleet.key_clients.get(key.id, 0) + 1
+            self.counted_key = key.id
         self.ctx = SessionContext(key, direct)
         self.fixed = self.fleet.router.fixed_database(self.ctx)
         # Statements need no parsing when the database is decided and the key may write.
@@ -1256,6 +1275,10 @@ class Session(asyncio.Protocol):
         if self.state is State.SETTING_UP:
             self._setup_done(server)
             return
+        if self.fleet.shutting_down and not self.busy():
+            self.close(ProxyError("57P01", "terminating connection because pgfleet is shutting down",
+                                  hint="reconnect in a moment"))
+            return
         self._maybe_release(server)
         if self.waiting and self.wait_task is None:
             self._resume()
@@ -1292,6 +1315,8 @@ class Session(asyncio.Protocol):
         """A statement that changes settings goes to ``backend``: remember what it sets, and
         the session state that pins the client to this backend."""
         for stmt in effect.statements:
+            if stmt.closes_database is not None:
+                self.fleet.close_idle_connections(stmt.closes_database)
             if stmt.pins:
                 if not self.pins:
                     log.info("client %s (key %s) keeps its backend of database %s until it disconnects: "
@@ -1433,6 +1458,16 @@ class Session(asyncio.Protocol):
     def close(self, error: ProxyError) -> None:
         """Server shutdown: tell the client why, then close."""
         self._fatal(error)
+
+    def busy(self, statement_only: bool = False) -> bool:
+        """Whether closing the client now would cut a statement (or, unless
+        ``statement_only``, a transaction) short."""
+        if self.wait_task is not None or self.state is State.SETTING_UP:
+            return True
+        backend = self.backend
+        if backend is None:
+            return False
+        return bool(backend.expects) or (not statement_only and backend.tx_status != _I)
 
 
 class Janitor:

@@ -95,6 +95,8 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
     pins, unpins = _session_state(tag, body, state)
     if pins or unpins:
         stmt = replace(stmt, pins=pins, unpins=unpins)
+    if tag == "DropdbStmt" or (tag == "RenameStmt" and body.get("renameType") == "OBJECT_DATABASE"):
+        stmt = replace(stmt, closes_database=body.get("dbname") or body.get("subname"))
     changes, opaque = _setting_changes(tag, body, calls)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
     if tag in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):

@@ -70,6 +70,7 @@ class Statement(msgspec.Struct, frozen=True):
     target: str | None = None          # the table an INSERT/UPDATE/DELETE/MERGE writes
     pins: tuple[str, ...] = ()         # session state it leaves on its backend (LISTEN, ...)
     unpins: tuple[str, ...] = ()       # session state it drops ("*": all, DISCARD ALL)
+    closes_database: str | None = None  # DROP DATABASE x / ALTER DATABASE x RENAME: x needs no connection
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:
@@ -140,7 +141,7 @@ class Analysis(msgspec.Struct, frozen=True):
     def touches_session(self) -> bool:
         """Whether pgfleet must follow this text: settings, or state that pins a backend."""
         return any(stmt.settings or stmt.opaque_settings or stmt.rollback or stmt.pins or stmt.unpins
-                   for stmt in self.statements)
+                   or stmt.closes_database for stmt in self.statements)
 
     @property
     def writes(self) -> Statement | None:

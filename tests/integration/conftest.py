@@ -104,6 +104,7 @@ def fleet_config(pg: Cluster, **overrides: Any) -> dict[str, Any]:
         },
         "default_database": "primary",
         "tables": {"events": "analytics", "user_activity": "analytics"},
+        "shutdown_timeout": "5s",
         "keys": [{"id": key, "secret": secret, "role": role, **({"user_id": 42} if role == "database" else {})}
                  for key, (secret, role) in KEYS.items()],
     }
