@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -51,6 +53,12 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
+class Tls(_Struct):
+    cert: str                 # PEM certificate chain
+    key: str                  # PEM private key
+    required: bool = False    # refuse clients that do not ask for TLS (28000)
+
+
 class Listen(_Struct):
     host: str = "127.0.0.1"
     port: int = 6432
@@ -58,6 +66,7 @@ class Listen(_Struct):
     auth: Literal["scram-sha-256", "md5", "password"] = "scram-sha-256"
     max_message_size: int = 256 * 1024 * 1024
     max_client_connections: int | None = None  # past it, a new client gets 53300
+    tls: Tls | None = None
 
 
 class Http(_Struct):
@@ -333,6 +342,15 @@ def validate(config: Config) -> Config:
                           f"{config.listen.database!r} is also a database name: pick another fleet name")
     if not 0 < config.listen.port < 65536:
         raise ConfigError("listen.port", "must be between 1 and 65535")
+    if config.listen.tls is not None:
+        server_tls(config.listen.tls)  # the files must load now, not at the first client
+    elif config.listen.auth == "password":
+        raise ConfigError("listen.auth", "password (cleartext) auth is only allowed over TLS: "
+                          "configure listen.tls, or use scram-sha-256")
+    for name, db in config.databases.items():
+        sslmode = dict(parse_dsn(db.dsn, f"databases.{name}.dsn").options).get("sslmode", "prefer")
+        if sslmode not in SSLMODES:
+            raise ConfigError(f"databases.{name}.dsn", f"sslmode={sslmode}: use one of {', '.join(SSLMODES)}")
     for name, db in config.databases.items():
         parse_dsn(db.dsn, f"databases.{name}.dsn")
         for i, replica in enumerate(db.replicas):
@@ -398,6 +416,23 @@ def validate(config: Config) -> Config:
             if db not in names:
                 raise ConfigError(f"replication.jobs[{i}]", f"{db!r} is not one of databases")
     return config
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def server_tls(tls: Tls) -> ssl.SSLContext:
+    """The TLS context pgfleet offers clients (listen.tls)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for field in ("cert", "key"):
+        if not Path(getattr(tls, field)).is_file():
+            raise ConfigError(f"listen.tls.{field}", f"no such file: {getattr(tls, field)}")
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("listen.tls.cert", f"cannot load the certificate and key: {exc}") from None
+    return context
 
 
 def describe(config: Config) -> str:

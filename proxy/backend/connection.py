@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 import struct
 import time
 from collections import deque
@@ -64,6 +65,22 @@ class Link(Protocol):
     def give_back(self, server: ServerConnection) -> bool: ...
 
 
+_ASKS_TLS = frozenset({"prefer", "require", "verify-ca", "verify-full"})  # "allow" starts in plaintext
+
+
+def _client_tls(mode: str, root: str | None) -> ssl.SSLContext:
+    """The TLS context for a backend: no checks for prefer/require (as libpq without a root
+    certificate), the CA for verify-ca, the CA and the host name for verify-full."""
+    if mode in ("prefer", "require"):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context = ssl.create_default_context(cafile=root)
+    context.check_hostname = mode == "verify-full"
+    return context
+
+
 class ServerConnection(asyncio.Protocol):
     def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int) -> None:
         self.database = database
@@ -95,6 +112,9 @@ class ServerConnection(asyncio.Protocol):
         self._skip = 0           # bytes of a streamed message body still to forward
         self._ready: asyncio.Future[None] | None = None
         self._scram: scramp.ScramClient | None = None
+        self.sslmode = dict(dsn.options).get("sslmode", "prefer")  # libpq's default
+        self._tls_asked = False
+        self._tls_task: asyncio.Task[None] | None = None
 
     # -- opening
 
@@ -113,11 +133,59 @@ class ServerConnection(asyncio.Protocol):
                                hint="check that the server is up and the dsn in the config") from None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # the TLS layer, now wrapping the same connection
+            return
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        if self.sslmode in _ASKS_TLS:
+            self._tls_asked = True
+            transport.write(m.SSL_REQUEST_MSG)
+        else:
+            self._send_startup()
+
+    def _send_startup(self) -> None:
+        assert self.transport is not None
         params = {"user": self.dsn.user, "database": self.dsn.dbname, **self.startup}
-        transport.write(m.startup_message(params))
+        self.transport.write(m.startup_message(params))
+
+    def _tls_answer(self, data: bytes) -> None:
+        """The server's one-byte answer to SSLRequest, as libpq takes it for the dsn's sslmode."""
+        self._tls_asked = False
+        if len(data) != 1:  # bytes after the answer would be outside TLS: refuse, as libpq does
+            self._fail_login(BackendError("08P01", f"database {self.database} sent unexpected data "
+                                          "after its answer to the TLS request"))
+            return
+        if data == m.SSL_YES:
+            self._tls_task = asyncio.get_running_loop().create_task(self._upgrade())
+        elif data == m.SSL_NO and self.sslmode == "prefer":
+            self._send_startup()
+        else:
+            self._fail_login(BackendError("08006", f"database {self.database} does not accept TLS "
+                                          f"connections, and its dsn asks sslmode={self.sslmode}",
+                                          hint="enable ssl on that server, or lower sslmode in the dsn"))
+
+    async def _upgrade(self) -> None:
+        assert self.transport is not None
+        mode = self.sslmode
+        options = dict(self.dsn.options)
+        try:
+            context = _client_tls(mode, options.get("sslrootcert"))
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, context,
+                server_hostname=self.dsn.host if mode == "verify-full" else None)
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as exc:
+            self._fail_login(BackendError("08006", f"database {self.database}: TLS with "
+                                          f"{self.dsn.host}:{self.dsn.port} failed ({exc})",
+                                          hint="check sslmode and sslrootcert in its dsn"))
+            return
+        if transport is None:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self._send_startup()
 
     def _login_data(self, data: bytes) -> None:
+        if self._tls_asked:
+            self._tls_answer(data)
+            return
         self._buf += data
         pos = 0
         try:

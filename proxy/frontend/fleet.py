@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..auth.keys import ApiKey, load_keys
 from ..backend.catalog import byte_order
 from ..backend.pool import DisconnectReason, Pool
-from ..config import Config
+from ..config import Config, server_tls
 from ..router.router import Router
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class Fleet:
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
         self.shutting_down = False
+        self.tls = server_tls(config.listen.tls) if config.listen.tls is not None else None
         # Whether each database sorts text in byte order (read from its catalog when a
         # federated query first needs it).
         self.byte_order: dict[str, bool] = {}

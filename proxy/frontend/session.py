@@ -25,6 +25,7 @@ import enum
 import logging
 import re
 import secrets
+import ssl
 import struct
 import time
 from collections import deque
@@ -197,6 +198,8 @@ class Session(asyncio.Protocol):
         self.corked = False
         self.out: list[bytes] = []
         self.counted_key: str | None = None  # the key this client counts against (fleet.key_clients)
+        self.tls = False  # the client's connection is encrypted
+        self.gone = False  # connection_lost has run
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -218,6 +221,9 @@ class Session(asyncio.Protocol):
             self._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.gone:  # a failed TLS handshake already said goodbye
+            return
+        self.gone = True
         self.fleet.clients -= 1
         if self.counted_key is not None:
             self.fleet.key_clients[self.counted_key] -= 1
@@ -273,6 +279,13 @@ class Session(asyncio.Protocol):
                 return
             first, used = found
             del self.inbox[:used]
+            if isinstance(first, m.SSLRequest) and self.fleet.tls is not None and not self.tls:
+                if self.inbox:  # bytes sent before the handshake could be injected into it
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                self._write(m.SSL_YES)
+                self._flush()
+                self._start_tls()
+                return
             if isinstance(first, m.SSLRequest | m.GSSEncRequest):
                 self._write(m.SSL_NO)
             elif isinstance(first, m.CancelRequest):
@@ -422,7 +435,39 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ login
 
+    def _start_tls(self) -> None:
+        """Answered "S": the TLS handshake, then the startup packet over it."""
+        assert self.transport is not None
+        self.transport.pause_reading()  # the ClientHello is the TLS layer's, not ours
+        self.waiting = True
+        self.wait_task = asyncio.get_running_loop().create_task(self._handshake(self.transport))
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        assert self.fleet.tls is not None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, self.fleet.tls, server_side=True, ssl_handshake_timeout=LOGIN_TIMEOUT)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("TLS handshake with client %s failed: %s", self.peer, exc)
+            self.wait_task = None
+            raw.close()
+            self.connection_lost(None)  # TLS never reached this protocol: it will not be told
+            return
+        self.wait_task = None
+        if transport is None or self.state is State.CLOSED:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = True
+        self.waiting = False
+        if self.inbox:
+            self._process()
+
     def _begin_login(self, params: dict[str, str]) -> None:
+        tls = self.config.listen.tls
+        if not self.tls and tls is not None and (tls.required or self.config.listen.auth == "password"):
+            raise AuthFailed("28000", "pgfleet accepts only TLS connections"
+                             + (" for cleartext password auth" if not tls.required else ""),
+                             hint="connect with sslmode=require (or verify-full)")
         if "replication" in params and params["replication"] not in ("false", "off", "no", "0"):
             raise ProxyError("0A000", "replication connections are not supported by pgfleet",
                              hint="connect to the database directly for replication")

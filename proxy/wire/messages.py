@@ -490,6 +490,8 @@ SYNC_MSG = message(SYNC)
 FLUSH_MSG = message(FLUSH)
 TERMINATE_MSG = message(TERMINATE)
 SSL_NO = b"N"
+SSL_REQUEST_MSG = struct.pack("!II", 8, SSL_REQUEST)
+SSL_YES = b"S"
 
 
 def ready_for_query(status: int) -> bytes:

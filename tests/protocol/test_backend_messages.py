@@ -84,8 +84,9 @@ async def feed_login(reply: bytes) -> BackendError:
 
     listener = await asyncio.start_server(backend, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
+    # sslmode=disable: this fake server answers the startup packet, not a TLS request
     conn = ServerConnection("primary", Dsn(host="127.0.0.1", port=port, user="pf_user", password=None,
-                                           dbname="bank"), {}, 0)
+                                           dbname="bank", options=(("sslmode", "disable"),)), {}, 0)
     try:
         with pytest.raises(BackendError) as err:
             await conn.open(5)
