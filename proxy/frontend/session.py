@@ -75,8 +75,10 @@ log = logging.getLogger("pgfleet.session")
 
 _I = 73  # ReadyForQuery status "I": idle, no transaction
 _T = 84  # "T": in a transaction
+_E = 69  # "E": in a failed transaction
 _TRANSACTION_WORDS = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"))
 _TRANSACTION_ENDS = {"COMMIT": "COMMIT", "END": "COMMIT", "ROLLBACK": "ROLLBACK", "ABORT": "ROLLBACK"}
+_STATEMENT_MESSAGES = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE))
 _REFUSED_SQL = m.query("pgfleet refused this statement")
 _MISSING_STATEMENT = "pgfleet_refused_statement"
 # Text that may change session settings (SET, RESET, set_config(), DISCARD ALL). Statements
@@ -395,6 +397,8 @@ class Session(asyncio.Protocol):
             self._wait_for(self._describe_portal(portal))
             return False
         try:
+            if self.tx_status == _E and self.deferred_begin is not None and kind in _STATEMENT_MESSAGES:
+                self._aborted(raw if kind == m.QUERY else None)  # a failed fan-out ended it, on no backend
             if kind == m.QUERY:
                 return self._query(raw)
             if kind == m.PARSE:
@@ -696,6 +700,16 @@ class Session(asyncio.Protocol):
         analysis = self.fleet.router.analysis(raw[start:end].decode(errors="replace"))
         return analysis if analysis.touches_session else None
 
+    def _aborted(self, query: bytes | None) -> None:
+        """In a transaction that failed before reaching a database, only its end is taken."""
+        if query is not None:
+            sql = m.decode_query(query[5:])
+            word = sql.lstrip().split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
+            if word in _TRANSACTION_ENDS:
+                return  # _transaction_control ends it
+        raise ClientError("25P02", "current transaction is aborted, commands ignored until end of transaction block",
+                          hint="ROLLBACK (a statement of this transaction failed)")
+
     def _transaction_control(self, sql: str, raw: bytes) -> bool:
         """BEGIN on the fleet waits for its first routed statement, which picks the database.
 
@@ -715,8 +729,9 @@ class Session(asyncio.Protocol):
             return True
         if self.deferred_begin is not None and word in _TRANSACTION_ENDS:
             self.deferred_begin = None
+            tag = "ROLLBACK" if self.tx_status == _E else _TRANSACTION_ENDS[word]  # as PostgreSQL answers COMMIT
             self.tx_status = _I
-            self._write(m.command_complete(_TRANSACTION_ENDS[word]) + m.ready_for_query(_I))
+            self._write(m.command_complete(tag) + m.ready_for_query(_I))
             return True
         return False
 
@@ -1127,10 +1142,13 @@ class Session(asyncio.Protocol):
             last = await gather.run(self.fleet.pools, databases, query, settings)
         finally:
             self.gather = None
+        failed = gather.failure is not None or last[:1] == b"E"
+        if failed and self.deferred_begin is not None:
+            self.tx_status = _E  # the client's transaction fails, as on one database
         if portal is None:
             self._write(last + m.ready_for_query(self.tx_status))
             return
-        if gather.failure is not None or last[:1] == b"E":
+        if failed:
             self.portal = None
             self.skipping = True
             self._write(b"".join(kept) + last)

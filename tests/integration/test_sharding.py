@@ -611,3 +611,55 @@ def test_a_slow_client_of_a_large_fan_out_gets_every_row_and_leaves_the_pool_hea
                 assert [x.kind for x in got] == ["T", "D", "C", "Z"]
     finally:
         sharded.psql("delete from users where user_id between 7000 and 8999")
+
+
+def test_a_failed_fan_out_fails_the_transaction_it_ran_in_as_one_database_would(sharded: Fleet) -> None:
+    """A fan-out read inside BEGIN (before any statement reached a database) that fails on one
+    shard leaves the client in a failed transaction: 25P02 until ROLLBACK; COMMIT answers ROLLBACK."""
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw, errors
+    victim = next(i for i in range(3000, 4000) if owner(i) == "secondary")
+    sharded.psql(f"insert into users (user_id, name) values ({victim}, 'zero') on conflict do nothing")
+    try:
+        with psycopg.connect(sharded.dsn()) as conn:  # not autocommit: BEGIN first
+            with pytest.raises(psycopg.errors.DivisionByZero) as failed:
+                conn.execute(f"select 1 / (user_id - {victim}) from users")
+            assert "(on shard secondary)" in str(failed.value)
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("select 1")
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):  # the extended protocol too
+                conn.execute("select %s::int", (1,))
+            conn.rollback()
+            assert conn.execute("select count(*) from users where user_id = %s", (victim,)).fetchone() == (1,)
+        with Raw(sharded.port) as raw:
+            raw.login("pf_server", KEYS["pf_server"][0])
+            assert raw.query("begin")[-1].body == b"T"
+            got = raw.query(f"select 1 / (user_id - {victim}) from users")
+            assert errors(got)[0]["C"] == "22012" and got[-1].body == b"E"
+            got = raw.query("select 2")
+            assert errors(got)[0]["C"] == "25P02" and got[-1].body == b"E"
+            got = raw.query("commit")
+            assert [x.kind for x in got] == ["C", "Z"] and got[0].body == b"ROLLBACK\0" and got[-1].body == b"I"
+            raw.send(m.query("select 3"))
+            assert raw.until("Z")[-1].body == b"I"
+    finally:
+        sharded.psql(f"delete from users where user_id = {victim}")
+
+
+@pytest.mark.parametrize("where", ["where user_id = 5", ""])  # one shard by key; every shard
+def test_cancel_from_psycopg_stops_a_sleep_within_a_second(sharded: Fleet, where: str) -> None:
+    import threading
+    import time
+    sharded.psql("insert into users (user_id, name) values (5, 'five') on conflict do nothing")
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        timer = threading.Timer(0.3, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute(f"select pg_sleep(30) from users {where}")
+        finally:
+            timer.cancel()
+        assert time.monotonic() - started < 1.3
+        assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
