@@ -764,6 +764,8 @@ class Session(asyncio.Protocol):
             route = self._route(parse.query)
             # A statement for several databases runs at Execute, as one scatter or gather (_bind).
             routed = route.needs_params or route.fanout or (route.write and not isinstance(route.target, Direct))
+            if not isinstance(route.target, Direct):
+                _no_copy(self.fleet.router.analysis(parse.query), route.target)
             if route.fanout:  # what cannot be merged is refused at Parse, as PostgreSQL's errors come
                 _limit_types(self.fleet.router.fanout_plan(parse.query, self.fleet.router.analysis(parse.query)),
                              parse.param_types)
@@ -1082,6 +1084,7 @@ class Session(asyncio.Protocol):
         """A simple query for several databases: run it on all of them, answer once."""
         target = route.target
         assert not isinstance(target, Direct)
+        _no_copy(analysis, target)
         if route.fanout or analysis.statements[0].command == "SELECT":  # FOR UPDATE, INTO: refused there
             plan = self.fleet.router.fanout_plan(sql, analysis)
             self._may_scatter(target, analysis, read=True)
@@ -1670,6 +1673,15 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
+
+
+def _no_copy(analysis: Analysis, target: Multi | All) -> None:
+    """COPY on several databases is not split or merged yet: refused before anything runs
+    (each database would wait for its own COPY data)."""
+    if any(stmt.command == "COPY" for stmt in analysis.statements):
+        raise ClientError("0A000", f"COPY of a table on several databases ({', '.join(target.databases)}) is not "
+                          "supported yet", hint="COPY into or out of each shard's database by name, or use "
+                          "INSERT ... VALUES (split by shard key) and SELECT (merged) through the fleet")
 
 
 def _first(route: Route) -> str:

@@ -663,3 +663,21 @@ def test_cancel_from_psycopg_stops_a_sleep_within_a_second(sharded: Fleet, where
             timer.cancel()
         assert time.monotonic() - started < 1.3
         assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
+
+
+@pytest.mark.parametrize("statement", [
+    "copy users from stdin", "copy users (user_id, name) from stdin with (format csv)", "copy users to stdout",
+    "copy (select * from users order by user_id) to stdout"])
+def test_copy_on_several_shards_is_refused_not_left_hanging(sharded: Fleet, statement: str) -> None:
+    """Each shard would wait for its own COPY data (the client's statement hung): refused."""
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+        for prepare in (False, True):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+                conn.execute(statement, prepare=prepare)
+            assert "COPY of a table on several databases (primary, secondary) is not supported" in str(refused.value)
+        assert conn.execute("select 1").fetchone() == (1,)
+    # On one shard by name, COPY passes through.
+    with psycopg.connect(sharded.dsn(database="primary"), autocommit=True) as conn:
+        with conn.cursor().copy("copy users to stdout") as copy:
+            rows = list(copy.rows())
+        assert isinstance(rows, list)
