@@ -59,3 +59,20 @@ async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> 
     finally:
         await conn.close()
     return {row[0]: row[1] for row in rows}
+
+
+_COLUMNS = """
+SELECT attname FROM pg_attribute
+WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+ORDER BY attnum
+"""
+
+
+async def table_columns(dsn: Dsn, table: str, timeout: float) -> list[str]:
+    """The columns a COPY without a column list fills, in order (none: no such table)."""
+    conn = await _connect(dsn, timeout)
+    try:
+        rows = await conn.fetch(_COLUMNS, table, timeout=timeout)
+    finally:
+        await conn.close()
+    return [row[0] for row in rows]

@@ -12,10 +12,13 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from ..auth.keys import ApiKey, load_keys
-from ..backend.catalog import byte_order
+from ..backend.catalog import byte_order, table_columns
 from ..backend.pool import DisconnectReason, Pool
 from ..config import Config, server_tls
+from ..errors import BackendError
 from ..router.router import Router
 
 if TYPE_CHECKING:
@@ -76,6 +79,14 @@ class Fleet:
                 closed = pool.close_idle(DisconnectReason.DATABASE_GOING)
                 log.info("closed %d idle connection(s) of database %s to %s before it is dropped or renamed",
                          closed, pool.name, dbname)
+
+    async def columns_of(self, database: str, table: str) -> list[str]:
+        """A table's columns in order, read from ``database``'s catalog (COPY without a list)."""
+        try:
+            return await table_columns(self.config.dsn(database), table, self.config.pool.connect_timeout)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise BackendError("08006", f"database {database}: cannot read the columns of {table} ({exc})",
+                               hint="name the columns in the COPY, or check the database") from None
 
     def pinned(self) -> int:
         """Clients that keep their backend for session state (LISTEN, temp tables, ...)."""

@@ -102,19 +102,8 @@ class Scatter:
         Describe run apart). Raises ``ProxyError`` (``ScatterError`` with the backend's own
         ErrorResponse when a database refused).
         """
-        prelude: dict[str, list[bytes]] = {}
         try:
-            for database in statements:
-                pool = pools[database]
-                server = await pool.acquire()
-                self.legs[server] = _Leg(database, pool, server)
-                server.attach(self)
-                server.write_client = self.legs[server].answer.extend  # each leg's answer apart
-                server.unnamed_owner = 0  # its unnamed statement is about to be this one's
-                replay = set_statement(settings, server.settings) if server.settings != settings else None
-                server.settings = settings
-                if replay is not None:
-                    prelude[database] = [m.query(replay)]
+            prelude = await self._take(pools, tuple(statements), settings)
             skip = {leg.database: len(prelude.get(leg.database, ())) + 1 for leg in self.legs.values()}
             await self._round({leg.database: [*prelude.get(leg.database, ()), m.query("BEGIN"),
                                               statements[leg.database]] for leg in self.legs.values()})
@@ -134,13 +123,33 @@ class Scatter:
                 return b"".join(m.message(kind, body) for kind, body in (first[0] if first else ()) if kind in keep)
             return _combine(answers, replicated, describe)
         finally:
-            for leg in self.legs.values():
-                if leg.lost is not None or leg.server.closed:
-                    leg.pool.discard(leg.server)
-                elif leg.server.busy or leg.server.tx_status != 73:
-                    leg.pool.discard(leg.server)  # never hand on a backend in an unknown state
-                else:
-                    leg.pool.release(leg.server)
+            self._give_back()
+
+    async def _take(self, pools: dict[str, Pool], databases: tuple[str, ...], settings: dict[str, str]
+                    ) -> dict[str, list[bytes]]:
+        """A backend of each database, in order, linked here; the SETs that each needs first."""
+        prelude: dict[str, list[bytes]] = {}
+        for database in databases:
+            pool = pools[database]
+            server = await pool.acquire()
+            self.legs[server] = _Leg(database, pool, server)
+            server.attach(self)
+            server.write_client = self.legs[server].answer.extend  # each leg's answer apart
+            server.unnamed_owner = 0  # its unnamed statement is about to be this one's
+            replay = set_statement(settings, server.settings) if server.settings != settings else None
+            server.settings = settings
+            if replay is not None:
+                prelude[database] = [m.query(replay)]
+        return prelude
+
+    def _give_back(self) -> None:
+        for leg in self.legs.values():
+            if leg.lost is not None or leg.server.closed:
+                leg.pool.discard(leg.server)
+            elif leg.server.busy or leg.server.tx_status != 73:
+                leg.pool.discard(leg.server)  # never hand on a backend in an unknown state
+            else:
+                leg.pool.release(leg.server)
 
     async def _round(self, queries: dict[str, list[bytes]]) -> None:
         self.done = asyncio.get_running_loop().create_future()

@@ -49,6 +49,7 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
+from ..router.copyrows import CopyIn, RowSplitter, copy_in
 from ..router.fanout import FanoutPlan
 from ..router.parse import hints_from, split_insert
 from ..router.route import (
@@ -65,6 +66,7 @@ from ..router.route import (
 )
 from ..router.router import SessionContext
 from ..wire import messages as m
+from .copysplit import CopySplit
 from .fleet import Fleet
 from .gather import Gather
 from .merge import Merger
@@ -202,6 +204,7 @@ class Session(asyncio.Protocol):
         self.counted_key: str | None = None  # the key this client counts against (fleet.key_clients)
         self.tls = False  # the client's connection is encrypted
         self.gone = False  # connection_lost has run
+        self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table, taking rows
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -231,6 +234,9 @@ class Session(asyncio.Protocol):
             self.fleet.key_clients[self.counted_key] -= 1
             self.counted_key = None
         self._close_backend()
+        if self.copy is not None:  # its shards roll back and go back to their pools
+            copy, self.copy = self.copy, None
+            asyncio.get_running_loop().create_task(copy.finish("the client disconnected"))
         self.state = State.CLOSED
         if self.wait_task is not None:
             self.wait_task.cancel()
@@ -391,6 +397,8 @@ class Session(asyncio.Protocol):
 
     def _handle(self, kind: int, raw: bytes) -> bool:
         """One message that needs a decision. False: wait, and handle it again later."""
+        if self.copy is not None:
+            return self._copy_message(kind, raw)
         portal = self.portal
         if portal is not None and portal.describe and kind != m.EXECUTE:
             portal.describe = False  # a Describe not followed by its Execute: answer it now
@@ -1084,6 +1092,11 @@ class Session(asyncio.Protocol):
         """A simple query for several databases: run it on all of them, answer once."""
         target = route.target
         assert not isinstance(target, Direct)
+        spec = copy_in(sql) if analysis.statements[0].command == "COPY" else None
+        if spec is not None and spec.table in self.fleet.router.sharded and route.write:
+            self._may_scatter(target, analysis)
+            self._wait_for(self._begin_copy(spec, target.databases, m.query(sql)))
+            return True
         _no_copy(analysis, target)
         if route.fanout or analysis.statements[0].command == "SELECT":  # FOR UPDATE, INTO: refused there
             plan = self.fleet.router.fanout_plan(sql, analysis)
@@ -1100,6 +1113,48 @@ class Session(asyncio.Protocol):
             statements = {db: m.query(sql) for db in target.databases}
         self._wait_for(self._run_scatter(statements, route.replicated))
         return True
+
+    async def _begin_copy(self, spec: CopyIn, databases: tuple[str, ...], statement: bytes) -> None:
+        """COPY FROM STDIN into a sharded table: every shard's COPY started, then the client's."""
+        router = self.fleet.router
+        try:
+            columns = spec.columns or tuple(await self.fleet.columns_of(databases[0], spec.table))
+            if not columns:
+                raise ClientError("42P01", f'relation "{spec.table}" does not exist')
+            key = router.sharded[spec.table]
+            if key not in columns:
+                raise ClientError("0A000", f'COPY into sharded table "{spec.table}" must include its shard key '
+                                  f'"{key}": pgfleet sends each row to the shard of its key',
+                                  hint=f"add {key} to the COPY column list")
+            copy = CopySplit(router, spec.table, RowSplitter(spec, columns.index(key)))
+            await copy.open(self.fleet.pools, databases, statement, self.settings)
+        except ProxyError as exc:
+            self._write(answer_of(exc) + m.ready_for_query(self.tx_status))
+            return
+        self.copy = copy
+        self._write(m.copy_in_response(len(columns)))
+
+    def _copy_message(self, kind: int, raw: bytes) -> bool:
+        """A client message while its COPY into a sharded table takes rows."""
+        copy = self.copy
+        assert copy is not None
+        if kind == m.COPY_DATA:
+            copy.feed(raw[5:])
+            return True
+        if kind in (m.FLUSH, m.SYNC):  # PostgreSQL ignores them during COPY too
+            return True
+        self.copy = None
+        reason = None
+        if kind == m.COPY_FAIL:
+            reason = raw[5:].rstrip(b"\0").decode(errors="replace")
+        elif kind != m.COPY_DONE:
+            copy.failure = ClientError("08P01", f"unexpected message type 0x{kind:02X} during COPY from stdin")
+        self._wait_for(self._end_copy(copy, reason))
+        return True
+
+    async def _end_copy(self, copy: CopySplit, reason: str | None) -> None:
+        answer = await copy.finish(reason)
+        self._write(answer + m.ready_for_query(self.tx_status))
 
     async def _run_scatter(self, statements: dict[str, bytes], replicated: bool,
                            describe: bool | None = None) -> None:

@@ -553,6 +553,11 @@ class Router:
             found.add(0)
         return tuple(self.shards[i] for i in sorted(found))
 
+    def copy_shard(self, table: str, text: str) -> str:
+        """The shard of a COPY row whose shard key reads ``text``."""
+        type_name = self._type_of(table)
+        return self.shards[shard_of(key_value(text, type_name), type_name, len(self.shards), self.function)]
+
     def _one_shard(self, table: str, value: KeyValue, params: Params | None) -> str:
         items = self._values(table, value, params)
         if not items:

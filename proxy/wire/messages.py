@@ -41,6 +41,7 @@ PASSWORD = ord("p")  # PasswordMessage, SASLInitialResponse and SASLResponse sha
 COPY_DATA = ord("d")
 COPY_DONE = ord("c")
 COPY_FAIL = ord("f")
+COPY_IN_RESPONSE = ord("G")
 FUNCTION_CALL = ord("F")
 
 # Server message types (backend -> frontend).
@@ -496,6 +497,18 @@ SSL_YES = b"S"
 
 def ready_for_query(status: int) -> bytes:
     return message(READY_FOR_QUERY, bytes((status,)))
+
+
+COPY_DONE_MSG = b"c\0\0\0\4"
+
+
+def copy_fail(reason: str) -> bytes:
+    return message(COPY_FAIL, reason.encode() + b"\0")
+
+
+def copy_in_response(columns: int) -> bytes:
+    """CopyInResponse: textual rows (text or CSV), ``columns`` columns."""
+    return message(COPY_IN_RESPONSE, struct.pack("!bh", 0, columns) + b"\0\0" * columns)
 
 
 def command_complete(tag: str) -> bytes:

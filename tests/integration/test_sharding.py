@@ -665,9 +665,7 @@ def test_cancel_from_psycopg_stops_a_sleep_within_a_second(sharded: Fleet, where
         assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
 
 
-@pytest.mark.parametrize("statement", [
-    "copy users from stdin", "copy users (user_id, name) from stdin with (format csv)", "copy users to stdout",
-    "copy (select * from users order by user_id) to stdout"])
+@pytest.mark.parametrize("statement", ["copy users to stdout", "copy (select * from users order by user_id) to stdout"])
 def test_copy_on_several_shards_is_refused_not_left_hanging(sharded: Fleet, statement: str) -> None:
     """Each shard would wait for its own COPY data (the client's statement hung): refused."""
     with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
@@ -681,3 +679,70 @@ def test_copy_on_several_shards_is_refused_not_left_hanging(sharded: Fleet, stat
         with conn.cursor().copy("copy users to stdout") as copy:
             rows = list(copy.rows())
         assert isinstance(rows, list)
+
+
+def _copy_in(dsn: str, statement: str, data: bytes, chunk: int = 7) -> int:
+    """COPY ``data`` in small, row-cutting chunks; the rowcount pgfleet answered."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor()
+        with cur.copy(statement) as copy:
+            for i in range(0, len(data), chunk):
+                copy.write(data[i:i + chunk])
+        return cur.rowcount
+
+
+@pytest.mark.parametrize(("statement", "data"), [
+    ("copy users from stdin", b"".join(f"{i}\tname {i}\\twith tab\n".encode() for i in range(5000, 5040))),
+    ("copy users (name, user_id) from stdin with (format csv)",
+     b"".join(f'"name, {i}\n""quoted"" line",{i}\n'.encode() for i in range(5000, 5040))),
+    ("copy users (user_id, name) from stdin with (format csv, header true, delimiter ';')",
+     b"user_id;name\n" + b"".join(f"{i};n{i}\n".encode() for i in range(5000, 5039)) + b"5039;last without newline"),
+])
+def test_copy_into_a_sharded_table_splits_rows_by_shard_key(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]], statement: str, data: bytes) -> None:
+    try:
+        assert _copy_in(sharded.dsn(), statement, data) == 40
+        found = rows_on(clusters, "select user_id, name from users where user_id between 5000 and 5039 order by 1")
+        assert sum(len(rows) for rows in found.values()) == 40
+        for shard, rows in found.items():
+            assert rows and all(owner(user_id) == shard for user_id, _ in rows)
+        with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+            names = dict(conn.execute("select user_id, name from users where user_id between 5000 and 5039").fetchall())
+        if "csv" not in statement:
+            assert names[5001] == "name 5001\twith tab"
+        elif "header" not in statement:
+            assert names[5001] == 'name, 5001\n"quoted" line'
+        else:
+            assert names[5039] == "last without newline"
+    finally:
+        sharded.psql("delete from users where user_id between 5000 and 5039")
+
+
+@pytest.mark.parametrize(("statement", "data", "sqlstate"), [
+    ("copy users from stdin", b"6000\tok\n\\N\tno key\n", "23502"),                 # a NULL key
+    ("copy users from stdin", b"6000\tok\nabc\tbad key\n", "22P02"),                # not a bigint
+    ("copy users (name) from stdin", b"x\n", "0A000"),                             # no key column
+    ("copy users from stdin", b"6000\tok\n6001\n", "22P04"),                        # a short row (pgfleet or the shard)
+    ("copy users from stdin", b"6000\tok\n6000\tdup\n", "23505"),                   # a shard refuses a row
+    ("copy users from stdin (format binary)", b"", "0A000"),
+])
+def test_a_failed_copy_into_a_sharded_table_loads_nothing_on_any_shard(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]], statement: str, data: bytes, sqlstate: str) -> None:
+    with pytest.raises(psycopg.Error) as failed:
+        _copy_in(sharded.dsn(), statement, data)
+    assert failed.value.sqlstate == sqlstate
+    assert all(not rows for rows in rows_on(clusters, "select * from users where user_id between 6000 and 6001").values())
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:  # the session and the pools are fine
+        assert conn.execute("select count(*) from users where user_id = 6000").fetchone() == (0,)
+
+
+def test_psql_copy_into_a_sharded_table(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]],
+                                         tmp_path: Any) -> None:
+    source = tmp_path / "users.csv"
+    source.write_text("".join(f"{i},psql {i}\n" for i in range(7000, 7100)))
+    try:
+        out = sharded.psql(f"\\copy users (user_id, name) from '{source}' with (format csv)")
+        assert out.stdout.strip() == "COPY 100"
+        assert sum(len(r) for r in rows_on(clusters, "select 1 from users where user_id between 7000 and 7099").values()) == 100
+    finally:
+        sharded.psql("delete from users where user_id between 7000 and 7099")

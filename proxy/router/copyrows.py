@@ -1,0 +1,216 @@
+"""COPY ... FROM STDIN into a sharded table, the pure part: what the statement asks (table,
+columns, format) and the rows of the client's COPY data, each with its shard-key text. Pure.
+
+Rows are split as PostgreSQL reads them: text format ends a row at each newline (a newline
+inside a value is written ``\\n``), CSV at a newline outside quotes. Only the shard-key field
+of each row is decoded; the row goes to its shard as it came.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pglast.parser import parse_sql_json
+
+from ..errors import ClientError
+
+
+@dataclass(frozen=True)
+class CopyIn:
+    """A COPY FROM STDIN: its table, its column list (empty: all, in table order), its format."""
+
+    table: str
+    columns: tuple[str, ...]
+    csv: bool
+    delimiter: bytes
+    null: bytes
+    quote: bytes
+    escape: bytes
+    header: bool
+
+
+def copy_in(sql: str) -> CopyIn | None:
+    """The COPY FROM STDIN of ``sql``; None if it is not one. Formats pgfleet cannot split
+    are refused here."""
+    try:
+        tree = json.loads(parse_sql_json(sql))
+    except Exception:  # noqa: BLE001 - a text the router parsed already; be safe
+        return None
+    stmts = tree.get("stmts", ())
+    if len(stmts) != 1 or "CopyStmt" not in stmts[0]["stmt"]:
+        return None
+    body: dict[str, Any] = stmts[0]["stmt"]["CopyStmt"]
+    if not body.get("is_from") or "relation" not in body or "filename" in body or body.get("is_program"):
+        return None
+    options: dict[str, str | bool] = {}
+    for item in body.get("options", ()):
+        elem = item["DefElem"]
+        arg = elem.get("arg", {})
+        value: str | bool = arg["String"]["sval"] if "String" in arg else arg.get("Boolean", {}).get("boolval", True)
+        options[elem["defname"]] = value
+    fmt = str(options.get("format", "text")).lower()
+    if fmt not in ("text", "csv"):
+        raise ClientError("0A000", f"COPY {fmt.upper()} into a sharded table is not supported: pgfleet reads "
+                          "each row's shard key", hint="use FORMAT text or csv")
+    csv = fmt == "csv"
+    delimiter = str(options.get("delimiter", "," if csv else "\t")).encode()
+    quote = str(options.get("quote", '"')).encode()
+    header = options.get("header", False)
+    return CopyIn(
+        table=body["relation"]["relname"],
+        columns=tuple(c["String"]["sval"] for c in body.get("attlist", ())),
+        csv=csv, delimiter=delimiter, null=str(options.get("null", "" if csv else "\\N")).encode(),
+        quote=quote, escape=str(options.get("escape", quote.decode())).encode(),
+        header=header not in (False, "false", "off", "0"))
+
+
+class RowSplitter:
+    """Cuts COPY data into rows as it arrives and reads each row's field ``key_index``."""
+
+    def __init__(self, spec: CopyIn, key_index: int) -> None:
+        self.spec = spec
+        self.key_index = key_index
+        self.rest = b""        # an incomplete row, carried to the next chunk
+        self.header = spec.header
+        self.ended = False     # the text format's end marker \. was read
+
+    def feed(self, data: bytes, final: bool = False) -> list[tuple[bytes, str | None, bool]]:
+        """Whole rows of ``rest + data``: (row bytes with its newline, key text or None for
+        NULL, is_header). ``final``: the data ended, a last row without newline counts."""
+        buffer = self.rest + data
+        rows = []
+        start = 0
+        while not self.ended:
+            end = self._row_end(buffer, start)
+            if end < 0:
+                if final and start < len(buffer):
+                    end = len(buffer)
+                else:
+                    break
+            row = buffer[start:end + 1] if end < len(buffer) else buffer[start:] + b"\n"
+            start = end + 1
+            line = row.rstrip(b"\n").rstrip(b"\r")
+            if not self.spec.csv and line == b"\\.":
+                self.ended = True
+                break
+            if self.header:
+                self.header = False
+                rows.append((row, None, True))
+                continue
+            rows.append((row, self._key(line), False))
+        self.rest = b"" if self.ended else buffer[start:]
+        return rows
+
+    def _row_end(self, buffer: bytes, start: int) -> int:
+        if not self.spec.csv:
+            return buffer.find(b"\n", start)
+        return self._unquoted(buffer, start, 10)  # "\n" outside quotes
+
+    def _unquoted(self, data: bytes, i: int, stop: int) -> int:
+        """The first ``stop`` byte at or after ``i`` outside CSV quotes; -1 if none."""
+        quote, escape = self.spec.quote[0], self.spec.escape[0]
+        quoted = False
+        n = len(data)
+        while i < n:
+            byte = data[i]
+            if quoted:
+                if byte == escape and escape != quote and i + 1 < n and data[i + 1] in (quote, escape):
+                    i += 2
+                    continue
+                if byte == quote:
+                    quoted = False
+            elif byte == quote:
+                quoted = True
+            elif byte == stop:
+                return i
+            i += 1
+        return -1
+
+    def _key(self, line: bytes) -> str | None:
+        raw, quoted = self._field(line, self.key_index)
+        if raw is None:
+            raise ClientError("22P04", f"missing data for column {self.key_index + 1} (the shard key) in a COPY row",
+                              hint="every row needs a value for each column of the COPY")
+        if not quoted and raw == self.spec.null:
+            return None
+        if self.spec.csv:
+            return raw.decode(errors="replace")
+        return _unescape(raw).decode(errors="replace")
+
+    def _field(self, line: bytes, index: int) -> tuple[bytes | None, bool]:
+        """Field ``index`` of a row, as written but unquoted (CSV), and whether it was quoted."""
+        delimiter = self.spec.delimiter[0]
+        field = 0
+        i = 0
+        n = len(line)
+        while field < index:  # skip to the start of the field
+            if i >= n:
+                return None, False
+            i = self._skip(line, i, delimiter)
+            if i >= n:
+                return None, False
+            i += 1  # the delimiter
+            field += 1
+        end = self._skip(line, i, delimiter)
+        raw = line[i:end]
+        if self.spec.csv and raw[:1] == self.spec.quote:
+            quote, escape = self.spec.quote, self.spec.escape
+            inner = raw[1:-1] if len(raw) > 1 and raw.endswith(quote) else raw[1:]
+            return inner.replace(escape + quote, quote).replace(escape + escape, escape), True
+        return raw, False
+
+    def _skip(self, line: bytes, i: int, delimiter: int) -> int:
+        """The position of the delimiter (or the end) that ends the field starting at ``i``."""
+        n = len(line)
+        if self.spec.csv:
+            end = self._unquoted(line, i, delimiter)
+            return n if end < 0 else end
+        while i < n:
+            byte = line[i]
+            if byte == 92:  # a backslash escapes the next byte, a delimiter too
+                i += 2
+                continue
+            if byte == delimiter:
+                return i
+            i += 1
+        return n
+
+
+_ESCAPES = {ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("v"): b"\v"}
+
+
+def _unescape(raw: bytes) -> bytes:
+    """A text-format COPY value's backslash sequences, as PostgreSQL reads them."""
+    if b"\\" not in raw:
+        return raw
+    out = bytearray()
+    i = 0
+    n = len(raw)
+    while i < n:
+        byte = raw[i]
+        if byte != 92 or i + 1 >= n:
+            out.append(byte)
+            i += 1
+            continue
+        nxt = raw[i + 1]
+        if nxt in _ESCAPES:
+            out += _ESCAPES[nxt]
+            i += 2
+        elif 48 <= nxt <= 55:  # \ooo octal
+            j = i + 1
+            while j < n and j < i + 4 and 48 <= raw[j] <= 55:
+                j += 1
+            out.append(int(raw[i + 1:j], 8) & 0xFF)
+            i = j
+        elif nxt == ord("x") and i + 2 < n and chr(raw[i + 2]) in "0123456789abcdefABCDEF":
+            j = i + 2
+            while j < n and j < i + 4 and chr(raw[j]) in "0123456789abcdefABCDEF":
+                j += 1
+            out.append(int(raw[i + 2:j], 16))
+            i = j
+        else:
+            out.append(nxt)
+            i += 2
+    return bytes(out)
