@@ -49,7 +49,7 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import AuthFailed, BackendError, ClientError, ProtocolViolation, ProxyError
-from ..router.copyrows import CopyIn, RowSplitter, copy_in
+from ..router.copyrows import CopyIn, CopyOutWriter, RowSplitter, copy_in, copy_out
 from ..router.fanout import FanoutPlan
 from ..router.parse import hints_from, split_insert
 from ..router.route import (
@@ -1097,6 +1097,12 @@ class Session(asyncio.Protocol):
             self._may_scatter(target, analysis)
             self._wait_for(self._begin_copy(spec, target.databases, m.query(sql)))
             return True
+        out = copy_out(sql) if analysis.statements[0].command == "COPY" and not route.write else None
+        if out is not None:  # COPY (SELECT ...) TO STDOUT: the merged SELECT, as COPY rows
+            plan = self.fleet.router.fanout_plan(out.select, self.fleet.router.analysis(out.select))
+            self._may_scatter(target, analysis, read=True)
+            self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql), copy=CopyOutWriter(out)))
+            return True
         _no_copy(analysis, target)
         if route.fanout or analysis.statements[0].command == "SELECT":  # FOR UPDATE, INTO: refused there
             plan = self.fleet.router.fanout_plan(sql, analysis)
@@ -1169,7 +1175,8 @@ class Session(asyncio.Protocol):
         self._write(answer + m.ready_for_query(_I) if describe is None else answer)
 
     async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...], query: bytes,
-                          portal: _Portal | None = None, max_rows: int = 0) -> None:
+                          portal: _Portal | None = None, max_rows: int = 0,
+                          copy: CopyOutWriter | None = None) -> None:
         """A federated SELECT: merged rows to the client as they come.
 
         A simple query (no ``portal``) ends with ReadyForQuery. An Execute ends with its
@@ -1192,7 +1199,8 @@ class Session(asyncio.Protocol):
         if portal is not None:
             portal.describe = False
         kept: list[bytes] = []
-        gather = Gather(merger, kept.append if max_rows > 0 else self._write)
+        write = self._write if copy is None else lambda data: self._write(copy.convert(m.split(data), m.row_values))
+        gather = Gather(merger, kept.append if max_rows > 0 else write)
         self.gather = gather
         if self.paused_by_client:
             gather.pause()
@@ -1204,6 +1212,8 @@ class Session(asyncio.Protocol):
         if failed and self.deferred_begin is not None:
             self.tx_status = _E  # the client's transaction fails, as on one database
         if portal is None:
+            if copy is not None:
+                last = copy.convert(m.split(last), m.row_values)
             self._write(last + m.ready_for_query(self.tx_status))
             return
         if failed:

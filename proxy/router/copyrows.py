@@ -214,3 +214,116 @@ def _unescape(raw: bytes) -> bytes:
             out.append(nxt)
             i += 2
     return bytes(out)
+
+
+@dataclass(frozen=True)
+class CopyOut:
+    """A COPY ... TO STDOUT of a sharded table: the SELECT it stands for and its format."""
+
+    select: str
+    csv: bool
+    delimiter: bytes
+    null: bytes
+    quote: bytes
+    escape: bytes
+    header: bool
+
+
+def copy_out(sql: str) -> CopyOut | None:
+    """The COPY TO STDOUT of ``sql`` as a SELECT pgfleet can fan out; None if it is not one."""
+    from pglast import parse_sql
+    from pglast.stream import RawStream
+    try:
+        (raw,) = parse_sql(sql)
+    except Exception:  # noqa: BLE001 - the router parsed it already
+        return None
+    stmt = raw.stmt
+    if type(stmt).__name__ != "CopyStmt" or stmt.is_from or stmt.filename is not None or stmt.is_program:
+        return None
+    options: dict[str, str | bool] = {}
+    for elem in stmt.options or ():
+        arg = elem.arg
+        if arg is None:
+            options[elem.defname] = True
+        else:
+            options[elem.defname] = arg.sval if hasattr(arg, "sval") else getattr(arg, "boolval", True)
+    fmt = str(options.get("format", "text")).lower()
+    if fmt not in ("text", "csv") or set(options) - {"format", "delimiter", "null", "header", "quote", "escape"}:
+        raise ClientError("0A000", f"COPY TO STDOUT of a sharded table supports FORMAT text and csv with "
+                          f"DELIMITER, NULL, HEADER, QUOTE and ESCAPE (got {', '.join(sorted(options))})",
+                          hint="COPY from each shard's database by name for other options")
+    if stmt.query is not None:
+        select = RawStream()(stmt.query)
+    else:
+        relation = RawStream()(stmt.relation)
+        columns = ", ".join('"' + c.sval.replace('"', '""') + '"' for c in stmt.attlist) if stmt.attlist else "*"
+        select = f"SELECT {columns} FROM {relation}"
+    csv = fmt == "csv"
+    quote = str(options.get("quote", '"')).encode()
+    return CopyOut(select=select, csv=csv, delimiter=str(options.get("delimiter", "," if csv else "\t")).encode(),
+                   null=str(options.get("null", "" if csv else "\\N")).encode(), quote=quote,
+                   escape=str(options.get("escape", quote.decode())).encode(),
+                   header=options.get("header", False) not in (False, "false", "off", "0"))
+
+
+class CopyOutWriter:
+    """Turns a merged SELECT's answer (RowDescription, DataRows in text, CommandComplete)
+    into COPY TO STDOUT's (CopyOutResponse, a CopyData per row, CopyDone, COPY n)."""
+
+    def __init__(self, spec: CopyOut) -> None:
+        self.spec = spec
+
+    def convert(self, messages: list[tuple[int, bytes]], row_values: Any) -> bytes:
+        out = []
+        for kind, body in messages:
+            if kind == ord("T"):  # RowDescription
+                count = int.from_bytes(body[:2], "big")
+                out.append(_message(ord("H"), b"\0" + count.to_bytes(2, "big") + b"\0\0" * count))  # CopyOutResponse
+                if self.spec.header:
+                    out.append(_message(ord("d"), self._line(_names(body))))
+            elif kind == ord("D"):
+                out.append(_message(ord("d"), self._line(row_values(body))))
+            elif kind == ord("C") and body.startswith(b"SELECT "):
+                out.append(_message(ord("c"), b""))  # CopyDone
+                out.append(_message(kind, b"COPY " + body[7:]))
+            else:
+                out.append(_message(kind, body))
+        return b"".join(out)
+
+    def _line(self, values: list[bytes | None]) -> bytes:
+        spec = self.spec
+        fields = []
+        for value in values:
+            if value is None:
+                fields.append(spec.null)
+            elif spec.csv:
+                special = (spec.delimiter in value or spec.quote in value or b"\n" in value or b"\r" in value
+                           or value == spec.null or value == b"")
+                fields.append(spec.quote + value.replace(spec.quote, spec.escape + spec.quote) + spec.quote
+                              if special else value)
+            else:
+                fields.append(_escape(value, spec.delimiter))
+        return spec.delimiter.join(fields) + b"\n"
+
+
+def _escape(value: bytes, delimiter: bytes) -> bytes:
+    """A value in COPY's text format: backslash, newline, carriage return, tab and the delimiter escaped."""
+    if not any(c in value for c in (b"\\", b"\n", b"\r", b"\t", delimiter)):
+        return value
+    value = value.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
+    return value.replace(delimiter, b"\\" + delimiter) if delimiter != b"\t" else value
+
+
+def _names(description: bytes) -> list[bytes | None]:
+    count = int.from_bytes(description[:2], "big")
+    names: list[bytes | None] = []
+    pos = 2
+    for _ in range(count):
+        end = description.index(b"\0", pos)
+        names.append(description[pos:end])
+        pos = end + 1 + 18
+    return names
+
+
+def _message(kind: int, body: bytes) -> bytes:
+    return bytes((kind,)) + (len(body) + 4).to_bytes(4, "big") + body

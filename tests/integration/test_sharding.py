@@ -665,20 +665,34 @@ def test_cancel_from_psycopg_stops_a_sleep_within_a_second(sharded: Fleet, where
         assert conn.execute("select 1").fetchone() == (1,)  # the session goes on
 
 
-@pytest.mark.parametrize("statement", ["copy users to stdout", "copy (select * from users order by user_id) to stdout"])
-def test_copy_on_several_shards_is_refused_not_left_hanging(sharded: Fleet, statement: str) -> None:
-    """Each shard would wait for its own COPY data (the client's statement hung): refused."""
-    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
-        for prepare in (False, True):
-            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
-                conn.execute(statement, prepare=prepare)
+def test_copy_to_stdout_of_a_fan_out_streams_the_merged_rows(sharded: Fleet) -> None:
+    values = ", ".join(f"({i}, 'out {i}')" for i in range(8000, 8010)) + ", (8010, E'tab\\there, \"q\"')"
+    sharded.psql(f"insert into users (user_id, name) values {values} on conflict do nothing")
+    try:
+        with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
+            cur = conn.cursor()
+            with cur.copy("copy (select user_id, name from users where user_id >= 8000 order by user_id desc) "
+                          "to stdout") as copy:
+                text = b"".join(bytes(chunk) for chunk in copy)
+            assert cur.rowcount == 11
+            assert text.splitlines()[0] == b'8010\ttab\\there, "q"'
+            assert text.splitlines()[1:] == [f"{i}\tout {i}".encode() for i in range(8009, 7999, -1)]
+            with cur.copy("copy users (user_id, name) to stdout with (format csv, header)") as copy:
+                lines = b"".join(bytes(chunk) for chunk in copy).splitlines()
+            assert lines[0] == b"user_id,name"
+            assert b'8010,"tab\there, ""q"""' in lines and b"8003,out 8003" in lines
+            for statement in ("copy users to stdout (format binary)", "copy users to stdout (force_quote *)"):
+                with pytest.raises(psycopg.errors.FeatureNotSupported):
+                    with cur.copy(statement) as copy:
+                        pass
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:  # extended protocol: refused
+                conn.execute("copy users to stdout", prepare=True)
             assert "COPY of a table on several databases (primary, secondary) is not supported" in str(refused.value)
-        assert conn.execute("select 1").fetchone() == (1,)
-    # On one shard by name, COPY passes through.
-    with psycopg.connect(sharded.dsn(database="primary"), autocommit=True) as conn:
-        with conn.cursor().copy("copy users to stdout") as copy:
-            rows = list(copy.rows())
-        assert isinstance(rows, list)
+            assert conn.execute("select 1").fetchone() == (1,)
+        out = sharded.psql("\\copy (select user_id from users where user_id between 8000 and 8004 order by 1) to stdout")
+        assert out.stdout.split() == ["8000", "8001", "8002", "8003", "8004"]
+    finally:
+        sharded.psql("delete from users where user_id between 8000 and 8010")
 
 
 def _copy_in(dsn: str, statement: str, data: bytes, chunk: int = 7) -> int:

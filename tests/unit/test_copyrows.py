@@ -77,3 +77,27 @@ def test_rows_are_the_same_however_the_data_is_cut(rows: list[tuple[int, str]], 
     got = split(sql, 1, data, [c for c in cuts if c <= len(data)])
     assert [key for _, key, _ in got] == [str(key) for key, _ in rows]
     assert b"".join(row for row, _, _ in got) == data
+
+
+def test_copy_out_writes_text_and_csv_as_postgresql_does() -> None:
+    from proxy.router.copyrows import CopyOutWriter, copy_out
+    from proxy.wire import messages as m
+    description = m.message(m.ROW_DESCRIPTION, b"\0\2" + b"a\0" + b"\0" * 18 + b"b\0" + b"\0" * 18)[5:]
+    rows = [[b"1", None], [b"x\ty\\z\nw", b""], [b'q"uote,', b"\\N"]]
+    answer = [(m.ROW_DESCRIPTION, description)] + [(m.DATA_ROW, b"") for _ in rows] + [(m.COMMAND_COMPLETE, b"SELECT 3\0")]
+    values = iter(rows)
+
+    def convert(sql: str) -> list[tuple[int, bytes]]:
+        spec = copy_out(sql)
+        assert spec is not None
+        nonlocal values
+        values = iter(rows)
+        return m.split(CopyOutWriter(spec).convert(answer, lambda _: next(values)))
+
+    text = convert("copy t to stdout")
+    assert text[0] == (ord("H"), b"\0\0\2\0\0\0\0")
+    assert [body for kind, body in text if kind == ord("d")] == [b"1\t\\N\n", b"x\\ty\\\\z\\nw\t\n", b'q"uote,\t\\\\N\n']
+    assert text[-2:] == [(ord("c"), b""), (ord("C"), b"COPY 3\0")]
+    csv = convert("copy t to stdout (format csv, header)")
+    assert [body for kind, body in csv if kind == ord("d")] == [
+        b"a,b\n", b"1,\n", b'"x\ty\\z\nw",""\n', b'"q""uote,",\\N\n']
