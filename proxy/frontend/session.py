@@ -1132,7 +1132,7 @@ class Session(asyncio.Protocol):
                 raise ClientError("0A000", f'COPY into sharded table "{spec.table}" must include its shard key '
                                   f'"{key}": pgfleet sends each row to the shard of its key',
                                   hint=f"add {key} to the COPY column list")
-            copy = CopySplit(router, spec.table, RowSplitter(spec, columns.index(key)))
+            copy = CopySplit(router, spec.table, RowSplitter(spec.format, columns.index(key)))
             await copy.open(self.fleet.pools, databases, statement, self.settings)
         except ProxyError as exc:
             self._write(answer_of(exc) + m.ready_for_query(self.tx_status))

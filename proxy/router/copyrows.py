@@ -18,17 +18,34 @@ from ..errors import ClientError
 
 
 @dataclass(frozen=True)
-class CopyIn:
-    """A COPY FROM STDIN: its table, its column list (empty: all, in table order), its format."""
+class CopyFormat:
+    """How COPY writes rows: text or CSV, and the options of either."""
 
-    table: str
-    columns: tuple[str, ...]
     csv: bool
     delimiter: bytes
     null: bytes
     quote: bytes
     escape: bytes
     header: bool
+
+
+def copy_format(options: dict[str, str | bool]) -> CopyFormat:
+    """A COPY's format from its options (already checked to be text or csv)."""
+    csv = str(options.get("format", "text")).lower() == "csv"
+    quote = str(options.get("quote", '"')).encode()
+    return CopyFormat(csv=csv, delimiter=str(options.get("delimiter", "," if csv else "\t")).encode(),
+                      null=str(options.get("null", "" if csv else "\\N")).encode(), quote=quote,
+                      escape=str(options.get("escape", quote.decode())).encode(),
+                      header=options.get("header", False) not in (False, "false", "off", "0"))
+
+
+@dataclass(frozen=True)
+class CopyIn:
+    """A COPY FROM STDIN: its table, its column list (empty: all, in table order), its format."""
+
+    table: str
+    columns: tuple[str, ...]
+    format: CopyFormat
 
 
 def copy_in(sql: str) -> CopyIn | None:
@@ -54,22 +71,14 @@ def copy_in(sql: str) -> CopyIn | None:
     if fmt not in ("text", "csv"):
         raise ClientError("0A000", f"COPY {fmt.upper()} into a sharded table is not supported: pgfleet reads "
                           "each row's shard key", hint="use FORMAT text or csv")
-    csv = fmt == "csv"
-    delimiter = str(options.get("delimiter", "," if csv else "\t")).encode()
-    quote = str(options.get("quote", '"')).encode()
-    header = options.get("header", False)
-    return CopyIn(
-        table=body["relation"]["relname"],
-        columns=tuple(c["String"]["sval"] for c in body.get("attlist", ())),
-        csv=csv, delimiter=delimiter, null=str(options.get("null", "" if csv else "\\N")).encode(),
-        quote=quote, escape=str(options.get("escape", quote.decode())).encode(),
-        header=header not in (False, "false", "off", "0"))
+    return CopyIn(table=body["relation"]["relname"],
+                  columns=tuple(c["String"]["sval"] for c in body.get("attlist", ())), format=copy_format(options))
 
 
 class RowSplitter:
     """Cuts COPY data into rows as it arrives and reads each row's field ``key_index``."""
 
-    def __init__(self, spec: CopyIn, key_index: int) -> None:
+    def __init__(self, spec: CopyFormat, key_index: int) -> None:
         self.spec = spec
         self.key_index = key_index
         self.rest = b""        # an incomplete row, carried to the next chunk
@@ -221,12 +230,7 @@ class CopyOut:
     """A COPY ... TO STDOUT of a sharded table: the SELECT it stands for and its format."""
 
     select: str
-    csv: bool
-    delimiter: bytes
-    null: bytes
-    quote: bytes
-    escape: bytes
-    header: bool
+    format: CopyFormat
 
 
 def copy_out(sql: str) -> CopyOut | None:
@@ -258,12 +262,7 @@ def copy_out(sql: str) -> CopyOut | None:
         relation = RawStream()(stmt.relation)
         columns = ", ".join('"' + c.sval.replace('"', '""') + '"' for c in stmt.attlist) if stmt.attlist else "*"
         select = f"SELECT {columns} FROM {relation}"
-    csv = fmt == "csv"
-    quote = str(options.get("quote", '"')).encode()
-    return CopyOut(select=select, csv=csv, delimiter=str(options.get("delimiter", "," if csv else "\t")).encode(),
-                   null=str(options.get("null", "" if csv else "\\N")).encode(), quote=quote,
-                   escape=str(options.get("escape", quote.decode())).encode(),
-                   header=options.get("header", False) not in (False, "false", "off", "0"))
+    return CopyOut(select=select, format=copy_format(options))
 
 
 class CopyOutWriter:
@@ -271,7 +270,7 @@ class CopyOutWriter:
     into COPY TO STDOUT's (CopyOutResponse, a CopyData per row, CopyDone, COPY n)."""
 
     def __init__(self, spec: CopyOut) -> None:
-        self.spec = spec
+        self.spec = spec.format
 
     def convert(self, messages: list[tuple[int, bytes]], row_values: Any) -> bytes:
         out = []

@@ -682,9 +682,8 @@ def test_copy_to_stdout_of_a_fan_out_streams_the_merged_rows(sharded: Fleet) -> 
             assert lines[0] == b"user_id,name"
             assert b'8010,"tab\there, ""q"""' in lines and b"8003,out 8003" in lines
             for statement in ("copy users to stdout (format binary)", "copy users to stdout (force_quote *)"):
-                with pytest.raises(psycopg.errors.FeatureNotSupported):
-                    with cur.copy(statement) as copy:
-                        pass
+                with pytest.raises(psycopg.errors.FeatureNotSupported), cur.copy(statement):
+                    pass
             with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:  # extended protocol: refused
                 conn.execute("copy users to stdout", prepare=True)
             assert "COPY of a table on several databases (primary, secondary) is not supported" in str(refused.value)

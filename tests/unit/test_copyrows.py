@@ -14,7 +14,7 @@ from proxy.router.copyrows import RowSplitter, copy_in
 def split(sql: str, key: int, data: bytes, cuts: list[int] | None = None) -> list[tuple[bytes, str | None, bool]]:
     spec = copy_in(sql)
     assert spec is not None
-    splitter = RowSplitter(spec, key)
+    splitter = RowSplitter(spec.format, key)
     rows = []
     start = 0
     for cut in sorted(set(cuts or [])) + [len(data)]:
@@ -26,10 +26,11 @@ def split(sql: str, key: int, data: bytes, cuts: list[int] | None = None) -> lis
 def test_copy_in_reads_the_statement() -> None:
     spec = copy_in("COPY public.users (name, user_id) FROM STDIN WITH CSV HEADER DELIMITER ';'")
     assert spec is not None
-    assert (spec.table, spec.columns, spec.csv, spec.delimiter, spec.header, spec.null) == \
-        ("users", ("name", "user_id"), True, b";", True, b"")
+    assert (spec.table, spec.columns, spec.format.csv, spec.format.delimiter, spec.format.header,
+            spec.format.null) == ("users", ("name", "user_id"), True, b";", True, b"")
     text = copy_in("copy users from stdin")
-    assert text is not None and (text.csv, text.delimiter, text.null, text.header) == (False, b"\t", b"\\N", False)
+    assert text is not None
+    assert (text.format.csv, text.format.delimiter, text.format.null, text.format.header) == (False, b"\t", b"\\N", False)
     assert copy_in("copy users to stdout") is None
     assert copy_in("copy users from '/tmp/x'") is None
     assert copy_in("select 1") is None
