@@ -125,6 +125,7 @@ class Key(_Struct):
     databases: tuple[str, ...] | None = None
     read_only: bool = False
     max_connections: int | None = None
+    statement_timeout: Duration | None = None  # pgfleet cancels a statement of this key running longer
     user_id: int | str | None = None
     shard_key: int | str | None = None
 

@@ -79,6 +79,7 @@ class ApiKey:
     read_only: bool
     max_connections: int | None
     binding: int | str | None  # the shard-key value of a `database` key
+    statement_timeout: float | None = None  # seconds; pgfleet cancels longer statements
 
     def may_use(self, database: str) -> bool:
         return self.databases is None or database in self.databases
@@ -105,7 +106,7 @@ def _api_key(key: KeyConfig, keep_plain: bool, path: str) -> ApiKey:
     return ApiKey(
         id=key.id, role=Role(key.role), verifier=verifier, plain=plain,
         databases=frozenset(key.databases) if key.databases is not None else None,
-        read_only=key.read_only, max_connections=key.max_connections,
+        read_only=key.read_only, max_connections=key.max_connections, statement_timeout=key.statement_timeout,
         binding=key.user_id if key.user_id is not None else key.shard_key,
     )
 

@@ -39,6 +39,10 @@ _U32 = struct.Struct("!I").unpack_from
 # Message types answered by one Expect entry each, popped when they arrive.
 _D = m.DATA_ROW
 _COPY_DATA = m.COPY_DATA
+# A row (DataRow, CopyData) cut by the end of a read waits for its rest up to this size, so
+# that a connection lost mid-row never leaves the client half a row (an error appended to it
+# would be read as the rest of the row). Longer rows stream as they come.
+_HOLD_BACK = 1 << 20
 _Z = m.READY_FOR_QUERY
 _E = m.ERROR_RESPONSE
 _EXECUTE_END = frozenset((m.COMMAND_COMPLETE, m.EMPTY_QUERY, m.PORTAL_SUSPENDED))
@@ -323,6 +327,8 @@ class ServerConnection(asyncio.Protocol):
             kind = data[pos]
             end = pos + 1 + _U32(data, pos + 1)[0]
             if kind == _D or kind == _COPY_DATA:
+                if end > n and end - pos <= _HOLD_BACK:
+                    break  # a row cut by the read: it goes out whole with the next one
                 pos = end  # may run past the chunk: the rest is skipped in later chunks
                 continue
             if end > n:
@@ -466,6 +472,16 @@ class ServerConnection(asyncio.Protocol):
             link.backend_lost(self, BackendError(
                 "08006", f"the connection to database {self.database} was lost: {reason}",
                 hint="the statement may not have completed; reconnect and retry"))
+
+    @property
+    def mid_message(self) -> bool:
+        """Whether the client has part of a message and is owed the rest (a long row)."""
+        return self._skip > 0
+
+    @property
+    def gone(self) -> bool:
+        """Closed, or closing: the transport saw the end even if connection_lost is still to come."""
+        return self.closed or (self.transport is not None and self.transport.is_closing())
 
     def abort(self) -> None:
         self.closed = True

@@ -69,7 +69,7 @@ class Pool:
         idle = self.idle
         while idle:
             server = idle.pop()
-            if server.closed:
+            if server.gone:
                 continue
             if self._expired(server, time.monotonic()):
                 self._retire(server, DisconnectReason.LIFETIME)
@@ -87,7 +87,7 @@ class Pool:
             server = next(iter(parked))
             del parked[server]
             link = server.link
-            if server.closed or link is None:
+            if server.gone or link is None:
                 continue
             if link.give_back(server):
                 return server  # it stays in ``active``, now for another client

@@ -205,6 +205,7 @@ class Session(asyncio.Protocol):
         self.tls = False  # the client's connection is encrypted
         self.gone = False  # connection_lost has run
         self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table, taking rows
+        self.guard: asyncio.TimerHandle | None = None  # the key's statement_timeout, while one runs
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -279,6 +280,8 @@ class Session(asyncio.Protocol):
             self.corked = False
             if self.out:
                 self._flush()
+            if self.guard is None and self.key is not None and self.key.statement_timeout and self._running():
+                self.guard = asyncio.get_running_loop().call_later(self.key.statement_timeout, self._guard_fired)
 
     def _startup(self) -> None:
         while self.state is State.STARTUP:
@@ -1246,6 +1249,11 @@ class Session(asyncio.Protocol):
                               "open: one pipeline cannot also use another database",
                               hint="send Execute and Sync for it first")
         backend = self.backend
+        if backend is not None and backend.gone and not self._engaged(backend):
+            # Parked, and already known dead (its connection_lost is still to come): another one.
+            self.backend = None
+            self.fleet.pools[backend.database].discard(backend)
+            backend = None
         if backend is not None:
             if backend.database == database:
                 if self.deferred_begin is not None:  # a parked backend: BEGIN goes first
@@ -1308,6 +1316,7 @@ class Session(asyncio.Protocol):
             await coro  # type: ignore[misc]
         finally:
             self.wait_task = None
+            self._unguard()
             self._resume()
 
     def _resume(self) -> None:
@@ -1393,6 +1402,8 @@ class Session(asyncio.Protocol):
 
     def backend_idle(self, server: ServerConnection) -> None:
         self.tx_status = server.tx_status
+        if self.guard is not None:
+            self._unguard()
         if self.pending is not None:
             self._settle(server)
         if self.unpinning is not None and server.tx_status == _I:
@@ -1423,6 +1434,16 @@ class Session(asyncio.Protocol):
                      error.message)
             return
         log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
+        if server.mid_message:
+            # The client has part of a row: an error after it would be read as the rest of it.
+            # Closing without one is what it sees when PostgreSQL itself dies mid-row.
+            log.warning("closing client %s (key %s) without an error: it had part of a row from database %s",
+                        self.peer, self.user, server.database)
+            self.state = State.CLOSED
+            self._close_backend()
+            if self.transport is not None:
+                self.transport.close()
+            return
         self._fatal(error)
 
     def parameter_changed(self, name: str, value: str) -> None:
@@ -1576,15 +1597,38 @@ class Session(asyncio.Protocol):
         target = self.fleet.sessions.get(request.pid)
         if target is not None and secrets.compare_digest(
                 target.secret.to_bytes(4, "big"), request.secret.to_bytes(4, "big", signed=True)):
-            servers = [target.backend] if target.backend is not None else []
-            if target.gather is not None:  # a federated SELECT: every shard still answering
-                servers += [shard.server for shard in target.gather.shards.values() if not shard.done]
-            for server in servers:
-                if server.busy:
-                    asyncio.get_running_loop().create_task(_send_cancel(server))
+            target.cancel_running()
         self.state = State.CLOSED
         assert self.transport is not None
         self.transport.close()
+
+    def cancel_running(self) -> int:
+        """Send a cancel to every backend running this client's statement; how many."""
+        servers = [self.backend] if self.backend is not None else []
+        if self.gather is not None:  # a federated SELECT: every shard still answering
+            servers += [shard.server for shard in self.gather.shards.values() if not shard.done]
+        busy = [server for server in servers if server.busy]
+        for server in busy:
+            asyncio.get_running_loop().create_task(_send_cancel(server))
+        return len(busy)
+
+    def _running(self) -> bool:
+        backend = self.backend
+        return self.wait_task is not None or (backend is not None and bool(backend.expects))
+
+    def _unguard(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+            self.guard = None
+
+    def _guard_fired(self) -> None:
+        self.guard = None
+        key = self.key
+        if key is None or not self._running():
+            return
+        if self.cancel_running():
+            log.info("key %s: a statement ran past the key's statement_timeout (%gs): cancelled (client %s)",
+                     key.id, key.statement_timeout, self.peer)
 
     def close(self, error: ProxyError) -> None:
         """Server shutdown: tell the client why, then close."""

@@ -170,3 +170,24 @@ def test_drop_or_rename_database_closes_pgfleets_idle_connections_to_it_first(
     finally:
         for name in ("pf_going", "pf_gone"):
             pg.psql(f"drop database if exists {name} with (force)")
+
+
+def test_a_keys_statement_timeout_cancels_its_long_statements_only(make_fleet: Any, pg: Cluster) -> None:
+    keys = [{"id": key, "secret": secret, "role": role, **({"statement_timeout": "500ms"} if key == "pf_client" else {}),
+             **({"user_id": 42} if role == "database" else {})} for key, (secret, role) in KEYS.items()]
+    fleet: Fleet = make_fleet(keys=keys)
+    with psycopg.connect(fleet.dsn("pf_client"), autocommit=True) as guarded:
+        guarded.execute("set statement_timeout = 0")  # the client's own setting cannot lift pgfleet's guard
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            guarded.execute("select pg_sleep(5)")
+        assert time.monotonic() - started < 2
+        for _ in range(3):  # short statements, and the session, go on
+            assert guarded.execute("select pg_sleep(0.05), 1").fetchone() == ("", 1)
+        with guarded.transaction():  # an idle transaction is not a running statement
+            guarded.execute("select 1")
+            time.sleep(0.8)
+            assert guarded.execute("select 2").fetchone() == (2,)
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as other:  # other keys: no guard
+        assert other.execute("select pg_sleep(0.8), 3").fetchone() == ("", 3)
+    assert "ran past the key's statement_timeout (0.5s): cancelled" in fleet.log()

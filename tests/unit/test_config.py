@@ -128,6 +128,8 @@ def test_config_is_frozen() -> None:
     (DB + "listen: {max_client_connections: 0}", "listen.max_client_connections: must be at least 1"),
     (DB + "keys: [{id: a, secret: b, role: server, max_connections: -1}]", "keys[0].max_connections: must be at least 1"),
     (DB + "shutdown_timeout: later", "shutdown_timeout: expected a duration"),
+    (DB + "keys: [{id: a, secret: b, role: server, statement_timeout: soon}]",
+     "keys[0].statement_timeout: expected a duration"),
     (DB + "listen: {auth: password}", "listen.auth: password (cleartext) auth is only allowed over TLS"),
     (DB + "listen: {tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}",
      "listen.tls.cert: no such file: /nonexistent/c.pem"),
