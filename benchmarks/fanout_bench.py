@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import psycopg
-from pgbench_compare import BenchError, last_line, say, stop_process, warn  # the shared helpers
+from pgbench_compare import (  # the shared helpers
+    BenchError,
+    end_cluster,
+    last_line,
+    say,
+    stop_process,
+    warn,
+)
 from psycopg.types.string import TextLoader
 
 from proxy.embedded import Cluster, EmbeddedError, free_port
@@ -799,15 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             t.close()
         for n, f in fleets.items():
             stop_process(f.proc, f"pgfleet ({n} shards)")
-        if cluster is not None:
-            try:
-                cluster.stop()
-            except EmbeddedError as exc:
-                warn(str(exc))
-        if args.keep:
-            say(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_cluster(cluster, workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -375,6 +376,12 @@ def pgbench(target: Target, mode: str, clients: int, duration: int, rnd: int) ->
         run.rc = -1
         run.errors.append(f"pgbench did not finish within {duration + 60}s (hung)")
         return run
+    read_pgbench(run, r)
+    return run
+
+
+def read_pgbench(run: Any, r: subprocess.CompletedProcess[str]) -> None:
+    """TPS, latency, failed transactions and error lines of one pgbench run, into ``run``."""
     run.rc = r.returncode
     out = r.stdout
     m = TPS_RE.search(out) or TPS_ANY_RE.search(out)
@@ -385,16 +392,26 @@ def pgbench(target: Target, mode: str, clients: int, duration: int, rnd: int) ->
     run.failed_tx = int(m.group(1)) if m else 0
     for line in (r.stderr + "\n" + out).splitlines():
         line = line.strip()
-        if not line:
-            continue
-        if ("error" in line.lower() or "aborted" in line.lower() or "FATAL" in line
-                or "fatal" in line) and "number of failed" not in line:
+        if line and ("error" in line.lower() or "aborted" in line.lower() or "fatal" in line.lower()) \
+                and "number of failed" not in line:
             run.errors.append(line)
     if run.failed_tx:
         run.errors.append(f"number of failed transactions: {run.failed_tx}")
     if r.returncode != 0 and not run.errors:
         run.errors.append(f"pgbench exited {r.returncode}: {last_line(r.stderr or out)}")
-    return run
+
+
+def end_cluster(cluster: Any, workdir: Path, keep: bool) -> None:
+    """Stop the benchmark's cluster, and keep or remove its work directory."""
+    if cluster is not None:
+        try:
+            cluster.stop()
+        except EmbeddedError as exc:
+            warn(str(exc))
+    if keep:
+        say(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def median(values: list[float]) -> float | None:
@@ -746,15 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_process(bouncer_proc, "pgbouncer")
         for proc in extra_procs:
             stop_process(proc, "pgbouncer (session)")
-        if cluster is not None:
-            try:
-                cluster.stop()
-            except EmbeddedError as exc:
-                warn(str(exc))
-        if args.keep:
-            say(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_cluster(cluster, workdir, args.keep)
 
 
 if __name__ == "__main__":
