@@ -103,10 +103,10 @@ class State(enum.Enum):
 class Prepared:
     """A client's named prepared statement: pgfleet's backend-side name and where it runs."""
 
-    __slots__ = ("backend_name", "database", "effect", "param_types", "query", "routed", "wire_name")
+    __slots__ = ("backend_name", "control", "database", "effect", "param_types", "query", "routed", "wire_name")
 
     def __init__(self, backend_name: str, query: str, param_types: bytes, database: str,
-                 effect: Analysis | None, routed: bool = False) -> None:
+                 effect: Analysis | None, routed: bool = False, control: str | None = None) -> None:
         self.backend_name = backend_name
         self.wire_name = backend_name.encode() + b"\0"  # as it goes into a Bind
         self.query = query
@@ -114,6 +114,7 @@ class Prepared:
         self.database = database
         self.effect = effect  # its analysis, when running it changes session settings
         self.routed = routed  # its shard key is a parameter: each Bind decides the database
+        self.control = control  # BEGIN, COMMIT, ...: its first word (see Session._bind)
 
 
 class _Portal:
@@ -179,6 +180,9 @@ class Session(asyncio.Protocol):
         self.unnamed: tuple[bytes, str] | None = None
         self.unnamed_token = 0
         self.unnamed_routed: str | None = None  # its text, when each Bind picks its database
+        self.unnamed_control: str | None = None  # its text, when it is BEGIN/COMMIT/... (see _bind)
+        # A bound BEGIN/COMMIT/... that pgfleet answers itself: (portal, text, word).
+        self.control_portal: tuple[str, str, str] | None = None
         self.portal: _Portal | None = None  # a portal bound for several databases, not yet run
         self.gather: Gather | None = None   # a federated SELECT running
         # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
@@ -370,6 +374,7 @@ class Session(asyncio.Protocol):
                             if kind == _PARSE:
                                 if self.pending is None and _MAYBE_SETTINGS.search(inbox, pos + 5, end) is None:
                                     self.unnamed = (bytes(inbox[pos:end]), self.unparsed)
+                                    self.unnamed_control = None
                                     self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
                                     self.unnamed_effect = None
                                     expect = FORWARD_PARSE_UNNAMED
@@ -409,7 +414,7 @@ class Session(asyncio.Protocol):
             return False
         try:
             if self.tx_status == _E and self.deferred_begin is not None and kind in _STATEMENT_MESSAGES:
-                self._aborted(raw if kind == m.QUERY else None)  # a failed fan-out ended it, on no backend
+                self._aborted(kind, raw)  # a failed fan-out ended it, on no backend
             if kind == m.QUERY:
                 return self._query(raw)
             if kind == m.PARSE:
@@ -423,6 +428,7 @@ class Session(asyncio.Protocol):
             if kind == m.EXECUTE:
                 return self._execute(raw)
             if kind == m.SYNC:
+                self.control_portal = None
                 self.portal = None  # the implicit transaction ends, and its portals with it
                 self.batch_open = False
                 self._write(m.ready_for_query(self.tx_status))
@@ -711,13 +717,41 @@ class Session(asyncio.Protocol):
         analysis = self.fleet.router.analysis(raw[start:end].decode(errors="replace"))
         return analysis if analysis.touches_session else None
 
-    def _aborted(self, query: bytes | None) -> None:
+    def _control_of(self, client_name: bytes) -> tuple[str, str] | None:
+        """(text, first word) of a statement that is BEGIN, COMMIT, ...; None for others."""
+        if not client_name:
+            if self.unnamed_control is None or self.unnamed is None:
+                return None
+            return self.unnamed_control, self.unnamed_control.lstrip().split(None, 1)[0].rstrip(";").upper()
+        prepared = self.statements.get(client_name)
+        if prepared is None or prepared.control is None:
+            return None
+        return prepared.query, prepared.control
+
+    def _deferrable(self, word: str) -> bool:
+        """Whether pgfleet answers this BEGIN/COMMIT/... itself: a BEGIN before any statement
+        of a transaction, or the end of one that never reached a database."""
+        backend = self.backend
+        idle = backend is None or not self._engaged(backend)
+        if word in ("BEGIN", "START"):
+            return self.tx_status == _I and self.deferred_begin is None and idle
+        return self.deferred_begin is not None and idle
+
+    def _aborted(self, kind: int, raw: bytes) -> None:
         """In a transaction that failed before reaching a database, only its end is taken."""
-        if query is not None:
-            sql = m.decode_query(query[5:])
+        if kind == m.QUERY or kind == m.PARSE:
+            sql = m.decode_query(raw[5:]) if kind == m.QUERY else m.decode_parse(raw[5:]).query
             word = sql.lstrip().split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
             if word in _TRANSACTION_ENDS:
-                return  # _transaction_control ends it
+                return  # _transaction_control, or the extended protocol's control path, ends it
+        elif kind == m.BIND:
+            portal_end = raw.find(0, 5)
+            name_end = raw.find(0, portal_end + 1)
+            control = self._control_of(raw[portal_end + 1:name_end]) if portal_end >= 0 and name_end >= 0 else None
+            if control is not None and control[1] in _TRANSACTION_ENDS:
+                return
+        elif self.control_portal is not None:  # Describe or Execute of the bound COMMIT/ROLLBACK
+            return
         raise ClientError("25P02", "current transaction is aborted, commands ignored until end of transaction block",
                           hint="ROLLBACK (a statement of this transaction failed)")
 
@@ -763,6 +797,7 @@ class Session(asyncio.Protocol):
             self.unnamed_effect = self._effect(raw, 6)
             _no_fleet_settings(self.unnamed_effect)
             self.unnamed = (raw, self.unparsed)
+            self.unnamed_control = None
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
@@ -791,6 +826,23 @@ class Session(asyncio.Protocol):
         if key and key in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
+        control = _control_word(parse.query, self.fleet.router.analysis(parse.query)) \
+            if self.unparsed is None else None
+        if control is not None:
+            # BEGIN, COMMIT, ...: a BEGIN must not pick a database (the first statement does),
+            # so it is parsed lazily where it runs, if it ever reaches a backend (see _bind).
+            name = self.fleet.statement_name(parse.query, parse.param_types)
+            if parse.name:
+                self.statements[key] = Prepared(name, parse.query, parse.param_types, database, effect,
+                                                control=control)
+            else:
+                self.unnamed_effect = effect
+                self.unnamed = (raw, database)
+                self.unnamed_routed = None
+                self.unnamed_control = parse.query
+                self.unnamed_token = self.fleet.next_token()
+            self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
+            return True
         if routed:
             # Where it runs depends on its parameters: each Bind prepares it there. pglast has
             # parsed it already, so the client's ParseComplete can come at once.
@@ -801,6 +853,7 @@ class Session(asyncio.Protocol):
                 self.unnamed_effect = effect
                 self.unnamed = (raw, database)
                 self.unnamed_routed = parse.query
+                self.unnamed_control = None
                 self.unnamed_token = self.fleet.next_token()
             self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
             return True
@@ -821,6 +874,7 @@ class Session(asyncio.Protocol):
             self.unnamed_effect = effect
             self.unnamed = (raw, database)
             self.unnamed_routed = None
+            self.unnamed_control = None
             self.unnamed_token = backend.unnamed_owner = self.fleet.next_token()
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
@@ -878,6 +932,18 @@ class Session(asyncio.Protocol):
             raise ProtocolViolation("invalid Bind message: unterminated string")
         client_name = raw[portal_end + 1:name_end]
         bound = None
+        control = self._control_of(client_name)
+        if control is not None:
+            text, word = control
+            backend = self.backend
+            if self._deferrable(word):
+                if backend is not None:
+                    self._detach(backend)  # parked: the transaction's first statement picks one
+                self.control_portal = (raw[5:portal_end].decode(errors="replace"), text, word)
+                self._made_up(Answer.BIND, m.BIND_COMPLETE_MSG)
+                return True
+            if backend is not None and self._engaged(backend):
+                bound = backend.database  # COMMIT and the like end the transaction where it runs
         routed = self._routed_text(client_name)
         if routed is not None:
             formats, values = m.bind_parameters(raw[name_end + 1:])
@@ -1001,6 +1067,20 @@ class Session(asyncio.Protocol):
     def _execute(self, raw: bytes) -> bool:
         portal = self.portal
         name, max_rows = m.decode_execute(raw[5:])
+        control = self.control_portal
+        if control is not None and name == control[0]:
+            self.control_portal = None
+            word = control[2]
+            if word in ("BEGIN", "START"):
+                self.deferred_begin = m.query(control[1])
+                self.tx_status = _T
+                tag = "BEGIN"
+            else:
+                self.deferred_begin = None
+                tag = "ROLLBACK" if self.tx_status == _E else _TRANSACTION_ENDS[word]
+                self.tx_status = _I
+            self._made_up(Answer.EXECUTE, m.command_complete(tag))
+            return True
         if portal is None or name != portal.name:
             raise ClientError("34000", f'portal "{name}" does not exist: Execute needs a Bind first in '
                               "the same transaction")
@@ -1048,6 +1128,14 @@ class Session(asyncio.Protocol):
 
     def _describe(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Describe")
+        control = self.control_portal
+        if kind == 0x50 and control is not None and name == control[0]:
+            self._made_up(Answer.DESCRIBE_PORTAL, m.NO_DATA_MSG)
+            return True
+        if kind == 0x53 and self._control_of(name.encode()) is not None \
+                and (self.backend is None or not self._engaged(self.backend)):
+            self._made_up(Answer.DESCRIBE_STATEMENT, m.message(m.PARAMETER_DESCRIPTION, b"\0\0") + m.NO_DATA_MSG)
+            return True
         if kind == 0x50 and self.portal is not None and name == self.portal.name:
             # Answered with the rows when its Execute comes next (drivers send them together),
             # else by a round of its own before the next message (see _handle).
@@ -1782,6 +1870,17 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
+
+
+def _control_word(sql: str, analysis: Analysis) -> str | None:
+    """BEGIN, START, COMMIT, END, ROLLBACK or ABORT when ``sql`` is only that (with its
+    options); None for anything else (ROLLBACK TO, COMMIT PREPARED, SAVEPOINT...)."""
+    if len(analysis.statements) != 1 or analysis.statements[0].kind is not Kind.TRANSACTION:
+        return None
+    words = sql.replace(";", " ").upper().split()
+    if not words or words[0] not in _TRANSACTION_WORDS or (len(words) > 1 and words[1] in ("TO", "PREPARED")):
+        return None
+    return words[0]
 
 
 def _no_copy(analysis: Analysis, target: Multi | All) -> None:

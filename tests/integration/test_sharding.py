@@ -759,3 +759,67 @@ def test_psql_copy_into_a_sharded_table(sharded: Fleet, clusters: dict[str, tupl
         assert sum(len(r) for r in rows_on(clusters, "select 1 from users where user_id between 7000 and 7099").values()) == 100
     finally:
         sharded.psql("delete from users where user_id between 7000 and 7099")
+
+
+@pytest.mark.parametrize("mode", ["extended", "prepared"])
+def test_pgbench_transactions_in_the_extended_protocol_go_to_the_shard_of_their_first_statement(
+        sharded: Fleet, clusters: dict[str, tuple[Cluster, str]], tmp_path: Any, mode: str) -> None:
+    """pgbench -M extended/prepared sends BEGIN and END as Parse/Bind/Execute: BEGIN waits for
+    the first statement, which picks the shard, and END ends the transaction there."""
+    from .test_clients import pgbench
+    script = tmp_path / "tx.sql"
+    script.write_text("\\set uid random(9000, 9019)\n"
+                      "BEGIN;\n"
+                      "INSERT INTO users (user_id, name) VALUES (:uid, 'pgbench') ON CONFLICT (user_id) DO UPDATE "
+                      "SET name = users.name || '+';\n"
+                      "SELECT name FROM users WHERE user_id = :uid;\n"
+                      "END;\n")
+    try:
+        out = pgbench(sharded, "-n", "-M", mode, "-f", str(script), "-c", "2", "-t", "40")
+        assert out.returncode == 0, out.stderr
+        assert "number of failed transactions: 0" in out.stdout
+        found = rows_on(clusters, "select user_id, length(name) from users where user_id between 9000 and 9019")
+        assert all(owner(user_id) == shard for shard, rows in found.items() for user_id, _ in rows)
+        # 80 transactions: each inserted its row or appended one "+" to it
+        assert sum(1 + (size - len("pgbench")) for rows in found.values() for _, size in rows) == 80
+    finally:
+        sharded.psql("delete from users where user_id between 9000 and 9019")
+
+
+def test_begin_and_commit_in_the_extended_protocol_raw(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw
+    uid = next(i for i in range(9100, 9200) if owner(i) == "secondary")
+
+    def run(sql: str, name: str = "") -> list[Any]:
+        raw.send(m.parse(name, sql) + m.bind("", name, b"\0\0\0\0\0\0") + m.describe(0x50, "") + m.execute("")
+                 + m.SYNC_MSG)
+        return raw.until("Z")
+
+    try:
+        with Raw(sharded.port) as raw:
+            raw.login("pf_server", KEYS["pf_server"][0])
+            got = run("begin")
+            assert [x.kind for x in got] == ["1", "2", "n", "C", "Z"] and got[3].body == b"BEGIN\0"
+            assert got[-1].body == b"T"
+            got = run(f"insert into users (user_id, name) values ({uid}, 'raw')")
+            assert got[-2].kind == "C" and got[-1].body == b"T"
+            got = run("commit", "pf_commit")
+            assert [x.kind for x in got] == ["1", "2", "n", "C", "Z"] and got[-1].body == b"I"
+            assert rows_on(clusters, "select name from users where user_id = %s", uid)["secondary"] == [("raw",)]
+            # BEGIN then COMMIT with nothing between: answered by pgfleet, no database touched
+            assert run("begin")[-1].body == b"T"
+            got = run("end")
+            assert got[-2].body == b"COMMIT\0" and got[-1].body == b"I"
+            # a failed fan-out in such a transaction: 25P02 until a ROLLBACK, in the extended protocol too
+            victim = uid
+            assert run("start transaction")[-1].body == b"T"
+            got = run(f"select 1 / (user_id - {victim}) from users")
+            assert any(x.kind == "E" for x in got) and got[-1].body == b"E"
+            got = run("select 1")
+            assert got[0].kind == "E" and got[0].fields["C"] == "25P02"
+            got = run("rollback")
+            assert got[-2].body == b"ROLLBACK\0" and got[-1].body == b"I"
+    finally:
+        sharded.psql(f"delete from users where user_id = {uid}")
