@@ -15,13 +15,10 @@ import asyncpg
 
 from .backend.catalog import shard_key_types
 from .config import Config
-from .errors import ProxyError
 from .frontend.fleet import Fleet
-from .frontend.session import Session
+from .frontend.session import SHUTTING_DOWN, Session
 
 log = logging.getLogger("pgfleet")
-SHUTTING_DOWN = ProxyError("57P01", "terminating connection because pgfleet is shutting down",
-                           hint="reconnect in a moment")
 
 REAP_INTERVAL = 1.0
 TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types

@@ -51,7 +51,7 @@ class CopySplit(Scatter):
             prelude = await self._take(pools, databases, settings)
             self.by_database = {leg.database: leg for leg in self.legs.values()}
             await self._round({db: [*prelude.get(db, ()), m.query("BEGIN")] for db in databases})
-            failed = self._first_failure({leg.database: _responses(bytes(leg.answer)) for leg in self.legs.values()})
+            failed = self._first_failure(self._answers())
             if failed is not None:
                 raise failed
             for leg in self.legs.values():
@@ -64,7 +64,7 @@ class CopySplit(Scatter):
                 leg.server.send(statement)
                 leg.server.flush()
             await self.done
-            refused = self._refusal()
+            refused = self._first_failure(self._answers())  # a shard that answered its COPY with an error
             if refused is not None:
                 raise refused
         except BaseException:
@@ -124,7 +124,7 @@ class CopySplit(Scatter):
                     leg.server.flush()
             if self.waiting:
                 await self.done
-            answers = {leg.database: _responses(bytes(leg.answer)) for leg in self.legs.values()}
+            answers = self._answers()
             failed = self.failure or (ClientError("57014", f"COPY from stdin failed: {client_error}")
                                       if client_error is not None else self._first_failure(answers))
             for leg in self.legs.values():
@@ -157,15 +157,9 @@ class CopySplit(Scatter):
             leg.server.write_client = leg.answer.extend
             self._arrived()
 
-    def _refusal(self) -> ProxyError | None:
-        for leg in self.legs.values():
-            if leg.lost is not None:
-                return leg.lost
-            for kind, body in m.split(bytes(leg.answer)):
-                if kind == m.ERROR_RESPONSE:
-                    fields = m.decode_fields(body)
-                    return ScatterError(fields.get("C", "XX000"), fields.get("M", ""), raw=m.message(kind, body))
-        return None
+    def _answers(self) -> dict[str, list[list[tuple[int, bytes]]]]:
+        """Each shard's answer so far, one list per ReadyForQuery (an error ends with one)."""
+        return {leg.database: _responses(bytes(leg.answer)) for leg in self.legs.values()}
 
     async def _abandon(self) -> None:
         """A COPY that could not start: fail it where it started, roll every shard back."""

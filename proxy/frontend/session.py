@@ -78,6 +78,8 @@ log = logging.getLogger("pgfleet.session")
 _I = 73  # ReadyForQuery status "I": idle, no transaction
 _T = 84  # "T": in a transaction
 _E = 69  # "E": in a failed transaction
+SHUTTING_DOWN = ProxyError("57P01", "terminating connection because pgfleet is shutting down",
+                           hint="reconnect in a moment")
 _TRANSACTION_WORDS = frozenset(("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"))
 _TRANSACTION_ENDS = {"COMMIT": "COMMIT", "END": "COMMIT", "ROLLBACK": "ROLLBACK", "ABORT": "ROLLBACK"}
 _STATEMENT_MESSAGES = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE))
@@ -436,11 +438,7 @@ class Session(asyncio.Protocol):
             if kind in (m.FLUSH, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
                 return True  # nothing in flight: nothing to flush or copy
             if kind == m.TERMINATE:
-                self._close_backend()
-                self.state = State.CLOSED
-                self._flush()
-                assert self.transport is not None
-                self.transport.close()
+                self._hang_up()
                 return True
             if kind == m.FUNCTION_CALL:
                 return self._function_call(raw)
@@ -722,7 +720,7 @@ class Session(asyncio.Protocol):
         if not client_name:
             if self.unnamed_control is None or self.unnamed is None:
                 return None
-            return self.unnamed_control, self.unnamed_control.lstrip().split(None, 1)[0].rstrip(";").upper()
+            return self.unnamed_control, _first_word(self.unnamed_control)
         prepared = self.statements.get(client_name)
         if prepared is None or prepared.control is None:
             return None
@@ -741,8 +739,7 @@ class Session(asyncio.Protocol):
         """In a transaction that failed before reaching a database, only its end is taken."""
         if kind == m.QUERY or kind == m.PARSE:
             sql = m.decode_query(raw[5:]) if kind == m.QUERY else m.decode_parse(raw[5:]).query
-            word = sql.lstrip().split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
-            if word in _TRANSACTION_ENDS:
+            if _first_word(sql) in _TRANSACTION_ENDS:
                 return  # _transaction_control, or the extended protocol's control path, ends it
         elif kind == m.BIND:
             portal_end = raw.find(0, 5)
@@ -761,7 +758,7 @@ class Session(asyncio.Protocol):
         pgfleet answers it at once, and sends it (as it came) to the backend of the first
         statement that needs one. COMMIT or ROLLBACK before any such statement ends it here.
         """
-        word = sql.lstrip().split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
+        word = _first_word(sql)
         if word not in _TRANSACTION_WORDS:
             return False
         analysis = self.fleet.router.analysis(sql)
@@ -1506,8 +1503,7 @@ class Session(asyncio.Protocol):
             self._setup_done(server)
             return
         if self.fleet.shutting_down and not self.busy():
-            self.close(ProxyError("57P01", "terminating connection because pgfleet is shutting down",
-                                  hint="reconnect in a moment"))
+            self.close(SHUTTING_DOWN)
             return
         self._maybe_release(server)
         if self.waiting and self.wait_task is None:
@@ -1527,10 +1523,7 @@ class Session(asyncio.Protocol):
             # Closing without one is what it sees when PostgreSQL itself dies mid-row.
             log.warning("closing client %s (key %s) without an error: it had part of a row from database %s",
                         self.peer, self.user, server.database)
-            self.state = State.CLOSED
-            self._close_backend()
-            if self.transport is not None:
-                self.transport.close()
+            self._hang_up()
             return
         self._fatal(error)
 
@@ -1643,6 +1636,10 @@ class Session(asyncio.Protocol):
             return
         log.info("closing client %s (key %s): %s %s", self.peer, self.user or "-", exc.sqlstate, exc.message)
         self._write(m.error_response(exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close the client after what was written to it; its backend goes back or is dropped."""
         self.state = State.CLOSED
         self._close_backend()
         self._flush()
@@ -1870,6 +1867,12 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
+
+
+def _first_word(sql: str) -> str:
+    """A statement's first word, upper case ("" for none)."""
+    words = sql.split(None, 1)
+    return words[0].rstrip(";").upper() if words else ""
 
 
 def _control_word(sql: str, analysis: Analysis) -> str | None:
