@@ -38,6 +38,8 @@ class Server:
         listen = self.config.listen
         # Types first: a statement on a sharded table that came before them would be refused.
         await self.learn_shard_key_types()
+        if self.fleet.coordinator is not None:  # what a dead pgfleet left in doubt is finished first
+            await self.fleet.coordinator.start()
         self.listener = await loop.create_server(
             lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
         self._reaper = loop.create_task(self._reap())
@@ -117,6 +119,8 @@ class Server:
             pool.close()
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.fleet.coordinator is not None:
+            await self.fleet.coordinator.stop()
         if self.listener is not None:
             await self.listener.wait_closed()
 

@@ -32,15 +32,16 @@ from pg_database d where d.datname = current_database()
 BYTE_ORDER = frozenset({"c", "posix", "c.utf-8", "c.utf8", "ucs_basic"})
 
 
-async def _connect(dsn: Dsn, timeout: float) -> asyncpg.Connection:
+async def connect(dsn: Dsn, timeout: float, application_name: str = "pgfleet catalog") -> asyncpg.Connection:
+    """A control-plane connection to the database at ``dsn``."""
     return await asyncio.wait_for(asyncpg.connect(
         host=dsn.host, port=dsn.port, user=dsn.user, password=dsn.password, database=dsn.dbname,
-        timeout=timeout, server_settings={"application_name": "pgfleet catalog"}), timeout)
+        timeout=timeout, server_settings={"application_name": application_name}), timeout)
 
 
 async def byte_order(dsn: Dsn, timeout: float) -> bool:
     """Whether the database at ``dsn`` sorts text in byte order (a C collation)."""
-    conn = await _connect(dsn, timeout)
+    conn = await connect(dsn, timeout)
     try:
         collate, provider, locale = await conn.fetchrow(_COLLATION, timeout=timeout)
     finally:
@@ -52,7 +53,7 @@ async def byte_order(dsn: Dsn, timeout: float) -> bool:
 
 async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> dict[str, str]:
     """``{table: type}`` for the ``{table: key column}`` that exist on the database at ``dsn``."""
-    conn = await _connect(dsn, timeout)
+    conn = await connect(dsn, timeout)
     try:
         tables = list(columns)
         rows = await conn.fetch(_KEY_TYPES, tables, [columns[t] for t in tables], timeout=timeout)
@@ -70,7 +71,7 @@ ORDER BY attnum
 
 async def table_columns(dsn: Dsn, table: str, timeout: float) -> list[str]:
     """The columns a COPY without a column list fills, in order (none: no such table)."""
-    conn = await _connect(dsn, timeout)
+    conn = await connect(dsn, timeout)
     try:
         rows = await conn.fetch(_COLUMNS, table, timeout=timeout)
     finally:

@@ -16,18 +16,20 @@ import asyncio
 from ..backend.connection import ServerConnection
 from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
+from ..backend.twophase import Coordinator
 from ..errors import BackendError, ClientError, ProxyError
 from ..router.copyrows import RowSplitter
 from ..router.router import Router
 from ..wire import messages as m
-from .scatter import Scatter, ScatterError, _Leg, _responses, answer_of
+from .scatter import Scatter, _Leg, _responses, answer_of
 
 _BATCH = 64 * 1024  # bytes of rows gathered per shard before a CopyData goes out
 
 
 class CopySplit(Scatter):
-    def __init__(self, router: Router, table: str, splitter: RowSplitter) -> None:
-        super().__init__()
+    def __init__(self, router: Router, table: str, splitter: RowSplitter,
+                 coordinator: Coordinator | None = None) -> None:
+        super().__init__(coordinator)
         self.router = router
         self.table = table
         self.splitter = splitter
@@ -133,10 +135,9 @@ class CopySplit(Scatter):
                 await self._round({leg.database: [m.query("ROLLBACK")] for leg in self.legs.values()
                                    if leg.lost is None})
                 return answer_of(failed)
-            await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
             try:
-                self._check_commits()
-            except ScatterError as exc:
+                await self.commit()
+            except ProxyError as exc:
                 return answer_of(exc)
             total = 0
             for responses in answers.values():

@@ -17,6 +17,7 @@ import asyncpg
 from ..auth.keys import ApiKey, load_keys
 from ..backend.catalog import byte_order, table_columns
 from ..backend.pool import DisconnectReason, Pool
+from ..backend.twophase import Coordinator
 from ..config import Config, server_tls
 from ..errors import BackendError
 from ..router.router import Router
@@ -48,6 +49,8 @@ class Fleet:
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
         self.shutting_down = False
+        # two_phase_commit: the commit log and recovery (started by the server).
+        self.coordinator = Coordinator(config) if config.two_phase_commit else None
         self.tls = server_tls(config.listen.tls) if config.listen.tls is not None else None
         # Whether each database sorts text in byte order (read from its catalog when a
         # federated query first needs it).

@@ -7,7 +7,8 @@ all COMMIT if none failed, else all ROLLBACK and the client gets the first error
 answers are combined as one database would give them: one RowDescription (they must agree),
 every DataRow, and row counts summed into one command tag. Without two-phase commit the
 COMMITs are not atomic together; a COMMIT that fails after another succeeded is logged as an
-error naming both (DESIGN "Transactions": two_phase_commit closes that gap).
+error naming both. With a ``Coordinator`` (``two_phase_commit: true``) they are: see
+``commit_prepared``, which also ends a client's own transaction on several databases (``adopt``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import struct
 from ..backend.connection import ServerConnection
 from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
+from ..backend.twophase import Coordinator, NotDecided, Unknown
 from ..errors import BackendError, ProxyError
 from ..wire import messages as m
 from .startup import set_statement
@@ -57,10 +59,28 @@ class _Leg:
 class Scatter:
     """A ``Link`` for several backends at once, driven by ``run``."""
 
-    def __init__(self) -> None:
+    def __init__(self, coordinator: Coordinator | None = None) -> None:
         self.legs: dict[ServerConnection, _Leg] = {}
         self.waiting = 0
         self.done: asyncio.Future[None] | None = None
+        self.coordinator = coordinator  # set: several databases commit in two phases
+
+    @classmethod
+    def adopt(cls, pools: dict[str, Pool], servers: list[ServerConnection], coordinator: Coordinator | None
+              ) -> Scatter:
+        """A scatter over backends a client holds in one transaction (they come back to it idle)."""
+        scatter = cls(coordinator)
+        for server in servers:
+            scatter._link(server.database, pools[server.database], server)
+        return scatter
+
+    def _link(self, database: str, pool: Pool, server: ServerConnection) -> _Leg:
+        leg = self.legs[server] = _Leg(database, pool, server)
+        server.attach(self)
+        server.write_client = leg.answer.extend  # each leg's answer apart
+        if server.transport is not None:
+            server.transport.resume_reading()  # its client may have paused it
+        return leg
 
     # -- Link
 
@@ -116,8 +136,7 @@ class Scatter:
                 await self._round({leg.database: [m.query("ROLLBACK")] for leg in self.legs.values()
                                    if leg.lost is None})
                 raise failed
-            await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
-            self._check_commits()
+            await self.commit()
             if keep is not None:  # only these messages of the first database's answer
                 first = next(iter(answers.values()))
                 return b"".join(m.message(kind, body) for kind, body in (first[0] if first else ()) if kind in keep)
@@ -132,15 +151,100 @@ class Scatter:
         for database in databases:
             pool = pools[database]
             server = await pool.acquire()
-            self.legs[server] = _Leg(database, pool, server)
-            server.attach(self)
-            server.write_client = self.legs[server].answer.extend  # each leg's answer apart
+            self._link(database, pool, server)
             server.unnamed_owner = 0  # its unnamed statement is about to be this one's
             replay = set_statement(settings, server.settings) if server.settings != settings else None
             server.settings = settings
             if replay is not None:
                 prelude[database] = [m.query(replay)]
         return prelude
+
+    async def commit(self) -> None:
+        """COMMIT every leg's transaction: in two phases with a coordinator, else one by one."""
+        if self.coordinator is not None and len(self.legs) > 1:
+            await self.commit_prepared(self.coordinator)
+            return
+        await self._round({leg.database: [m.query("COMMIT")] for leg in self.legs.values()})
+        self._check_commits()
+
+    async def rollback(self) -> None:
+        await self._round({leg.database: [m.query("ROLLBACK")] for leg in self.legs.values() if leg.lost is None})
+
+    async def commit_prepared(self, coordinator: Coordinator) -> None:
+        """PREPARE TRANSACTION on every leg, the decision into the log, COMMIT PREPARED on
+        every leg (backend/twophase.py). Raises when nothing committed; once the decision is
+        written it returns, and recovery finishes a leg that could not."""
+        if not coordinator.ready:
+            await self.rollback()
+            raise ProxyError("55000", "a transaction on several databases cannot commit: the two-phase commit "
+                             f"log in database {coordinator.config.default} is not reachable; it was rolled back",
+                             hint="check that database; pgfleet reconnects by itself")
+        legs = list(self.legs.values())
+        gid = coordinator.begin()
+        gids = {leg.database: f"{gid}_{n}" for n, leg in enumerate(legs)}
+        finished = False
+        try:
+            self._clear()
+            await self._round({leg.database: [m.query(f"PREPARE TRANSACTION '{gids[leg.database]}'")]
+                               for leg in legs if leg.lost is None})
+            prepared = [leg for leg in legs if self._tag(leg) == b"PREPARE TRANSACTION"]
+            if len(prepared) < len(legs):
+                failure = self._first_failure({leg.database: _responses(bytes(leg.answer)) for leg in legs}) \
+                    or ProxyError("40001", "a database rolled back its part of the transaction at PREPARE",
+                                  hint="run the transaction again")
+                await self._finish(prepared, "ROLLBACK PREPARED", gids)
+                raise failure
+            try:
+                await coordinator.decide(gid, [leg.database for leg in legs])
+            except NotDecided as exc:
+                await self._finish(prepared, "ROLLBACK PREPARED", gids)
+                raise ProxyError("40003", f"the transaction was rolled back on {', '.join(gids)}: {exc}",
+                                 hint="run it again once the default database answers") from None
+            except Unknown as exc:
+                log.error("two-phase commit %s on %s: %s; recovery commits or rolls it back", gid,
+                          ", ".join(gids), exc)
+                raise ProxyError("08007", f"the transaction's outcome is unknown: {exc}",
+                                 hint="pgfleet's recovery finishes it on every database the same way; "
+                                      "check before running it again") from None
+            finished = await self._finish(legs, "COMMIT PREPARED", gids)
+            if not finished:
+                log.warning("two-phase commit %s is decided but %s did not finish it yet; recovery will",
+                            gid, ", ".join(leg.database for leg in legs if leg.lost is not None or
+                                           self._tag(leg) != b"COMMIT PREPARED"))
+        finally:
+            coordinator.end(gid, finished)
+
+    async def _finish(self, legs: list[_Leg], action: str, gids: dict[str, str]) -> bool:
+        """COMMIT PREPARED or ROLLBACK PREPARED on ``legs``; whether every one did it."""
+        self._clear()
+        live = [leg for leg in legs if leg.lost is None]
+        await self._round({leg.database: [m.query(f"{action} '{gids[leg.database]}'")] for leg in live})
+        done = [leg for leg in live if leg.lost is None and self._tag(leg) == action.encode()]
+        for leg in live:
+            if leg not in done and leg.lost is None:
+                log.error("%s '%s' failed on database %s: %s", action, gids[leg.database], leg.database,
+                          self._error_text(leg))
+        return len(done) == len(legs)
+
+    def _clear(self) -> None:
+        for leg in self.legs.values():
+            leg.answer.clear()
+
+    def _tag(self, leg: _Leg) -> bytes | None:
+        """The command tag of the leg's last answer (None: an error, or none)."""
+        tag = None
+        for kind, body in m.split(bytes(leg.answer)):
+            if kind == m.ERROR_RESPONSE:
+                return None
+            if kind == m.COMMAND_COMPLETE:
+                tag = body.rstrip(b"\0")
+        return tag
+
+    def _error_text(self, leg: _Leg) -> str:
+        for kind, body in m.split(bytes(leg.answer)):
+            if kind == m.ERROR_RESPONSE:
+                return m.decode_fields(body).get("M", "")
+        return "no answer"
 
     def _give_back(self) -> None:
         for leg in self.legs.values():

@@ -176,6 +176,12 @@ class Session(asyncio.Protocol):
         self.secret = 0
         self.backend: ServerConnection | None = None
         self.tx_status = _I
+        # two_phase_commit: the other databases' backends of a transaction on several, each
+        # idle in it while the attached one runs; the transaction's BEGIN, to open it on the
+        # next one; and whether it changed settings (then it stays on one database).
+        self.others: dict[str, ServerConnection] = {}
+        self.tx_begin: bytes | None = None
+        self.tx_sets = False
         self.statements: dict[bytes, Prepared] = {}  # by the client's name, as sent
         # The client's unnamed statement: its Parse message as it came, its database, and a
         # fleet-wide number that a backend holding exactly that Parse carries too.
@@ -649,6 +655,10 @@ class Session(asyncio.Protocol):
             if (self.backend is None or not self._engaged(self.backend)) and self._transaction_control(sql, raw):
                 return True
             analysis = self.fleet.router.analysis(sql)
+            if self.others:
+                end = self._across(sql, analysis)
+                if end is not None:
+                    return self._end_across(end, simple=True)
             if analysis.touches_settings and self._fleet_settings(analysis):
                 return True
             route = self._route(sql)
@@ -777,6 +787,71 @@ class Session(asyncio.Protocol):
             return True
         return False
 
+    def _across(self, sql: str, analysis: Analysis) -> str | None:
+        """In a transaction on several databases: "COMMIT" or "ROLLBACK" for a statement that
+        ends it (pgfleet ends it everywhere), None for others. What cannot span databases is
+        refused: savepoints, PREPARE TRANSACTION, SET, COMMIT AND CHAIN."""
+        names = ", ".join(sorted([*self.others, *([self.backend.database] if self.backend else [])]))
+        for stmt in analysis.statements:
+            kind = stmt.transaction
+            if kind in ("SAVEPOINT", "RELEASE", "ROLLBACK_TO", "PREPARE", "COMMIT_PREPARED", "ROLLBACK_PREPARED"):
+                what = {"ROLLBACK_TO": "ROLLBACK TO SAVEPOINT", "PREPARE": "PREPARE TRANSACTION"}.get(
+                    kind, kind.replace("_", " "))
+                raise ClientError("0A000", f"{what} is not supported in a transaction on several databases "
+                                  f"({names})", hint="keep savepoints to transactions on one database; "
+                                  "pgfleet commits this one in two phases itself")
+            if stmt.command == "SET" or stmt.settings or stmt.opaque_settings:
+                raise ClientError("0A000", f"a transaction on several databases ({names}) cannot change "
+                                  "settings: the SET would hold on one of them only",
+                                  hint="SET before BEGIN, or SET pgfleet-wide with the key's settings")
+        ends = [stmt.transaction for stmt in analysis.statements if stmt.transaction in ("COMMIT", "ROLLBACK")]
+        if not ends:
+            return None
+        if len(analysis.statements) != 1 or "CHAIN" in sql.upper():
+            raise ClientError("0A000", f"a transaction on several databases ({names}) must end with a "
+                              "COMMIT or ROLLBACK of its own (no other statements, no AND CHAIN)",
+                              hint="send COMMIT (or ROLLBACK) alone")
+        return ends[0]
+
+    def _end_across(self, word: str, simple: bool) -> bool:
+        """COMMIT (in two phases) or ROLLBACK of a transaction on several databases."""
+        backend = self.backend
+        if backend is not None and backend.expects:
+            if self.batch_open:
+                raise ClientError("0A000", "the end of a transaction on several databases must follow a Sync",
+                                  hint="send Sync before COMMIT")
+            self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
+            return False
+        self.control_portal = None
+        servers = ([backend] if backend is not None else []) + list(self.others.values())
+        self.backend = None
+        self.others = {}
+        self._wait_for(self._finish_across(servers, word, simple))
+        return True
+
+    async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool) -> None:
+        scatter = Scatter.adopt(self.fleet.pools, servers, self.fleet.coordinator)
+        failed = any(server.tx_status == _E for server in servers)
+        tag = "ROLLBACK" if failed or word == "ROLLBACK" else "COMMIT"
+        reply = m.command_complete(tag)
+        try:
+            if tag == "COMMIT":
+                await scatter.commit()
+            else:
+                await scatter.rollback()
+        except ProxyError as exc:
+            reply = answer_of(exc)
+            self.skipping = not simple
+        finally:
+            for server in servers:
+                server.settings = DIRTY if self.pending is not None or self.tx_sets else server.settings
+            scatter._give_back()
+        self.pending = None
+        self.pending_opaque = False
+        self.tx_sets = False
+        self.tx_status = _I
+        self._write(reply + m.ready_for_query(_I) if simple else reply)
+
     def _function_call(self, raw: bytes) -> bool:
         backend = self._backend_for(self.fixed or self.config.default)
         if backend is None:
@@ -823,6 +898,8 @@ class Session(asyncio.Protocol):
         if key and key in self.statements:
             raise ClientError("42P05", f'prepared statement "{parse.name}" already exists',
                               hint="Close it first, or use another name")
+        if self.others:
+            self._across(parse.query, self.fleet.router.analysis(parse.query))
         control = _control_word(parse.query, self.fleet.router.analysis(parse.query)) \
             if self.unparsed is None else None
         if control is not None:
@@ -933,6 +1010,11 @@ class Session(asyncio.Protocol):
         if control is not None:
             text, word = control
             backend = self.backend
+            if self.others and word in _TRANSACTION_ENDS:  # ended everywhere at Execute (_end_across)
+                self._across(text, self.fleet.router.analysis(text))
+                self.control_portal = (raw[5:portal_end].decode(errors="replace"), text, word)
+                self._made_up(Answer.BIND, m.BIND_COMPLETE_MSG)
+                return True
             if self._deferrable(word):
                 if backend is not None:
                     self._detach(backend)  # parked: the transaction's first statement picks one
@@ -1066,8 +1148,10 @@ class Session(asyncio.Protocol):
         name, max_rows = m.decode_execute(raw[5:])
         control = self.control_portal
         if control is not None and name == control[0]:
-            self.control_portal = None
             word = control[2]
+            if self.others and word in _TRANSACTION_ENDS:
+                return self._end_across(_TRANSACTION_ENDS[word], simple=False)
+            self.control_portal = None
             if word in ("BEGIN", "START"):
                 self.deferred_begin = m.query(control[1])
                 self.tx_status = _T
@@ -1220,7 +1304,7 @@ class Session(asyncio.Protocol):
                 raise ClientError("0A000", f'COPY into sharded table "{spec.table}" must include its shard key '
                                   f'"{key}": pgfleet sends each row to the shard of its key',
                                   hint=f"add {key} to the COPY column list")
-            copy = CopySplit(router, spec.table, RowSplitter(spec.format, columns.index(key)))
+            copy = CopySplit(router, spec.table, RowSplitter(spec.format, columns.index(key)), self.fleet.coordinator)
             await copy.open(self.fleet.pools, databases, statement, self.settings)
         except ProxyError as exc:
             self._write(answer_of(exc) + m.ready_for_query(self.tx_status))
@@ -1256,7 +1340,8 @@ class Session(asyncio.Protocol):
         Execute (with the client's Describe of the portal or without), answered up to its
         CommandComplete; an error skips the client's messages up to Sync, as PostgreSQL does."""
         try:
-            answer = await Scatter().run(self.fleet.pools, statements, self.settings, replicated, describe)
+            answer = await Scatter(self.fleet.coordinator).run(self.fleet.pools, statements, self.settings,
+                                                               replicated, describe)
         except ProxyError as exc:
             answer = answer_of(exc)
             self.skipping = describe is not None
@@ -1351,9 +1436,12 @@ class Session(asyncio.Protocol):
                                   hint="use a separate connection for the other database, or release the "
                                        "state first (DISCARD ALL)")
             if backend.tx_status != _I:
+                if self.fleet.coordinator is not None:
+                    return self._join(backend, database)
                 raise ClientError("0A000", f"this transaction runs on database {backend.database}; "
                                   f"a statement for database {database} cannot join it",
-                                  hint="commit first, or keep a transaction on one database")
+                                  hint="commit first, keep a transaction on one database, or set "
+                                       "two_phase_commit: true")
             if self.batch_open:
                 raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use databases "
                                   f"{backend.database} and {database}",
@@ -1370,7 +1458,7 @@ class Session(asyncio.Protocol):
         self._attach(server)
         return server
 
-    async def _acquire(self, database: str) -> None:
+    async def _acquire(self, database: str, join: bool = False) -> None:
         pool = self.fleet.pools[database]
         try:
             server = await pool.acquire()
@@ -1381,6 +1469,58 @@ class Session(asyncio.Protocol):
         if self.state is State.CLOSED:
             pool.release(server)
             return
+        if join:
+            self._switch(server, fresh=True)
+        else:
+            self._attach(server)
+
+    def _join(self, backend: ServerConnection, database: str) -> ServerConnection | None:
+        """two_phase_commit: the transaction on ``backend`` goes on on ``database`` too.
+
+        The backend it leaves waits in ``others``, idle in the transaction, until a statement
+        for its database comes back to it or the transaction ends (``_end_across``).
+        """
+        if backend.tx_status == _E:
+            raise ClientError("25P02", "current transaction is aborted, commands ignored until end of "
+                              "transaction block", hint="ROLLBACK (a statement of this transaction failed)")
+        if self.batch_open:
+            raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use databases "
+                              f"{backend.database} and {database}",
+                              hint="send a Sync between statements for different databases")
+        if self.pending is not None or self.tx_sets:
+            raise ClientError("0A000", f"this transaction changed settings on database {backend.database}, "
+                              f"so it cannot go on on database {database} too",
+                              hint="SET before BEGIN, or keep a transaction that sets on one database")
+        if backend.expects:
+            self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
+            return None
+        server = self.others.pop(database, None)
+        if server is not None:
+            self._switch(server, fresh=False)
+            return server
+        server = self.fleet.pools[database].try_acquire()
+        if server is None:
+            self._wait_for(self._acquire(database, join=True))
+            return None
+        self._switch(server, fresh=True)
+        return server
+
+    def _switch(self, server: ServerConnection, fresh: bool) -> None:
+        """The attached backend waits in ``others``; ``server`` (``fresh``: opening the
+        transaction there with its BEGIN) runs the next statements."""
+        current = self.backend
+        if current is not None:
+            if current.outbox:
+                current.flush()
+            self.others[current.database] = current
+        if not fresh:
+            self.backend = server  # linked here all along
+            return
+        if len(self.others) == 1:
+            log.debug("client %s (key %s): a transaction on databases %s and %s (two-phase commit)",
+                      self.peer, self.user, next(iter(self.others)), server.database)
+        self.backend = None
+        self.deferred_begin = self.tx_begin or m.query("BEGIN")
         self._attach(server)
 
     def _drop_pending_message(self, exc: ProxyError) -> None:
@@ -1427,6 +1567,7 @@ class Session(asyncio.Protocol):
         assert self.deferred_begin is not None
         server.push(DROP_QUERY)
         server.send(self.deferred_begin)
+        self.tx_begin = self.deferred_begin
         self.deferred_begin = None
 
     def _engaged(self, server: ServerConnection) -> bool:
@@ -1487,6 +1628,8 @@ class Session(asyncio.Protocol):
 
     def backend_idle(self, server: ServerConnection) -> None:
         self.tx_status = server.tx_status
+        if self.tx_sets and server.tx_status == _I:
+            self.tx_sets = False
         if self.guard is not None:
             self._unguard()
         if self.pending is not None:
@@ -1510,6 +1653,13 @@ class Session(asyncio.Protocol):
             self._resume()
 
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
+        if server is not self.backend:
+            if self.others.get(server.database) is server:  # a transaction on several databases lost one
+                del self.others[server.database]
+                self.fleet.pools[server.database].discard(server)
+                log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
+                self._fatal(error)
+            return
         self.backend = None
         self.fleet.pools[server.database].discard(server)
         if not server.expects and server.tx_status == _I and not self.batch_open:
@@ -1559,6 +1709,8 @@ class Session(asyncio.Protocol):
                 self.unpinning = None
             if stmt.unpins and self.pins:
                 self.unpinning = (stmt.unpins, backend.errors)
+            if stmt.command == "SET" or stmt.settings or stmt.opaque_settings:
+                self.tx_sets = True  # SET LOCAL too: it holds on this backend only
             if stmt.rollback:  # the backend undoes the transaction's SETs itself
                 self.pending = None
                 self.pending_opaque = False
@@ -1664,6 +1816,12 @@ class Session(asyncio.Protocol):
 
     def _close_backend(self) -> None:
         """The client is gone: give its backend back clean, or drop it."""
+        others, self.others = self.others, {}
+        for other in others.values():  # a transaction on several databases: rolled back everywhere
+            if other.closed:
+                self.fleet.pools[other.database].discard(other)
+            else:
+                Janitor(self.fleet.pools[other.database], other, rollback=True)
         server = self.backend
         if server is None:
             return

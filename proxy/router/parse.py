@@ -165,7 +165,8 @@ def _classify(node: dict[str, Any], relations: frozenset[Relation]) -> Statement
         return Statement(Kind.WRITE if body.get("is_from") else Kind.READ, "COPY", relations)
     if tag == "TransactionStmt":
         violation = any(_option_sets_read_write(opt) for opt in body.get("options", ()))
-        return Statement(Kind.TRANSACTION, "TRANSACTION", relations, violation)
+        return Statement(Kind.TRANSACTION, "TRANSACTION", relations, violation,
+                         transaction=body.get("kind", "").removeprefix("TRANS_STMT_"))
     if tag in _SESSION:
         violation = tag == "VariableSetStmt" and (
             body.get("name") in _READ_ONLY_GUCS  # SET default_transaction_read_only ...

@@ -71,6 +71,7 @@ class Statement(msgspec.Struct, frozen=True):
     pins: tuple[str, ...] = ()         # session state it leaves on its backend (LISTEN, ...)
     unpins: tuple[str, ...] = ()       # session state it drops ("*": all, DISCARD ALL)
     closes_database: str | None = None  # DROP DATABASE x / ALTER DATABASE x RENAME: x needs no connection
+    transaction: str = ""              # a transaction statement's kind: BEGIN, COMMIT, SAVEPOINT, ROLLBACK_TO, ...
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:
@@ -141,7 +142,7 @@ class Analysis(msgspec.Struct, frozen=True):
     def touches_session(self) -> bool:
         """Whether pgfleet must follow this text: settings, or state that pins a backend."""
         return any(stmt.settings or stmt.opaque_settings or stmt.rollback or stmt.pins or stmt.unpins
-                   or stmt.closes_database for stmt in self.statements)
+                   or stmt.closes_database or stmt.command == "SET" for stmt in self.statements)
 
     @property
     def writes(self) -> Statement | None:

@@ -8,7 +8,10 @@ and wait until it has:
 - ``refuse(True)`` closes the listening socket (connects get ECONNREFUSED), ``refuse(False)``
   listens again on the same port;
 - ``stall(True)`` accepts connections and then never answers them (a black hole, until
-  ``cut()``), so a client's connect timeout is what ends them.
+  ``cut()``), so a client's connect timeout is what ends them;
+- ``hold(b"...")`` keeps back, on each connection, the first chunk the client sends that
+  contains those bytes and everything after it (the target never sees them), until
+  ``hold(None)`` lets them through.
 
 Standard library only; nothing here knows about PostgreSQL.
 """
@@ -46,6 +49,7 @@ class _Conn:
         self.pending = {client: bytearray(), server: bytearray()}  # to be written to that socket
         self.closed = False
         self.handler: Callable[[socket.socket, int], None] | None = None
+        self.held: bytearray | None = None  # the client's bytes kept back by hold()
 
     def peer(self, sock: socket.socket) -> socket.socket:
         return self.socks[1] if sock is self.socks[0] else self.socks[0]
@@ -64,6 +68,7 @@ class FaultProxy:
         self._conns: set[_Conn] = set()
         self._held: list[socket.socket] = []  # accepted while stalled: never answered
         self._stalled = False
+        self._hold: bytes | None = None
         self._running = False
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -97,6 +102,18 @@ class FaultProxy:
         def set_stalled() -> None:
             self._stalled = on
         self._call(set_stalled)
+
+    def hold(self, pattern: bytes | None) -> None:
+        def set_hold() -> None:
+            self._hold = pattern
+            if pattern is None:
+                for conn in list(self._conns):
+                    if conn.held is not None:
+                        client, server = conn.socks
+                        conn.pending[server] += conn.held
+                        conn.held = None
+                        self._watch(server, _READ | _WRITE, conn.handler)
+        self._call(set_hold)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -184,8 +201,11 @@ class FaultProxy:
                 if not data:
                     self._close(conn, reset=False)
                     return
-                conn.pending[peer] += data
-                self._send(peer, conn.pending[peer])
+                if sock is conn.socks[0] and (conn.held is not None or (self._hold and self._hold in data)):
+                    conn.held = (conn.held or bytearray()) + data
+                else:
+                    conn.pending[peer] += data
+                    self._send(peer, conn.pending[peer])
         except OSError:
             self._close(conn, reset=True)  # one side was reset: so is the other
             return
