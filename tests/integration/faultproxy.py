@@ -109,7 +109,7 @@ class FaultProxy:
             if pattern is None:
                 for conn in list(self._conns):
                     if conn.held is not None:
-                        client, server = conn.socks
+                        server = conn.socks[1]
                         conn.pending[server] += conn.held
                         conn.held = None
                         self._watch(server, _READ | _WRITE, conn.handler)
