@@ -150,8 +150,15 @@ class RouterConfig(_Struct):
 
 
 class Audit(_Struct):
-    path: str | None = None
+    """The audit log (``admin/audit.py``): one JSON line or row per statement."""
+
+    path: str | None = None                  # a file of JSON lines
+    table: str | None = None                 # a database (of databases:) whose pgfleet.audit gets rows
     statements: Literal["normalized", "full", "none"] = "normalized"
+    max_bytes: int = 100 * 1024 * 1024       # the file rotates past this size; 0: never
+    backups: int = 5                         # rotated files kept: path.1 ... path.<backups>
+    queue_size: int = 10000                  # statements waiting for the writer; past it, dropped
+    retry_interval: Duration = Duration(5.0)  # a failed sink is tried again after this long
 
 
 class Config(_Struct):
@@ -412,11 +419,27 @@ def validate(config: Config) -> Config:
         if key.secret.startswith("SCRAM-SHA-256$") and config.listen.auth != "scram-sha-256":
             raise ConfigError(f"{where}.secret",
                               f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
+    _validate_audit(config.audit, names)
     for i, job in enumerate(config.replication.jobs):
         for db in (job.source, *job.targets):
             if db not in names:
                 raise ConfigError(f"replication.jobs[{i}]", f"{db!r} is not one of databases")
     return config
+
+
+def _validate_audit(audit: Audit, names: set[str]) -> None:
+    if audit.path is not None and not audit.path.strip():
+        raise ConfigError("audit.path", "empty: give a file path, or leave the key out")
+    if audit.table is not None and audit.table not in names:
+        raise ConfigError("audit.table", f"{audit.table!r} is not one of databases: {', '.join(sorted(names))}")
+    if audit.max_bytes < 0:
+        raise ConfigError("audit.max_bytes", "cannot be negative (0: never rotate)")
+    if audit.backups < 0:
+        raise ConfigError("audit.backups", "cannot be negative")
+    if audit.queue_size < 1:
+        raise ConfigError("audit.queue_size", "must be at least 1")
+    if audit.retry_interval <= 0:
+        raise ConfigError("audit.retry_interval", "must be more than 0s")
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

@@ -1,0 +1,1 @@
+"""Operating pgfleet: the admin console, the HTTP endpoints and metrics, the audit log (asyncio)."""
