@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     from .server import install_loop, serve
     install_loop()
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, args.config))
     except OSError as exc:
         print(f"pgfleet: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror}",
               file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found at start: an audit file that cannot be opened, ...
+        print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

@@ -84,9 +84,19 @@ class Pool(_Struct):
 
 
 class Health(_Struct):
+    """The checker of each database (backend/health.py): ``SELECT 1`` every ``interval``, within
+    ``timeout``; ``failures_to_down`` failures in a row open the database's circuit."""
+
     interval: Duration = Duration(30.0)
     timeout: Duration = Duration(3.0)
     failures_to_down: int = 3
+
+    def __post_init__(self) -> None:
+        for field in ("interval", "timeout"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be more than 0s")
+        if self.failures_to_down < 1:
+            raise ValueError("failures_to_down must be at least 1")
 
 
 class Dsn(_Struct):
@@ -108,6 +118,8 @@ class Database(_Struct):
     dsn: str
     replicas: tuple[str, ...] = ()
     pool_size: int | None = None
+    optional: bool = False  # /health/ready does not wait for it
+    max_replica_lag: Duration = Duration(10.0)  # a replica further behind than this is skipped
 
 
 class Sharding(_Struct):

@@ -377,6 +377,31 @@ class Cluster:
 
     # -- SQL -------------------------------------------------------------------------------
 
+    def replica(self, name: str, datadir: Path | str) -> Cluster:
+        """A streaming replica of this (running) cluster: ``pg_basebackup -R`` into ``datadir``,
+        then started on a port of its own."""
+        datadir = Path(datadir)
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            _make_traversable(datadir.parent)
+            self._give(datadir.parent)
+        # The password in a private file (never on a command line), kept: the replica's
+        # primary_conninfo (written by -R) names it for every reconnection to the primary.
+        passfile = datadir.parent / f".pgpass-{name}"
+        passfile.write_text(f"{LOCALHOST}:{self.port}:*:postgres:{self.password}\n")
+        passfile.chmod(0o600)
+        self._give(passfile)
+        argv = _as_user(self.user, [str(self.bindir / "pg_basebackup"), "-D", str(datadir), "-R",
+                                    "-X", "stream", "-h", LOCALHOST, "-p", str(self.port), "-U", "postgres",
+                                    "-w", "--checkpoint=fast"])
+        result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=120,
+                                stdin=subprocess.DEVNULL, check=False,
+                                env={**os.environ, "PGPASSFILE": str(passfile)})
+        if result.returncode != 0:
+            raise EmbeddedError(f"cluster {self.name}: pg_basebackup for replica {name} failed: "
+                                f"{result.stderr.strip()[-500:]}")
+        return Cluster(name, datadir, password=self.password, settings=self.settings).start()
+
     def dsn(self, dbname: str = "postgres", user: str = "postgres",
             password: str | None = None) -> str:
         """A postgresql:// URL over TCP; the superuser's password unless another is given."""

@@ -13,8 +13,13 @@ import signal
 
 import asyncpg
 
+from .admin.audit import AuditLog
+from .admin.console import Admin, Console
+from .admin.http import HttpServer
+from .auth.keys import load_keys
 from .backend.catalog import shard_key_types
-from .config import Config
+from .config import Config, load
+from .errors import ClientError, ConfigError
 from .frontend.fleet import Fleet
 from .frontend.session import SHUTTING_DOWN, Session
 
@@ -25,13 +30,19 @@ TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: str | None = None) -> None:
         self.config = config
+        self.source = source  # the config file RELOAD reads again (None: the environment)
         self.fleet = Fleet(config)
+        self.admin = Admin(self.fleet, reload=self.reload)
+        self.fleet.console = lambda: Console(self.admin)
         self.listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._fast = False
         self._reaper: asyncio.Task[None] | None = None
+        self.http = HttpServer(self.fleet) if config.http is not None else None
+        audit = AuditLog(config.audit, dsn_of=lambda database: self.config.dsn(database))
+        self.fleet.audit = audit if audit.enabled else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -43,6 +54,12 @@ class Server:
         self.listener = await loop.create_server(
             lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
         self._reaper = loop.create_task(self._reap())
+        if self.fleet.audit is not None:
+            await self.fleet.audit.start()
+        self.fleet.replicas.start()
+        if self.http is not None and self.config.http is not None:
+            await self.http.start(self.config.http.host, self.config.http.port)
+        self.fleet.health.start()  # the first round runs in the background
         log.info("pgfleet listening on %s:%d (fleet database %r, %d databases, pool mode %s)",
                  listen.host, listen.port, listen.database, len(self.config.databases),
                  self.config.pool.mode)
@@ -53,6 +70,11 @@ class Server:
             await asyncio.sleep(REAP_INTERVAL)
             for pool in self.fleet.pools.values():
                 pool.reap()
+            for name, pool in list(self.fleet.retired.items()):  # a reload removed its database
+                pool.reap()
+                if not pool.active:
+                    pool.close()
+                    del self.fleet.retired[name]
             ticks += 1
             if self.fleet.router.unknown_types and ticks % TYPES_RETRY == 0:
                 await self.learn_shard_key_types()
@@ -78,6 +100,31 @@ class Server:
             log.warning("database %s has no shard-key column for %s; statements on them are refused "
                         "(create the tables, or set sharding.types)", first,
                         ", ".join(f"{t}.{router.sharded[t]}" for t in still))
+
+    async def reload(self) -> list[str]:
+        """RELOAD / SIGHUP: read the config again; a valid one takes over, an invalid one is
+        refused (ConfigError, with the path of the bad key) and the running one stays."""
+        try:
+            config = load(self.source)
+            load_keys(config)  # verifiers must parse too
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            raise ClientError("F0000", f"invalid config, nothing changed: {exc}",
+                              hint="fix the file and RELOAD again") from None
+        changes = self.fleet.apply(config)
+        self.config = config
+        log.info("reloaded %s: %s", self.source or "the environment's config", "; ".join(changes) or "no change")
+        if self.fleet.router.unknown_types:
+            await self.learn_shard_key_types()
+        return changes
+
+    def _sighup(self) -> None:
+        async def run() -> None:
+            try:
+                await self.reload()
+            except ClientError:
+                pass  # logged by reload()
+        asyncio.get_running_loop().create_task(run())
 
     def stop(self, fast: bool = False) -> None:
         """SIGTERM: let open transactions finish (up to shutdown_timeout); SIGINT (``fast``):
@@ -115,22 +162,29 @@ class Server:
                         "(their transactions roll back)", sum(1 for s in left if s.busy(fast)), timeout)
         for session in left:
             session.close(SHUTTING_DOWN)
+        await self.fleet.health.stop()
         for pool in self.fleet.pools.values():
             pool.close()
         if self._reaper is not None:
             self._reaper.cancel()
         if self.fleet.coordinator is not None:
             await self.fleet.coordinator.stop()
+        await self.fleet.replicas.stop()
+        if self.http is not None:
+            await self.http.stop()
+        if self.fleet.audit is not None:
+            await self.fleet.audit.stop()
         if self.listener is not None:
             await self.listener.wait_closed()
 
 
-async def serve(config: Config) -> None:
-    server = Server(config)
+async def serve(config: Config, source: str | None = None) -> None:
+    server = Server(config, source)
     await server.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.stop)
     loop.add_signal_handler(signal.SIGINT, server.stop, True)
+    loop.add_signal_handler(signal.SIGHUP, server._sighup)
     await server.serve_until_stopped()
     log.info("pgfleet stopped")
 

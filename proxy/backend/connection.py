@@ -22,6 +22,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import scramp
@@ -85,9 +86,29 @@ def _client_tls(mode: str, root: str | None) -> ssl.SSLContext:
     return context
 
 
+class Stats:
+    """A database's counters since start, shared by its connections (SHOW STATS, /metrics).
+
+    PgBouncer's meaning: a query is a ReadyForQuery from the server; a transaction, one that
+    says idle (an autocommit statement counts as one). Bytes are on the server side.
+    """
+
+    __slots__ = ("queries", "transactions", "received", "sent", "errors", "error_classes")
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.transactions = 0
+        self.received = 0
+        self.sent = 0
+        self.errors = 0
+        self.error_classes: dict[str, int] = {}  # ErrorResponses by SQLSTATE class ("23", "42", ...)
+
+
 class ServerConnection(asyncio.Protocol):
-    def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int) -> None:
+    def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int,
+                 stats: Stats | None = None) -> None:
         self.database = database
+        self.stats = stats if stats is not None else Stats()
         self.dsn = dsn
         self.startup = startup
         self.generation = generation
@@ -105,6 +126,10 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_owner = 0  # the fleet token of the unnamed statement prepared here
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
         self.link: Link | None = None
+        # The audit log's ear (set by an audited session): called with each CommandComplete,
+        # EmptyQueryResponse, PortalSuspended, ErrorResponse and ReadyForQuery that answers
+        # its client's own statements (not what pgfleet sent by itself).
+        self.on_answer: Callable[[int, bytes], None] | None = None
         self.outbox: list[bytes] = []
         self.parsed_ok: set[str] = set()  # shared with the pool: see Pool.parsed_ok
         self.write_client = _discard
@@ -274,10 +299,12 @@ class ServerConnection(asyncio.Protocol):
     def attach(self, link: Link) -> None:
         self.link = link
         self.write_client = link.write
+        self.on_answer = None
 
     def detach(self) -> None:
         self.link = None
         self.write_client = _discard
+        self.on_answer = None
         self.last_used = time.monotonic()
 
     def send(self, data: bytes) -> None:
@@ -287,7 +314,9 @@ class ServerConnection(asyncio.Protocol):
     def flush(self) -> None:
         outbox = self.outbox
         if outbox and self.transport is not None:
-            self.transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            self.stats.sent += len(data)
+            self.transport.write(data)
             outbox.clear()
 
     def push(self, expect: Expect) -> None:
@@ -307,6 +336,8 @@ class ServerConnection(asyncio.Protocol):
         if self._ready is None or not self._ready.done():
             self._login_data(data)
             return
+        stats = self.stats
+        stats.received += len(data)
         if self._head:
             data = self._head + data
             self._head = b""
@@ -356,7 +387,13 @@ class ServerConnection(asyncio.Protocol):
                     self._parameter(data[pos + 5:end])
             elif kind == _Z:
                 expects.popleft()
-                self.tx_status = data[pos + 5]
+                if self.on_answer is not None and head.fate is not _DROP:
+                    # A simple query's end, or a Sync's ("S"): the audit tells them apart.
+                    self.on_answer(kind if head.answer is Answer.QUERY else m.SYNC, data[pos + 5:end])
+                self.tx_status = status = data[pos + 5]
+                stats.queries += 1
+                if status == 73:  # "I"
+                    stats.transactions += 1
                 drop = head.fate is _DROP
                 ready = True
             elif kind in _SIMPLE_DONE:
@@ -366,6 +403,8 @@ class ServerConnection(asyncio.Protocol):
                     if head.statement is not None:
                         self.parsed_ok.add(head.statement)
             elif kind in _EXECUTE_END:
+                if self.on_answer is not None and head.fate is not _DROP:
+                    self.on_answer(kind, data[pos + 5:end])
                 if head.answer is _EXECUTE:
                     expects.popleft()
                 if kind == _C and data[pos + 5] == 68:  # "D": DISCARD / DEALLOCATE
@@ -374,6 +413,8 @@ class ServerConnection(asyncio.Protocol):
                 if head.answer is _DS or head.answer is _DP:
                     expects.popleft()
             elif kind == _E:
+                if self.on_answer is not None and head.fate is not _DROP:
+                    self.on_answer(kind, data[pos + 5:end])
                 reply, drop = self._error(head, data[pos + 5:end])
             elif kind == _S:
                 self._parameter(data[pos + 5:end])
@@ -411,6 +452,14 @@ class ServerConnection(asyncio.Protocol):
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
         """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""
         self.errors += 1
+        stats = self.stats
+        stats.errors += 1
+        found = body.find(b"C", 0)  # the SQLSTATE field: "C" + 5 characters
+        while found > 0 and body[found - 1] != 0:
+            found = body.find(b"C", found + 1)
+        if found >= 0:
+            sqlclass = body[found + 1:found + 3].decode(errors="replace")
+            stats.error_classes[sqlclass] = stats.error_classes.get(sqlclass, 0) + 1
         if head.answer is Answer.QUERY:
             if head.fate is Fate.REFUSE:
                 return head.reply, True

@@ -7,7 +7,9 @@ with its client between transactions while nobody else needs it (affinity: the n
 transaction skips the pool); when a connection is needed and none is idle, a parked one that
 is idle is taken back from its client. Counts for ``SHOW POOLS`` and metrics are their
 lengths. A ``generation`` number, bumped on reload, retires old connections as they come back.
-The pool never touches a client socket.
+The circuit (``outage``) is opened and closed by the health checker (backend/health.py) only:
+while it is open every acquire fails at once with 08006, and connections coming back are
+closed instead of kept. The pool never touches a client socket.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 
 from ..config import Dsn
 from ..errors import BackendError, ClientError
-from .connection import ServerConnection
+from .connection import ServerConnection, Stats
 
 log = logging.getLogger("pgfleet.pool")
 
@@ -33,6 +35,7 @@ class DisconnectReason(enum.Enum):
     SHUTDOWN = "shutdown"
     DIRTY = "dirty"
     DATABASE_GOING = "database_going"  # DROP DATABASE / ALTER DATABASE ... RENAME of its database
+    DOWN = "down"  # its database's health checks failed: the circuit opened (backend/health.py)
 
 
 class Pool:
@@ -58,6 +61,14 @@ class Pool:
         # Backend-side statement names that some backend of this database parsed without error.
         self.parsed_ok: set[str] = set()
         self.closed = False
+        # The circuit: None while closed; while open, the hint of the error every acquire gets.
+        self.outage: str | None = None
+        # PAUSE (admin console): acquires wait until RESUME; the running transactions go on.
+        self.paused = False
+        self._resumed: asyncio.Event | None = None
+        self.stats = Stats()  # shared by its connections: SHOW STATS, /metrics
+        self.waits = 0  # acquires that found no idle connection, and the seconds they took
+        self.wait_seconds = 0.0
         self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
 
     @property
@@ -65,7 +76,11 @@ class Pool:
         return len(self.idle) + len(self.active) + self.opening
 
     def try_acquire(self) -> ServerConnection | None:
-        """An idle connection now, without waiting, or None."""
+        """An idle connection now, without waiting, or None; raises while the circuit is open."""
+        if self.outage is not None:
+            raise self.unavailable()
+        if self.paused:
+            return None
         idle = self.idle
         while idle:
             server = idle.pop()
@@ -97,6 +112,19 @@ class Pool:
         server = self.try_acquire()
         if server is not None:
             return server
+        started = time.monotonic()
+        try:
+            while self.paused and self._resumed is not None:
+                await self._resumed.wait()
+                server = self.try_acquire()
+                if server is not None:
+                    return server
+            return await self._acquire_slow()
+        finally:
+            self.waits += 1
+            self.wait_seconds += time.monotonic() - started
+
+    async def _acquire_slow(self) -> ServerConnection:
         if self.closed:
             raise BackendError("08006", f"database {self.name} is shutting down")
         if self.total < self.size:
@@ -117,7 +145,7 @@ class Pool:
 
     async def _open(self) -> ServerConnection:
         self.opening += 1
-        server = ServerConnection(self.name, self.dsn, self.startup, self.generation)
+        server = ServerConnection(self.name, self.dsn, self.startup, self.generation, self.stats)
         server.parsed_ok = self.parsed_ok
         try:
             await server.open(self.connect_timeout)
@@ -144,6 +172,9 @@ class Pool:
             self._retire(server, DisconnectReason.GENERATION)
             self._replace()
             return
+        if self.outage is not None:
+            self._retire(server, DisconnectReason.DOWN)
+            return
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -162,7 +193,7 @@ class Pool:
 
     def _replace(self) -> None:
         """A slot freed up: if clients wait, open a connection for the first of them."""
-        if self.waiters and self.total < self.size and not self.closed:
+        if self.waiters and self.total < self.size and not self.closed and self.outage is None:
             asyncio.get_running_loop().create_task(self._open_for_waiter())
 
     async def _open_for_waiter(self) -> None:
@@ -211,6 +242,54 @@ class Pool:
             if link is not None and link.give_back(server):
                 self.active.discard(server)
                 self._retire(server, reason)
+        if self.outage is not None and self.parked:
+            # Parked after the circuit opened (their transaction was running then): drained now.
+            self.close_idle(DisconnectReason.DOWN)
+
+    # -- PAUSE / RESUME (admin console)
+
+    def pause(self) -> None:
+        """New transactions wait for ``resume``; those running finish. Connections parked with
+        clients between transactions come back to the pool (still open)."""
+        if self.paused:
+            return
+        self.paused = True
+        self._resumed = asyncio.Event()
+        for server in list(self.parked):
+            del self.parked[server]
+            link = server.link
+            if link is not None and link.give_back(server):
+                self.release(server)
+
+    def resume(self) -> None:
+        self.paused = False
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    # -- the circuit (opened and closed by backend/health.py)
+
+    def unavailable(self) -> BackendError:
+        """The error of an acquire while the circuit is open (a new one each time: an exception
+        raised again and again would grow its traceback)."""
+        return BackendError("08006", f"database {self.name} is unavailable", hint=self.outage)
+
+    def open_circuit(self, hint: str) -> int:
+        """The database is down: from now on every acquire fails at once (``hint`` says why and
+        what to do), clients queued for a connection get that error now, and the connections
+        no client is using are closed; the number closed. Connections in use stay with their
+        clients and are closed when they come back. Calling it again updates the hint and
+        drains what came back meanwhile."""
+        self.outage = hint
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self.unavailable())
+        return self.close_idle(DisconnectReason.DOWN)
+
+    def close_circuit(self) -> None:
+        """The database answers again: acquires open connections as before."""
+        self.outage = None
 
     def close_idle(self, reason: DisconnectReason) -> int:
         """Close every connection no client is using (idle, or parked with a client between

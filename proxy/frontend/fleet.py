@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from ..auth.keys import ApiKey, load_keys
 from ..backend.catalog import byte_order, table_columns
+from ..backend.health import HealthChecker
 from ..backend.pool import DisconnectReason, Pool
+from ..backend.replicas import Replicas
 from ..backend.twophase import Coordinator
 from ..config import Config, server_tls
-from ..errors import BackendError
+from ..errors import BackendError, ProxyError
 from ..router.router import Router
 
 if TYPE_CHECKING:
@@ -33,18 +36,19 @@ class Fleet:
         self.config = config
         self.router = Router(config)
         self.keys: dict[str, ApiKey] = load_keys(config)
-        self.pools: dict[str, Pool] = {}
-        for name in config.databases:
-            db = config.databases[name]
-            self.pools[name] = Pool(
-                name, config.dsn(name),
-                size=db.pool_size or config.pool.size,
-                acquire_timeout=config.pool.acquire_timeout,
-                idle_timeout=config.pool.idle_timeout,
-                lifetime=config.pool.lifetime,
-                connect_timeout=config.pool.connect_timeout,
-                startup={"application_name": "pgfleet"},
-            )
+        self.pools: dict[str, Pool] = {name: self._pool(config, name) for name in config.databases}
+        # Statements that ran on several databases, by kind (fan-out, scatter, copy, two-phase).
+        self.route_counts: dict[str, int] = {}
+        self.replicas = Replicas(config, lambda name, dsn, size: Pool(
+            name, dsn, size=size, acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
+            lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
+            startup={"application_name": "pgfleet"}))  # checks started and stopped by the server
+        self.retired: dict[str, Pool] = {}  # pools of databases a reload removed, until their clients leave
+        self.health = HealthChecker(config, self.pools)  # started and stopped by the server
+        # The admin console's conversation for one client (set by the server: admin/console.py);
+        # None: no console in this process.
+        self.console: Callable[[], Any] | None = None
+        self.audit: Any = None  # the audit log (admin/audit.py), set by the server when configured
         self.sessions: dict[int, Session] = {}  # logged-in clients, by their BackendKeyData pid
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
@@ -57,6 +61,75 @@ class Fleet:
         self.byte_order: dict[str, bool] = {}
         self._statement_names: dict[tuple[str, bytes], str] = {}
         self._tokens = 0
+
+    @staticmethod
+    def _pool(config: Config, name: str) -> Pool:
+        return Pool(name, config.dsn(name), size=config.databases[name].pool_size or config.pool.size,
+                    acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
+                    lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
+                    startup={"application_name": "pgfleet"})
+
+    def apply(self, config: Config) -> list[str]:
+        """RELOAD: a new, valid config snapshot takes over; what changed, in words.
+
+        Routing and keys change for the next statement. A pool whose dsn changed gets a new
+        generation: its connections close as they come back, new ones go to the new address.
+        A removed database's pool stops taking clients and closes once its last one leaves.
+        Clients of a removed key are disconnected; the others get their key's new settings.
+        """
+        old = self.config
+        changes: list[str] = []
+        keys = load_keys(config)
+        router = Router(config)
+        router.learn_types({t: k for t, k in self.router.key_types.items() if t in router.sharded})
+        for name in config.databases:
+            pool = self.pools.get(name)
+            if pool is None:
+                self.pools[name] = self._pool(config, name)
+                changes.append(f"database {name} added")
+                continue
+            fresh = self._pool(config, name)
+            if fresh.dsn != pool.dsn:
+                pool.dsn = fresh.dsn
+                pool.generation += 1
+                pool.close_idle(DisconnectReason.GENERATION)  # parked ones too: taken back from their clients
+                changes.append(f"database {name}: new dsn (connections move over as they come back)")
+            for attr in ("size", "acquire_timeout", "idle_timeout", "lifetime", "connect_timeout"):
+                if getattr(pool, attr) != getattr(fresh, attr):
+                    setattr(pool, attr, getattr(fresh, attr))
+                    changes.append(f"database {name}: {attr} {getattr(fresh, attr)}")
+        for name in [n for n in self.pools if n not in config.databases]:
+            pool = self.retired[name] = self.pools.pop(name)
+            pool.close_idle(DisconnectReason.GENERATION)
+            changes.append(f"database {name} removed")
+        for session in list(self.sessions.values()):
+            key = keys.get(session.user) if session.key is not None else None
+            if session.key is not None and key is None:
+                session.close(ProxyError("57P01", f"terminating connection: key {session.user} was removed "
+                                         "from the configuration by a reload"))
+            elif key is not None:
+                session.rekey(key)
+        if set(keys) != set(self.keys) or any(keys[k] != self.keys[k] for k in keys if k in self.keys):
+            changes.append("keys changed")
+        if (config.tables, config.sharding) != (old.tables, old.sharding):
+            changes.append("routing changed")
+        for what in ("listen", "http", "two_phase_commit", "default_database"):
+            if getattr(config, what) != getattr(old, what):
+                changes.append(f"{what} changed: takes effect at the next restart")
+        router.hits, router.misses = self.router.hits, self.router.misses
+        self.config, self.router, self.keys = config, router, keys
+        return changes
+
+    def counted(self, kind: str) -> None:
+        self.route_counts[kind] = self.route_counts.get(kind, 0) + 1
+
+    def pool_of(self, name: str) -> Pool:
+        """A backend's pool, also after a reload removed its database."""
+        pool = self.pools.get(name)
+        if pool is not None:
+            return pool
+        pool = self.replicas.pools.get(name)
+        return pool if pool is not None else self.retired[name]
 
     async def learn_byte_order(self, databases: tuple[str, ...]) -> None:
         """Read the collation of those of ``databases`` not known yet; one that does not

@@ -29,6 +29,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from typing import Any
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
 from ..backend.connection import ServerConnection
@@ -119,12 +120,28 @@ class Prepared:
         self.control = control  # BEGIN, COMMIT, ...: its first word (see Session._bind)
 
 
+class _Audited:
+    """A statement of an audited client, from when it went to its backend until its answer."""
+
+    __slots__ = ("clock", "databases", "ignore", "rows", "simple", "sqlstate", "started", "text")
+
+    def __init__(self, text: str, database: str, simple: bool, ignore: bool = False) -> None:
+        self.started = time.time()
+        self.clock = time.monotonic()
+        self.text = text
+        self.databases = (database,)
+        self.simple = simple  # a Query (ends with ReadyForQuery), else an Execute
+        self.ignore = ignore  # a refused statement failed on the backend: logged already
+        self.rows: int | None = None
+        self.sqlstate: str | None = None
+
+
 class _Portal:
     """A bound statement for several databases, kept by pgfleet and run at its Execute:
     a write (one scatter) or, with a ``plan``, a federated SELECT (one gather)."""
 
     __slots__ = ("databases", "describe", "describe_messages", "formats", "messages", "name", "plan",
-                 "replicated", "rows")
+                 "replicated", "rows", "text")
 
     def __init__(self, name: str, databases: tuple[str, ...], describe_messages: bytes, messages: bytes,
                  replicated: bool, plan: FanoutPlan | None = None, formats: tuple[int, ...] = ()) -> None:
@@ -137,6 +154,7 @@ class _Portal:
         self.formats = formats    # the client's result formats
         self.rows: deque[bytes] | None = None  # a row-limited Execute's result, not yet handed out
         self.describe = False     # the client's Describe of it, not answered yet
+        self.text = ""            # the client's statement (the audit log)
 
     def next_rows(self, max_rows: int) -> bytes:
         """The next ``max_rows`` rows (all when 0), then PortalSuspended or CommandComplete."""
@@ -218,6 +236,15 @@ class Session(asyncio.Protocol):
         self.gone = False  # connection_lost has run
         self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table, taking rows
         self.guard: asyncio.TimerHandle | None = None  # the key's statement_timeout, while one runs
+        self.connected = time.time()
+        # The audit log (admin/audit.py), when on: every statement gets a line. Its client's
+        # statements then skip the verbatim fast paths, so that each is seen.
+        audit = fleet.audit
+        self.audit = audit if audit is not None and audit.enabled else None
+        self.audit_queue: deque[_Audited] = deque()  # sent to the backend, answer not complete
+        self.audit_portals: dict[str, str] = {}  # portal -> its statement's text
+        self.audit_text = ""  # the statement a fan-out, scatter or COPY runs
+        self.console: Any = None  # the admin console's conversation (admin/console.py), for its clients
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -364,10 +391,12 @@ class Session(asyncio.Protocol):
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
-                    if expect is _NOT_VERBATIM and length > 5:  # shorter: _handle() refuses it
+                    if kind == _EXECUTE and self.audit is not None:
+                        expect = _NOT_VERBATIM  # _execute notes it for the audit log
+                    elif expect is _NOT_VERBATIM and length > 5:  # shorter: _handle() refuses it
                         if kind == _QUERY:
                             # A simple query on a decided database that sets nothing: as it came.
-                            if (self.unparsed is not None and self.pending is None
+                            if (self.unparsed is not None and self.pending is None and self.audit is None
                                     and inbox.find(0, pos + 5, end) == end - 1
                                     and _MAYBE_SETTINGS.search(inbox, pos + 5, end) is None):
                                 backend.expects.append(FORWARD_QUERY)
@@ -387,6 +416,7 @@ class Session(asyncio.Protocol):
                                     self.unnamed_effect = None
                                     expect = FORWARD_PARSE_UNNAMED
                             elif (kind == _BIND and inbox[pos + 6] == 0 and self.unnamed_effect is None
+                                  and self.audit is None
                                   and backend.unnamed_owner == self.unnamed_token):
                                 expect = FORWARD_BIND
                     if expect is not _NOT_VERBATIM:
@@ -413,6 +443,8 @@ class Session(asyncio.Protocol):
 
     def _handle(self, kind: int, raw: bytes) -> bool:
         """One message that needs a decision. False: wait, and handle it again later."""
+        if self.console is not None:
+            return self._console_message(kind, raw)
         if self.copy is not None:
             return self._copy_message(kind, raw)
         portal = self.portal
@@ -420,6 +452,9 @@ class Session(asyncio.Protocol):
             portal.describe = False  # a Describe not followed by its Execute: answer it now
             self._wait_for(self._describe_portal(portal))
             return False
+        if self.audit is not None and (kind == m.QUERY or kind == m.PARSE):
+            self.audit_text = m.decode_query(raw[5:]) if kind == m.QUERY else \
+                raw[raw.find(0, 5) + 1:raw.find(0, raw.find(0, 5) + 1)].decode(errors="replace")
         try:
             if self.tx_status == _E and self.deferred_begin is not None and kind in _STATEMENT_MESSAGES:
                 self._aborted(kind, raw)  # a failed fan-out ended it, on no backend
@@ -554,8 +589,11 @@ class Session(asyncio.Protocol):
             if key.role is not Role.ADMIN:
                 raise ClientError("42501", f"key {key.id} may not use the admin console",
                                   hint="connect to the admin console with an admin key")
-            raise ClientError("0A000", "the admin console is not available in this version of pgfleet",
-                              hint=f"connect to the fleet database {fleet_name!r}")
+            if self.fleet.console is None:
+                raise ClientError("0A000", "the admin console is not available in this process",
+                                  hint=f"connect to the fleet database {fleet_name!r}")
+            self._open_console()
+            return
         if database == fleet_name:
             direct = None
         elif database in self.config.databases:
@@ -591,6 +629,37 @@ class Session(asyncio.Protocol):
         # Take a backend of the home database now: it checks the startup settings and gives
         # the ParameterStatus values to report, spelled as the server spells them.
         self._wait_for(self._setup(home))
+
+    def _open_console(self) -> None:
+        """An admin client: the console answers its statements; no backend, no pool."""
+        assert self.fleet.console is not None
+        self.console = self.fleet.console()
+        self.pid, self.secret = self.fleet.new_backend_key()
+        self.fleet.sessions[self.pid] = self
+        params = dict(self.fleet.pools[self.config.default].params) or {"server_version": "15"}
+        params.update({"client_encoding": "UTF8", "application_name": self.settings.get("application_name", ""),
+                       "DateStyle": "ISO, MDY", "integer_datetimes": "on", "standard_conforming_strings": "on"})
+        out = [m.AUTHENTICATION_OK, *(m.parameter_status(k, v) for k, v in params.items()),
+               m.backend_key_data(self.pid, self.secret), m.ready_for_query(_I)]
+        self._write(b"".join(out))
+        self.state = State.READY
+        if self.login_timer is not None:
+            self.login_timer.cancel()
+        log.info("admin console: key %s from %s", self.user, self.peer)
+
+    def _console_message(self, kind: int, raw: bytes) -> bool:
+        if kind == m.TERMINATE:
+            self._hang_up()
+            return True
+        out = self.console.handle(kind, raw)
+        if isinstance(out, bytes):
+            self._write(out)
+        else:
+            self._wait_for(self._console_answer(out))
+        return True
+
+    async def _console_answer(self, pending: Any) -> None:
+        self._write(await pending)
 
     async def _setup(self, home: str) -> None:
         pool = self.fleet.pools[home]
@@ -666,11 +735,15 @@ class Session(asyncio.Protocol):
                 return self._scatter(sql, route, analysis)
             database = route.target.database
             effect = analysis if analysis.touches_session else None
+            if not route.write and database in self.fleet.replicas.sets and analysis.replica_safe:
+                database = self._replica_or(database)
         backend = self._backend_for(database)
         if backend is None:
             return False
         if effect is not None:
             self._follow(effect, backend)
+        if self.audit is not None:
+            self._audit_start(raw[5:-1].decode(errors="replace"), database, simple=True)
         backend.push(FORWARD_QUERY)
         backend.send(raw)
         return True
@@ -830,6 +903,8 @@ class Session(asyncio.Protocol):
         return True
 
     async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool) -> None:
+        self.fleet.counted("cross_database_transaction")
+        started = self._audit_clock()
         scatter = Scatter.adopt(self.fleet.pools, servers, self.fleet.coordinator)
         failed = any(server.tx_status == _E for server in servers)
         tag = "ROLLBACK" if failed or word == "ROLLBACK" else "COMMIT"
@@ -850,6 +925,9 @@ class Session(asyncio.Protocol):
         self.pending_opaque = False
         self.tx_sets = False
         self.tx_status = _I
+        self.audit_text = word
+        self._audit_whole("two_phase_commit" if tag == "COMMIT" else "rollback",
+                          tuple(server.database for server in servers), started, reply)
         self._write(reply + m.ready_for_query(_I) if simple else reply)
 
     def _function_call(self, raw: bytes) -> bool:
@@ -888,6 +966,9 @@ class Session(asyncio.Protocol):
                 _limit_types(self.fleet.router.fanout_plan(parse.query, self.fleet.router.analysis(parse.query)),
                              parse.param_types)
             database = _first(route) if routed else _one_database(route)
+            if not routed and not parse.name and database in self.fleet.replicas.sets \
+                    and self.fleet.router.analysis(parse.query).replica_safe:
+                database = self._replica_or(database)
         key = parse.name.encode()
         if self.unparsed is None:
             analysis = self.fleet.router.analysis(parse.query)
@@ -1032,12 +1113,18 @@ class Session(asyncio.Protocol):
                     return self._bind_gather(raw, portal_end, name_end, routed, route)
                 return self._bind_scatter(raw, portal_end, name_end, routed, route)
             bound = route.target.database
+        elif bound is None and self.fleet.replicas.sets:
+            bound = self._replica_bind(client_name)
         backend, prepared = self._prepared_on(client_name, bound)
         if backend is None:
             return False
         effect = self.unnamed_effect if prepared is None else prepared.effect
         if effect is not None:
             self._follow(effect, backend)
+        if self.audit is not None:
+            text = prepared.query if prepared is not None else \
+                m.decode_parse(self.unnamed[0][5:]).query if self.unnamed is not None else ""
+            self.audit_portals[raw[5:portal_end].decode(errors="replace")] = text
         self.batch_open = True
         backend.push(FORWARD_BIND)
         if prepared is None:
@@ -1078,6 +1165,7 @@ class Session(asyncio.Protocol):
         bound = m.parse("", query, param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
         self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, bound, bound,
                               route.replicated)
+        self.portal.text = query
         self._write(m.BIND_COMPLETE_MSG)
         return True
 
@@ -1101,6 +1189,7 @@ class Session(asyncio.Protocol):
         shard_query = m.parse("", plan.sql, param_types) + m.message(m.BIND, b"\0\0" + params + b"\0\0")
         self.portal = _Portal(raw[5:portal_end].decode(errors="replace"), target.databases, original,
                               shard_query, False, plan, formats)
+        self.portal.text = query
         self._write(m.BIND_COMPLETE_MSG)
         return True
 
@@ -1163,8 +1252,16 @@ class Session(asyncio.Protocol):
             self._made_up(Answer.EXECUTE, m.command_complete(tag))
             return True
         if portal is None or name != portal.name:
+            backend = self.backend
+            if self.audit is not None and backend is not None:  # off the fast path only to be seen
+                self._audit_start(self.audit_portals.get(name, ""), backend.database, simple=False)
+                self.batch_open = True
+                backend.push(FORWARD_EXECUTE)
+                backend.send(raw)
+                return True
             raise ClientError("34000", f'portal "{name}" does not exist: Execute needs a Bind first in '
                               "the same transaction")
+        self.audit_text = portal.text
         statement = portal.messages + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG
         if portal.plan is not None:
             if portal.rows is not None:
@@ -1294,6 +1391,7 @@ class Session(asyncio.Protocol):
 
     async def _begin_copy(self, spec: CopyIn, databases: tuple[str, ...], statement: bytes) -> None:
         """COPY FROM STDIN into a sharded table: every shard's COPY started, then the client's."""
+        self.fleet.counted("copy")
         router = self.fleet.router
         try:
             columns = spec.columns or tuple(await self.fleet.columns_of(databases[0], spec.table))
@@ -1331,7 +1429,9 @@ class Session(asyncio.Protocol):
         return True
 
     async def _end_copy(self, copy: CopySplit, reason: str | None) -> None:
+        started = self._audit_clock()
         answer = await copy.finish(reason)
+        self._audit_whole("copy", tuple(leg.database for leg in copy.legs.values()), started, answer)
         self._write(answer + m.ready_for_query(self.tx_status))
 
     async def _run_scatter(self, statements: dict[str, bytes], replicated: bool,
@@ -1339,12 +1439,15 @@ class Session(asyncio.Protocol):
         """``describe`` None: a simple query, answered up to ReadyForQuery. True or False: an
         Execute (with the client's Describe of the portal or without), answered up to its
         CommandComplete; an error skips the client's messages up to Sync, as PostgreSQL does."""
+        self.fleet.counted("scatter")
+        started = self._audit_clock()
         try:
             answer = await Scatter(self.fleet.coordinator).run(self.fleet.pools, statements, self.settings,
                                                                replicated, describe)
         except ProxyError as exc:
             answer = answer_of(exc)
             self.skipping = describe is not None
+        self._audit_whole("scatter", tuple(statements), started, answer)
         self._write(answer + m.ready_for_query(_I) if describe is None else answer)
 
     async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...], query: bytes,
@@ -1356,6 +1459,7 @@ class Session(asyncio.Protocol):
         CommandComplete; with a row limit the whole result is kept in the portal and handed
         out ``max_rows`` at a time (PortalSuspended between), as PostgreSQL does.
         """
+        self.fleet.counted("fanout")
         try:
             digits = int(self.settings.get("extra_float_digits", "1"))
         except ValueError:
@@ -1377,10 +1481,12 @@ class Session(asyncio.Protocol):
         self.gather = gather
         if self.paused_by_client:
             gather.pause()
+        started = self._audit_clock()
         try:
             last = await gather.run(self.fleet.pools, databases, query, settings)
         finally:
             self.gather = None
+        self._audit_whole("copy" if copy is not None else "fanout", databases, started, last)
         failed = gather.failure is not None or last[:1] == b"E"
         if failed and self.deferred_begin is not None:
             self.tx_status = _E  # the client's transaction fails, as on one database
@@ -1412,6 +1518,39 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ backends
 
+    def _replica_or(self, database: str) -> str:
+        """Where a replica-safe read of ``database`` (or of one of its replicas) runs: a usable
+        replica, round-robin, outside transactions; else the primary. A pipeline already on a
+        replica of it stays there."""
+        base = database.partition("~")[0]
+        backend = self.backend
+        if backend is not None and (self.batch_open or self._engaged(backend)):
+            here = backend.database
+            return here if here.partition("~")[0] == base and not self.pins and backend.tx_status == _I else base
+        if self.tx_status != _I or self.deferred_begin is not None or self.pins:
+            return base
+        pool = self.fleet.replicas.pick(base)
+        return pool.name if pool is not None else base
+
+    def _replica_bind(self, client_name: bytes) -> str | None:
+        """The database a Bind of a replica-safe statement runs on (a replica or its primary),
+        or None: where its Parse put it."""
+        if client_name:
+            prepared = self.statements.get(client_name)
+            if prepared is None or prepared.routed or prepared.control is not None:
+                return None
+            text, database = prepared.query, prepared.database
+        else:
+            if self.unnamed is None or self.unnamed_routed is not None or self.unnamed_control is not None:
+                return None
+            database = self.unnamed[1]
+            text = m.decode_parse(self.unnamed[0][5:]).query
+        if database.partition("~")[0] not in self.fleet.replicas.sets:
+            return None
+        if not self.fleet.router.analysis(text).replica_safe:
+            return database.partition("~")[0]
+        return self._replica_or(database)
+
     def _backend_for(self, database: str) -> ServerConnection | None:
         """The attached backend of ``database``, attaching one if needed; None means wait."""
         if self.portal is not None:
@@ -1422,7 +1561,7 @@ class Session(asyncio.Protocol):
         if backend is not None and backend.gone and not self._engaged(backend):
             # Parked, and already known dead (its connection_lost is still to come): another one.
             self.backend = None
-            self.fleet.pools[backend.database].discard(backend)
+            self.fleet.pool_of(backend.database).discard(backend)
             backend = None
         if backend is not None:
             if backend.database == database:
@@ -1450,7 +1589,7 @@ class Session(asyncio.Protocol):
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
             self._detach(backend)
-        pool = self.fleet.pools[database]
+        pool = self.fleet.pool_of(database)
         server = pool.try_acquire()
         if server is None:
             self._wait_for(self._acquire(database))
@@ -1459,9 +1598,16 @@ class Session(asyncio.Protocol):
         return server
 
     async def _acquire(self, database: str, join: bool = False) -> None:
-        pool = self.fleet.pools[database]
+        pool = self.fleet.pool_of(database)
         try:
             server = await pool.acquire()
+        except BackendError as exc:
+            primary = self.fleet.replicas.failed(database, exc.message)
+            if primary is None:
+                self._drop_pending_message(exc)
+                return
+            await self._acquire(primary, join)  # a replica that fails: its primary answers
+            return
         except ProxyError as exc:
             # The message that needed it is refused; the session goes on with the next one.
             self._drop_pending_message(exc)
@@ -1555,6 +1701,8 @@ class Session(asyncio.Protocol):
     def _attach(self, server: ServerConnection) -> None:
         self.backend = server
         server.attach(self)
+        if self.audit is not None:
+            server.on_answer = self._audit_answer
         if self.paused_by_client and server.transport is not None:
             server.transport.pause_reading()
         if self.deferred_begin is not None:
@@ -1590,7 +1738,7 @@ class Session(asyncio.Protocol):
         self.backend = None
         if self.paused_by_client and server.transport is not None:
             server.transport.resume_reading()
-        pool = self.fleet.pools[server.database]
+        pool = self.fleet.pool_of(server.database)
         if self.session_mode:
             Janitor(pool, server, reset=True)
         else:
@@ -1598,7 +1746,7 @@ class Session(asyncio.Protocol):
 
     def _maybe_release(self, server: ServerConnection) -> None:
         if not self.session_mode and not self.pins and not server.expects and server.tx_status == _I and not self.batch_open:
-            pool = self.fleet.pools[server.database]
+            pool = self.fleet.pool_of(server.database)
             now = _monotonic()
             if not pool.waiters and server.generation == pool.generation \
                     and now - server.created < pool.lifetime:
@@ -1656,12 +1804,12 @@ class Session(asyncio.Protocol):
         if server is not self.backend:
             if self.others.get(server.database) is server:  # a transaction on several databases lost one
                 del self.others[server.database]
-                self.fleet.pools[server.database].discard(server)
+                self.fleet.pool_of(server.database).discard(server)
                 log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
                 self._fatal(error)
             return
         self.backend = None
-        self.fleet.pools[server.database].discard(server)
+        self.fleet.pool_of(server.database).discard(server)
         if not server.expects and server.tx_status == _I and not self.batch_open:
             # Parked between transactions: the client lost nothing, its next statement gets another.
             log.info("client %s (key %s): its idle backend went away: %s", self.peer, self.user,
@@ -1684,7 +1832,7 @@ class Session(asyncio.Protocol):
             # Defence in depth: something (a server-side function, say) lifted read-only mode.
             server = self.backend
             self.backend = None
-            self.fleet.pools[server.database].discard(server, DisconnectReason.DIRTY)
+            self.fleet.pool_of(server.database).discard(server, DisconnectReason.DIRTY)
             log.warning("client %s (key %s): a statement turned default_transaction_read_only off "
                         "on database %s; closed the client and its backend", self.peer, self.user,
                         server.database)
@@ -1760,12 +1908,73 @@ class Session(asyncio.Protocol):
         self.pending = None
         self.pending_opaque = False
 
+    # ------------------------------------------------------------------ the audit log
+
+    def _audit_start(self, text: str, database: str, simple: bool) -> None:
+        self.audit_queue.append(_Audited(text, database, simple))
+
+    def _audit_answer(self, kind: int, body: bytes) -> None:
+        """An attached backend's answer to this client's statements (see ServerConnection.on_answer)."""
+        queue = self.audit_queue
+        if kind == m.SYNC:  # Executes still queued were skipped after an error: they never ran
+            while queue and not queue[0].simple:
+                queue.popleft()
+            return
+        if not queue:
+            return
+        entry = queue[0]
+        if kind == m.COMMAND_COMPLETE:
+            rows = _counted_rows(body)
+            if rows is not None:
+                entry.rows = (entry.rows or 0) + rows
+        elif kind == m.ERROR_RESPONSE and entry.sqlstate is None:
+            entry.sqlstate = m.decode_fields(body).get("C", "XX000")
+        if (kind == m.READY_FOR_QUERY) if entry.simple else (kind != m.READY_FOR_QUERY):
+            queue.popleft()
+            if not entry.ignore:
+                self._audit_record(entry, "direct")
+
+    def _audit_record(self, entry: _Audited, route: str) -> None:
+        assert self.audit is not None
+        self.audit.record(self.user, self.peer, entry.databases, route, entry.started,
+                          time.monotonic() - entry.clock, entry.rows, entry.sqlstate, entry.text)
+
+    def _audit_refused(self, exc: ProxyError, backend: ServerConnection | None, simple: bool) -> None:
+        """A statement pgfleet refused: its line now; the backend's answers to the failing
+        statement pgfleet sends in its place (see _refuse) are not the client's."""
+        entry = _Audited(self.audit_text, backend.database if backend is not None else "", simple)
+        entry.sqlstate = exc.sqlstate
+        entry.databases = ()
+        self._audit_record(entry, "refused")
+        if backend is not None:
+            self.audit_queue.append(_Audited("", backend.database, simple, ignore=True))
+
+    def _audit_clock(self) -> float:
+        return time.monotonic()
+
+    def _audit_whole(self, route: str, databases: tuple[str, ...], started: float, answer: bytes) -> None:
+        """A statement pgfleet ran itself on several databases (fan-out, scatter, COPY, 2PC)."""
+        if self.audit is None:
+            return
+        entry = _Audited(self.audit_text, "", True)
+        entry.started -= time.monotonic() - started
+        entry.clock = started
+        entry.databases = databases
+        for kind, body in m.split(answer):
+            if kind == m.COMMAND_COMPLETE:
+                entry.rows = _counted_rows(body)
+            elif kind == m.ERROR_RESPONSE and entry.sqlstate is None:
+                entry.sqlstate = m.decode_fields(body).get("C", "XX000")
+        self._audit_record(entry, route)
+
     # ------------------------------------------------------------------ errors and endings
 
     def _refuse(self, exc: ProxyError, *, simple: bool) -> None:
         """Answer one statement with an error, as PostgreSQL would, and go on."""
         error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
         backend = self.backend
+        if self.audit is not None:
+            self._audit_refused(exc, backend, simple)
         if backend is not None:
             # Fail it on the backend too, so that its transaction fails as PostgreSQL's would.
             if simple:
@@ -1819,14 +2028,14 @@ class Session(asyncio.Protocol):
         others, self.others = self.others, {}
         for other in others.values():  # a transaction on several databases: rolled back everywhere
             if other.closed:
-                self.fleet.pools[other.database].discard(other)
+                self.fleet.pool_of(other.database).discard(other)
             else:
-                Janitor(self.fleet.pools[other.database], other, rollback=True)
+                Janitor(self.fleet.pool_of(other.database), other, rollback=True)
         server = self.backend
         if server is None:
             return
         self.backend = None
-        pool = self.fleet.pools[server.database]
+        pool = self.fleet.pool_of(server.database)
         if server.closed:
             pool.discard(server)
         elif server.busy:
@@ -1872,6 +2081,16 @@ class Session(asyncio.Protocol):
         if self.cancel_running():
             log.info("key %s: a statement ran past the key's statement_timeout (%gs): cancelled (client %s)",
                      key.id, key.statement_timeout, self.peer)
+
+    def rekey(self, key: ApiKey) -> None:
+        """RELOAD: the client's key got new settings; they hold from its next statement."""
+        if self.key is None or self.ctx is None:
+            return
+        self.key = key
+        self.ctx = SessionContext(key, self.ctx.database)
+        if self.console is None:
+            self.fixed = self.fleet.router.fixed_database(self.ctx)
+            self.unparsed = self.fixed if not key.read_only else None
 
     def close(self, error: ProxyError) -> None:
         """Server shutdown: tell the client why, then close."""
@@ -1956,6 +2175,7 @@ _STATEMENT_DESCRIPTION = frozenset((m.PARAMETER_DESCRIPTION, m.ROW_DESCRIPTION, 
 _DESCRIBE = m.DESCRIBE
 _PARSE = m.PARSE
 _BIND = m.BIND
+_EXECUTE = m.EXECUTE
 DROP_PARSE = Expect(Answer.PARSE, Fate.DROP)
 _NOT_VERBATIM = Expect(Answer.QUERY, Fate.DROP, reply=b"not verbatim")  # a sentinel
 _KNOWN = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
@@ -2025,6 +2245,12 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
+
+
+def _counted_rows(tag: bytes) -> int | None:
+    """The row count of a CommandComplete tag (INSERT 0 5, UPDATE 3, SELECT 10, ...), or None."""
+    words = tag.rstrip(b"\0").rsplit(b" ", 1)
+    return int(words[1]) if len(words) == 2 and words[1].isdigit() else None
 
 
 def _first_word(sql: str) -> str:

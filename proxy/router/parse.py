@@ -34,10 +34,33 @@ _READ_ONLY_GUCS = {"default_transaction_read_only", "transaction_read_only"}
 _CATALOG_SCHEMAS = {"pg_catalog", "information_schema"}
 
 
+# Built-in functions that never write: a SELECT calling only these may run on a replica.
+_REPLICA_FUNCTIONS = frozenset("""
+count sum avg min max bool_and bool_or every array_agg string_agg json_agg jsonb_agg json_object_agg
+jsonb_object_agg stddev stddev_pop stddev_samp variance var_pop var_samp percentile_cont percentile_disc mode
+now statement_timestamp clock_timestamp transaction_timestamp timeofday date_trunc date_part extract age
+to_char to_date to_timestamp to_number make_date make_time make_timestamp make_interval justify_days
+justify_hours isfinite lower upper length char_length octet_length bit_length substr substring trim btrim
+ltrim rtrim lpad rpad replace split_part concat concat_ws left right reverse repeat position strpos
+starts_with initcap format md5 sha256 encode decode regexp_replace regexp_match regexp_matches
+regexp_split_to_array regexp_split_to_table translate quote_ident quote_literal quote_nullable abs ceil
+ceiling floor round trunc sign sqrt cbrt power pow mod ln log log10 exp greatest least random width_bucket
+div pi degrees radians json_build_object jsonb_build_object json_build_array jsonb_build_array to_json
+to_jsonb row_to_json jsonb_set jsonb_insert jsonb_strip_nulls jsonb_extract_path jsonb_extract_path_text
+json_extract_path json_extract_path_text jsonb_array_length json_array_length jsonb_typeof json_typeof
+jsonb_pretty jsonb_each jsonb_each_text jsonb_array_elements jsonb_array_elements_text jsonb_object_keys
+array_length array_to_string array_position array_positions array_append array_prepend array_cat
+array_remove array_replace unnest generate_series cardinality string_to_array current_database
+current_schema current_schemas current_setting version pg_size_pretty pg_database_size pg_relation_size
+pg_total_relation_size pg_table_size pg_indexes_size gen_random_uuid row_number rank dense_rank
+percent_rank cume_dist ntile lag lead first_value last_value nth_value pg_is_in_recovery inet_server_port
+inet_server_addr
+""".split())  # noqa: SIM905 - a word list reads better as text
 _NO_SHARDS: Mapping[str, str] = {}
 _decode = msgspec.json.Decoder().decode  # 2-3x json.loads on libpg_query's JSON
 # A leading comment /* pgfleet: name=value ... */ (after blanks or other leading comments' ends).
 _HINT = re.compile(r"\A\s*/\*\s*pgfleet\s*:(.*?)\*/", re.DOTALL)
+_PRIMARY = re.compile(r"\A\s*/\*\s*pgfleet\s*:\s*primary\s*\*/", re.IGNORECASE)
 _HINT_PAIR = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^']|'')*'|[^\s']+)\s*")
 
 
@@ -48,7 +71,11 @@ def analyze(sql: str, sharded: Mapping[str, str] = _NO_SHARDS) -> Analysis:
     except ParseError as exc:
         return Analysis((), syntax_error=str(exc))
     stmts = tuple(_statement(raw["stmt"], sharded) for raw in tree.get("stmts", ()) if "stmt" in raw)
-    hints, hint_error = _hints(sql) if "pgfleet" in sql else (None, None)
+    if "pgfleet" not in sql:
+        return Analysis(stmts)
+    if _PRIMARY.match(sql):
+        return Analysis(stmts, primary=True)
+    hints, hint_error = _hints(sql)
     return Analysis(stmts, hints=hints, hint_error=hint_error)
 
 
@@ -89,9 +116,11 @@ def hints_from(values: Mapping[str, str]) -> Hints:
 
 
 def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
-    relations, calls, levels, state = _scan(node)
+    relations, calls, levels, state, functions = _scan(node)
     stmt = _classify(node, relations)
     (tag, body), = node.items()
+    if stmt.kind is Kind.READ and tag == "SelectStmt" and not state and functions <= _REPLICA_FUNCTIONS:
+        stmt = replace(stmt, replica_safe=True)
     pins, unpins = _session_state(tag, body, state)
     if pins or unpins:
         stmt = replace(stmt, pins=pins, unpins=unpins)
@@ -270,10 +299,12 @@ def _option_sets_read_write(option: dict[str, Any]) -> bool:
     return const.get("ival", {}).get("ival", 0) == 0
 
 
-def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]], list[str],
+                             set[str]]:
     """One walk of a statement's tree: the relations it names (but its own CTEs), its
     set_config() calls, its query levels (SELECT/UPDATE/DELETE bodies, for keybind), and
-    the session state it creates (temporary relations, session advisory locks).
+    the session state it creates (temporary relations, session advisory locks), and the
+    names of the functions it calls (schema-qualified but for pg_catalog's).
 
     Decides by the key a child sits under, so each node costs one dict iteration; this is
     most of a plan-cache miss.
@@ -283,6 +314,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
     calls: list[dict[str, Any]] = []
     levels: list[dict[str, Any]] = []
     state: list[str] = []
+    functions: set[str] = set()
     stack: list[Any] = [node]
     while stack:
         item = stack.pop()
@@ -302,6 +334,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
                         ctes.add(value.get("ctename", ""))
                     elif key == "FuncCall":
                         name = keybind.names(value.get("funcname", ()))
+                        functions.add(".".join(name[1:] if name[:1] == ["pg_catalog"] else name))
                         if name and name[:-1] in ([], ["pg_catalog"]):
                             if name[-1] == "set_config":
                                 calls.append(value)
@@ -315,7 +348,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
             elif kind is list:
                 stack.append(value)
     relations = frozenset(r for r in found if r.schema is not None or r.name not in ctes)
-    return relations, calls, levels, state
+    return relations, calls, levels, state, functions
 
 
 # "larg" and "rarg" hold the arms of UNION / INTERSECT / EXCEPT: SELECT bodies, unwrapped.

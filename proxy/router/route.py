@@ -72,6 +72,7 @@ class Statement(msgspec.Struct, frozen=True):
     unpins: tuple[str, ...] = ()       # session state it drops ("*": all, DISCARD ALL)
     closes_database: str | None = None  # DROP DATABASE x / ALTER DATABASE x RENAME: x needs no connection
     transaction: str = ""              # a transaction statement's kind: BEGIN, COMMIT, SAVEPOINT, ROLLBACK_TO, ...
+    replica_safe: bool = False         # a plain SELECT calling only functions that never write
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:
@@ -120,6 +121,13 @@ class Analysis(msgspec.Struct, frozen=True):
     syntax_error: str | None = None
     hints: Hints | None = None       # from a leading /* pgfleet: ... */ comment
     hint_error: str | None = None    # a pgfleet comment that could not be read
+    primary: bool = False            # /* pgfleet: primary */: never a replica
+
+    @property
+    def replica_safe(self) -> bool:
+        """Whether a replica may answer it (outside a transaction): one plain SELECT that
+        writes nothing, locks nothing and calls only functions known not to write."""
+        return len(self.statements) == 1 and self.statements[0].replica_safe and not self.primary
 
     @property
     def needs_params(self) -> bool:

@@ -1,0 +1,582 @@
+"""The admin console: ``psql postgresql://ADMIN_KEY@host:6432/pgfleet``, admin keys only.
+
+Every command is one row of ``COMMANDS``: its words, whether it takes an argument, the
+function that answers it and its line of ``SHOW HELP``. A function gets the ``Admin`` (what
+the console can see and do) and the argument, and returns a ``Table`` (columns and rows) or
+a command tag; async ones (they ask a database, or reload) return an awaitable of one.
+Column names are PgBouncer's where the concept is the same (``cl_active``, ``sv_idle``,
+``total_xact_count``, ...), so dashboards and scripts written for it read them.
+
+``Console`` speaks the wire protocol for one client: simple queries, and the extended
+protocol (Parse/Bind/Describe/Execute/Sync) that asyncpg and JDBC use. Values go out as
+text; a column is int8, float8, bool or text by the Python type of its values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+
+from .. import __version__
+from ..backend.catalog import connect
+from ..config import Config
+from ..errors import ClientError, ProxyError
+from ..router.route import All, Direct
+from ..router.router import SessionContext
+from ..wire import messages as m
+
+if TYPE_CHECKING:
+    from ..frontend.fleet import Fleet
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_INT8, _FLOAT8, _BOOL, _TEXT = 20, 701, 16, 25
+_IDLE = 73  # ReadyForQuery "I"
+
+
+@dataclass
+class Table:
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    tag: str = "SHOW"
+
+    def messages(self, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
+        types = self.types()
+        out = [row_description(self.columns, types, formats)] if describe else []
+        out += [data_row(row, types, formats) for row in self.rows]
+        out.append(m.command_complete(self.tag))
+        return b"".join(out)
+
+    def types(self) -> list[int]:
+        return [_type_of(row[i] for row in self.rows) for i in range(len(self.columns))]
+
+
+Result = Table | str  # a table, or a command tag (RELOAD, PAUSE, ...)
+
+
+@dataclass
+class Admin:
+    """What the console sees and may do: the fleet, and the server's own operations."""
+
+    fleet: Fleet
+    reload: Callable[[], Awaitable[list[str]]] | None = None  # what changed, or raises ClientError
+    started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    argument: str | None  # its name in SHOW HELP, or None: takes none
+    run: Callable[[Admin, str], Result | Awaitable[Result]]
+    help: str
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def _help(admin: Admin, _: str) -> Table:
+    return Table(("command", "description"),
+                 [(" ".join(c.words) + (f" <{c.argument}>" if c.argument else ""), c.help) for c in COMMANDS])
+
+
+def _databases(admin: Admin, _: str) -> Table:
+    fleet = admin.fleet
+    config = fleet.config
+    rows = []
+    for name, db in config.databases.items():
+        pool = fleet.pools[name]
+        dsn = pool.dsn
+        health = _health(fleet, name)
+        rows.append((name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.size, config.pool.mode,
+                     pool.total, _paused(pool), health.get("circuit") == "open", _role(config, name),
+                     len(db.replicas)))
+    return Table(("name", "host", "port", "database", "force_user", "pool_size", "pool_mode",
+                  "current_connections", "paused", "disabled", "role", "replicas"), rows)
+
+
+def _pools(admin: Admin, _: str) -> Table:
+    fleet = admin.fleet
+    rows = []
+    for name, pool in fleet.pools.items():
+        clients = [s for s in fleet.sessions.values() if _database_of(s) == name]
+        active = sum(1 for s in clients if s.backend is not None and s.backend.database == name)
+        parked = sum(1 for server in pool.parked if _between(server))
+        rows.append((name, "*", active, len(pool.waiters), len(pool.active) - parked, len(pool.idle), parked,
+                     pool.opening, sum(1 for s in clients if s.pins), fleet.config.pool.mode))
+    return Table(("database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked",
+                  "sv_login", "cl_pinned", "pool_mode"), rows)
+
+
+def _clients(admin: Admin, _: str) -> Table:
+    rows = []
+    for session in list(admin.fleet.sessions.values()):
+        addr, _, port = session.peer.rpartition(":")
+        backend = session.backend
+        rows.append(("C", session.user, session.database, _client_state(session), addr, _int(port),
+                     _time(session.connected), session.pid, chr(session.tx_status),
+                     backend.database if backend is not None else None,
+                     backend.pid if backend is not None else None, session.tls, ",".join(sorted(session.pins))))
+    return Table(("type", "user", "database", "state", "addr", "port", "connect_time", "pid", "tx",
+                  "server_database", "server_pid", "tls", "pinned"), rows)
+
+
+def _servers(admin: Admin, _: str) -> Table:
+    fleet = admin.fleet
+    clients = {id(s.backend): s for s in fleet.sessions.values() if s.backend is not None}
+    now_wall, now = time.time(), time.monotonic()
+    rows = []
+    for name, pool in fleet.pools.items():
+        listed = [(s, "idle") for s in pool.idle] + \
+                 [(s, "parked" if s in pool.parked and _between(s) else "active") for s in pool.active]
+        for server, state in listed:
+            client = clients.get(id(server))
+            rows.append(("S", server.dsn.user, name, state, server.dsn.host, server.dsn.port,
+                         _time(now_wall - (now - server.created)), server.pid, chr(server.tx_status),
+                         client.pid if client is not None else None, server.generation))
+    return Table(("type", "user", "database", "state", "addr", "port", "connect_time", "pid", "tx",
+                  "client_pid", "generation"), rows)
+
+
+def _stats(admin: Admin, _: str) -> Table:
+    rows = []
+    for name, pool in admin.fleet.pools.items():
+        s = pool.stats
+        rows.append((name, s.transactions, s.queries, s.received, s.sent, s.errors,
+                     sum(pool.disconnects.values())))
+    return Table(("database", "total_xact_count", "total_query_count", "total_received", "total_sent",
+                  "total_errors", "total_server_disconnects"), rows)
+
+
+def _health_table(admin: Admin, _: str) -> Table:
+    rows = []
+    for name in admin.fleet.config.databases:
+        h = _health(admin.fleet, name)
+        rows.append((name, h.get("status"), _time(h["last_check"]) if h.get("last_check") else None,
+                     h.get("response_ms"), h.get("consecutive_failures"), h.get("circuit"), h.get("last_error")))
+    return Table(("database", "status", "last_check", "response_ms", "failures", "circuit", "last_error"), rows)
+
+
+def _keys(admin: Admin, _: str) -> Table:
+    fleet = admin.fleet
+    rows = []
+    for key in fleet.keys.values():
+        rows.append((key.id, key.role.value, ",".join(sorted(key.databases)) if key.databases is not None else "*",
+                     str(key.binding) if key.binding is not None else None, key.read_only, key.max_connections,
+                     key.statement_timeout, fleet.key_clients.get(key.id, 0)
+                     if key.max_connections is not None else
+                     sum(1 for s in fleet.sessions.values() if s.user == key.id)))
+    return Table(("id", "role", "databases", "binding", "read_only", "max_connections", "statement_timeout",
+                  "clients"), rows)
+
+
+def _tables(admin: Admin, _: str) -> Table:
+    router = admin.fleet.router
+    rows: list[tuple[Any, ...]] = []
+    for table, key in router.sharded.items():
+        rows.append((table, "sharded", ",".join(router.shards), key, router.key_types.get(table)))
+    for table in sorted(router.reference):
+        rows.append((table, "reference", ",".join(router.shards), None, None))
+    for table, database in router.tables.items():
+        rows.append((table, "mapped", database, None, None))
+    return Table(("table", "kind", "databases", "shard_key", "key_type"), rows)
+
+
+def _config(admin: Admin, _: str) -> Table:
+    return Table(("key", "value"), list(_flatten(_redacted(admin.fleet.config))))
+
+
+def _version(admin: Admin, _: str) -> Table:
+    return Table(("version",), [(f"pgfleet {__version__}",)])
+
+
+def _plan(admin: Admin, sql: str) -> Table:
+    if not sql.strip():
+        raise ClientError("42601", "SHOW PLAN needs a statement", hint="SHOW PLAN SELECT ... ")
+    fleet = admin.fleet
+    key = next(iter(k for k in fleet.keys.values() if k.role.value == "server"), None) or next(iter(fleet.keys.values()))
+    route = fleet.router.route(sql, SessionContext(key, None))
+    target = route.target
+    kind = "direct" if isinstance(target, Direct) else "fan-out" if route.fanout else \
+        "all shards" if isinstance(target, All) else "several"
+    databases = (target.database,) if isinstance(target, Direct) else target.databases
+    plan = None
+    if route.fanout:
+        plan = fleet.router.fanout_plan(sql, fleet.router.analysis(sql)).sql
+    return Table(("kind", "databases", "write", "reason", "shard_query", "as_key"),
+                 [(kind, ",".join(databases), route.write, route.reason, plan, key.id)])
+
+
+async def _schema(admin: Admin, database: str) -> Table:
+    name = _known(admin, database)
+    rows = await _ask(admin, name, """
+        SELECT c.table_schema, c.table_name, c.column_name, c.data_type, c.is_nullable = 'YES'
+        FROM information_schema.columns c
+        WHERE c.table_schema NOT IN ('pg_catalog', 'information_schema', 'pgfleet')
+        ORDER BY 1, 2, c.ordinal_position""")
+    return Table(("schema", "table", "column", "type", "nullable"), [tuple(r) for r in rows])
+
+
+async def _sizes(admin: Admin, _: str) -> Table:
+    names = list(admin.fleet.config.databases)
+    found = await asyncio.gather(*(_ask(admin, name, """
+        SELECT (SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')),
+               pg_database_size(current_database()), pg_size_pretty(pg_database_size(current_database()))""")
+                                   for name in names), return_exceptions=True)
+    rows = []
+    for name, result in zip(names, found, strict=True):
+        if isinstance(result, BaseException):
+            rows.append((name, None, None, None, "unavailable"))
+        else:
+            count, size, pretty = result[0]
+            rows.append((name, count, size, pretty, "available"))
+    return Table(("database", "table_count", "size_bytes", "size", "status"), rows)
+
+
+async def _reload(admin: Admin, _: str) -> str:
+    if admin.reload is None:
+        raise ClientError("0A000", "RELOAD is not available here", hint="send SIGHUP to the pgfleet process")
+    await admin.reload()
+    return "RELOAD"
+
+
+def _pause(admin: Admin, database: str) -> str:
+    pool = admin.fleet.pools[_known(admin, database)]
+    pool.pause()
+    return "PAUSE"
+
+
+def _resume(admin: Admin, database: str) -> str:
+    pool = admin.fleet.pools[_known(admin, database)]
+    pool.resume()
+    return "RESUME"
+
+
+def _kill(admin: Admin, client: str) -> str:
+    try:
+        pid = int(client)
+    except ValueError:
+        raise ClientError("22023", f"KILL needs a client's pid (SHOW CLIENTS), not {client!r}") from None
+    session = admin.fleet.sessions.get(pid)
+    if session is None:
+        raise ClientError("42704", f"no client with pid {pid}", hint="SHOW CLIENTS lists them")
+    session.close(ProxyError("57P01", "terminating connection due to administrator command"))
+    return "KILL"
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("SHOW", "HELP"), None, _help, "this list"),
+    Command(("SHOW", "DATABASES"), None, _databases, "each database: address, pool size, connections, paused"),
+    Command(("SHOW", "POOLS"), None, _pools, "each pool: clients active and waiting, servers active, idle, parked"),
+    Command(("SHOW", "CLIENTS"), None, _clients, "each client connection: key, state, backend, pid (for KILL)"),
+    Command(("SHOW", "SERVERS"), None, _servers, "each backend connection: database, state, its client"),
+    Command(("SHOW", "STATS"), None, _stats, "per database: transactions, queries, bytes, errors since start"),
+    Command(("SHOW", "HEALTH"), None, _health_table, "per database: status, last check, response time, circuit"),
+    Command(("SHOW", "KEYS"), None, _keys, "API keys: role, databases, limits, clients (never secrets)"),
+    Command(("SHOW", "TABLES"), None, _tables, "the routing map: sharded, reference and mapped tables"),
+    Command(("SHOW", "CONFIG"), None, _config, "the running configuration (secrets hidden)"),
+    Command(("SHOW", "VERSION"), None, _version, "pgfleet's version"),
+    Command(("SHOW", "SCHEMA"), "database", _schema, "a database's tables and columns"),
+    Command(("SHOW", "SIZES"), None, _sizes, "per database: table count and size"),
+    Command(("SHOW", "PLAN"), "statement", _plan, "the route the router picks for a statement, and why"),
+    Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused"),
+    Command(("PAUSE",), "database", _pause, "new statements for a database wait; running ones finish"),
+    Command(("RESUME",), "database", _resume, "end a PAUSE"),
+    Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)"),
+)
+
+
+def find(text: str) -> tuple[Command, str]:
+    """The command a query's text names, and its argument."""
+    body = text.strip().rstrip(";").strip()
+    words = body.split()
+    upper = [w.upper() for w in words]
+    for command in COMMANDS:
+        n = len(command.words)
+        if tuple(upper[:n]) != command.words:
+            continue
+        rest = body
+        for _ in range(n):  # the argument as written (SHOW PLAN keeps its statement's case)
+            rest = rest.lstrip()[len(rest.lstrip().split(None, 1)[0]):]
+        rest = rest.strip()
+        if command.argument is None and rest:
+            continue
+        if command.argument is not None and not rest:
+            raise ClientError("42601", f"{' '.join(command.words)} needs a {command.argument}",
+                              hint=f"{' '.join(command.words)} <{command.argument}>")
+        return command, rest
+    raise ClientError("42601", f"unknown admin console command: {body[:80]!r}",
+                      hint="SHOW HELP lists the commands")
+
+
+# ---------------------------------------------------------------------------------------------
+# The wire side
+
+
+class Console:
+    """One admin client's conversation: each message in, the bytes to answer out."""
+
+    def __init__(self, admin: Admin) -> None:
+        self.admin = admin
+        self.statements: dict[str, str] = {}
+        # portal -> (text, its result once Described, the result formats its Bind asked for)
+        self.portals: dict[str, tuple[str, Result | None, tuple[int, ...]]] = {}
+        self.skipping = False
+
+    def handle(self, kind: int, raw: bytes) -> bytes | Awaitable[bytes]:
+        """The answer to one message (an awaitable when the command must wait for something)."""
+        if self.skipping and kind != m.SYNC:
+            return b""
+        try:
+            if kind == m.QUERY:
+                text = m.decode_query(raw[5:])
+                if not text.strip().rstrip(";").strip():
+                    return m.message(m.EMPTY_QUERY) + m.ready_for_query(_IDLE)
+                return self._answer(text, lambda r: _messages(r) + m.ready_for_query(_IDLE), simple=True)
+            if kind == m.PARSE:
+                parse = m.decode_parse(raw[5:])
+                find(parse.query) if parse.query.strip() else None
+                self.statements[parse.name] = parse.query
+                return m.PARSE_COMPLETE_MSG
+            if kind == m.BIND:
+                portal_end = raw.index(0, 5)
+                name = raw[portal_end + 1:raw.index(0, portal_end + 1)].decode()
+                if name not in self.statements:
+                    raise ClientError("26000", f'prepared statement "{name}" does not exist')
+                _, formats = m.bind_results(raw[raw.index(0, portal_end + 1) + 1:])
+                self.portals[raw[5:portal_end].decode()] = (self.statements[name], None, formats)
+                return m.BIND_COMPLETE_MSG
+            if kind == m.DESCRIBE:
+                which, name = raw[5], raw[6:raw.index(0, 6)].decode()
+                if which == ord("S"):
+                    if name not in self.statements:
+                        raise ClientError("26000", f'prepared statement "{name}" does not exist')
+                    text = self.statements[name]
+                    return self._answer(text, lambda r: b"\x74\0\0\0\x06\0\0" + _description(r))
+                portal = self.portals.get(name)
+                if portal is None:
+                    raise ClientError("34000", f'portal "{name}" does not exist')
+
+                def keep(result: Result, name: str = name, text: str = portal[0],
+                         formats: tuple[int, ...] = portal[2]) -> bytes:
+                    self.portals[name] = (text, result, formats)
+                    return _description(result, formats)
+                return self._answer(portal[0], keep)
+            if kind == m.EXECUTE:
+                name = raw[5:raw.index(0, 5)].decode()
+                portal = self.portals.get(name)
+                if portal is None:
+                    raise ClientError("34000", f'portal "{name}" does not exist')
+                text, result, formats = portal
+                if result is not None:  # described: run once, rows now
+                    return _messages(result, describe=False, formats=formats)
+                return self._answer(text, lambda r: _messages(r, describe=False, formats=formats))
+            if kind == m.CLOSE:
+                which, name = raw[5], raw[6:raw.index(0, 6)].decode()
+                (self.statements if which == ord("S") else self.portals).pop(name, None)
+                return m.CLOSE_COMPLETE_MSG
+            if kind == m.SYNC:
+                self.skipping = False
+                self.portals.pop("", None)
+                return m.ready_for_query(_IDLE)
+            if kind == m.FLUSH:
+                return b""
+            raise ClientError("0A000", f"the admin console does not take message type {chr(kind)!r}",
+                              hint="use simple queries (psql) or the extended protocol")
+        except ProxyError as exc:
+            return self._error(exc, simple=kind == m.QUERY)
+
+    def _answer(self, text: str, wrap: Callable[[Result], bytes], simple: bool = False) -> bytes | Awaitable[bytes]:
+        command, argument = find(text)
+        result = command.run(self.admin, argument)
+        if isinstance(result, (Table, str)):
+            return wrap(result)
+
+        async def later(pending: Awaitable[Result]) -> bytes:
+            try:
+                return wrap(await pending)
+            except ProxyError as exc:
+                return self._error(exc, simple)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                return self._error(ProxyError("08006", f"{' '.join(command.words)}: {exc}",
+                                              hint="check that database (SHOW HEALTH)"), simple)
+        return later(result)
+
+    def _error(self, exc: ProxyError, simple: bool) -> bytes:
+        error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
+        if simple:
+            return error + m.ready_for_query(_IDLE)
+        self.skipping = True
+        return error
+
+
+def _messages(result: Result, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
+    if isinstance(result, str):
+        return m.command_complete(result)
+    return result.messages(describe, formats)
+
+
+def _description(result: Result, formats: tuple[int, ...] = ()) -> bytes:
+    if isinstance(result, str):
+        return m.NO_DATA_MSG
+    return row_description(result.columns, result.types(), formats)
+
+
+def _format(formats: tuple[int, ...], i: int) -> int:
+    """A column's result format from a Bind's codes: none = text, one = all, else each."""
+    if not formats:
+        return 0
+    return formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
+
+
+def row_description(columns: tuple[str, ...], types: list[int], formats: tuple[int, ...] = ()) -> bytes:
+    parts = [_I16.pack(len(columns))]
+    for i, name in enumerate(columns):
+        oid = types[i]
+        size = 8 if oid in (_INT8, _FLOAT8) else 1 if oid == _BOOL else -1
+        parts.append(name.encode() + b"\0" + struct.pack("!IhIhih", 0, 0, oid, size, -1, _format(formats, i)))
+    return m.message(m.ROW_DESCRIPTION, b"".join(parts))
+
+
+def data_row(row: tuple[Any, ...], types: list[int], formats: tuple[int, ...] = ()) -> bytes:
+    parts = [_I16.pack(len(row))]
+    for i, value in enumerate(row):
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+            continue
+        if _format(formats, i) == 1:
+            oid = types[i]
+            data = struct.pack("!q", value) if oid == _INT8 else struct.pack("!d", value) if oid == _FLOAT8 \
+                else (b"\1" if value else b"\0") if oid == _BOOL else str(value).encode()
+        else:
+            data = (("t" if value else "f") if isinstance(value, bool) else str(value)).encode()
+        parts.append(_I32.pack(len(data)) + data)
+    return m.message(m.DATA_ROW, b"".join(parts))
+
+
+def _type_of(values: Iterable[Any]) -> int:
+    found = {type(v) for v in values if v is not None}
+    if found == {bool}:
+        return _BOOL
+    if found == {int}:
+        return _INT8
+    if found and found <= {int, float}:
+        return _FLOAT8
+    return _TEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _known(admin: Admin, database: str) -> str:
+    name = database.strip().strip('"')
+    if name not in admin.fleet.config.databases:
+        raise ClientError("3D000", f'database "{name}" does not exist',
+                          hint=f"the databases: {', '.join(admin.fleet.config.databases)}")
+    return name
+
+
+async def _ask(admin: Admin, database: str, sql: str) -> list[asyncpg.Record]:
+    config = admin.fleet.config
+    conn = await connect(config.dsn(database), config.pool.connect_timeout, "pgfleet admin")
+    try:
+        return list(await conn.fetch(sql, timeout=config.pool.connect_timeout))
+    finally:
+        conn.terminate()
+
+
+def _health(fleet: Fleet, name: str) -> dict[str, Any]:
+    checker = getattr(fleet, "health", None)
+    if checker is None:
+        return {}
+    status = checker.status(name)
+    return {"status": status.status, "last_check": status.last_check, "response_ms": status.response_ms,
+            "consecutive_failures": status.consecutive_failures, "circuit": status.circuit,
+            "last_error": status.last_error}
+
+
+def _paused(pool: Any) -> bool:
+    return bool(getattr(pool, "paused", False))
+
+
+def _role(config: Config, name: str) -> str:
+    roles = []
+    if name == config.default_database:
+        roles.append("default")
+    if name in config.sharding.shards:
+        roles.append(f"shard {config.sharding.shards.index(name)}")
+    if name in config.tables.values():
+        roles.append("mapped tables")
+    return ", ".join(roles) or "by name"
+
+
+def _database_of(session: Any) -> str | None:
+    backend = session.backend
+    return backend.database if backend is not None else None
+
+
+def _between(server: Any) -> bool:
+    """A parked backend that is really between its client's transactions (the pool keeps
+    marking it parked while the client uses it again: see Pool.parked)."""
+    return server.tx_status == _IDLE and not server.expects
+
+
+def _client_state(session: Any) -> str:
+    if session.waiting:
+        return "waiting"
+    backend = session.backend
+    if backend is not None and (backend.expects or backend.tx_status != _IDLE):
+        return "active"
+    return "idle"
+
+
+def _time(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
+
+
+def _int(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _redacted(config: Config) -> dict[str, Any]:
+    data = msgspec.to_builtins(config, enc_hook=lambda o: f"{float(o):g}s" if isinstance(o, float) else str(o))
+    for db in data.get("databases", {}).values():
+        db["dsn"] = _mask_dsn(db["dsn"])
+        db["replicas"] = [_mask_dsn(r) for r in db.get("replicas", [])]
+    for key in data.get("keys", []):
+        key["secret"] = "(hidden)"
+    tls = (data.get("listen") or {}).get("tls")
+    if tls:
+        tls["key"] = "(hidden)"
+    return data
+
+
+def _mask_dsn(dsn: str) -> str:
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in creds else ''}@{host}"
+
+
+def _flatten(data: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list) and data and any(isinstance(v, (dict, list)) for v in data):
+        for i, v in enumerate(data):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, msgspec.json.encode(data).decode() if not isinstance(data, str) else data

@@ -1,0 +1,188 @@
+"""The HTTP side (``http: {host, port}``): Prometheus metrics, health probes, the seeds' info views.
+
+- ``/metrics``: prometheus-client exposition. A custom collector reads the fleet's state at
+  scrape time (pools, clients, the counters each database's connections keep, health,
+  the router's plan cache), so the statement path never touches prometheus-client.
+- ``/health/live``: 200 while the process serves. ``/health/ready``: 200 only when every
+  database that is not ``optional`` is healthy (its circuit closed), else 503 naming them.
+- ``/health`` and ``/databases``: JSON per database, as the seeds' services showed it
+  (status, last check, response time, connections).
+
+aiohttp runs on pgfleet's own event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from ..frontend.fleet import Fleet
+
+log = logging.getLogger("pgfleet.http")
+
+_STATUS_VALUE = {"healthy": 2, "degraded": 1, "down": 0}
+
+
+class FleetCollector(Collector):
+    """Every metric, read from the fleet when Prometheus scrapes."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self.fleet
+        labels = ["database"]
+        clients_active = GaugeMetricFamily("pgfleet_clients_active", "Clients with a backend of the database "
+                                           "attached (in a transaction or between them)", labels=labels)
+        clients_waiting = GaugeMetricFamily("pgfleet_clients_waiting", "Clients waiting for a connection",
+                                            labels=labels)
+        servers = GaugeMetricFamily("pgfleet_servers", "Backend connections by state", labels=["database", "state"])
+        xacts = CounterMetricFamily("pgfleet_transactions", "Transactions on the database (PgBouncer's "
+                                    "xact_count: an autocommit statement counts as one)", labels=labels)
+        queries = CounterMetricFamily("pgfleet_queries", "Queries (ReadyForQuery from the server)", labels=labels)
+        received = CounterMetricFamily("pgfleet_received_bytes", "Bytes read from the database", labels=labels)
+        sent = CounterMetricFamily("pgfleet_sent_bytes", "Bytes written to the database", labels=labels)
+        errors = CounterMetricFamily("pgfleet_errors", "ErrorResponses from the database, by SQLSTATE class",
+                                     labels=["database", "class"])
+        disconnects = CounterMetricFamily("pgfleet_server_disconnects", "Backend connections closed, by reason",
+                                          labels=["database", "reason"])
+        waits = CounterMetricFamily("pgfleet_pool_waits", "Clients that waited for a connection (none idle)",
+                                    labels=labels)
+        wait_seconds = CounterMetricFamily("pgfleet_pool_wait_seconds", "Time clients spent waiting for a "
+                                           "connection", labels=labels)
+        for name, pool in fleet.pools.items():
+            clients_active.add_metric([name], sum(1 for s in fleet.sessions.values()
+                                                  if s.backend is not None and s.backend.database == name))
+            clients_waiting.add_metric([name], len(pool.waiters))
+            parked = sum(1 for s in pool.parked if s.tx_status == 73 and not s.expects)
+            servers.add_metric([name, "active"], len(pool.active) - parked)
+            servers.add_metric([name, "parked"], parked)
+            servers.add_metric([name, "idle"], len(pool.idle))
+            servers.add_metric([name, "login"], pool.opening)
+            stats = pool.stats
+            xacts.add_metric([name], stats.transactions)
+            queries.add_metric([name], stats.queries)
+            received.add_metric([name], stats.received)
+            sent.add_metric([name], stats.sent)
+            for sqlclass, count in sorted(stats.error_classes.items()):
+                errors.add_metric([name, sqlclass], count)
+            for reason, count in pool.disconnects.items():
+                disconnects.add_metric([name, reason.value], count)
+            waits.add_metric([name], getattr(pool, "waits", 0))
+            wait_seconds.add_metric([name], getattr(pool, "wait_seconds", 0.0))
+        yield from (clients_active, clients_waiting, servers, xacts, queries, received, sent, errors,
+                    disconnects, waits, wait_seconds)
+
+        yield GaugeMetricFamily("pgfleet_clients", "Client connections open (logged in or not)", value=fleet.clients)
+        pinned = GaugeMetricFamily("pgfleet_clients_pinned", "Clients that keep their backend for session "
+                                   "state (LISTEN, temp tables, ...)", value=fleet.pinned())
+        yield pinned
+        router = fleet.router
+        cache = CounterMetricFamily("pgfleet_plan_cache", "Router plan cache lookups", labels=["result"])
+        cache.add_metric(["hit"], router.hits)
+        cache.add_metric(["miss"], router.misses)
+        yield cache
+        routes = CounterMetricFamily("pgfleet_routes", "Statements that ran on several databases, by kind "
+                                     "(one-database statements are pgfleet_queries)", labels=["kind"])
+        for kind, count in sorted(fleet.route_counts.items()):
+            routes.add_metric([kind], count)
+        yield routes
+        health = GaugeMetricFamily("pgfleet_database_up", "Health: 2 healthy, 1 degraded, 0 down",
+                                   labels=labels)
+        circuit = GaugeMetricFamily("pgfleet_circuit_open", "1 when the database's circuit is open", labels=labels)
+        for name, info in database_info(fleet).items():
+            health.add_metric([name], _STATUS_VALUE.get(info["status"], 0))
+            circuit.add_metric([name], 1 if info["circuit"] == "open" else 0)
+        yield health
+        yield circuit
+        audit = getattr(fleet, "audit", None)
+        if audit is not None:
+            yield CounterMetricFamily("pgfleet_audit_dropped", "Audit lines dropped: the writer could not keep up",
+                                      value=audit.dropped)
+            yield CounterMetricFamily("pgfleet_audit_written", "Audit lines written", value=audit.written)
+
+
+def database_info(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    """Per database, the seeds' info view: status, last check, response time, connections."""
+    out: dict[str, dict[str, Any]] = {}
+    checker = getattr(fleet, "health", None)
+    for name, pool in fleet.pools.items():
+        status = checker.status(name) if checker is not None else None
+        out[name] = {
+            "database": name,
+            "database_name": pool.dsn.dbname,
+            "host": pool.dsn.host,
+            "port": pool.dsn.port,
+            "status": status.status if status is not None else "unknown",
+            "circuit": status.circuit if status is not None else "closed",
+            "last_check": _iso(status.last_check) if status is not None and status.last_check else None,
+            "response_ms": status.response_ms if status is not None else None,
+            "last_error": status.last_error if status is not None else None,
+            "optional": fleet.config.databases[name].optional if name in fleet.config.databases
+            and hasattr(fleet.config.databases[name], "optional") else False,
+            "connections": {"active": len(pool.active), "idle": len(pool.idle), "waiting": len(pool.waiters),
+                            "size": pool.size},
+        }
+    return out
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+class HttpServer:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(FleetCollector(fleet))
+        self.runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/health/live", self.live)
+        app.router.add_get("/health/ready", self.ready)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/databases", self.databases)
+        self.app = app
+
+    async def start(self, host: str, port: int) -> None:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+        log.info("HTTP on %s:%d: /metrics, /health, /health/live, /health/ready, /databases", host, port)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        info = database_info(self.fleet)
+        missing = sorted(name for name, db in info.items()
+                         if not db["optional"] and (db["status"] not in ("healthy", "degraded")
+                                                    or db["circuit"] == "open"))
+        if missing or self.fleet.shutting_down:
+            return web.json_response({"status": "not ready", "unavailable": missing,
+                                      "shutting_down": self.fleet.shutting_down}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def health(self, request: web.Request) -> web.Response:
+        info = database_info(self.fleet)
+        overall = "healthy" if all(d["status"] == "healthy" for d in info.values()) else \
+            "down" if all(d["status"] == "down" for d in info.values()) else "degraded"
+        return web.json_response({"status": overall, "databases": info})
+
+    async def databases(self, request: web.Request) -> web.Response:
+        return web.json_response(database_info(self.fleet))

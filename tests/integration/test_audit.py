@@ -1,0 +1,59 @@
+"""The audit log through a running pgfleet: one JSON line per statement of a known workload
+(simple and extended protocol, an error, a refusal, a fan-out), and no literal in any line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.embedded import Cluster
+
+from .conftest import Fleet
+
+
+def lines(path: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_every_statement_gets_one_line_without_its_literals(make_fleet: Any, tmp_path: Path, pg: Cluster) -> None:
+    path = tmp_path / "audit.jsonl"
+    fleet: Fleet = make_fleet(audit={"path": str(path)},
+                              sharding={"shards": ["primary", "secondary"], "function": "hash",
+                                        "tables": {"users": "id"}})
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        conn.execute("select count(*) from events where kind = 'bob@example.com' and id > 4242")  # simple
+        conn.execute("select count(*) from events where id > %s", (4243,))                          # extended
+        with pytest.raises(psycopg.errors.UndefinedColumn):
+            conn.execute("select nonsense from events where kind = 'carol@example.com'")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):                                      # refused
+            conn.execute("select * from events, users where events.id = 4244")
+        conn.execute("select count(*) from users where name <> 'dave@example.com'")                 # fan-out
+        conn.execute("insert into events (kind) values ('eve@example.com')")
+    found = lines(path, 6)
+    assert len(found) == 6, found
+    simple, extended, failed, refused, fanout, insert = found
+    assert simple["key"] == "pf_server" and simple["databases"] == ["analytics"] and simple["route"] == "direct"
+    assert simple["rows"] == 1 and simple["sqlstate"] is None and simple["duration_ms"] >= 0
+    assert simple["client"].startswith("127.0.0.1:") and simple["time"].endswith("Z")
+    assert "$1" in simple["statement"] and simple["fingerprint"]
+    assert extended["databases"] == ["analytics"] and extended["rows"] == 1 and "$1" in extended["statement"]
+    assert failed["sqlstate"] == "42703" and failed["rows"] is None
+    assert refused["sqlstate"] == "0A000" and refused["route"] == "refused"
+    assert fanout["route"] == "fanout" and fanout["databases"] == ["primary", "secondary"] and fanout["rows"] == 1
+    assert insert["rows"] == 1 and insert["sqlstate"] is None
+    text = path.read_text()
+    for literal in ("bob@example.com", "4242", "4243", "carol@", "4244", "dave@", "eve@"):
+        assert literal not in text, literal
+    assert "Traceback" not in fleet.log()
+    with psycopg.connect(pg.dsn("analytics"), autocommit=True) as direct:  # the shared demo data stays as it was
+        direct.execute("delete from events where kind = 'eve@example.com'")

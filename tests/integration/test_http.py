@@ -1,0 +1,108 @@
+"""HTTP: /metrics parsed with prometheus-client's own parser after a known workload, and the
+health and info views, from a running pgfleet on real clusters."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.embedded import Cluster, free_port
+
+from .conftest import Fleet, fleet_config
+
+
+@pytest.fixture(scope="module")
+def http_fleet(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port()},
+                         health={"interval": "0.2s", "timeout": "1s", "failures_to_down": 2})
+    fleet = Fleet(config, tmp_path_factory.mktemp("http")).start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def get(fleet: Fleet, path: str) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{fleet.config['http']['port']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def samples(fleet: Fleet) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(fleet, "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_a_known_workload(http_fleet: Fleet) -> None:
+    # prepare_threshold=None: psycopg would prepare the statement on its 5th run (one more
+    # round trip, which the counters would rightly count).
+    with psycopg.connect(http_fleet.dsn(), autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("select count(*) from events")  # the backend is attached and set up
+        before = samples(http_fleet)
+        for _ in range(7):
+            conn.execute("select count(*) from events")
+        with pytest.raises(psycopg.errors.UndefinedColumn):
+            conn.execute("select nonsense from events")
+        after = samples(http_fleet)
+    db = {"database": "analytics"}
+    assert value(after, "pgfleet_queries_total", **db) - value(before, "pgfleet_queries_total", **db) == 8
+    assert value(after, "pgfleet_transactions_total", **db) - value(before, "pgfleet_transactions_total", **db) == 8
+    assert value(after, "pgfleet_errors_total", database="analytics", **{"class": "42"}) - \
+        value(before, "pgfleet_errors_total", database="analytics", **{"class": "42"}) == 1
+    assert value(after, "pgfleet_received_bytes_total", **db) > value(before, "pgfleet_received_bytes_total", **db)
+    assert value(after, "pgfleet_sent_bytes_total", **db) > value(before, "pgfleet_sent_bytes_total", **db)
+    assert value(after, "pgfleet_plan_cache_total", result="hit") >= value(before, "pgfleet_plan_cache_total",
+                                                                            result="hit") + 7
+    assert value(after, "pgfleet_clients") >= 1
+    assert value(after, "pgfleet_servers", database="analytics", state="parked") + \
+        value(after, "pgfleet_servers", database="analytics", state="active") >= 1
+
+
+def test_metrics_show_health_and_route_kinds(http_fleet: Fleet) -> None:
+    with psycopg.connect(http_fleet.dsn(), autocommit=True) as conn:
+        before = samples(http_fleet)
+        conn.execute("select count(*) from (select 1) x")  # one database: not a route kind
+        after = samples(http_fleet)
+    assert value(after, "pgfleet_routes_total", kind="fanout") == value(before, "pgfleet_routes_total", kind="fanout")
+    deadline = time.monotonic() + 10
+    while value(samples(http_fleet), "pgfleet_database_up", database="secondary") != 2:
+        assert time.monotonic() < deadline, "the health checker never marked secondary healthy"
+        time.sleep(0.1)
+    assert value(samples(http_fleet), "pgfleet_circuit_open", database="secondary") == 0
+
+
+def test_health_views(http_fleet: Fleet) -> None:
+    assert get(http_fleet, "/health/live")[0] == 200
+    deadline = time.monotonic() + 10
+    while get(http_fleet, "/health/ready")[0] != 200:
+        assert time.monotonic() < deadline, get(http_fleet, "/health/ready")
+        time.sleep(0.1)
+    status, body = get(http_fleet, "/databases")
+    info: dict[str, Any] = json.loads(body)
+    assert status == 200 and set(info) == {"primary", "secondary", "analytics"}
+    assert info["primary"]["database_name"] == "bank" and info["primary"]["status"] == "healthy"
+    assert info["primary"]["last_check"] is not None and info["primary"]["response_ms"] >= 0
+    assert info["analytics"]["connections"]["size"] == 10
+    status, body = get(http_fleet, "/health")
+    assert status == 200 and json.loads(body)["status"] == "healthy"
+    assert get(http_fleet, "/nope")[0] == 404

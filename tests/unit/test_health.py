@@ -1,0 +1,100 @@
+"""The health state machine (backend/health.py ``DatabaseHealth.record``): pure, no event loop,
+no sockets. Probes are values; the clock is passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.backend.health import Change, Circuit, DatabaseHealth, Outcome, Probe, Status
+from proxy.config import ConfigError, Duration, Health, load_text
+
+POLICY = Health(interval=Duration(0.2), timeout=Duration(0.5), failures_to_down=2)
+
+OK = Probe(Outcome.ANSWERED, 0.004)
+SLOW = Probe(Outcome.ANSWERED, 0.3)  # over half of the 0.5 s timeout
+FULL = Probe(Outcome.FULL, 0.01, "53300 sorry, too many clients already")
+REFUSED = Probe(Outcome.FAILED, 0.001, "Connection refused")
+TIMEOUT = Probe(Outcome.FAILED, 0.5, "no answer within 0.5s")
+
+
+def run(*probes: Probe, policy: Health = POLICY) -> tuple[DatabaseHealth, list[tuple[Status, Change | None]]]:
+    """Feed the probes one second apart; each step's (status, change)."""
+    health = DatabaseHealth("secondary")
+    steps = []
+    for i, probe in enumerate(probes):
+        change = health.record(probe, 1000.0 + i, policy)
+        steps.append((health.status, change))
+    return health, steps
+
+
+def test_a_new_database_is_healthy_and_not_checked_yet() -> None:
+    health = DatabaseHealth("primary")
+    assert (health.status, health.circuit, health.checks, health.last_check) == \
+        (Status.HEALTHY, Circuit.CLOSED, 0, None)
+    assert health.status == "healthy" and health.circuit == "closed"  # what the console compares
+
+
+def test_healthy_degraded_down_healthy() -> None:
+    health, steps = run(OK, REFUSED, TIMEOUT, TIMEOUT, OK)
+    assert steps == [(Status.HEALTHY, None), (Status.DEGRADED, None), (Status.DOWN, Change.WENT_DOWN),
+                     (Status.DOWN, None), (Status.HEALTHY, Change.CAME_BACK)]
+    assert (health.checks, health.failures, health.consecutive_failures) == (5, 3, 0)
+    assert health.circuit is Circuit.CLOSED and health.down_since is None and health.last_error is None
+    assert health.response_ms == pytest.approx(4.0)
+    assert health.last_check == 1004.0
+
+
+def test_down_records_when_and_why() -> None:
+    health, _ = run(OK, REFUSED, REFUSED)
+    assert health.status is Status.DOWN and health.circuit is Circuit.OPEN
+    assert health.down_since == 1002.0
+    assert health.last_error == "Connection refused"
+    assert health.response_ms is None
+    assert health.consecutive_failures == 2
+
+
+def test_failures_must_be_in_a_row() -> None:
+    _, steps = run(REFUSED, OK, REFUSED, OK, REFUSED)
+    assert [status for status, _ in steps] == [Status.DEGRADED, Status.HEALTHY] * 2 + [Status.DEGRADED]
+    assert all(change is None for _, change in steps)
+
+
+def test_one_failure_is_enough_when_failures_to_down_is_1() -> None:
+    _, steps = run(TIMEOUT, policy=Health(failures_to_down=1))
+    assert steps == [(Status.DOWN, Change.WENT_DOWN)]
+
+
+def test_a_slow_answer_is_degraded_and_closes_an_open_circuit() -> None:
+    health, steps = run(SLOW, REFUSED, REFUSED, SLOW)
+    assert steps[0] == (Status.DEGRADED, None)
+    assert steps[-1] == (Status.DEGRADED, Change.CAME_BACK)
+    assert health.circuit is Circuit.CLOSED
+    assert health.last_error is not None and "300 ms" in health.last_error
+
+
+def test_a_full_server_is_up_degraded_not_a_failure() -> None:
+    health, steps = run(REFUSED, FULL, FULL, FULL)
+    assert [status for status, _ in steps] == [Status.DEGRADED] * 4
+    assert health.consecutive_failures == 0 and health.failures == 1
+    assert health.last_error == FULL.error
+    _, steps = run(REFUSED, REFUSED, FULL)
+    assert steps[-1] == (Status.DEGRADED, Change.CAME_BACK)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("health: {interval: 0s}", "health: interval must be more than 0s"),
+    ("health: {timeout: 0}", "health: timeout must be more than 0s"),
+    ("health: {failures_to_down: 0}", "health: failures_to_down must be at least 1"),
+])
+def test_config_refuses_a_health_policy_that_cannot_work(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text('databases: {primary: {dsn: "postgresql://u@h/db"}}\n' + text, env={})
+    assert str(err.value) == message
+
+
+def test_config_takes_short_intervals_for_tests() -> None:
+    config = load_text('databases: {primary: {dsn: "postgresql://u@h/db"}}\n'
+                       "health: {interval: 200ms, timeout: 0.5s, failures_to_down: 2}", env={})
+    assert config.health == POLICY
+    assert load_text('databases: {primary: {dsn: "postgresql://u@h/db"}}', env={}).health == \
+        Health(interval=Duration(30.0), timeout=Duration(3.0), failures_to_down=3)
