@@ -18,6 +18,8 @@ from .admin.console import Admin, Console
 from .admin.http import HttpServer
 from .auth.keys import load_keys
 from .backend.catalog import shard_key_types
+from .backend.health import HealthChecker
+from .backend.pool import DisconnectReason
 from .config import Config, load
 from .errors import ClientError, ConfigError
 from .frontend.fleet import Fleet
@@ -111,8 +113,29 @@ class Server:
             log.error("reload refused, the running config stays: %s", exc)
             raise ClientError("F0000", f"invalid config, nothing changed: {exc}",
                               hint="fix the file and RELOAD again") from None
+        old = self.config
         changes = self.fleet.apply(config)
         self.config = config
+        fleet = self.fleet
+        if (config.health, list(config.databases)) != (old.health, list(old.databases)) or \
+                any(config.dsn(n) != old.dsn(n) for n in config.databases if n in old.databases):
+            await fleet.health.stop()  # the checks follow the new databases and addresses
+            fleet.health = HealthChecker(config, fleet.pools)
+            fleet.health.start()
+        if {n: (d.replicas, d.max_replica_lag) for n, d in config.databases.items()} != \
+                {n: (d.replicas, d.max_replica_lag) for n, d in old.databases.items()}:
+            await fleet.replicas.stop(close=False)
+            for pool in fleet.replicas.pools.values():
+                pool.close_idle(DisconnectReason.GENERATION)
+                for server in pool.active:  # a new replica pool of the same name will not keep them
+                    server.generation = -1
+            previous = fleet.replicas.pools
+            fleet.replicas = fleet.new_replicas(config)
+            fleet.replicas.start()
+            for name, pool in previous.items():  # closed by the reaper once their clients leave
+                if name not in fleet.replicas.pools:
+                    fleet.retired[name] = pool
+            changes.append("replicas changed")
         log.info("reloaded %s: %s", self.source or "the environment's config", "; ".join(changes) or "no change")
         if self.fleet.router.unknown_types:
             await self.learn_shard_key_types()

@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from ..backend.pool import WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from ..frontend.fleet import Fleet
@@ -54,10 +61,8 @@ class FleetCollector(Collector):
                                      labels=["database", "class"])
         disconnects = CounterMetricFamily("pgfleet_server_disconnects", "Backend connections closed, by reason",
                                           labels=["database", "reason"])
-        waits = CounterMetricFamily("pgfleet_pool_waits", "Clients that waited for a connection (none idle)",
-                                    labels=labels)
-        wait_seconds = CounterMetricFamily("pgfleet_pool_wait_seconds", "Time clients spent waiting for a "
-                                           "connection", labels=labels)
+        wait_seconds = HistogramMetricFamily("pgfleet_pool_wait_seconds", "How long clients that found no "
+                                             "idle connection waited for one", labels=labels)
         for name, pool in fleet.pools.items():
             clients_active.add_metric([name], sum(1 for s in fleet.sessions.values()
                                                   if s.backend is not None and s.backend.database == name))
@@ -76,10 +81,11 @@ class FleetCollector(Collector):
                 errors.add_metric([name, sqlclass], count)
             for reason, count in pool.disconnects.items():
                 disconnects.add_metric([name, reason.value], count)
-            waits.add_metric([name], getattr(pool, "waits", 0))
-            wait_seconds.add_metric([name], getattr(pool, "wait_seconds", 0.0))
+            wait_seconds.add_metric([name], [*((f"{b:g}", n) for b, n in zip(WAIT_BUCKETS, pool.wait_buckets,
+                                                                             strict=True)),
+                                             ("+Inf", pool.waits)], pool.wait_seconds)
         yield from (clients_active, clients_waiting, servers, xacts, queries, received, sent, errors,
-                    disconnects, waits, wait_seconds)
+                    disconnects, wait_seconds)
 
         yield GaugeMetricFamily("pgfleet_clients", "Client connections open (logged in or not)", value=fleet.clients)
         pinned = GaugeMetricFamily("pgfleet_clients_pinned", "Clients that keep their backend for session "

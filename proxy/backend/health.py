@@ -207,17 +207,14 @@ class HealthChecker:
     async def check(self, name: str) -> DatabaseHealth:
         """Check one database now, and open or close its circuit as the result says."""
         async with self._locks[name]:
-            result = await probe(self._dsns[name], self.policy.timeout)
-            health = self._health[name]
-            down_since = health.down_since
-            status_before = health.status
-            change = health.record(result, time.time(), self.policy)
-            self._act(health, change, status_before, down_since)
-            return health
+            return self.record(name, await probe(self._dsns[name], self.policy.timeout), time.time())
 
-    def _act(self, health: DatabaseHealth, change: Change | None, before: Status,
-             down_since: float | None) -> None:
-        name, pool, policy = health.name, self.pools[health.name], self.policy
+    def record(self, name: str, result: Probe, now: float) -> DatabaseHealth:
+        """Take one check's result (``now``: wall clock) and set the pool's circuit to match
+        the status; no I/O (``check`` probes, this decides)."""
+        health, pool, policy = self._health[name], self.pools[name], self.policy
+        before, down_since = health.status, health.down_since
+        change = health.record(result, now, policy)
         if health.status is Status.DOWN:
             hint = (f"its last {health.consecutive_failures} health checks failed ({health.last_error}); "
                     f"pgfleet checks it every {policy.interval:g}s and lets statements through again "
@@ -231,13 +228,14 @@ class HealthChecker:
                             health.last_error, policy.interval, drained, pool.dsn.host, pool.dsn.port)
             else:
                 log.debug("database %s is still down: %s", name, health.last_error)
-            return
-        if change is Change.CAME_BACK:
+            return health
+        if change is Change.CAME_BACK or pool.outage is not None:
+            # Back; or open since before this checker existed (RELOAD starts a new one).
             pool.close_circuit()
-            away = time.time() - down_since if down_since is not None else 0.0
-            log.info("database %s is back after %.1fs (health check answered in %.0f ms): statements "
-                        "go through again", name, away, health.response_ms or 0.0)
-            return
+            away = f" after {now - down_since:.1f}s" if down_since is not None else ""
+            log.info("database %s is back%s (health check answered in %.0f ms): statements go through "
+                     "again", name, away, health.response_ms or 0.0)
+            return health
         if health.status is Status.DEGRADED and health.consecutive_failures:
             log.warning("health check of database %s failed (%d of %d in a row before it counts as "
                         "down): %s", name, health.consecutive_failures, policy.failures_to_down,
@@ -245,3 +243,4 @@ class HealthChecker:
         elif health.status is not before:
             log.info("database %s is %s%s", name, health.status,
                      f": {health.last_error}" if health.last_error else "")
+        return health

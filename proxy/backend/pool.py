@@ -27,6 +27,10 @@ from .connection import ServerConnection, Stats
 log = logging.getLogger("pgfleet.pool")
 
 
+# Upper bounds (seconds) of the wait-time histogram (/metrics: pgfleet_pool_wait_seconds).
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
 class DisconnectReason(enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"
     LIFETIME = "lifetime"
@@ -69,6 +73,7 @@ class Pool:
         self.stats = Stats()  # shared by its connections: SHOW STATS, /metrics
         self.waits = 0  # acquires that found no idle connection, and the seconds they took
         self.wait_seconds = 0.0
+        self.wait_buckets = [0] * len(WAIT_BUCKETS)  # how many of them took at most each bound
         self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
 
     @property
@@ -121,8 +126,12 @@ class Pool:
                     return server
             return await self._acquire_slow()
         finally:
+            waited = time.monotonic() - started
             self.waits += 1
-            self.wait_seconds += time.monotonic() - started
+            self.wait_seconds += waited
+            for i, bound in enumerate(WAIT_BUCKETS):
+                if waited <= bound:
+                    self.wait_buckets[i] += 1
 
     async def _acquire_slow(self) -> ServerConnection:
         if self.closed:

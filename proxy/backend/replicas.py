@@ -113,17 +113,22 @@ class Replicas:
         if self.sets:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pgfleet replicas")
 
-    async def stop(self) -> None:
+    async def stop(self, close: bool = True) -> None:
+        """Stop checking; ``close``: close the pools too (at shutdown, not at a reload)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for pool in self.pools.values():
-            pool.close()
+        if close:
+            for pool in self.pools.values():
+                pool.close()
 
     async def _run(self) -> None:
         while True:
-            await self.check_now()
+            try:
+                await self.check_now()
+            except Exception:  # our bug: logged with its traceback, and the checks go on
+                log.exception("internal error in the replica checks")
             await asyncio.sleep(self.interval)
 
     async def check_now(self) -> None:

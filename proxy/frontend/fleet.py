@@ -38,11 +38,8 @@ class Fleet:
         self.keys: dict[str, ApiKey] = load_keys(config)
         self.pools: dict[str, Pool] = {name: self._pool(config, name) for name in config.databases}
         # Statements that ran on several databases, by kind (fan-out, scatter, copy, two-phase).
-        self.route_counts: dict[str, int] = {}
-        self.replicas = Replicas(config, lambda name, dsn, size: Pool(
-            name, dsn, size=size, acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
-            lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
-            startup={"application_name": "pgfleet"}))  # checks started and stopped by the server
+        self.route_counts: dict[str, int] = dict.fromkeys(("fanout", "scatter", "copy", "cross_database_transaction"), 0)
+        self.replicas = self.new_replicas(config)  # checks started and stopped by the server
         self.retired: dict[str, Pool] = {}  # pools of databases a reload removed, until their clients leave
         self.health = HealthChecker(config, self.pools)  # started and stopped by the server
         # The admin console's conversation for one client (set by the server: admin/console.py);
@@ -68,6 +65,13 @@ class Fleet:
                     acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
                     lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
                     startup={"application_name": "pgfleet"})
+
+    @staticmethod
+    def new_replicas(config: Config) -> Replicas:
+        return Replicas(config, lambda name, dsn, size: Pool(
+            name, dsn, size=size, acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
+            lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
+            startup={"application_name": "pgfleet"}))
 
     def apply(self, config: Config) -> list[str]:
         """RELOAD: a new, valid config snapshot takes over; what changed, in words.

@@ -266,3 +266,34 @@ def test_show_stats_counts_statements_per_database(console_fleet: Fleet) -> None
     assert after["total_query_count"] - before["total_query_count"] == 5
     assert after["total_xact_count"] - before["total_xact_count"] == 5
     assert after["total_received"] > before["total_received"] and after["total_sent"] > before["total_sent"]
+
+
+def test_show_health_reads_the_checker(console_fleet: Fleet) -> None:
+    import time
+    deadline = time.monotonic() + 40
+    rows = {r["database"]: r for r in show(console_fleet, "SHOW HEALTH")}
+    while any(r["last_check"] is None for r in rows.values()):  # the first round runs at start
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        rows = {r["database"]: r for r in show(console_fleet, "SHOW HEALTH")}
+    assert set(rows) == {"primary", "secondary", "analytics"}
+    for row in rows.values():
+        assert row["status"] == "healthy" and row["circuit"] == "closed" and row["failures"] == 0
+        assert row["response_ms"] is not None and row["response_ms"] >= 0 and row["last_error"] is None
+
+
+def test_reload_adds_a_database_with_its_health_checks(make_fleet: Any, pg: Cluster) -> None:
+    import time
+    fleet: Fleet = make_fleet(health={"interval": "0.2s"})
+    _rewrite(fleet, databases={**fleet.config["databases"], "extra": {"dsn": pg.dsn("analytics", user="pf_trust")}})
+    with admin(fleet) as conn:
+        conn.execute("RELOAD")
+        assert "extra" in {r[0] for r in conn.execute("SHOW DATABASES").fetchall()}
+        deadline = time.monotonic() + 10
+        while {r[0]: r[1] for r in conn.execute("SHOW HEALTH").fetchall()}.get("extra") is None or \
+                {r[0]: r[2] for r in conn.execute("SHOW HEALTH").fetchall()}["extra"] is None:
+            assert time.monotonic() < deadline, fleet.log()[-2000:]
+            time.sleep(0.1)
+    with psycopg.connect(fleet.dsn(), autocommit=True) as client:
+        assert client.execute("/* pgfleet: database=extra */ select current_database()").fetchone() == ("analytics",)
+    assert "Traceback" not in fleet.log()

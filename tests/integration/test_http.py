@@ -21,9 +21,11 @@ from .conftest import Fleet, fleet_config
 
 @pytest.fixture(scope="module")
 def http_fleet(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("http")
     config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port()},
-                         health={"interval": "0.2s", "timeout": "1s", "failures_to_down": 2})
-    fleet = Fleet(config, tmp_path_factory.mktemp("http")).start()
+                         health={"interval": "0.2s", "timeout": "1s", "failures_to_down": 2},
+                         audit={"path": str(workdir / "audit.jsonl")})
+    fleet = Fleet(config, workdir).start()
     try:
         yield fleet
     finally:
@@ -106,3 +108,41 @@ def test_health_views(http_fleet: Fleet) -> None:
     status, body = get(http_fleet, "/health")
     assert status == 200 and json.loads(body)["status"] == "healthy"
     assert get(http_fleet, "/nope")[0] == 404
+
+
+def test_the_wait_histogram_sees_a_client_that_waited(make_fleet: Any, pg: Cluster) -> None:
+    import threading
+    port = free_port()
+    fleet: Fleet = make_fleet(http={"host": "127.0.0.1", "port": port},
+                              databases={"analytics": {"dsn": pg.dsn("analytics", user="pf_trust"), "pool_size": 1}})
+    holder = psycopg.connect(fleet.dsn())
+    holder.execute("select count(*) from events")  # the only analytics connection, in a transaction
+    waited: list[float] = []
+
+    def waiter() -> None:
+        with psycopg.connect(fleet.dsn(), autocommit=True) as other:
+            started = time.monotonic()
+            other.execute("select count(*) from events")
+            waited.append(time.monotonic() - started)
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.3)
+    holder.commit()
+    thread.join(10)
+    holder.close()
+    found = samples(fleet)
+    count = value(found, "pgfleet_pool_wait_seconds_count", database="analytics")
+    total = value(found, "pgfleet_pool_wait_seconds_sum", database="analytics")
+    assert count >= 1 and total >= 0.25 and waited and waited[0] >= 0.25
+    assert value(found, "pgfleet_pool_wait_seconds_bucket", database="analytics", le="0.1") < count
+    assert value(found, "pgfleet_pool_wait_seconds_bucket", database="analytics", le="+Inf") == count
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_pgfleet_exports(http_fleet: Fleet) -> None:
+    import re
+    from pathlib import Path
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    wanted = {name for panel in dashboard["panels"] for target in panel["targets"]
+              for name in re.findall(r"pgfleet_[a-z_]+", target["expr"])}
+    exported = {name for name, _ in samples(http_fleet)}
+    assert wanted and wanted <= exported, wanted - exported

@@ -1,12 +1,26 @@
-"""The health state machine (backend/health.py ``DatabaseHealth.record``): pure, no event loop,
-no sockets. Probes are values; the clock is passed in."""
+"""The health state machine (backend/health.py ``DatabaseHealth.record``) and what the checker
+does to a pool's circuit with each result (``HealthChecker.record``): no sockets, no PostgreSQL.
+Probes are values; the clock is passed in."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from proxy.backend.health import Change, Circuit, DatabaseHealth, Outcome, Probe, Status
+from proxy.backend.connection import ServerConnection
+from proxy.backend.health import (
+    Change,
+    Circuit,
+    DatabaseHealth,
+    HealthChecker,
+    Outcome,
+    Probe,
+    Status,
+)
+from proxy.backend.pool import DisconnectReason, Pool
 from proxy.config import ConfigError, Duration, Health, load_text
+from proxy.errors import BackendError
 
 POLICY = Health(interval=Duration(0.2), timeout=Duration(0.5), failures_to_down=2)
 
@@ -98,3 +112,47 @@ def test_config_takes_short_intervals_for_tests() -> None:
     assert config.health == POLICY
     assert load_text('databases: {primary: {dsn: "postgresql://u@h/db"}}', env={}).health == \
         Health(interval=Duration(30.0), timeout=Duration(3.0), failures_to_down=3)
+
+
+def checker() -> tuple[HealthChecker, Pool]:
+    config = load_text('databases: {secondary: {dsn: "postgresql://u@db.example:5433/db"}}\n'
+                       "health: {interval: 200ms, timeout: 0.5s, failures_to_down: 2}", env={})
+    pool = Pool("secondary", config.dsn("secondary"), size=2, acquire_timeout=1.0, idle_timeout=60.0,
+                lifetime=3600.0, connect_timeout=1.0, startup={})
+    return HealthChecker(config, {"secondary": pool}), pool
+
+
+def test_down_opens_the_pools_circuit_and_an_answer_closes_it() -> None:
+    health, pool = checker()
+    health.record("secondary", REFUSED, 1000.0)
+    assert pool.outage is None and pool.try_acquire() is None  # degraded: still open for business
+    health.record("secondary", REFUSED, 1001.0)
+    assert health.status("secondary").circuit is Circuit.OPEN
+    with pytest.raises(BackendError) as err:
+        pool.try_acquire()
+    assert (err.value.sqlstate, err.value.message) == ("08006", "database secondary is unavailable")
+    assert err.value.hint is not None
+    assert "Connection refused" in err.value.hint and "every 0.2s" in err.value.hint
+    health.record("secondary", OK, 1002.5)
+    assert pool.outage is None and pool.try_acquire() is None
+    assert [h.status for h in health.statuses()] == [Status.HEALTHY]
+
+
+def test_a_new_checker_closes_a_circuit_it_finds_open() -> None:
+    """RELOAD starts a new checker; a pool whose circuit the old one opened must not stay shut."""
+    health, pool = checker()
+    pool.open_circuit("left by the previous checker")
+    health.record("secondary", OK, 1000.0)
+    assert pool.outage is None
+
+
+async def test_clients_queued_for_a_connection_get_the_error_at_once() -> None:
+    health, pool = checker()
+    waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+    pool.waiters.append(waiter)
+    for second in range(2):
+        health.record("secondary", TIMEOUT, 1000.0 + second)
+    assert not pool.waiters
+    with pytest.raises(BackendError, match="database secondary is unavailable"):
+        waiter.result()
+    assert pool.disconnects[DisconnectReason.DOWN] == 0  # nothing was idle
