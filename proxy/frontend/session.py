@@ -443,8 +443,6 @@ class Session(asyncio.Protocol):
 
     def _handle(self, kind: int, raw: bytes) -> bool:
         """One message that needs a decision. False: wait, and handle it again later."""
-        if self.console is not None:
-            return self._console_message(kind, raw)
         if self.copy is not None:
             return self._copy_message(kind, raw)
         portal = self.portal
@@ -455,6 +453,8 @@ class Session(asyncio.Protocol):
         if self.audit is not None and (kind == m.QUERY or kind == m.PARSE):
             self.audit_text = m.decode_query(raw[5:]) if kind == m.QUERY else \
                 raw[raw.find(0, 5) + 1:raw.find(0, raw.find(0, 5) + 1)].decode(errors="replace")
+        if self.console is not None:
+            return self._console_message(kind, raw)
         try:
             if self.tx_status == _E and self.deferred_begin is not None and kind in _STATEMENT_MESSAGES:
                 self._aborted(kind, raw)  # a failed fan-out ended it, on no backend
@@ -651,15 +651,24 @@ class Session(asyncio.Protocol):
         if kind == m.TERMINATE:
             self._hang_up()
             return True
+        started = time.monotonic()
         out = self.console.handle(kind, raw)
         if isinstance(out, bytes):
             self._write(out)
+            self._audit_console(kind, started, out)
         else:
-            self._wait_for(self._console_answer(out))
+            self._wait_for(self._console_answer(out, kind, started))
         return True
 
-    async def _console_answer(self, pending: Any) -> None:
-        self._write(await pending)
+    async def _console_answer(self, pending: Any, kind: int, started: float) -> None:
+        out = await pending
+        self._write(out)
+        self._audit_console(kind, started, out)
+
+    def _audit_console(self, kind: int, started: float, out: bytes) -> None:
+        """An admin command (simple query) in the audit log, as written: it has no literals to hide."""
+        if self.audit is not None and kind == m.QUERY:
+            self._audit_whole("console", (), started, out)
 
     async def _setup(self, home: str) -> None:
         pool = self.fleet.pools[home]

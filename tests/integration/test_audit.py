@@ -39,9 +39,12 @@ def test_every_statement_gets_one_line_without_its_literals(make_fleet: Any, tmp
             conn.execute("select * from events, users where events.id = 4244")
         conn.execute("select count(*) from users where name <> 'dave@example.com'")                 # fan-out
         conn.execute("insert into events (kind) values ('eve@example.com')")
-    found = lines(path, 6)
-    assert len(found) == 6, found
-    simple, extended, failed, refused, fanout, insert = found
+    with psycopg.connect(fleet.dsn("pf_admin", "pgfleet"), autocommit=True) as console:
+        console.execute("SHOW VERSION")                                                             # admin
+    found = lines(path, 7)
+    assert len(found) == 7, found
+    simple, extended, failed, refused, fanout, insert, admin = found
+    assert admin["key"] == "pf_admin" and admin["route"] == "console" and admin["statement"] == "SHOW VERSION"
     assert simple["key"] == "pf_server" and simple["databases"] == ["analytics"] and simple["route"] == "direct"
     assert simple["rows"] == 1 and simple["sqlstate"] is None and simple["duration_ms"] >= 0
     assert simple["client"].startswith("127.0.0.1:") and simple["time"].endswith("Z")
