@@ -97,7 +97,7 @@ def _databases(admin: Admin, _: str) -> Table:
         dsn = pool.dsn
         health = _health(fleet, name)
         rows.append((name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.size, config.pool.mode,
-                     pool.total, _paused(pool), health.get("circuit") == "open", _role(config, name),
+                     pool.total, pool.paused, health["circuit"] == "open", _role(config, name),
                      len(db.replicas)))
     return Table(("name", "host", "port", "database", "force_user", "pool_size", "pool_mode",
                   "current_connections", "paused", "disabled", "role", "replicas"), rows)
@@ -495,17 +495,10 @@ async def _ask(admin: Admin, database: str, sql: str) -> list[asyncpg.Record]:
 
 
 def _health(fleet: Fleet, name: str) -> dict[str, Any]:
-    checker = getattr(fleet, "health", None)
-    if checker is None:
-        return {}
-    status = checker.status(name)
+    status = fleet.health.status(name)
     return {"status": status.status, "last_check": status.last_check, "response_ms": status.response_ms,
             "consecutive_failures": status.consecutive_failures, "circuit": status.circuit,
             "last_error": status.last_error}
-
-
-def _paused(pool: Any) -> bool:
-    return bool(getattr(pool, "paused", False))
 
 
 def _role(config: Config, name: str) -> str:

@@ -109,7 +109,7 @@ class FleetCollector(Collector):
             circuit.add_metric([name], 1 if info["circuit"] == "open" else 0)
         yield health
         yield circuit
-        audit = getattr(fleet, "audit", None)
+        audit = fleet.audit
         if audit is not None:
             yield CounterMetricFamily("pgfleet_audit_dropped", "Audit lines dropped: the writer could not keep up",
                                       value=audit.dropped)
@@ -119,21 +119,19 @@ class FleetCollector(Collector):
 def database_info(fleet: Fleet) -> dict[str, dict[str, Any]]:
     """Per database, the seeds' info view: status, last check, response time, connections."""
     out: dict[str, dict[str, Any]] = {}
-    checker = getattr(fleet, "health", None)
     for name, pool in fleet.pools.items():
-        status = checker.status(name) if checker is not None else None
+        status = fleet.health.status(name)
         out[name] = {
             "database": name,
             "database_name": pool.dsn.dbname,
             "host": pool.dsn.host,
             "port": pool.dsn.port,
-            "status": status.status if status is not None else "unknown",
-            "circuit": status.circuit if status is not None else "closed",
-            "last_check": _iso(status.last_check) if status is not None and status.last_check else None,
-            "response_ms": status.response_ms if status is not None else None,
-            "last_error": status.last_error if status is not None else None,
-            "optional": fleet.config.databases[name].optional if name in fleet.config.databases
-            and hasattr(fleet.config.databases[name], "optional") else False,
+            "status": status.status,
+            "circuit": status.circuit,
+            "last_check": _iso(status.last_check) if status.last_check else None,
+            "response_ms": status.response_ms,
+            "last_error": status.last_error,
+            "optional": fleet.config.databases[name].optional,
             "connections": {"active": len(pool.active), "idle": len(pool.idle), "waiting": len(pool.waiters),
                             "size": pool.size},
         }
