@@ -166,6 +166,7 @@ class HealthChecker:
         self._health = {name: DatabaseHealth(name) for name in config.databases}
         self._locks = {name: asyncio.Lock() for name in config.databases}  # one check at a time
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     # -- what others read
 
@@ -185,10 +186,16 @@ class HealthChecker:
                        for name in self._health]
 
     async def stop(self) -> None:
+        """End the checks. Python 3.11 can lose a cancel (``wait_for`` or ``timeout`` racing
+        the result it waits for), so each task is cancelled again until it has ended, and a
+        check that finishes anyway ends its task."""
+        self._stopping = True
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=0.1)
+            tasks = list(pending)
 
     async def _watch(self, name: str) -> None:
         while True:
@@ -196,6 +203,8 @@ class HealthChecker:
                 await self.check(name)
             except Exception:  # our bug: logged with its traceback, and the checks go on
                 log.exception("internal error in the health check of database %s", name)
+            if self._stopping:
+                return
             await asyncio.sleep(self.policy.interval)
 
     # -- checking

@@ -114,12 +114,14 @@ def test_config_takes_short_intervals_for_tests() -> None:
         Health(interval=Duration(30.0), timeout=Duration(3.0), failures_to_down=3)
 
 
-def checker() -> tuple[HealthChecker, Pool]:
-    config = load_text('databases: {secondary: {dsn: "postgresql://u@db.example:5433/db"}}\n'
-                       "health: {interval: 200ms, timeout: 0.5s, failures_to_down: 2}", env={})
-    pool = Pool("secondary", config.dsn("secondary"), size=2, acquire_timeout=1.0, idle_timeout=60.0,
+CONFIG = load_text('databases: {secondary: {dsn: "postgresql://u@db.example:5433/db"}}\n'
+                   "health: {interval: 200ms, timeout: 0.5s, failures_to_down: 2}", env={})
+
+
+def checker(kind: type[HealthChecker] = HealthChecker) -> tuple[HealthChecker, Pool]:
+    pool = Pool("secondary", CONFIG.dsn("secondary"), size=2, acquire_timeout=1.0, idle_timeout=60.0,
                 lifetime=3600.0, connect_timeout=1.0, startup={})
-    return HealthChecker(config, {"secondary": pool}), pool
+    return kind(CONFIG, {"secondary": pool}), pool
 
 
 def test_down_opens_the_pools_circuit_and_an_answer_closes_it() -> None:
@@ -156,3 +158,20 @@ async def test_clients_queued_for_a_connection_get_the_error_at_once() -> None:
     with pytest.raises(BackendError, match="database secondary is unavailable"):
         waiter.result()
     assert pool.disconnects[DisconnectReason.DOWN] == 0  # nothing was idle
+
+
+class _LosesItsCancel(HealthChecker):
+    async def check(self, name: str) -> DatabaseHealth:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass  # as Python 3.11's asyncio.wait_for does when its result is ready at the cancel
+        return self.status(name)
+
+
+async def test_stop_ends_a_check_that_lost_its_cancel() -> None:
+    """pgfleet's shutdown waits for the checks: one that swallows the cancel must not hang it."""
+    stubborn, _ = checker(_LosesItsCancel)
+    stubborn.start()
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(stubborn.stop(), 2)
