@@ -290,6 +290,9 @@ class Pool:
         clients and are closed when they come back. Calling it again updates the hint and
         drains what came back meanwhile."""
         self.outage = hint
+        if self._resumed is not None:  # clients waiting out a PAUSE get the error now too
+            self._resumed.set()
+            self._resumed = asyncio.Event()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():

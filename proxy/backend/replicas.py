@@ -76,6 +76,7 @@ class Replicas:
                 self.sets.setdefault(name, []).append(Replica(name, i, dsn, pool, db.max_replica_lag))
         self._next: dict[str, int] = {name: 0 for name in self.sets}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def __iter__(self) -> Iterator[Replica]:
         for replicas in self.sets.values():
@@ -114,11 +115,16 @@ class Replicas:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pgfleet replicas")
 
     async def stop(self, close: bool = True) -> None:
-        """Stop checking; ``close``: close the pools too (at shutdown, not at a reload)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop checking; ``close``: close the pools too (at shutdown, not at a reload).
+
+        Python 3.11 can lose a cancel (``wait_for`` racing the result it waits for, as in
+        ``catalog.connect``), so the task is cancelled again until it has ended, and a check
+        round that finishes anyway ends it (see HealthChecker.stop)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
         if close:
             for pool in self.pools.values():
                 pool.close()
@@ -129,6 +135,8 @@ class Replicas:
                 await self.check_now()
             except Exception:  # our bug: logged with its traceback, and the checks go on
                 log.exception("internal error in the replica checks")
+            if self._stopping:
+                return
             await asyncio.sleep(self.interval)
 
     async def check_now(self) -> None:
