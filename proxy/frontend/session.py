@@ -1102,6 +1102,17 @@ class Session(asyncio.Protocol):
             backend = self.backend
             if self.others and word in _TRANSACTION_ENDS:  # ended everywhere at Execute (_end_across)
                 self._across(text, self.fleet.router.analysis(text))
+                if backend is not None:
+                    if backend.expects:
+                        if self.batch_open:
+                            raise ClientError("0A000", "the end of a transaction on several databases must "
+                                              "follow a Sync", hint="send Sync before COMMIT")
+                        self.waiting = True  # its answers first: resumes when it is idle
+                        return False
+                    # Every participant waits apart, so that the portal's Describe and Execute
+                    # come here rather than going on to a backend.
+                    self.others[backend.database] = backend
+                    self.backend = None
                 self.control_portal = (raw[5:portal_end].decode(errors="replace"), text, word)
                 self._made_up(Answer.BIND, m.BIND_COMPLETE_MSG)
                 return True
@@ -1567,6 +1578,8 @@ class Session(asyncio.Protocol):
                               "open: one pipeline cannot also use another database",
                               hint="send Execute and Sync for it first")
         backend = self.backend
+        if backend is None and self.others:  # a transaction on several databases, all waiting apart
+            return self._rejoin(database)
         if backend is not None and backend.gone and not self._engaged(backend):
             # Parked, and already known dead (its connection_lost is still to come): another one.
             self.backend = None
@@ -1654,6 +1667,23 @@ class Session(asyncio.Protocol):
             self._switch(server, fresh=False)
             return server
         server = self.fleet.pools[database].try_acquire()
+        if server is None:
+            self._wait_for(self._acquire(database, join=True))
+            return None
+        self._switch(server, fresh=True)
+        return server
+
+    def _rejoin(self, database: str) -> ServerConnection | None:
+        """A statement of a transaction on several databases whose backends all wait apart
+        (a bound COMMIT that was not run): its database's, or a new participant."""
+        if any(server.tx_status == _E for server in self.others.values()):
+            raise ClientError("25P02", "current transaction is aborted, commands ignored until end of "
+                              "transaction block", hint="ROLLBACK (a statement of this transaction failed)")
+        server = self.others.pop(database, None)
+        if server is not None:
+            self.backend = server
+            return server
+        server = self.fleet.pool_of(database).try_acquire()
         if server is None:
             self._wait_for(self._acquire(database, join=True))
             return None
@@ -2109,6 +2139,8 @@ class Session(asyncio.Protocol):
         """Whether closing the client now would cut a statement (or, unless
         ``statement_only``, a transaction) short."""
         if self.wait_task is not None or self.state is State.SETTING_UP:
+            return True
+        if self.others and not statement_only:
             return True
         backend = self.backend
         if backend is None:

@@ -354,3 +354,22 @@ def test_a_starting_pgfleet_leaves_a_live_pgfleets_transaction_alone(
 def _port() -> int:
     from proxy.embedded import free_port
     return free_port()
+
+
+@pytest.mark.parametrize("protocol", ["extended", "prepared"])
+def test_pgbench_transactions_across_databases_in_the_extended_protocol(
+        twophase: Fleet, pg: Cluster, tmp_path: Any, protocol: str) -> None:
+    script = tmp_path / "across.sql"
+    script.write_text("\\set id :client_id * 1000000 + random(1, 999999)\n"
+                      "BEGIN;\n"
+                      "INSERT INTO tpc_a VALUES (:id, 'a') ON CONFLICT (id) DO NOTHING;\n"
+                      "INSERT INTO tpc_b VALUES (:id, 'b') ON CONFLICT (id) DO NOTHING;\n"
+                      "END;\n")
+    out = subprocess.run(["pgbench", "-n", "-f", str(script), "-M", protocol, "-c", "2", "-t", "25",
+                          twophase.dsn()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "number of transactions actually processed: 50/50" in out.stdout, out.stdout
+    a, b = ids(pg, "bank", "tpc_a"), ids(pg, "secondary", "tpc_b")
+    assert a == b and 0 < len(a) <= 50
+    assert prepared(pg) == []
+    no_traceback(twophase)
