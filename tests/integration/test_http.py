@@ -146,3 +146,22 @@ def test_the_grafana_dashboard_asks_only_for_metrics_pgfleet_exports(http_fleet:
               for name in re.findall(r"pgfleet_[a-z_]+", target["expr"])}
     exported = {name for name, _ in samples(http_fleet)}
     assert wanted and wanted <= exported, wanted - exported
+
+
+def test_ready_waits_for_every_database_that_is_not_optional(make_fleet: Any, pg: Cluster) -> None:
+    closed = free_port()  # nothing listens there: that database is down
+    base = {"primary": {"dsn": pg.dsn("bank", user="pf_trust")},
+            "secondary": {"dsn": f"postgresql://pf_trust@127.0.0.1:{closed}/secondary"}}
+    health = {"interval": "0.2s", "timeout": "0.5s", "failures_to_down": 1}
+    strict: Fleet = make_fleet(http={"host": "127.0.0.1", "port": free_port()}, health=health, databases=base)
+    deadline = time.monotonic() + 10
+    while (status := get(strict, "/health/ready"))[0] != 503:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert json.loads(status[1])["unavailable"] == ["secondary"]
+    assert json.loads(get(strict, "/databases")[1])["secondary"]["circuit"] == "open"
+    lenient: Fleet = make_fleet(http={"host": "127.0.0.1", "port": free_port()}, health=health,
+                                databases={**base, "secondary": {**base["secondary"], "optional": True}})
+    time.sleep(1.0)  # several check rounds: secondary is down by now
+    assert json.loads(get(lenient, "/databases")[1])["secondary"]["status"] == "down"
+    assert get(lenient, "/health/ready")[0] == 200
