@@ -95,9 +95,8 @@ def _databases(admin: Admin, _: str) -> Table:
     for name, db in config.databases.items():
         pool = fleet.pools[name]
         dsn = pool.dsn
-        health = _health(fleet, name)
         rows.append((name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.size, config.pool.mode,
-                     pool.total, pool.paused, health["circuit"] == "open", _role(config, name),
+                     pool.total, pool.paused, fleet.health.status(name).circuit == "open", _role(config, name),
                      len(db.replicas)))
     return Table(("name", "host", "port", "database", "force_user", "pool_size", "pool_mode",
                   "current_connections", "paused", "disabled", "role", "replicas"), rows)
@@ -109,7 +108,7 @@ def _pools(admin: Admin, _: str) -> Table:
     for name, pool in fleet.pools.items():
         clients = [s for s in fleet.sessions.values() if _database_of(s) == name]
         active = sum(1 for s in clients if s.backend is not None and s.backend.database == name)
-        parked = sum(1 for server in pool.parked if _between(server))
+        parked = len(pool.between)
         rows.append((name, "*", active, len(pool.waiters), len(pool.active) - parked, len(pool.idle), parked,
                      pool.opening, sum(1 for s in clients if s.pins), fleet.config.pool.mode))
     return Table(("database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked",
@@ -135,8 +134,8 @@ def _servers(admin: Admin, _: str) -> Table:
     now_wall, now = time.time(), time.monotonic()
     rows = []
     for name, pool in fleet.pools.items():
-        listed = [(s, "idle") for s in pool.idle] + \
-                 [(s, "parked" if s in pool.parked and _between(s) else "active") for s in pool.active]
+        between = set(pool.between)
+        listed = [(s, "idle") for s in pool.idle] + [(s, "parked" if s in between else "active") for s in pool.active]
         for server, state in listed:
             client = clients.get(id(server))
             rows.append(("S", server.dsn.user, name, state, server.dsn.host, server.dsn.port,
@@ -159,9 +158,9 @@ def _stats(admin: Admin, _: str) -> Table:
 def _health_table(admin: Admin, _: str) -> Table:
     rows = []
     for name in admin.fleet.config.databases:
-        h = _health(admin.fleet, name)
-        rows.append((name, h.get("status"), _time(h["last_check"]) if h.get("last_check") else None,
-                     h.get("response_ms"), h.get("consecutive_failures"), h.get("circuit"), h.get("last_error")))
+        h = admin.fleet.health.status(name)
+        rows.append((name, str(h.status), _time(h.last_check), h.response_ms, h.consecutive_failures,
+                     str(h.circuit), h.last_error))
     return Table(("database", "status", "last_check", "response_ms", "failures", "circuit", "last_error"), rows)
 
 
@@ -494,13 +493,6 @@ async def _ask(admin: Admin, database: str, sql: str) -> list[asyncpg.Record]:
         conn.terminate()
 
 
-def _health(fleet: Fleet, name: str) -> dict[str, Any]:
-    status = fleet.health.status(name)
-    return {"status": status.status, "last_check": status.last_check, "response_ms": status.response_ms,
-            "consecutive_failures": status.consecutive_failures, "circuit": status.circuit,
-            "last_error": status.last_error}
-
-
 def _role(config: Config, name: str) -> str:
     roles = []
     if name == config.default_database:
@@ -515,12 +507,6 @@ def _role(config: Config, name: str) -> str:
 def _database_of(session: Any) -> str | None:
     backend = session.backend
     return backend.database if backend is not None else None
-
-
-def _between(server: Any) -> bool:
-    """A parked backend that is really between its client's transactions (the pool keeps
-    marking it parked while the client uses it again: see Pool.parked)."""
-    return server.tx_status == _IDLE and not server.expects
 
 
 def _client_state(session: Any) -> str:

@@ -67,7 +67,7 @@ class FleetCollector(Collector):
             clients_active.add_metric([name], sum(1 for s in fleet.sessions.values()
                                                   if s.backend is not None and s.backend.database == name))
             clients_waiting.add_metric([name], len(pool.waiters))
-            parked = sum(1 for s in pool.parked if s.tx_status == 73 and not s.expects)
+            parked = len(pool.between)
             servers.add_metric([name, "active"], len(pool.active) - parked)
             servers.add_metric([name, "parked"], parked)
             servers.add_metric([name, "idle"], len(pool.idle))

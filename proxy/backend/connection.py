@@ -454,12 +454,8 @@ class ServerConnection(asyncio.Protocol):
         self.errors += 1
         stats = self.stats
         stats.errors += 1
-        found = body.find(b"C", 0)  # the SQLSTATE field: "C" + 5 characters
-        while found > 0 and body[found - 1] != 0:
-            found = body.find(b"C", found + 1)
-        if found >= 0:
-            sqlclass = body[found + 1:found + 3].decode(errors="replace")
-            stats.error_classes[sqlclass] = stats.error_classes.get(sqlclass, 0) + 1
+        sqlclass = m.decode_fields(body).get("C", "XX000")[:2]
+        stats.error_classes[sqlclass] = stats.error_classes.get(sqlclass, 0) + 1
         if head.answer is Answer.QUERY:
             if head.fate is Fate.REFUSE:
                 return head.reply, True

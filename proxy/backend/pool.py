@@ -77,6 +77,12 @@ class Pool:
         self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
 
     @property
+    def between(self) -> list[ServerConnection]:
+        """The parked connections whose client is between transactions now (a client that
+        uses its parked connection again leaves it marked parked: see ``parked``)."""
+        return [server for server in self.parked if server.tx_status == 73 and not server.expects]
+
+    @property
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.opening
 

@@ -21,7 +21,7 @@ from ..backend.health import HealthChecker
 from ..backend.pool import DisconnectReason, Pool
 from ..backend.replicas import Replicas
 from ..backend.twophase import Coordinator
-from ..config import Config, server_tls
+from ..config import Config, Dsn, server_tls
 from ..errors import BackendError, ProxyError
 from ..router.router import Router
 
@@ -60,18 +60,16 @@ class Fleet:
         self._tokens = 0
 
     @staticmethod
-    def _pool(config: Config, name: str) -> Pool:
-        return Pool(name, config.dsn(name), size=config.databases[name].pool_size or config.pool.size,
+    def _pool(config: Config, name: str, dsn: Dsn | None = None, size: int | None = None) -> Pool:
+        """The pool of database ``name`` (or of a replica: ``dsn`` and ``size`` given)."""
+        return Pool(name, dsn or config.dsn(name), size=size or config.databases[name].pool_size or config.pool.size,
                     acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
                     lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
                     startup={"application_name": "pgfleet"})
 
-    @staticmethod
-    def new_replicas(config: Config) -> Replicas:
-        return Replicas(config, lambda name, dsn, size: Pool(
-            name, dsn, size=size, acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
-            lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
-            startup={"application_name": "pgfleet"}))
+    @classmethod
+    def new_replicas(cls, config: Config) -> Replicas:
+        return Replicas(config, lambda name, dsn, size: cls._pool(config, name, dsn, size))
 
     def apply(self, config: Config) -> list[str]:
         """RELOAD: a new, valid config snapshot takes over; what changed, in words.

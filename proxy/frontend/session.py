@@ -125,11 +125,13 @@ class _Audited:
 
     __slots__ = ("clock", "databases", "ignore", "rows", "simple", "sqlstate", "started", "text")
 
-    def __init__(self, text: str, database: str, simple: bool, ignore: bool = False) -> None:
-        self.started = time.time()
-        self.clock = time.monotonic()
+    def __init__(self, text: str, databases: tuple[str, ...], simple: bool, ignore: bool = False,
+                 clock: float | None = None) -> None:
+        now = time.monotonic()
+        self.clock = now if clock is None else clock  # when it started (time.monotonic)
+        self.started = time.time() - (now - self.clock)
         self.text = text
-        self.databases = (database,)
+        self.databases = databases
         self.simple = simple  # a Query (ends with ReadyForQuery), else an Execute
         self.ignore = ignore  # a refused statement failed on the backend: logged already
         self.rows: int | None = None
@@ -841,8 +843,7 @@ class Session(asyncio.Protocol):
                 return
         elif self.control_portal is not None:  # Describe or Execute of the bound COMMIT/ROLLBACK
             return
-        raise ClientError("25P02", "current transaction is aborted, commands ignored until end of transaction block",
-                          hint="ROLLBACK (a statement of this transaction failed)")
+        raise _in_failed_transaction()
 
     def _transaction_control(self, sql: str, raw: bytes) -> bool:
         """BEGIN on the fleet waits for its first routed statement, which picks the database.
@@ -913,7 +914,7 @@ class Session(asyncio.Protocol):
 
     async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool) -> None:
         self.fleet.counted("cross_database_transaction")
-        started = self._audit_clock()
+        started = time.monotonic()
         scatter = Scatter.adopt(self.fleet.pools, servers, self.fleet.coordinator)
         failed = any(server.tx_status == _E for server in servers)
         tag = "ROLLBACK" if failed or word == "ROLLBACK" else "COMMIT"
@@ -1449,7 +1450,7 @@ class Session(asyncio.Protocol):
         return True
 
     async def _end_copy(self, copy: CopySplit, reason: str | None) -> None:
-        started = self._audit_clock()
+        started = time.monotonic()
         answer = await copy.finish(reason)
         self._audit_whole("copy", tuple(leg.database for leg in copy.legs.values()), started, answer)
         self._write(answer + m.ready_for_query(self.tx_status))
@@ -1460,7 +1461,7 @@ class Session(asyncio.Protocol):
         Execute (with the client's Describe of the portal or without), answered up to its
         CommandComplete; an error skips the client's messages up to Sync, as PostgreSQL does."""
         self.fleet.counted("scatter")
-        started = self._audit_clock()
+        started = time.monotonic()
         try:
             answer = await Scatter(self.fleet.coordinator).run(self.fleet.pools, statements, self.settings,
                                                                replicated, describe)
@@ -1501,7 +1502,7 @@ class Session(asyncio.Protocol):
         self.gather = gather
         if self.paused_by_client:
             gather.pause()
-        started = self._audit_clock()
+        started = time.monotonic()
         try:
             last = await gather.run(self.fleet.pools, databases, query, settings)
         finally:
@@ -1649,8 +1650,7 @@ class Session(asyncio.Protocol):
         for its database comes back to it or the transaction ends (``_end_across``).
         """
         if backend.tx_status == _E:
-            raise ClientError("25P02", "current transaction is aborted, commands ignored until end of "
-                              "transaction block", hint="ROLLBACK (a statement of this transaction failed)")
+            raise _in_failed_transaction()
         if self.batch_open:
             raise ClientError("0A000", f"one pipeline (messages up to Sync) cannot use databases "
                               f"{backend.database} and {database}",
@@ -1662,26 +1662,21 @@ class Session(asyncio.Protocol):
         if backend.expects:
             self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
             return None
-        server = self.others.pop(database, None)
-        if server is not None:
-            self._switch(server, fresh=False)
-            return server
-        server = self.fleet.pools[database].try_acquire()
-        if server is None:
-            self._wait_for(self._acquire(database, join=True))
-            return None
-        self._switch(server, fresh=True)
-        return server
+        return self._participant(database)
 
     def _rejoin(self, database: str) -> ServerConnection | None:
         """A statement of a transaction on several databases whose backends all wait apart
         (a bound COMMIT that was not run): its database's, or a new participant."""
         if any(server.tx_status == _E for server in self.others.values()):
-            raise ClientError("25P02", "current transaction is aborted, commands ignored until end of "
-                              "transaction block", hint="ROLLBACK (a statement of this transaction failed)")
+            raise _in_failed_transaction()
+        return self._participant(database)
+
+    def _participant(self, database: str) -> ServerConnection | None:
+        """The backend of ``database`` in the transaction: one waiting in ``others``, or a new
+        one from the pool (None: on its way)."""
         server = self.others.pop(database, None)
         if server is not None:
-            self.backend = server
+            self._switch(server, fresh=False)
             return server
         server = self.fleet.pool_of(database).try_acquire()
         if server is None:
@@ -1950,7 +1945,7 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ the audit log
 
     def _audit_start(self, text: str, database: str, simple: bool) -> None:
-        self.audit_queue.append(_Audited(text, database, simple))
+        self.audit_queue.append(_Audited(text, (database,), simple))
 
     def _audit_answer(self, kind: int, body: bytes) -> None:
         """An attached backend's answer to this client's statements (see ServerConnection.on_answer)."""
@@ -1981,24 +1976,17 @@ class Session(asyncio.Protocol):
     def _audit_refused(self, exc: ProxyError, backend: ServerConnection | None, simple: bool) -> None:
         """A statement pgfleet refused: its line now; the backend's answers to the failing
         statement pgfleet sends in its place (see _refuse) are not the client's."""
-        entry = _Audited(self.audit_text, backend.database if backend is not None else "", simple)
+        entry = _Audited(self.audit_text, (), simple)
         entry.sqlstate = exc.sqlstate
-        entry.databases = ()
         self._audit_record(entry, "refused")
         if backend is not None:
-            self.audit_queue.append(_Audited("", backend.database, simple, ignore=True))
-
-    def _audit_clock(self) -> float:
-        return time.monotonic()
+            self.audit_queue.append(_Audited("", (), simple, ignore=True))
 
     def _audit_whole(self, route: str, databases: tuple[str, ...], started: float, answer: bytes) -> None:
         """A statement pgfleet ran itself on several databases (fan-out, scatter, COPY, 2PC)."""
         if self.audit is None:
             return
-        entry = _Audited(self.audit_text, "", True)
-        entry.started -= time.monotonic() - started
-        entry.clock = started
-        entry.databases = databases
+        entry = _Audited(self.audit_text, databases, True, clock=started)
         for kind, body in m.split(answer):
             if kind == m.COMMAND_COMPLETE:
                 entry.rows = _counted_rows(body)
@@ -2286,6 +2274,11 @@ def _limits(formats: tuple[int, ...], values: tuple[bytes | None, ...], plan: Fa
             raise ClientError(sqlstate, f"{what} must not be negative")
         out[number - 1] = value
     return tuple(out)
+
+
+def _in_failed_transaction() -> ClientError:
+    return ClientError("25P02", "current transaction is aborted, commands ignored until end of transaction block",
+                       hint="ROLLBACK (a statement of this transaction failed)")
 
 
 def _counted_rows(tag: bytes) -> int | None:
