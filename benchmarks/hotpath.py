@@ -13,7 +13,7 @@ import time
 
 from proxy.backend.connection import ServerConnection
 from proxy.config import load_text
-from proxy.frontend.fleet import Fleet
+from proxy.fleet import Fleet
 from proxy.frontend.session import Session, State
 from proxy.wire import messages as m
 

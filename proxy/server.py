@@ -22,7 +22,7 @@ from .backend.health import HealthChecker
 from .backend.pool import DisconnectReason
 from .config import Config, load
 from .errors import ClientError, ConfigError
-from .frontend.fleet import Fleet
+from .fleet import Fleet
 from .frontend.session import SHUTTING_DOWN, Session
 
 log = logging.getLogger("pgfleet")

@@ -34,7 +34,7 @@ from ..router.router import SessionContext
 from ..wire import messages as m
 
 if TYPE_CHECKING:
-    from ..frontend.fleet import Fleet
+    from ..fleet import Fleet
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")

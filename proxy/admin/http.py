@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..backend.pool import WAIT_BUCKETS
 
 if TYPE_CHECKING:
-    from ..frontend.fleet import Fleet
+    from ..fleet import Fleet
 
 log = logging.getLogger("pgfleet.http")
 

@@ -22,7 +22,7 @@ import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import scramp
@@ -68,6 +68,15 @@ class Link(Protocol):
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None: ...
     def parameter_changed(self, name: str, value: str) -> None: ...
     def give_back(self, server: ServerConnection) -> bool: ...
+
+
+# How a backend connection reaches its server: TCP (``tcp_connect``) in pgfleet; the protocol
+# tests give a scripted transport instead (tests/protocol/harness.py).
+Connector = Callable[[Callable[[], asyncio.Protocol], Dsn, float], Awaitable[object]]
+
+
+async def tcp_connect(factory: Callable[[], asyncio.Protocol], dsn: Dsn, timeout: float) -> None:
+    await asyncio.wait_for(asyncio.get_running_loop().create_connection(factory, dsn.host, dsn.port), timeout)
 
 
 _ASKS_TLS = frozenset({"prefer", "require", "verify-ca", "verify-full"})  # "allow" starts in plaintext
@@ -147,12 +156,11 @@ class ServerConnection(asyncio.Protocol):
 
     # -- opening
 
-    async def open(self, timeout: float) -> None:
+    async def open(self, timeout: float, connect: Connector = tcp_connect) -> None:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, self.dsn.host, self.dsn.port), timeout)
+            await connect(lambda: self, self.dsn, timeout)
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except (OSError, TimeoutError) as exc:
             self.abort()

@@ -22,7 +22,7 @@ from collections import deque
 
 from ..config import Dsn
 from ..errors import BackendError, ClientError
-from .connection import ServerConnection, Stats
+from .connection import Connector, ServerConnection, Stats, tcp_connect
 
 log = logging.getLogger("pgfleet.pool")
 
@@ -44,8 +44,10 @@ class DisconnectReason(enum.Enum):
 
 class Pool:
     def __init__(self, name: str, dsn: Dsn, *, size: int, acquire_timeout: float, idle_timeout: float,
-                 lifetime: float, connect_timeout: float, startup: dict[str, str]) -> None:
+                 lifetime: float, connect_timeout: float, startup: dict[str, str],
+                 connect: Connector = tcp_connect) -> None:
         self.name = name
+        self.connect = connect
         self.dsn = dsn
         self.size = size
         self.acquire_timeout = acquire_timeout
@@ -163,7 +165,7 @@ class Pool:
         server = ServerConnection(self.name, self.dsn, self.startup, self.generation, self.stats)
         server.parsed_ok = self.parsed_ok
         try:
-            await server.open(self.connect_timeout)
+            await server.open(self.connect_timeout, self.connect)
         finally:
             self.opening -= 1
         if not self.params:

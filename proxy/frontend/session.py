@@ -68,7 +68,7 @@ from ..router.route import (
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .copysplit import CopySplit
-from .fleet import Fleet
+from ..fleet import Fleet
 from .gather import Gather
 from .merge import Merger
 from .scatter import Scatter, answer_of

@@ -1,8 +1,11 @@
-"""What every client session shares: the config snapshot, the router, the pools, the keys.
+"""The process-wide registry: the config snapshot, the router, the pools, the keys, health,
+replicas and the two-phase coordinator — what every client session shares.
 
-Owns the registry of live sessions (for CancelRequest) and the backend-side names of
-prepared statements, which are shared by all clients so that a statement prepared once on a
-backend serves every client that prepares the same text (as PgBouncer 1.21+ does).
+Owns the registry of live sessions (for CancelRequest, RELOAD and the console) and the
+backend-side names of prepared statements, which are shared by all clients so that a
+statement prepared once on a backend serves every client that prepares the same text (as
+PgBouncer 1.21+ does). It sits below the frontend and the admin layer: it knows sessions only
+through the ``ClientSession`` protocol below, never by importing them.
 """
 
 from __future__ import annotations
@@ -11,29 +14,55 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 
-from ..auth.keys import ApiKey, load_keys
-from ..backend.catalog import byte_order, table_columns
-from ..backend.health import HealthChecker
-from ..backend.pool import DisconnectReason, Pool
-from ..backend.replicas import Replicas
-from ..backend.twophase import Coordinator
-from ..config import Config, Dsn, server_tls
-from ..errors import BackendError, ProxyError
-from ..router.router import Router
+from .auth.keys import ApiKey, load_keys
+from .backend.catalog import byte_order, table_columns
+from .backend.connection import Connector, ServerConnection, tcp_connect
+from .backend.health import HealthChecker
+from .backend.pool import DisconnectReason, Pool
+from .backend.replicas import Replicas
+from .backend.twophase import Coordinator
+from .config import Config, Dsn, server_tls
+from .errors import BackendError, ProxyError
+from .router.router import Router
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class ClientSession(Protocol):
+    """What the fleet, the server, the console and /metrics need of a logged-in client session."""
+
+    user: str            # the key id it logged in with
+    database: str | None  # the database name it connected to
+    peer: str            # "host:port"
+    pid: int             # pgfleet's BackendKeyData for it
+    secret: int
+    connected: float     # time.time() at connect
+    tls: bool
+    key: ApiKey | None
+
+    @property
+    def backend(self) -> ServerConnection | None: ...  # the backend it holds now, if any
+    @property
+    def tx_status(self) -> int: ...  # ReadyForQuery status byte as the client last saw it
+    @property
+    def pins(self) -> set[str]: ...  # session state keeping its backend (LISTEN, temp tables, ...)
+    @property
+    def waiting(self) -> bool: ...  # reading stopped until a backend or a fan-out answers
+    def close(self, error: ProxyError) -> None: ...
+    def rekey(self, key: ApiKey) -> None: ...
+    def cancel_running(self) -> int: ...
+    def busy(self, statement_only: bool = False) -> bool: ...
+
 
 log = logging.getLogger("pgfleet.fleet")
 
 
 class Fleet:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, connect: Connector = tcp_connect) -> None:
         self.config = config
+        self.connect = connect  # how pools reach their servers (the protocol tests script them)
         self.router = Router(config)
         self.keys: dict[str, ApiKey] = load_keys(config)
         self.pools: dict[str, Pool] = {name: self._pool(config, name) for name in config.databases}
@@ -46,7 +75,7 @@ class Fleet:
         # None: no console in this process.
         self.console: Callable[[], Any] | None = None
         self.audit: Any = None  # the audit log (admin/audit.py), set by the server when configured
-        self.sessions: dict[int, Session] = {}  # logged-in clients, by their BackendKeyData pid
+        self.sessions: dict[int, ClientSession] = {}  # logged-in clients, by their BackendKeyData pid
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
         self.shutting_down = False
@@ -59,17 +88,15 @@ class Fleet:
         self._statement_names: dict[tuple[str, bytes], str] = {}
         self._tokens = 0
 
-    @staticmethod
-    def _pool(config: Config, name: str, dsn: Dsn | None = None, size: int | None = None) -> Pool:
+    def _pool(self, config: Config, name: str, dsn: Dsn | None = None, size: int | None = None) -> Pool:
         """The pool of database ``name`` (or of a replica: ``dsn`` and ``size`` given)."""
         return Pool(name, dsn or config.dsn(name), size=size or config.databases[name].pool_size or config.pool.size,
                     acquire_timeout=config.pool.acquire_timeout, idle_timeout=config.pool.idle_timeout,
                     lifetime=config.pool.lifetime, connect_timeout=config.pool.connect_timeout,
-                    startup={"application_name": "pgfleet"})
+                    startup={"application_name": "pgfleet"}, connect=self.connect)
 
-    @classmethod
-    def new_replicas(cls, config: Config) -> Replicas:
-        return Replicas(config, lambda name, dsn, size: cls._pool(config, name, dsn, size))
+    def new_replicas(self, config: Config) -> Replicas:
+        return Replicas(config, lambda name, dsn, size: self._pool(config, name, dsn, size))
 
     def apply(self, config: Config) -> list[str]:
         """RELOAD: a new, valid config snapshot takes over; what changed, in words.
