@@ -24,7 +24,7 @@ from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
 from ..errors import BackendError, ProxyError
 from ..wire import messages as m
-from .merge import Merger, keyed_rows
+from ..merge.merger import Merger, keyed_rows
 from .startup import set_statement
 
 log = logging.getLogger("pgfleet.gather")

@@ -70,7 +70,7 @@ from ..wire import messages as m
 from .copysplit import CopySplit
 from ..fleet import Fleet
 from .gather import Gather
-from .merge import Merger
+from ..merge.merger import Merger
 from .scatter import Scatter, answer_of
 from .startup import DIRTY, session_settings, set_statement
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.embedded import Cluster
-from proxy.frontend.values import float_text, numeric_div, read_datetime
+from proxy.merge.values import float_text, numeric_div, read_datetime
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_timestamps_read_as_the_instants_the_server_orders(conn: psycopg.Connect
 ])
 def test_binary_output_is_the_servers_send_function(conn: psycopg.Connection[Any], type_name: str, oid: int,
                                                     send: str, literals: list[str]) -> None:
-    from proxy.frontend.values import binary_writer
+    from proxy.merge.values import binary_writer
     write = binary_writer(oid)
     conn.execute("set timezone = 'UTC'")
     for literal in literals:

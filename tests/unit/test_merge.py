@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from proxy.frontend.merge import (
+from proxy.merge.merger import (
     MergeError,
     Merger,
     columns,
