@@ -556,5 +556,25 @@ class ServerConnection(asyncio.Protocol):
         pass
 
 
+class _CancelSender(asyncio.Protocol):
+    """A connection that carries one CancelRequest and closes (the server answers nothing)."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+        transport.close()
+
+
+async def send_cancel(server: ServerConnection, connect: Connector = tcp_connect) -> None:
+    """Ask ``server``'s database to cancel what that backend runs (a new connection, as libpq does)."""
+    request = m.cancel_request(server.pid, server.secret)
+    try:
+        await connect(lambda: _CancelSender(request), server.dsn, 5.0)
+    except (OSError, TimeoutError) as exc:
+        log.warning("database %s: could not forward a cancel request: %s", server.database, exc)
+
+
 def _discard(data: bytes) -> None:
     pass

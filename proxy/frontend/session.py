@@ -32,7 +32,7 @@ from collections import deque
 from typing import Any
 
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
-from ..backend.connection import ServerConnection
+from ..backend.connection import ServerConnection, send_cancel
 from ..backend.expect import (
     DROP_QUERY,
     FORWARD_BIND,
@@ -2088,7 +2088,7 @@ class Session(asyncio.Protocol):
             servers += [shard.server for shard in self.gather.shards.values() if not shard.done]
         busy = [server for server in servers if server.busy]
         for server in busy:
-            asyncio.get_running_loop().create_task(_send_cancel(server))
+            asyncio.get_running_loop().create_task(send_cancel(server, self.fleet.connect))
         return len(busy)
 
     def _running(self) -> bool:
@@ -2170,18 +2170,6 @@ class Janitor:
 
     def give_back(self, server: ServerConnection) -> bool:
         return False  # it goes back to the pool by itself when its clean-up is done
-
-
-async def _send_cancel(server: ServerConnection) -> None:
-    try:
-        _, writer = await asyncio.open_connection(server.dsn.host, server.dsn.port)
-    except OSError as exc:
-        log.warning("database %s: could not forward a cancel request: %s", server.database, exc)
-        return
-    writer.write(m.cancel_request(server.pid, server.secret))
-    await writer.drain()
-    writer.close()
-    await writer.wait_closed()
 
 
 # Messages forwarded unchanged to the attached backend, with what answers them.
