@@ -5,14 +5,21 @@ One run starts everything it measures and stops it again:
 
 * a throw-away PostgreSQL cluster (proxy/embedded.py) with database ``bench`` filled by
   ``pgbench -i -s SCALE``;
-* PgBouncer (installed from Debian's packages when missing), transaction pooling, the same
-  pool size as pgfleet, run as the unprivileged server user because it refuses root;
-* pgfleet (``python -m proxy run``), transaction pooling, pool size 20.
+* PgBouncer >= 1.21, transaction pooling, the same pool size as pgfleet, run as the
+  unprivileged server user because it refuses root: the one on PATH, else one built before
+  under ``.pgfleet/build``, else built from Debian's source package, fetched with
+  ``apt-get source`` through deb-src entries made from the machine's own apt sources in a
+  private apt directory (``build_pgbouncer``);
+* pgfleet (``python -m proxy run``), transaction pooling, pool size 20;
+* with ``--baseline DIR``, a second pgfleet run from the checkout DIR with DIR/.venv/bin/python
+  (target ``baseline``): the code before a change, measured in the same alternating run.
 
 Then ``pgbench -S -n -M MODE -c CLIENTS -j 2 -T SECS`` runs against each target. Within a
 round every (mode, clients) cell runs each target once, in an order that rotates from round
 to round (so no target always goes first or last on a shared, noisy CPU). The median TPS
-and median average latency over the rounds go into a markdown table, written to
+and median average latency over the rounds, and each pooler's own CPU time per
+transaction (utime + stime of its processes over a run / the transactions pgbench
+processed), go into markdown tables, written to
 ``benchmarks/results/pgbench-<YYYYMMDD-HHMM>.md`` and ``benchmarks/results/latest.md``, and
 printed.
 
@@ -22,18 +29,21 @@ the others are still measured. Everything started here is stopped in ``finally``
 
     .venv/bin/python benchmarks/pgbench_compare.py            # 3 rounds, -T 5, c = 1,10,50
     .venv/bin/python benchmarks/pgbench_compare.py --quick    # 1 round, -T 2, c = 10
+    .venv/bin/python benchmarks/pgbench_compare.py --baseline /tmp/pgfleet-before \
+        --clients 10 --rounds 5 --duration 10                  # before vs after a change
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
+import functools
 import json
 import os
 import platform
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -41,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +59,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import route_bench  # noqa: E402
 from proxy.embedded import Cluster, EmbeddedError, free_port, server_user
 
 HOST = "127.0.0.1"
@@ -58,13 +66,18 @@ PG_PASSWORD = "postgres"
 KEY_ID, KEY_SECRET = "bench", "benchpw"
 FLEET_DB = "app"
 BENCH_DB = "bench"
-TARGETS = ("direct", "pgfleet", "pgbouncer")
-LABEL = {"direct": "direct", "pgfleet": "pgfleet", "pgbouncer": "PgBouncer"}
+# The targets in the order of the report's columns. "baseline" is a second pgfleet, run from
+# another checkout (--baseline DIR), to compare a change with the code before it.
+TARGETS = ("direct", "pgbouncer", "baseline", "pgfleet")
+POOLERS = ("pgbouncer", "baseline", "pgfleet")
+LABEL = {"direct": "direct", "pgfleet": "pgfleet", "pgbouncer": "PgBouncer",
+         "baseline": "baseline"}
 PGBOUNCER = "/usr/sbin/pgbouncer"
-# Debian trixie's PgBouncer source (pool/main/p/pgbouncer); MD5 from dists/trixie/main/source/Sources.
-PGB_SOURCE_VERSION = "1.24.1"
-PGB_SOURCE_URL = "http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_1.24.1.orig.tar.gz"
-PGB_SOURCE_MD5 = "434cbb2db9034d358dddf525e0e5a3dd"
+# PgBouncer pools -M prepared in transaction mode from 1.21 on. Debian 12 ships 1.18, Debian 13
+# (trixie) 1.24: on an older Debian release the deb-src entries built from the machine's own
+# apt sources also name this suite, on the same archive (see build_pgbouncer).
+PGB_NEWER_SUITE = "trixie"
+PGB_MIN_VERSION = (1, 21)
 BUILD_DIR = Path(__file__).resolve().parent.parent / ".pgfleet" / "build"
 ALL_MODES = ("simple", "extended", "prepared")
 
@@ -100,6 +113,8 @@ class Target:
     skip_modes: dict[str, str] = field(default_factory=dict)  # mode -> why it is n/a
     skip_cells: dict[tuple[str, int], str] = field(default_factory=dict)  # (mode, clients) -> why
     mode_ports: dict[str, int] = field(default_factory=dict)  # a mode measured on another port
+    cpu_sid: int | None = None  # session of the pooler's processes, whose CPU time is measured
+    mode_cpu_sids: dict[str, int] = field(default_factory=dict)  # ... for a mode on another port
 
     def skips(self, mode: str, clients: int) -> bool:
         return mode in self.skip_modes or (mode, clients) in self.skip_cells
@@ -113,6 +128,33 @@ class Target:
 
     def conn_args(self, mode: str = "") -> list[str]:
         return ["-h", HOST, "-p", str(self.mode_ports.get(mode, self.port)), "-U", self.user]
+
+    def cpu_session(self, mode: str) -> int | None:
+        return self.mode_cpu_sids.get(mode, self.cpu_sid)
+
+
+def session_cpu_seconds(sid: int | None) -> float | None:
+    """utime + stime of the live processes of session ``sid`` (Linux /proc), or None.
+
+    A pooler is started with ``start_new_session``: its session holds the pooler itself and
+    whatever wraps it (setpriv execs, runuser forks) or it forks (workers).
+    """
+    if sid is None:
+        return None
+    ticks = 0
+    found = False
+    for d in os.scandir("/proc"):
+        if not d.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # field 6, session; 14 and 15, utime and stime
+            ticks += int(fields[11]) + int(fields[12])
+            found = True
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def as_user(user: pwd.struct_passwd | None, argv: list[str]) -> list[str]:
@@ -136,7 +178,7 @@ def wait_ready(target: Target, proc: subprocess.Popen[bytes] | None, log: Path |
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = last_line(log.read_text(errors="replace")) if log and log.exists() else ""
-            raise BenchError(f"{LABEL[target.name]} exited with code {proc.returncode}: {tail}")
+            raise BenchError(f"{LABEL.get(target.name, target.name)} exited with code {proc.returncode}: {tail}")
         r = subprocess.run(["psql", "-X", "-A", "-t", *target.conn_args(), "-d", target.dbname,
                             "-c", "SELECT 1"], env=target.env(), capture_output=True, text=True,
                            check=False, timeout=30)
@@ -144,7 +186,7 @@ def wait_ready(target: Target, proc: subprocess.Popen[bytes] | None, log: Path |
             return
         last = last_line(r.stderr)
         time.sleep(0.3)
-    raise BenchError(f"{LABEL[target.name]} did not answer SELECT 1 within {timeout:g}s: {last}")
+    raise BenchError(f"{LABEL.get(target.name, target.name)} did not answer SELECT 1 within {timeout:g}s: {last}")
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, name: str) -> None:
@@ -188,58 +230,217 @@ def apt_install(packages: str) -> None:
         raise BenchError(f"could not install {packages}: {last_line(r.stderr or r.stdout)}")
 
 
-def build_pgbouncer() -> tuple[str, str, tuple[int, ...]]:
-    """PgBouncer from Debian's own source package of the next release (trixie), built once.
+def cached_pgbouncer() -> tuple[str, str, tuple[int, ...]] | None:
+    """The newest PgBouncer this script built before (``BUILD_DIR/pgbouncer-VERSION/``), if any."""
+    best = None
+    for exe in BUILD_DIR.glob("pgbouncer-*/pgbouncer"):
+        found = pgbouncer_version(str(exe))
+        if found and (best is None or found[2] > best[2]):
+            best = found
+    return best
 
-    bookworm's 1.18 cannot pool -M prepared in transaction mode (that came in 1.21). The
-    tarball is checked against the MD5 that Debian's Sources index lists for it.
+
+def os_release() -> dict[str, str]:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip().strip('"') for k, _, v in
+            (ln.partition("=") for ln in text.splitlines()) if k}
+
+
+def apt_source_files() -> list[Path]:
+    """The machine's apt source files: Dir::Etc::SourceList and SourceParts (*.list, *.sources)."""
+    paths = {"SL": "/etc/apt/sources.list", "SP": "/etc/apt/sources.list.d/"}
+    r = subprocess.run(["apt-config", "shell", "SL", "Dir::Etc::SourceList/f",
+                        "SP", "Dir::Etc::SourceParts/d"], capture_output=True, text=True,
+                       check=False)
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key in paths and value:
+            paths[key] = (shlex.split(value) or [paths[key]])[0]
+    files = [Path(paths["SL"])]
+    parts = Path(paths["SP"])
+    if parts.is_dir():
+        files += sorted(p for p in parts.iterdir() if p.suffix in (".list", ".sources"))
+    return [p for p in files if p.is_file()]
+
+
+ONE_LINE_RE = re.compile(r"^deb(?:-src)?(?P<opts>\s+\[[^\]]*\])?\s+(?P<uri>\S+)\s+(?P<suite>\S+)(?P<rest>.*)$")
+
+
+def deb_src_entries(files: list[Path], codename: str,
+                    extra_suite: str) -> tuple[list[str], list[str]]:
+    """The ``deb`` (and ``deb-src``) entries of ``files`` as ``deb-src`` ones: (one-line
+    entries, deb822 stanzas).
+
+    An entry for the machine's own release ``codename`` is also given ``extra_suite`` (same
+    archive, components and key), unless that is empty or the machine's release itself.
     """
-    prefix = BUILD_DIR / f"pgbouncer-{PGB_SOURCE_VERSION}"
-    exe = prefix / "pgbouncer"
-    found = pgbouncer_version(str(exe))
+    add = extra_suite if extra_suite and extra_suite != codename else ""
+    lines: list[str] = []
+    stanzas: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                out: list[str] = []
+                types: list[str] = []
+                for line in stanza.splitlines():
+                    name, colon, value = line.partition(":")
+                    field_name = name.strip().lower() if colon and not line[:1].isspace() else ""
+                    if field_name == "types":
+                        types = value.split()
+                        line = "Types: deb-src"
+                    elif field_name == "suites" and add and codename in value.split():
+                        line = f"Suites: {value.strip()} {add}"
+                    out.append(line)
+                if "deb" in types or "deb-src" in types:
+                    stanzas.append("\n".join(out))
+            continue
+        for raw in text.splitlines():
+            m = ONE_LINE_RE.match(raw.strip())
+            if not m:
+                continue
+            suites = [m["suite"]] + ([add] if add and m["suite"] == codename else [])
+            lines += [f"deb-src{m['opts'] or ''} {m['uri']} {s}{m['rest']}" for s in suites]
+    return list(dict.fromkeys(lines)), stanzas
+
+
+def sorted_debian_versions(versions: list[str]) -> list[str]:
+    """``versions`` (Debian version strings) sorted oldest first, as dpkg compares them."""
+    def cmp(a: str, b: str) -> int:
+        if a == b:
+            return 0
+        r = subprocess.run(["dpkg", "--compare-versions", a, "lt", b], check=False)
+        return -1 if r.returncode == 0 else 1
+    return sorted(set(versions), key=functools.cmp_to_key(cmp))
+
+
+def fetch_pgbouncer_source(work: Path, extra_suite: str) -> tuple[Path, str]:
+    """``apt-get source pgbouncer`` through a private apt directory under ``work``.
+
+    The deb-src entries are the machine's own apt sources (``deb_src_entries``); lists, caches
+    and the source list live in ``work``, so the machine's apt configuration and state are not
+    touched. apt verifies the download against the signed Sources index. Returns the unpacked
+    source tree and the Debian version.
+    """
+    rel = os_release()
+    lines, stanzas = deb_src_entries(apt_source_files(), rel.get("VERSION_CODENAME", ""),
+                                     extra_suite if rel.get("ID") == "debian" else "")
+    if not lines and not stanzas:
+        raise BenchError("no deb entries in the machine's apt sources to make deb-src ones of")
+    apt = work / "apt"
+    parts = apt / "sources.list.d"
+    lists, cache, src = apt / "lists", apt / "cache", work / "src"
+    for d in (parts, lists / "partial", cache / "archives" / "partial", src):
+        d.mkdir(parents=True, exist_ok=True)
+    (apt / "sources.list").write_text("".join(f"{ln}\n" for ln in lines))
+    (parts / "pgbench-compare.sources").write_text("".join(f"{s}\n\n" for s in stanzas))
+    for d in (work, *work.rglob("*")):
+        d.chmod(0o755 if d.is_dir() else 0o644)
+    if os.geteuid() == 0:  # apt downloads as its sandbox user when it can write there
+        try:
+            sandbox = pwd.getpwnam("_apt")
+            for d in (src, lists / "partial", cache / "archives" / "partial"):
+                os.chown(d, sandbox.pw_uid, -1)
+        except KeyError:
+            pass
+    opts = ["-o", f"Dir::Etc::SourceList={apt / 'sources.list'}",
+            "-o", f"Dir::Etc::SourceParts={parts}",
+            "-o", f"Dir::State::Lists={lists}",
+            "-o", f"Dir::Cache={cache}"]
+    say("PgBouncer source: apt-get update (deb-src of this machine's apt sources, private "
+        f"lists in {apt}) ...")
+    r = subprocess.run(["apt-get", "-q", *opts, "update"], capture_output=True, text=True,
+                       check=False, timeout=600)
+    if r.returncode != 0:  # e.g. a third-party repository without sources: go on without it
+        warn(f"apt-get update (deb-src): {last_line(r.stderr or r.stdout)}")
+    r = subprocess.run(["apt-cache", *opts, "showsrc", "pgbouncer"], capture_output=True,
+                       text=True, check=False, timeout=120)
+    versions = re.findall(r"^Version: (\S+)$", r.stdout, re.MULTILINE)
+    if not versions:
+        raise BenchError("no pgbouncer source package in this machine's apt sources: "
+                         f"{last_line(r.stderr or r.stdout)}")
+    version = sorted_debian_versions(versions)[-1]
+    upstream = tuple(int(x) for x in re.findall(r"\d+", version.split(":")[-1].split("-")[0]))
+    if upstream < PGB_MIN_VERSION:
+        raise BenchError(f"the newest pgbouncer source in this machine's apt sources is {version}"
+                         f", older than {'.'.join(map(str, PGB_MIN_VERSION))}")
+    say(f"PgBouncer source: apt-get source pgbouncer={version} ...")
+    r = subprocess.run(["apt-get", "-q", *opts, "source", f"pgbouncer={version}"], cwd=src,
+                       capture_output=True, text=True, check=False, timeout=600)
+    trees = [d for d in src.glob("pgbouncer-*") if d.is_dir()]
+    if r.returncode != 0 or len(trees) != 1:
+        raise BenchError(f"apt-get source pgbouncer={version} failed: "
+                         f"{last_line(r.stderr or r.stdout)}")
+    return trees[0], version
+
+
+def build_pgbouncer(extra_suite: str = PGB_NEWER_SUITE) -> tuple[str, str, tuple[int, ...]]:
+    """PgBouncer >= 1.21 from Debian's source package (``apt-get source``), built once.
+
+    Debian 12's 1.18 cannot pool -M prepared in transaction mode (that came in 1.21), so on an
+    older Debian the deb-src entries also name ``extra_suite`` (trixie: 1.24) on the same
+    archive. The build is kept as ``BUILD_DIR/pgbouncer-VERSION/pgbouncer``; a build already
+    there is used as it is (delete ``.pgfleet/build`` to build again).
+    """
+    found = cached_pgbouncer()
     if found:
         return found
-    if not Path("/usr/include/event2/event.h").exists():
-        apt_install("libevent-dev libssl-dev pkg-config")
+    missing = [pkg for pkg, path in (("libevent-dev", "/usr/include/event2/event.h"),
+                                     ("libssl-dev", "/usr/include/openssl/ssl.h"))
+               if not Path(path).exists()]
+    missing += [pkg for pkg, exe in (("pkg-config", "pkg-config"), ("dpkg-dev", "dpkg-source"),
+                                     ("make", "make"), ("gcc", "cc")) if not shutil.which(exe)]
+    if missing:
+        apt_install(" ".join(missing))
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tarball = BUILD_DIR / PGB_SOURCE_URL.rsplit("/", 1)[1]
-    say(f"building PgBouncer {PGB_SOURCE_VERSION} from {PGB_SOURCE_URL} ...")
+    work = Path(tempfile.mkdtemp(prefix="pgfleet-pgbouncer-src-"))
     try:
-        with urllib.request.urlopen(PGB_SOURCE_URL, timeout=60) as resp:
-            body = resp.read()
-    except OSError as exc:
-        raise BenchError(f"could not download {PGB_SOURCE_URL}: {exc}") from None
-    if hashlib.md5(body).hexdigest() != PGB_SOURCE_MD5:
-        raise BenchError(f"{PGB_SOURCE_URL}: checksum differs from Debian's Sources index")
-    tarball.write_bytes(body)
-    src = BUILD_DIR / f"pgbouncer-{PGB_SOURCE_VERSION}-src"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir()
-    steps = [["tar", "xzf", str(tarball), "-C", str(src), "--strip-components=1"],
-             ["./configure", "--without-cares", "--without-systemd", "--without-pam",
-              "--without-ldap"],
-             ["make", "-j2"]]
-    for step in steps:
-        r = subprocess.run(step, cwd=src, capture_output=True, text=True, check=False, timeout=900)
-        if r.returncode != 0:
-            raise BenchError(f"building PgBouncer: {' '.join(step[:2])} failed: "
-                             f"{last_line(r.stderr or r.stdout)}")
-    prefix.mkdir(exist_ok=True)
-    shutil.copy2(src / "pgbouncer", exe)
-    shutil.rmtree(src, ignore_errors=True)
-    found = pgbouncer_version(str(exe))
+        src, version = fetch_pgbouncer_source(work, extra_suite)
+        say(f"building PgBouncer {version} from Debian's source package ...")
+        for step in (["./configure", "--without-cares", "--without-systemd", "--without-pam",
+                      "--without-ldap"],
+                     ["make", "-j2"]):
+            r = subprocess.run(step, cwd=src, capture_output=True, text=True, check=False,
+                               timeout=900)
+            if r.returncode != 0:
+                raise BenchError(f"building PgBouncer: {' '.join(step[:2])} failed: "
+                                 f"{last_line(r.stderr or r.stdout)}")
+        built = pgbouncer_version(str(src / "pgbouncer"))
+        if not built:
+            raise BenchError(f"built {src / 'pgbouncer'} but it does not run")
+        prefix = BUILD_DIR / f"pgbouncer-{built[1]}"
+        prefix.mkdir(exist_ok=True)
+        shutil.copy2(src / "pgbouncer", prefix / "pgbouncer")
+        (prefix / "SOURCE").write_text(f"Debian source package pgbouncer {version}, "
+                                       "fetched with apt-get source, built with ./configure "
+                                       "--without-cares --without-systemd --without-pam "
+                                       "--without-ldap\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    found = pgbouncer_version(str(prefix / "pgbouncer"))
     if not found:
-        raise BenchError(f"built {exe} but it does not run")
+        raise BenchError(f"built {prefix / 'pgbouncer'} but it does not run")
     return found
 
 
-def ensure_pgbouncer(install: bool) -> tuple[str, str, tuple[int, ...]]:
+def ensure_pgbouncer(install: bool,
+                     extra_suite: str = PGB_NEWER_SUITE) -> tuple[str, str, tuple[int, ...]]:
+    """A PgBouncer >= 1.21: on PATH, else built before, else built now; else whatever there is."""
     found = pgbouncer_version()
-    if found and found[2] >= (1, 21):
+    if found and found[2] >= PGB_MIN_VERSION:
         return found
+    cached = cached_pgbouncer()
+    if cached and cached[2] >= PGB_MIN_VERSION:
+        return cached
     if install:
         try:
-            return build_pgbouncer()
+            return build_pgbouncer(extra_suite)
         except BenchError as exc:
             warn(f"PgBouncer >= 1.21 not available ({exc}); using {found[1] if found else 'apt'}")
     if found:
@@ -303,7 +504,7 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, exe: str, versi
         proc = subprocess.Popen(as_user(user, [exe, str(d / "pgbouncer.ini")]), cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
-    target = Target("pgbouncer", port, "postgres", PG_PASSWORD, BENCH_DB)
+    target = Target("pgbouncer", port, "postgres", PG_PASSWORD, BENCH_DB, cpu_sid=proc.pid)
     if not supports_prepared and pool_mode == "transaction":
         target.skip_modes["prepared"] = ("PgBouncer < 1.21 has no prepared-statement support "
                                          "in transaction pooling")
@@ -315,25 +516,27 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, exe: str, versi
     return proc, target, log
 
 
-def start_pgfleet(workdir: Path, pg_dsn: str, pool_size: int,
-                  python: str) -> tuple[subprocess.Popen[bytes], Target, Path]:
+def start_pgfleet(workdir: Path, pg_dsn: str, pool_size: int, python: str, name: str = "pgfleet",
+                  tree: Path = ROOT) -> tuple[subprocess.Popen[bytes], Target, Path]:
+    """``python -m proxy run`` in checkout ``tree`` (its own ``proxy`` package), as target ``name``."""
     port = free_port()
-    cfg = workdir / "pgfleet.yaml"
+    cfg = workdir / f"{name}.yaml"
     cfg.write_text(
         f"listen: {{host: {HOST}, port: {port}, database: {FLEET_DB}}}\n"
         f"pool: {{mode: transaction, size: {pool_size}}}\n"
         f"databases:\n  primary: {{dsn: \"{pg_dsn}\"}}\n"
         f"keys:\n  - {{id: {KEY_ID}, secret: {KEY_SECRET}, role: server}}\n")
-    log = workdir / "pgfleet.log"
+    log = workdir / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # proxy from cwd = tree
     with open(log, "wb") as out:
-        proc = subprocess.Popen([python, "-m", "proxy", "run", "--config", str(cfg)], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen([python, "-m", "proxy", "run", "--config", str(cfg)], cwd=tree,
+                                env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    target = Target("pgfleet", port, KEY_ID, KEY_SECRET, FLEET_DB)
+    target = Target(name, port, KEY_ID, KEY_SECRET, FLEET_DB, cpu_sid=proc.pid)
     try:
         wait_ready(target, proc, log)
     except BaseException:
-        stop_process(proc, "pgfleet")
+        stop_process(proc, name)
         raise
     return proc, target, log
 
@@ -353,6 +556,8 @@ class Run:
     failed_tx: int = 0
     rc: int = 0
     errors: list[str] = field(default_factory=list)
+    processed: int = 0  # transactions pgbench reports as processed
+    cpu_us: float | None = None  # the pooler's CPU time over the run, µs per transaction
 
     @property
     def ok(self) -> bool:
@@ -363,12 +568,15 @@ TPS_RE = re.compile(r"^tps = ([\d.]+) \((?:without|excluding) initial connection
 TPS_ANY_RE = re.compile(r"^tps = ([\d.]+)", re.MULTILINE)
 LAT_RE = re.compile(r"^latency average = ([\d.]+) ms", re.MULTILINE)
 FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
+PROCESSED_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
 
 
 def pgbench(target: Target, mode: str, clients: int, duration: int, rnd: int) -> Run:
     run = Run(target.name, mode, clients, rnd)
     argv = ["pgbench", "-S", "-n", "-M", mode, "-c", str(clients), "-j", str(min(2, clients)),
             "-T", str(duration), *target.conn_args(mode), target.dbname]
+    sid = target.cpu_session(mode)
+    cpu0 = session_cpu_seconds(sid)
     try:
         r = subprocess.run(argv, env=target.env(), capture_output=True, text=True, check=False,
                            timeout=duration + 60)
@@ -376,7 +584,12 @@ def pgbench(target: Target, mode: str, clients: int, duration: int, rnd: int) ->
         run.rc = -1
         run.errors.append(f"pgbench did not finish within {duration + 60}s (hung)")
         return run
+    cpu1 = session_cpu_seconds(sid)
     read_pgbench(run, r)
+    m = PROCESSED_RE.search(r.stdout)
+    run.processed = int(m.group(1)) if m else 0
+    if cpu0 is not None and cpu1 is not None and run.processed:
+        run.cpu_us = (cpu1 - cpu0) / run.processed * 1e6
     return run
 
 
@@ -434,85 +647,138 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a is not None and b else "n/a"
 
 
+def fmt_us(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "n/a"
+
+
 def cell_value(runs: list[Run], attr: str) -> float | None:
     return median([getattr(r, attr) for r in runs if r.ok and getattr(r, attr) is not None])
 
 
 def build_report(info: dict[str, str], modes: list[str], clients: list[int],
                  runs: list[Run], skipped: dict[tuple[str, ...], str],
-                 pgfleet_log_lines: list[str]) -> str:
+                 log_lines: dict[str, list[str]] | list[str],
+                 shown: tuple[str, ...] = ("direct", "pgbouncer", "pgfleet")) -> str:
+    """The markdown report. ``shown``: the targets' columns, in order (see TARGETS);
+    ``log_lines``: warnings and errors of each pgfleet's log (a list: pgfleet's)."""
+    if isinstance(log_lines, list):
+        log_lines = {"pgfleet": log_lines}
     by: dict[tuple[str, int, str], list[Run]] = {}
     for r in runs:
         by.setdefault((r.mode, r.clients, r.target), []).append(r)
+    poolers = [t for t in shown if t in POOLERS]
+    baseline = "baseline" in shown
+    if baseline:
+        pairs = [("pgfleet", "baseline"), ("pgfleet", "pgbouncer"), ("baseline", "pgbouncer"),
+                 ("pgfleet", "direct"), ("pgbouncer", "direct")]
+        cpu_pairs = [("pgfleet", "baseline"), ("pgfleet", "pgbouncer"), ("baseline", "pgbouncer")]
+    else:
+        pairs = [("pgfleet", "direct"), ("pgfleet", "pgbouncer"), ("pgbouncer", "direct")]
+        cpu_pairs = [("pgfleet", "pgbouncer")]
+    pairs = [(a, b) for a, b in pairs if a in shown and b in shown]
+    cpu_pairs = [(a, b) for a, b in cpu_pairs if a in shown and b in shown]
 
-    out = [f"# pgbench: direct vs pgfleet vs PgBouncer ({info['date']})", ""]
+    def ratio_name(a: str, b: str) -> str:
+        return f"{LABEL[a]}/{LABEL[b]}"
+
+    title = " vs ".join(LABEL[t] for t in shown)
+    out = [f"# pgbench: {title} ({info['date']})", ""]
     for k, v in info.items():
         out.append(f"- **{k}**: {v}")
     out += ["", ("Median over the rounds of each run's TPS (excluding connection time) and "
                  "of its average latency. Ratios are of median TPS: above 1.00× the numerator "
                  "is faster. A cell with `!` had at least one failed run (see Errors); its "
                  "median is over the runs that succeeded."), ""]
-    out.append("| mode | clients | direct TPS | pgfleet TPS | PgBouncer TPS | "
-               "direct lat ms | pgfleet lat ms | PgBouncer lat ms | pgfleet/direct | "
-               "pgfleet/PgBouncer | PgBouncer/direct |")
-    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("| mode | clients | " + " | ".join(f"{LABEL[t]} TPS" for t in shown) + " | "
+               + " | ".join(f"{LABEL[t]} lat ms" for t in shown) + " | "
+               + " | ".join(ratio_name(a, b) for a, b in pairs) + " |")
+    out.append("|---|--:|" + "--:|" * (2 * len(shown) + len(pairs)))
+    cpu_rows: list[str] = []
     notes: dict[str, int] = {}
     for mode in modes:
         for c in clients:
             tps: dict[str, float | None] = {}
             lat: dict[str, float | None] = {}
+            cpu: dict[str, float | None] = {}
             mark: dict[str, str] = {}
-            for t in TARGETS:
+            for t in shown:
                 rs = by.get((mode, c, t), [])
                 tps[t] = cell_value(rs, "tps")
                 lat[t] = cell_value(rs, "latency_ms")
+                cpu[t] = cell_value(rs, "cpu_us")
                 mark[t] = "!" if any(not r.ok for r in rs) else ""
                 why = skipped.get((t, mode, c)) or skipped.get((t, mode))
                 if why and not rs:
                     n = notes.setdefault(why, len(notes) + 1)
                     mark[t] = f" [{n}]"
-            out.append(
-                f"| {mode} | {c} | {fmt_tps(tps['direct'])}{mark['direct']} | "
-                f"{fmt_tps(tps['pgfleet'])}{mark['pgfleet']} | "
-                f"{fmt_tps(tps['pgbouncer'])}{mark['pgbouncer']} | "
-                f"{fmt_ms(lat['direct'])} | {fmt_ms(lat['pgfleet'])} | "
-                f"{fmt_ms(lat['pgbouncer'])} | "
-                f"{fmt_ratio(tps['pgfleet'], tps['direct'])} | "
-                f"{fmt_ratio(tps['pgfleet'], tps['pgbouncer'])} | "
-                f"{fmt_ratio(tps['pgbouncer'], tps['direct'])} |")
+            out.append(f"| {mode} | {c} | "
+                       + " | ".join(f"{fmt_tps(tps[t])}{mark[t]}" for t in shown) + " | "
+                       + " | ".join(fmt_ms(lat[t]) for t in shown) + " | "
+                       + " | ".join(fmt_ratio(tps[a], tps[b]) for a, b in pairs) + " |")
+            cpu_rows.append(f"| {mode} | {c} | "
+                            + " | ".join(f"{fmt_us(cpu[t])}{mark[t]}" for t in poolers) + " | "
+                            + " | ".join(fmt_ratio(cpu[a], cpu[b]) for a, b in cpu_pairs)
+                            + " |")
     if notes:
         out.append("")
         for why, n in notes.items():
             out.append(f"[{n}] n/a: {why}.")
 
-    # Per-round TPS, to show the noise behind each median.
+    if poolers:
+        out += ["", "## Pooler CPU per transaction", "",
+                ("Each pooler's own CPU time (utime + stime of its processes, from "
+                 "`/proc/PID/stat`, over the pgbench run) divided by the transactions pgbench "
+                 "processed in that run, in µs; the median over the rounds. Ratios of these "
+                 "medians: below 1.00× the numerator spends less CPU per transaction."), "",
+                "| mode | clients | " + " | ".join(f"{LABEL[t]} µs/tx" for t in poolers) + " | "
+                + " | ".join(f"{ratio_name(a, b)} CPU" for a, b in cpu_pairs) + " |",
+                "|---|--:|" + "--:|" * (len(poolers) + len(cpu_pairs))]
+        out += cpu_rows
+
+    # Per-round figures, to show the noise behind each median.
     out += ["", "## Per-round TPS", "",
-            "| mode | clients | direct | pgfleet | PgBouncer |", "|---|--:|---|---|---|"]
+            "| mode | clients | " + " | ".join(LABEL[t] for t in shown) + " |",
+            "|---|--:|" + "---|" * len(shown)]
     for mode in modes:
         for c in clients:
             row = []
-            for t in TARGETS:
+            for t in shown:
                 rs = sorted(by.get((mode, c, t), []), key=lambda r: r.round)
                 row.append(", ".join((fmt_tps(r.tps) if r.ok else "err") for r in rs) or "n/a")
             out.append(f"| {mode} | {c} | " + " | ".join(row) + " |")
+    if poolers:
+        out += ["", "## Per-round pooler CPU, µs per transaction", "",
+                "| mode | clients | " + " | ".join(LABEL[t] for t in poolers) + " |",
+                "|---|--:|" + "---|" * len(poolers)]
+        for mode in modes:
+            for c in clients:
+                row = []
+                for t in poolers:
+                    rs = sorted(by.get((mode, c, t), []), key=lambda r: r.round)
+                    row.append(", ".join((fmt_us(r.cpu_us) if r.ok else "err") for r in rs)
+                               or "n/a")
+                out.append(f"| {mode} | {c} | " + " | ".join(row) + " |")
 
     errors = [r for r in runs if r.errors]
     out += ["", "## Errors", ""]
-    if not errors and not pgfleet_log_lines:
-        out.append("None: every pgbench run finished without an error, and pgfleet logged no "
-                   "warning or error.")
+    if not errors and not any(log_lines.values()):
+        out.append("None: every pgbench run finished without an error, and "
+                   + " and ".join(LABEL.get(n, n) for n in log_lines) + " logged no warning or "
+                   "error.")
     for r in errors:
-        shown = list(dict.fromkeys(r.errors))
-        out.append(f"- {LABEL[r.target]}, -M {r.mode} -c {r.clients}, round {r.round + 1} "
-                   f"(exit {r.rc}):")
-        for line in shown[:8]:
+        shown_lines = list(dict.fromkeys(r.errors))
+        out.append(f"- {LABEL.get(r.target, r.target)}, -M {r.mode} -c {r.clients}, "
+                   f"round {r.round + 1} (exit {r.rc}):")
+        for line in shown_lines[:8]:
             out.append(f"  - `{line}`")
-        if len(shown) > 8:
-            out.append(f"  - … {len(shown) - 8} more distinct lines")
-    if pgfleet_log_lines:
-        out += ["", "pgfleet's log (warnings and errors, distinct, with counts):", "", "```"]
-        out += pgfleet_log_lines
-        out.append("```")
+        if len(shown_lines) > 8:
+            out.append(f"  - … {len(shown_lines) - 8} more distinct lines")
+    for name, lines in log_lines.items():
+        if lines:
+            out += ["", (f"{LABEL.get(name, name)}'s log (warnings and errors, distinct, "
+                         "with counts):"), "", "```"]
+            out += lines
+            out.append("```")
     return "\n".join(out) + "\n"
 
 
@@ -535,14 +801,17 @@ def pgfleet_log_problems(log: Path | None, limit: int = 40) -> list[str]:
     return lines
 
 
-def machine_info(cluster: Cluster, pgb: str | None, python: str) -> dict[str, str]:
-    def cmd(argv: list[str]) -> str:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
-        except OSError:
-            return "?"
-        return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else "?"
+def cmd_first_line(argv: list[str], cwd: Path | None = None) -> str:
+    """The first line ``argv`` prints, or ``?``."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else "?"
 
+
+def machine_info(cluster: Cluster, pgb: str | None, python: str) -> dict[str, str]:
+    cmd = cmd_first_line
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -563,9 +832,29 @@ def machine_info(cluster: Cluster, pgb: str | None, python: str) -> dict[str, st
         "pgbench": cmd(["pgbench", "--version"]),
         "PostgreSQL": server,
         "PgBouncer": pgb or "n/a",
-        "pgfleet": cmd([python, "-m", "proxy", "--version"]),
+        "pgfleet": f"{cmd([python, '-m', 'proxy', '--version'])}, {tree_info(ROOT)}",
         "python": platform.python_version(),
     }
+
+
+def tree_info(tree: Path) -> str:
+    """``tree`` (a checkout), its commit and whether proxy/ has changes not committed."""
+    def git(*argv: str) -> str:
+        try:
+            r = subprocess.run(["git", "-C", str(tree), *argv], capture_output=True, text=True,
+                               check=False, timeout=30)
+        except OSError:
+            return ""
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    commit = git("log", "-1", "--format=%h %s")
+    if not commit:
+        return str(tree)
+    if len(commit) > 80:
+        commit = commit[:77] + "..."
+    dirty = git("status", "--porcelain", "--", "proxy", "setup.py", "pyproject.toml")
+    return (f"{tree} at {commit}"
+            + (f" + uncommitted changes ({len(dirty.splitlines())} files)" if dirty else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +873,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=20, help="pgfleet and PgBouncer pool size")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, -T 2, -c 10")
     p.add_argument("--no-pgbouncer", action="store_true", help="measure direct and pgfleet only")
-    p.add_argument("--no-install", action="store_true", help="do not apt-get install pgbouncer")
+    p.add_argument("--no-install", action="store_true",
+                   help="neither build PgBouncer (apt-get source) nor apt-get install anything")
+    p.add_argument("--pgbouncer-suite", default=PGB_NEWER_SUITE, metavar="SUITE",
+                   help="Debian suite also asked for PgBouncer's source on an older Debian "
+                        f"(default {PGB_NEWER_SUITE}; '' = the machine's own suites only)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="also measure the pgfleet of checkout DIR (run with DIR/.venv/bin/python)"
+                        " as target 'baseline', alternating with the others: before vs after")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (cluster, logs) and print its path")
     p.add_argument("--output", type=Path, default=RESULTS, help="results directory")
@@ -602,6 +898,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.rounds < 1 or args.duration < 1 or not args.client_list
             or min(args.client_list) < 1 or not args.mode_list):
         p.error("--rounds, --duration and every --clients value must be >= 1")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        args.baseline_python = args.baseline / ".venv" / "bin" / "python"
+        if not (args.baseline / "proxy" / "__main__.py").exists():
+            p.error(f"--baseline: {args.baseline} is not a pgfleet checkout (no proxy/__main__.py)")
+        if not args.baseline_python.exists():
+            p.error(f"--baseline: no {args.baseline_python}: cd {args.baseline} && python3 -m "
+                    "venv .venv && .venv/bin/pip install -q -e '.[test]'")
+        if args.baseline == ROOT:
+            p.error("--baseline: that is this checkout")
     return args
 
 
@@ -615,12 +921,14 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now()
     workdir = Path(tempfile.mkdtemp(prefix="pgfleet-bench-"))
     cluster: Cluster | None = None
-    fleet_proc = bouncer_proc = None
-    fleet_log: Path | None = None
+    bouncer_proc = None
+    fleet_procs: dict[str, subprocess.Popen[bytes]] = {}  # pgfleet and the baseline
+    fleet_logs: dict[str, Path] = {}
     runs: list[Run] = []
     skipped: dict[tuple[str, ...], str] = {}
     extra_procs: list[subprocess.Popen[bytes]] = []
     info_notes: list[str] = []
+    shown = ("direct", "pgbouncer", *(("baseline",) if args.baseline else ()), "pgfleet")
     try:
         # -- the cluster and its data --------------------------------------------------------
         say(f"work directory {workdir}")
@@ -638,17 +946,23 @@ def main(argv: list[str] | None = None) -> int:
         cluster.psql("VACUUM ANALYZE", BENCH_DB)
         targets: list[Target] = [direct]
 
-        # -- pgfleet -------------------------------------------------------------------------
-        try:
-            fleet_proc, fleet_target, fleet_log = start_pgfleet(
-                workdir, cluster.dsn(BENCH_DB), args.pool_size, python)
-            targets.append(fleet_target)
-            say(f"pgfleet on {HOST}:{fleet_target.port} (pool {args.pool_size}, transaction)")
-        except BenchError as exc:
-            warn(f"pgfleet not measured: {exc}")
-            fleet_log = workdir / "pgfleet.log"
-            for m in args.mode_list:
-                skipped[("pgfleet", m)] = f"pgfleet did not start: {exc}"
+        # -- pgfleet, and the baseline's pgfleet ---------------------------------------------
+        fleets = [("pgfleet", python, ROOT)]
+        if args.baseline:
+            fleets.append(("baseline", str(args.baseline_python), args.baseline))
+        for name, py, tree in fleets:
+            fleet_logs[name] = workdir / f"{name}.log"
+            try:
+                proc, fleet_target, _ = start_pgfleet(
+                    workdir, cluster.dsn(BENCH_DB), args.pool_size, py, name, tree)
+                fleet_procs[name] = proc
+                targets.append(fleet_target)
+                say(f"{LABEL[name]} ({tree}) on {HOST}:{fleet_target.port} "
+                    f"(pool {args.pool_size}, transaction)")
+            except BenchError as exc:
+                warn(f"{LABEL[name]} not measured: {exc}")
+                for m in args.mode_list:
+                    skipped[(name, m)] = f"{LABEL[name]} did not start: {exc}"
 
         # -- PgBouncer -----------------------------------------------------------------------
         pgb_version: str | None = None
@@ -657,7 +971,8 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[("pgbouncer", m)] = "--no-pgbouncer"
         else:
             try:
-                pgb_exe, pgb_version, pgb_tuple = ensure_pgbouncer(not args.no_install)
+                pgb_exe, pgb_version, pgb_tuple = ensure_pgbouncer(not args.no_install,
+                                                                   args.pgbouncer_suite)
                 bouncer_proc, bouncer_target, _ = start_pgbouncer(
                     workdir, cluster.port, args.pool_size, pgb_exe, pgb_tuple)
                 targets.append(bouncer_target)
@@ -669,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra_procs.append(session_proc)
                     del bouncer_target.skip_modes["prepared"]
                     bouncer_target.mode_ports["prepared"] = session_target.port
+                    bouncer_target.mode_cpu_sids["prepared"] = session_proc.pid
                     prepared_note = (f"PgBouncer's -M prepared cells are session pooling: {pgb_version} "
                                      "has no prepared-statement support in transaction pooling")
                     info_notes.append(prepared_note)
@@ -681,14 +997,22 @@ def main(argv: list[str] | None = None) -> int:
                             skipped[("pgbouncer", "prepared", c)] = why
                 for m, why in bouncer_target.skip_modes.items():
                     skipped[("pgbouncer", m)] = f"{why} (this is {pgb_version})"
-                say(f"PgBouncer {pgb_version} on {HOST}:{bouncer_target.port} "
+                say(f"PgBouncer {pgb_version} ({pgb_exe}) on {HOST}:{bouncer_target.port} "
                     f"(pool {args.pool_size}, transaction)")
             except BenchError as exc:
                 warn(f"PgBouncer not measured: {exc}")
                 for m in args.mode_list:
                     skipped[("pgbouncer", m)] = f"PgBouncer unavailable: {exc}"
+        targets.sort(key=lambda t: TARGETS.index(t.name))
 
         info = machine_info(cluster, pgb_version, python)
+        if args.baseline:
+            base = cmd_first_line([str(args.baseline_python), "-m", "proxy", "--version"],
+                                  args.baseline)
+            keys = list(info)
+            at = keys.index("pgfleet") + 1
+            info = {k: info[k] for k in keys[:at]} | {
+                "baseline": f"{base}, {tree_info(args.baseline)}"} | {k: info[k] for k in keys[at:]}
         cells = [(m, c) for m in args.mode_list for c in args.client_list]
         info.update({
             "date": started.strftime("%Y-%m-%d %H:%M"),
@@ -696,7 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                         f", scale {args.scale}",
             "rounds": str(args.rounds),
             "duration": f"{args.duration} s per run",
-            "pools": f"pgfleet and PgBouncer: transaction mode, pool size {args.pool_size}",
+            "pools": (f"{', '.join(LABEL[t] for t in shown if t in POOLERS)}: transaction mode, "
+                      f"pool size {args.pool_size}"),
             "order": "targets alternate within each cell; the order rotates every round and cell",
         })
         if info_notes:
@@ -723,23 +1048,39 @@ def main(argv: list[str] | None = None) -> int:
                     done += 1
                     status = (f"{run.tps:>9,.0f} tps {run.latency_ms or 0:7.3f} ms"
                               if run.tps is not None else "      n/a")
+                    cpu = f" {run.cpu_us:6.1f} µs/tx CPU" if run.cpu_us is not None else ""
                     flag = f"  ERROR: {run.errors[0]}" if run.errors else ""
                     say(f"[{done:>3}/{total}] round {rnd + 1} -M {mode:<8} -c {c:<3} "
-                        f"{LABEL[t.name]:<9} {status}{flag}")
-                    if fleet_proc is not None and fleet_proc.poll() is not None:
-                        raise BenchError(f"pgfleet exited with code {fleet_proc.returncode} "
-                                         f"during the run: "
-                                         f"{last_line(fleet_log.read_text(errors='replace'))}")
+                        f"{LABEL[t.name]:<9} {status}{cpu}{flag}")
+                    for name, proc in fleet_procs.items():
+                        if proc.poll() is not None:
+                            tail = last_line(fleet_logs[name].read_text(errors="replace"))
+                            raise BenchError(f"{LABEL[name]} exited with code {proc.returncode}"
+                                             f" during the run: {tail}")
         info["finished"] = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
         info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
         report = build_report(info, args.mode_list, args.client_list, runs, skipped,
-                              pgfleet_log_problems(fleet_log))
+                              {name: pgfleet_log_problems(log) for name, log in fleet_logs.items()},
+                              shown)
+        if args.baseline:
+            say("measuring the hot path of both trees (benchmarks/hotpath.py --baseline) ...")
+            report += "\n## Python per transaction, without sockets (benchmarks/hotpath.py)\n\n"
+            r = subprocess.run([python, str(ROOT / "benchmarks" / "hotpath.py"), "--baseline",
+                                str(args.baseline), "--markdown"], cwd=ROOT, capture_output=True,
+                               text=True, check=False, timeout=900)
+            report += (r.stdout if r.returncode == 0 else
+                       f"hotpath.py failed (exit {r.returncode}): "
+                       f"`{last_line(r.stderr or r.stdout)}`\n")
         say("measuring the router (benchmarks/route_bench.py) ...")
         report += ("\n## Router cost per statement (benchmarks/route_bench.py)\n\n"
                    "Parse on a plan-cache miss and route on a hit, best of 7, on a fleet where "
-                   "pgbench_accounts is sharded by aid (the hit hashes the Bind value).\n\n"
-                   + route_bench.markdown(route_bench.measure()) + "\n")
+                   "pgbench_accounts is sharded by aid (the hit hashes the Bind value).\n\n")
+        try:
+            from benchmarks import route_bench
+            report += route_bench.markdown(route_bench.measure()) + "\n"
+        except Exception as exc:  # noqa: BLE001 -- a proxy/ that does not import: say so
+            report += f"route_bench.py failed: `{type(exc).__name__}: {exc}`\n"
         args.output.mkdir(parents=True, exist_ok=True)
         stamp = started.strftime("%Y%m%d-%H%M")
         path = args.output / f"pgbench-{stamp}.md"
@@ -759,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
         warn("interrupted")
         return 130
     finally:
-        stop_process(fleet_proc, "pgfleet")
+        for name, proc in fleet_procs.items():
+            stop_process(proc, name)
         stop_process(bouncer_proc, "pgbouncer")
         for proc in extra_procs:
             stop_process(proc, "pgbouncer (session)")

@@ -388,9 +388,8 @@ def find_pgbouncer(build: bool) -> tuple[str, str, tuple[int, ...]] | str:
     found = pc.pgbouncer_version()
     if found and found[2] >= (1, 21):
         return found
-    cached = pc.pgbouncer_version(str(pc.BUILD_DIR / f"pgbouncer-{pc.PGB_SOURCE_VERSION}"
-                                      / "pgbouncer"))
-    if cached:
+    cached = pc.cached_pgbouncer()
+    if cached and cached[2] >= pc.PGB_MIN_VERSION:
         return cached
     if not build:
         have = f"only {found[1]} on PATH" if found else "none on PATH"
@@ -708,8 +707,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=20, help="pgfleet and PgBouncer pool size")
     p.add_argument("--no-pgbouncer", action="store_true", help="do not measure PgBouncer")
     p.add_argument("--build-pgbouncer", action="store_true",
-                   help="build PgBouncer 1.24.1 (as pgbench_compare.py does) when none >= 1.21 "
-                        "is found; without it PgBouncer is skipped then")
+                   help="build PgBouncer from Debian's source package (apt-get source, as "
+                        "pgbench_compare.py does) when none >= 1.21 is found; without it "
+                        "PgBouncer is skipped then")
     p.add_argument("--two-phase", action="store_true",
                    help="the 2PC variant: pgfleet with two_phase_commit: true, every transaction "
                         "a transfer between a branch of s0 and one of s1 (results in "

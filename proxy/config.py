@@ -36,8 +36,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$")
 
 
 def parse_duration(value: object) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 5s, 250ms, 15m or 1h")
+    if isinstance(value, bool):  # every bad duration is a ValueError, whatever its type
+        raise ValueError("expected a duration such as 5s, 250ms, 15m or 1h")  # noqa: TRY004
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
@@ -50,16 +50,17 @@ def parse_duration(value: object) -> Duration:
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """A config section: immutable, unknown keys refused. Each subclass says ``frozen=True``
+    again: msgspec inherits it, but mypy (dataclass_transform) would take it for mutable."""
 
 
-class Tls(_Struct):
+class Tls(_Struct, frozen=True):
     cert: str                 # PEM certificate chain
     key: str                  # PEM private key
     required: bool = False    # refuse clients that do not ask for TLS (28000)
 
 
-class Listen(_Struct):
+class Listen(_Struct, frozen=True):
     host: str = "127.0.0.1"
     port: int = 6432
     database: str = "app"
@@ -69,12 +70,12 @@ class Listen(_Struct):
     tls: Tls | None = None
 
 
-class Http(_Struct):
+class Http(_Struct, frozen=True):
     host: str = "127.0.0.1"
     port: int = 9930
 
 
-class Pool(_Struct):
+class Pool(_Struct, frozen=True):
     mode: Literal["transaction", "session"] = "transaction"
     size: int = 20
     acquire_timeout: Duration = Duration(5.0)
@@ -83,7 +84,7 @@ class Pool(_Struct):
     connect_timeout: Duration = Duration(5.0)
 
 
-class Health(_Struct):
+class Health(_Struct, frozen=True):
     """The checker of each database (backend/health.py): ``SELECT 1`` every ``interval``, within
     ``timeout``; ``failures_to_down`` failures in a row open the database's circuit."""
 
@@ -99,7 +100,7 @@ class Health(_Struct):
             raise ValueError("failures_to_down must be at least 1")
 
 
-class Dsn(_Struct):
+class Dsn(_Struct, frozen=True):
     """A backend address, parsed from a ``postgresql://`` URL."""
 
     host: str
@@ -114,7 +115,7 @@ class Dsn(_Struct):
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.dbname}"
 
 
-class Database(_Struct):
+class Database(_Struct, frozen=True):
     dsn: str
     replicas: tuple[str, ...] = ()
     pool_size: int | None = None
@@ -122,7 +123,7 @@ class Database(_Struct):
     max_replica_lag: Duration = Duration(10.0)  # a replica further behind than this is skipped
 
 
-class Sharding(_Struct):
+class Sharding(_Struct, frozen=True):
     shards: tuple[str, ...] = ()
     function: Literal["hash", "modulo"] = "hash"
     tables: dict[str, str] = {}
@@ -130,7 +131,7 @@ class Sharding(_Struct):
     types: dict[str, str] = {}
 
 
-class Key(_Struct):
+class Key(_Struct, frozen=True):
     id: str
     secret: str
     role: Literal["admin", "server", "client", "database"]
@@ -142,7 +143,7 @@ class Key(_Struct):
     shard_key: int | str | None = None
 
 
-class ReplicationJob(_Struct):
+class ReplicationJob(_Struct, frozen=True):
     id: str
     source: str
     targets: tuple[str, ...]
@@ -153,15 +154,15 @@ class ReplicationJob(_Struct):
     mode: Literal["batch", "logical"] = "batch"
 
 
-class Replication(_Struct):
+class Replication(_Struct, frozen=True):
     jobs: tuple[ReplicationJob, ...] = ()
 
 
-class RouterConfig(_Struct):
+class RouterConfig(_Struct, frozen=True):
     plan_cache_size: int = 10000  # analyses of distinct statement texts kept (LRU)
 
 
-class Audit(_Struct):
+class Audit(_Struct, frozen=True):
     """The audit log (``admin/audit.py``): one JSON line or row per statement."""
 
     path: str | None = None                  # a file of JSON lines
@@ -173,7 +174,7 @@ class Audit(_Struct):
     retry_interval: Duration = Duration(5.0)  # a failed sink is tried again after this long
 
 
-class Config(_Struct):
+class Config(_Struct, frozen=True):
     listen: Listen = Listen()
     http: Http | None = None
     pool: Pool = Pool()
@@ -383,13 +384,13 @@ def validate(config: Config) -> Config:
         raise ConfigError("listen.max_client_connections", "must be at least 1 (leave it out for no limit)")
     default = config.default_database
     if default is None:
-        default = "primary" if "primary" in names else sorted(names)[0]
+        default = "primary" if "primary" in names else min(names)
         config = msgspec.structs.replace(config, default_database=default)
     elif default not in names:
         raise ConfigError("default_database", f"{default!r} is not one of databases: {', '.join(sorted(names))}")
-    for table, db in config.tables.items():
-        if db not in names:
-            raise ConfigError(f"tables.{table}", f"{db!r} is not one of databases: {', '.join(sorted(names))}")
+    for table, database in config.tables.items():
+        if database not in names:
+            raise ConfigError(f"tables.{table}", f"{database!r} is not one of databases: {', '.join(sorted(names))}")
     for i, shard in enumerate(config.sharding.shards):
         if shard not in names:
             raise ConfigError(f"sharding.shards[{i}]", f"{shard!r} is not one of databases")
@@ -421,9 +422,9 @@ def validate(config: Config) -> Config:
         seen.add(key.id)
         if not key.secret:
             raise ConfigError(f"{where}.secret", "missing")
-        for db in key.databases or ():
-            if db not in names:
-                raise ConfigError(f"{where}.databases", f"{db!r} is not one of databases")
+        for database in key.databases or ():
+            if database not in names:
+                raise ConfigError(f"{where}.databases", f"{database!r} is not one of databases")
         if key.max_connections is not None and key.max_connections < 1:
             raise ConfigError(f"{where}.max_connections", "must be at least 1 (leave it out for no limit)")
         if key.role == "database" and key.user_id is None and key.shard_key is None:
@@ -433,9 +434,9 @@ def validate(config: Config) -> Config:
                               f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
     _validate_audit(config.audit, names)
     for i, job in enumerate(config.replication.jobs):
-        for db in (job.source, *job.targets):
-            if db not in names:
-                raise ConfigError(f"replication.jobs[{i}]", f"{db!r} is not one of databases")
+        for database in (job.source, *job.targets):
+            if database not in names:
+                raise ConfigError(f"replication.jobs[{i}]", f"{database!r} is not one of databases")
     return config
 
 
@@ -473,11 +474,11 @@ def server_tls(tls: Tls) -> ssl.SSLContext:
 
 def describe(config: Config) -> str:
     """The resolved routing map for ``pgfleet check``: names and addresses, never secrets."""
-    lines = [f"listen {config.listen.host}:{config.listen.port} fleet database {config.listen.database!r}"
-             f" (auth {config.listen.auth})",
-             f"pool mode={config.pool.mode} size={config.pool.size}"
-             f" acquire_timeout={config.pool.acquire_timeout:g}s idle_timeout={config.pool.idle_timeout:g}s"
-             f" lifetime={config.pool.lifetime:g}s",
+    lines = [(f"listen {config.listen.host}:{config.listen.port} fleet database {config.listen.database!r}"
+              f" (auth {config.listen.auth})"),
+             (f"pool mode={config.pool.mode} size={config.pool.size}"
+              f" acquire_timeout={config.pool.acquire_timeout:g}s idle_timeout={config.pool.idle_timeout:g}s"
+              f" lifetime={config.pool.lifetime:g}s"),
              "databases:"]
     for name in config.databases:
         mark = " (default)" if name == config.default_database else ""

@@ -26,7 +26,7 @@ from .backend.pool import DisconnectReason, Pool
 from .backend.replicas import Replicas
 from .backend.twophase import Coordinator
 from .config import Config, Dsn, server_tls
-from .errors import BackendError, ProxyError
+from .errors import ADMIN_SHUTDOWN, CONNECTION_FAILURE, BackendError, ProxyError
 from .router.router import Router
 
 
@@ -134,7 +134,7 @@ class Fleet:
         for session in list(self.sessions.values()):
             key = keys.get(session.user) if session.key is not None else None
             if session.key is not None and key is None:
-                session.close(ProxyError("57P01", f"terminating connection: key {session.user} was removed "
+                session.close(ProxyError(ADMIN_SHUTDOWN, f"terminating connection: key {session.user} was removed "
                                          "from the configuration by a reload"))
             elif key is not None:
                 session.rekey(key)
@@ -190,7 +190,7 @@ class Fleet:
         try:
             return await table_columns(self.config.dsn(database), table, self.config.pool.connect_timeout)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise BackendError("08006", f"database {database}: cannot read the columns of {table} ({exc})",
+            raise BackendError(CONNECTION_FAILURE, f"database {database}: cannot read the columns of {table} ({exc})",
                                hint="name the columns in the COPY, or check the database") from None
 
     def pinned(self) -> int:

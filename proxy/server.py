@@ -21,9 +21,9 @@ from .backend.catalog import shard_key_types
 from .backend.health import HealthChecker
 from .backend.pool import DisconnectReason
 from .config import Config, load
-from .errors import ClientError, ConfigError
+from .errors import CONFIG_FILE_ERROR, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
-from .frontend.session import SHUTTING_DOWN, Session
+from .frontend.seam import ClientConnection
 
 log = logging.getLogger("pgfleet")
 
@@ -54,7 +54,7 @@ class Server:
         if self.fleet.coordinator is not None:  # what a dead pgfleet left in doubt is finished first
             await self.fleet.coordinator.start()
         self.listener = await loop.create_server(
-            lambda: Session(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
+            lambda: ClientConnection(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
         self._reaper = loop.create_task(self._reap())
         if self.fleet.audit is not None:
             await self.fleet.audit.start()
@@ -111,7 +111,7 @@ class Server:
             load_keys(config)  # verifiers must parse too
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc)
-            raise ClientError("F0000", f"invalid config, nothing changed: {exc}",
+            raise ClientError(CONFIG_FILE_ERROR, f"invalid config, nothing changed: {exc}",
                               hint="fix the file and RELOAD again") from None
         old = self.config
         changes = self.fleet.apply(config)

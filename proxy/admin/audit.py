@@ -9,17 +9,14 @@ never block a client, and it never writes a literal of a statement in ``normaliz
 
 Theory of operation. The writer looks at the queue every ``LINGER`` seconds (so a batch
 gathers, and ``record`` need not wake anything) and hands up to ``BATCH`` statements to one
-worker thread, which normalises them (pglast), builds the lines and rows and appends the lines
-to the file; the rows then go to the table by ``COPY`` on the event loop. A sink that fails
-(disk full, database down) rests for ``audit.retry_interval`` and is tried again; one line is
-logged when it fails and one when it works again. While at least one sink works, batches flow
-and each statement some sink did not take counts in ``dropped``; while none works the writer
-stops taking from the queue, so the queue fills and ``record`` drops and counts. ``written``
-counts statements every configured sink took; ``written + dropped + queued`` is every
-statement recorded.
-
-pglast is imported here as well as in ``router/parse.py`` (DESIGN says the router is its only
-user): normalising runs in the writer's thread, never on the statement path.
+worker thread, which normalises them (``router.parse.normalized``), builds the lines and rows
+and appends the lines to the file; the rows then go to the table by ``COPY`` on the event
+loop. A sink that fails (disk full, database down) rests for ``audit.retry_interval`` and is
+tried again; one line is logged when it fails and one when it works again. While at least one
+sink works, batches flow and each statement some sink did not take counts in ``dropped``;
+while none works the writer stops taking from the queue, so the queue fills and ``record``
+drops and counts. ``written`` counts statements every configured sink took; ``written +
+dropped + queued`` is every statement recorded.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import logging
 import os
 from collections import deque
@@ -38,11 +34,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from pglast.parser import ParseError, fingerprint, normalize, scan
 
 from ..backend.catalog import connect
 from ..config import Audit, Dsn
 from ..errors import ConfigError
+from ..router.parse import fingerprinted, normalized
 
 log = logging.getLogger("pgfleet.audit")
 
@@ -51,8 +47,6 @@ BATCH = 1000           # statements per batch (one thread hop, one write, one CO
 WARN_INTERVAL = 10.0   # at most one "queue full" warning this often
 CONNECT_TIMEOUT = 5.0  # the table's database: connecting
 COPY_TIMEOUT = 10.0    # ... and one batch's COPY
-UNPARSABLE = "<unparsable>"
-_CACHED_TEXT = 4096    # statements up to this many characters keep their normalised form (LRU)
 
 # (key, client, databases, route, started, duration, rows, sqlstate, statement): what record keeps.
 Entry = tuple[str, str, tuple[str, ...], str, float, float, int | None, str | None, str]
@@ -97,73 +91,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 # ---------------------------------------------------------------------------------------------
-# Statement text (run in the writer's thread)
-
-_LITERALS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
-_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
-
-
-def normalized(sql: str) -> tuple[str, str | None]:
-    """``sql`` without its literals and comments, and its fingerprint.
-
-    ``normalize`` (libpg_query, pg_stat_statements' rules) leaves some constants alone:
-    utility statements (``PREPARE``, ``EXECUTE``, ``COMMENT ... IS``, ``COPY ... FROM 'file'``),
-    DDL defaults, and comments, which may quote anything. A pass over its tokens replaces what
-    is left with further ``$n`` and drops comments, so no literal gets out. Text that does not
-    parse is ``UNPARSABLE``.
-    """
-    if len(sql) <= _CACHED_TEXT:
-        return _normalized_cached(sql)
-    return _normalized(sql)
-
-
-def _normalized(sql: str) -> tuple[str, str | None]:
-    try:
-        return _scrub(normalize(sql)), fingerprint(sql)
-    except ParseError:
-        return UNPARSABLE, None
-
-
-_normalized_cached = functools.lru_cache(maxsize=2048)(_normalized)
-
-
-def _scrub(text: str) -> str:
-    tokens = scan(text)
-    if not any(t.name in _LITERALS or t.name in _COMMENTS for t in tokens):
-        return text
-    params = [int(text[t.start + 1:t.end + 1]) for t in tokens if t.name == "PARAM"]
-    n = max(params, default=0)
-    parts: list[str] = []
-    done = 0
-    for token in tokens:
-        if token.name in _LITERALS:
-            n += 1
-            parts.append(f"{text[done:token.start]}${n}")
-            done = token.end + 1
-        elif token.name in _COMMENTS:  # a comment and the blanks around it become one blank
-            parts.append(f"{text[done:token.start].rstrip()} ")
-            done = token.end + 1
-            while done < len(text) and text[done].isspace():
-                done += 1
-    parts.append(text[done:])
-    return "".join(parts).strip()
-
-
-def fingerprinted(sql: str) -> str | None:
-    """The fingerprint of ``sql`` as sent (``statements: full``); None when it does not parse."""
-    if len(sql) <= _CACHED_TEXT:
-        return _fingerprint_cached(sql)
-    return _fingerprint(sql)
-
-
-def _fingerprint(sql: str) -> str | None:
-    try:
-        return fingerprint(sql)
-    except ParseError:
-        return None
-
-
-_fingerprint_cached = functools.lru_cache(maxsize=2048)(_fingerprint)
+# Lines and rows (built in the writer's thread)
 
 
 def line_of(entry: Entry, statements: str) -> Line:

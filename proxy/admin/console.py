@@ -28,7 +28,19 @@ import msgspec
 from .. import __version__
 from ..backend.catalog import connect
 from ..config import Config
-from ..errors import ClientError, ProxyError
+from ..errors import (
+    ADMIN_SHUTDOWN,
+    CONNECTION_FAILURE,
+    FEATURE_NOT_SUPPORTED,
+    INVALID_CATALOG_NAME,
+    INVALID_CURSOR_NAME,
+    INVALID_PARAMETER_VALUE,
+    INVALID_SQL_STATEMENT_NAME,
+    SYNTAX_ERROR,
+    UNDEFINED_OBJECT,
+    ClientError,
+    ProxyError,
+)
 from ..router.route import All, Direct
 from ..router.router import SessionContext
 from ..wire import messages as m
@@ -39,7 +51,6 @@ if TYPE_CHECKING:
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _INT8, _FLOAT8, _BOOL, _TEXT = 20, 701, 16, 25
-_IDLE = 73  # ReadyForQuery "I"
 
 
 @dataclass
@@ -199,7 +210,7 @@ def _version(admin: Admin, _: str) -> Table:
 
 def _plan(admin: Admin, sql: str) -> Table:
     if not sql.strip():
-        raise ClientError("42601", "SHOW PLAN needs a statement", hint="SHOW PLAN SELECT ... ")
+        raise ClientError(SYNTAX_ERROR, "SHOW PLAN needs a statement", hint="SHOW PLAN SELECT ... ")
     fleet = admin.fleet
     key = next(iter(k for k in fleet.keys.values() if k.role.value == "server"), None) or next(iter(fleet.keys.values()))
     route = fleet.router.route(sql, SessionContext(key, None))
@@ -242,7 +253,7 @@ async def _sizes(admin: Admin, _: str) -> Table:
 
 async def _reload(admin: Admin, _: str) -> str:
     if admin.reload is None:
-        raise ClientError("0A000", "RELOAD is not available here", hint="send SIGHUP to the pgfleet process")
+        raise ClientError(FEATURE_NOT_SUPPORTED, "RELOAD is not available here", hint="send SIGHUP to the pgfleet process")
     await admin.reload()
     return "RELOAD"
 
@@ -263,11 +274,11 @@ def _kill(admin: Admin, client: str) -> str:
     try:
         pid = int(client)
     except ValueError:
-        raise ClientError("22023", f"KILL needs a client's pid (SHOW CLIENTS), not {client!r}") from None
+        raise ClientError(INVALID_PARAMETER_VALUE, f"KILL needs a client's pid (SHOW CLIENTS), not {client!r}") from None
     session = admin.fleet.sessions.get(pid)
     if session is None:
-        raise ClientError("42704", f"no client with pid {pid}", hint="SHOW CLIENTS lists them")
-    session.close(ProxyError("57P01", "terminating connection due to administrator command"))
+        raise ClientError(UNDEFINED_OBJECT, f"no client with pid {pid}", hint="SHOW CLIENTS lists them")
+    session.close(ProxyError(ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
     return "KILL"
 
 
@@ -309,10 +320,10 @@ def find(text: str) -> tuple[Command, str]:
         if command.argument is None and rest:
             continue
         if command.argument is not None and not rest:
-            raise ClientError("42601", f"{' '.join(command.words)} needs a {command.argument}",
+            raise ClientError(SYNTAX_ERROR, f"{' '.join(command.words)} needs a {command.argument}",
                               hint=f"{' '.join(command.words)} <{command.argument}>")
         return command, rest
-    raise ClientError("42601", f"unknown admin console command: {body[:80]!r}",
+    raise ClientError(SYNTAX_ERROR, f"unknown admin console command: {body[:80]!r}",
                       hint="SHOW HELP lists the commands")
 
 
@@ -338,8 +349,8 @@ class Console:
             if kind == m.QUERY:
                 text = m.decode_query(raw[5:])
                 if not text.strip().rstrip(";").strip():
-                    return m.message(m.EMPTY_QUERY) + m.ready_for_query(_IDLE)
-                return self._answer(text, lambda r: _messages(r) + m.ready_for_query(_IDLE), simple=True)
+                    return m.message(m.EMPTY_QUERY) + m.ready_for_query(m.TX_IDLE)
+                return self._answer(text, lambda r: _messages(r) + m.ready_for_query(m.TX_IDLE), simple=True)
             if kind == m.PARSE:
                 parse = m.decode_parse(raw[5:])
                 find(parse.query) if parse.query.strip() else None
@@ -349,7 +360,7 @@ class Console:
                 portal_end = raw.index(0, 5)
                 name = raw[portal_end + 1:raw.index(0, portal_end + 1)].decode()
                 if name not in self.statements:
-                    raise ClientError("26000", f'prepared statement "{name}" does not exist')
+                    raise ClientError(INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
                 _, formats = m.bind_results(raw[raw.index(0, portal_end + 1) + 1:])
                 self.portals[raw[5:portal_end].decode()] = (self.statements[name], None, formats)
                 return m.BIND_COMPLETE_MSG
@@ -357,12 +368,12 @@ class Console:
                 which, name = raw[5], raw[6:raw.index(0, 6)].decode()
                 if which == ord("S"):
                     if name not in self.statements:
-                        raise ClientError("26000", f'prepared statement "{name}" does not exist')
+                        raise ClientError(INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
                     text = self.statements[name]
                     return self._answer(text, lambda r: b"\x74\0\0\0\x06\0\0" + _description(r))
                 portal = self.portals.get(name)
                 if portal is None:
-                    raise ClientError("34000", f'portal "{name}" does not exist')
+                    raise ClientError(INVALID_CURSOR_NAME, f'portal "{name}" does not exist')
 
                 def keep(result: Result, name: str = name, text: str = portal[0],
                          formats: tuple[int, ...] = portal[2]) -> bytes:
@@ -373,7 +384,7 @@ class Console:
                 name = raw[5:raw.index(0, 5)].decode()
                 portal = self.portals.get(name)
                 if portal is None:
-                    raise ClientError("34000", f'portal "{name}" does not exist')
+                    raise ClientError(INVALID_CURSOR_NAME, f'portal "{name}" does not exist')
                 text, result, formats = portal
                 if result is not None:  # described: run once, rows now
                     return _messages(result, describe=False, formats=formats)
@@ -385,10 +396,10 @@ class Console:
             if kind == m.SYNC:
                 self.skipping = False
                 self.portals.pop("", None)
-                return m.ready_for_query(_IDLE)
+                return m.ready_for_query(m.TX_IDLE)
             if kind == m.FLUSH:
                 return b""
-            raise ClientError("0A000", f"the admin console does not take message type {chr(kind)!r}",
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"the admin console does not take message type {chr(kind)!r}",
                               hint="use simple queries (psql) or the extended protocol")
         except ProxyError as exc:
             return self._error(exc, simple=kind == m.QUERY)
@@ -405,14 +416,14 @@ class Console:
             except ProxyError as exc:
                 return self._error(exc, simple)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                return self._error(ProxyError("08006", f"{' '.join(command.words)}: {exc}",
+                return self._error(ProxyError(CONNECTION_FAILURE, f"{' '.join(command.words)}: {exc}",
                                               hint="check that database (SHOW HEALTH)"), simple)
         return later(result)
 
     def _error(self, exc: ProxyError, simple: bool) -> bytes:
         error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
         if simple:
-            return error + m.ready_for_query(_IDLE)
+            return error + m.ready_for_query(m.TX_IDLE)
         self.skipping = True
         return error
 
@@ -479,7 +490,7 @@ def _type_of(values: Iterable[Any]) -> int:
 def _known(admin: Admin, database: str) -> str:
     name = database.strip().strip('"')
     if name not in admin.fleet.config.databases:
-        raise ClientError("3D000", f'database "{name}" does not exist',
+        raise ClientError(INVALID_CATALOG_NAME, f'database "{name}" does not exist',
                           hint=f"the databases: {', '.join(admin.fleet.config.databases)}")
     return name
 
@@ -513,7 +524,7 @@ def _client_state(session: Any) -> str:
     if session.waiting:
         return "waiting"
     backend = session.backend
-    if backend is not None and (backend.expects or backend.tx_status != _IDLE):
+    if backend is not None and (backend.expects or backend.tx_status != m.TX_IDLE):
         return "active"
     return "idle"
 

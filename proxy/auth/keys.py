@@ -19,7 +19,7 @@ import scramp
 
 from ..config import Config
 from ..config import Key as KeyConfig
-from ..errors import AuthFailed, ConfigError, ProtocolViolation
+from ..errors import INVALID_PASSWORD, AuthFailed, ConfigError, ProtocolViolation
 
 MECHANISM = "SCRAM-SHA-256"
 ITERATIONS = 4096
@@ -129,7 +129,7 @@ def _decoy_verifier(user: str) -> Verifier:
 
 
 def failed(user: str) -> AuthFailed:
-    return AuthFailed("28P01", f'password authentication failed for user "{user}"',
+    return AuthFailed(INVALID_PASSWORD, f'password authentication failed for user "{user}"',
                       hint="check the key id and secret in the connection string")
 
 
@@ -158,7 +158,8 @@ class ScramExchange:
         try:
             self._server.set_client_first(patched)
             self._server.client_first_bare = bare
-            return self._server.get_server_first().encode()
+            server_first: str = self._server.get_server_first()
+            return server_first.encode()
         except scramp.ScramException as exc:
             raise ProtocolViolation(f"malformed SCRAM message: {exc.args[0]}") from None
 
@@ -172,7 +173,8 @@ class ScramExchange:
             raise ProtocolViolation(f"malformed SCRAM message: {exc.args[0]}") from None
         if self.key is None:  # a decoy verifier can never be matched, but be explicit
             raise failed(self.user)
-        return self._server.get_server_final().encode()
+        server_final: str = self._server.get_server_final()
+        return server_final.encode()
 
 
 def _ascii(data: bytes) -> str:

@@ -28,7 +28,7 @@ from typing import Protocol
 import scramp
 
 from ..config import Dsn
-from ..errors import BackendError
+from ..errors import CONNECTION_FAILURE, INTERNAL_ERROR, PROTOCOL_VIOLATION, BackendError
 from ..wire import messages as m
 from .expect import DROP_QUERY as DROP_QUERY_
 from .expect import Answer, Expect, Fate
@@ -45,6 +45,7 @@ _COPY_DATA = m.COPY_DATA
 # would be read as the rest of the row). Longer rows stream as they come.
 _HOLD_BACK = 1 << 20
 _Z = m.READY_FOR_QUERY
+_TX_IDLE = m.TX_IDLE
 _E = m.ERROR_RESPONSE
 _EXECUTE_END = frozenset((m.COMMAND_COMPLETE, m.EMPTY_QUERY, m.PORTAL_SUSPENDED))
 _SIMPLE_DONE = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE))
@@ -55,19 +56,21 @@ _S = m.PARAMETER_STATUS
 _DROP = Fate.DROP
 _MADE_UP = Fate.MADE_UP
 _QUERY = Answer.QUERY
+_SYNC = Answer.SYNC
 _EXECUTE = Answer.EXECUTE
 _DS = Answer.DESCRIBE_STATEMENT
 _DP = Answer.DESCRIBE_PORTAL
 
 
 class Link(Protocol):
-    """What a backend needs from whoever it is linked to (a client session or a janitor)."""
+    """Whoever a linked backend reports to: a client session, a scatter, a gather, a janitor.
 
-    def write(self, data: bytes) -> None: ...
-    def backend_idle(self, server: ServerConnection) -> None: ...
+    What the backend answers goes to the ``write`` given to ``attach``, not through the link:
+    a session writes to its client, a scatter or gather leg to its own buffer.
+    """
+
+    def backend_idle(self, server: ServerConnection) -> None: ...  # ReadyForQuery, nothing due
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None: ...
-    def parameter_changed(self, name: str, value: str) -> None: ...
-    def give_back(self, server: ServerConnection) -> bool: ...
 
 
 # How a backend connection reaches its server: TCP (``tcp_connect``) in pgfleet; the protocol
@@ -102,7 +105,7 @@ class Stats:
     says idle (an autocommit statement counts as one). Bytes are on the server side.
     """
 
-    __slots__ = ("queries", "transactions", "received", "sent", "errors", "error_classes")
+    __slots__ = ("error_classes", "errors", "queries", "received", "sent", "transactions")
 
     def __init__(self) -> None:
         self.queries = 0
@@ -128,20 +131,23 @@ class ServerConnection(asyncio.Protocol):
         self.secret = 0
         self.created = time.monotonic()
         self.last_used = self.created
-        self.tx_status = m.READY_IDLE[-1]
+        self.tx_status = m.TX_IDLE
         self.prepared: set[str] = set()  # backend-side statement names that exist here
         self.errors = 0  # ErrorResponses seen: sessions compare counts to know a SET failed
         self.expects: deque[Expect] = deque()
+        self.skipping = False  # an error in the extended protocol: the server skips to the next Sync
+        # The client's names of statements whose Parse failed or was skipped, for the linked
+        # session to forget (it reads them when the backend is idle).
+        self.unprepared: list[bytes] = []
         self.unnamed_owner = 0  # the fleet token of the unnamed statement prepared here
         self.injected_error: dict[str, str] | None = None  # the error of a statement pgfleet sent
         self.link: Link | None = None
-        # The audit log's ear (set by an audited session): called with each CommandComplete,
-        # EmptyQueryResponse, PortalSuspended, ErrorResponse and ReadyForQuery that answers
-        # its client's own statements (not what pgfleet sent by itself).
+        # Where the linked side takes the backend's answers, and its optional ears (see attach).
+        self.write_client: Callable[[bytes], None] = _discard
         self.on_answer: Callable[[int, bytes], None] | None = None
+        self.on_parameter: Callable[[str, str], None] | None = None
         self.outbox: list[bytes] = []
         self.parsed_ok: set[str] = set()  # shared with the pool: see Pool.parsed_ok
-        self.write_client = _discard
         self.closed = False
         self.close_reason = ""
         self.close_code = ""  # the SQLSTATE of the backend's own FATAL, if it sent one
@@ -165,7 +171,7 @@ class ServerConnection(asyncio.Protocol):
         except (OSError, TimeoutError) as exc:
             self.abort()
             why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            raise BackendError("08006", f"database {self.database} is unavailable: cannot connect to "
+            raise BackendError(CONNECTION_FAILURE, f"database {self.database} is unavailable: cannot connect to "
                                f"{self.dsn.host}:{self.dsn.port} ({why})",
                                hint="check that the server is up and the dsn in the config") from None
 
@@ -188,7 +194,7 @@ class ServerConnection(asyncio.Protocol):
         """The server's one-byte answer to SSLRequest, as libpq takes it for the dsn's sslmode."""
         self._tls_asked = False
         if len(data) != 1:  # bytes after the answer would be outside TLS: refuse, as libpq does
-            self._fail_login(BackendError("08P01", f"database {self.database} sent unexpected data "
+            self._fail_login(BackendError(PROTOCOL_VIOLATION, f"database {self.database} sent unexpected data "
                                           "after its answer to the TLS request"))
             return
         if data == m.SSL_YES:
@@ -196,7 +202,7 @@ class ServerConnection(asyncio.Protocol):
         elif data == m.SSL_NO and self.sslmode == "prefer":
             self._send_startup()
         else:
-            self._fail_login(BackendError("08006", f"database {self.database} does not accept TLS "
+            self._fail_login(BackendError(CONNECTION_FAILURE, f"database {self.database} does not accept TLS "
                                           f"connections, and its dsn asks sslmode={self.sslmode}",
                                           hint="enable ssl on that server, or lower sslmode in the dsn"))
 
@@ -210,7 +216,7 @@ class ServerConnection(asyncio.Protocol):
                 self.transport, self, context,
                 server_hostname=self.dsn.host if mode == "verify-full" else None)
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as exc:
-            self._fail_login(BackendError("08006", f"database {self.database}: TLS with "
+            self._fail_login(BackendError(CONNECTION_FAILURE, f"database {self.database}: TLS with "
                                           f"{self.dsn.host}:{self.dsn.port} failed ({exc})",
                                           hint="check sslmode and sslrootcert in its dsn"))
             return
@@ -236,7 +242,7 @@ class ServerConnection(asyncio.Protocol):
             self._fail_login(exc)
             return
         except m.ProtocolViolation as exc:
-            self._fail_login(BackendError("08P01", f"database {self.database} sent a malformed message "
+            self._fail_login(BackendError(PROTOCOL_VIOLATION, f"database {self.database} sent a malformed message "
                                                    f"while logging in: {exc.message}"))
             return
         del self._buf[:pos]
@@ -251,7 +257,7 @@ class ServerConnection(asyncio.Protocol):
             self.pid, self.secret = m.decode_backend_key(body)
         elif kind == m.ERROR_RESPONSE:
             fields = m.decode_fields(body)
-            raise BackendError("08006", f"database {self.database} refused pgfleet's login as "
+            raise BackendError(CONNECTION_FAILURE, f"database {self.database} refused pgfleet's login as "
                                f"{self.dsn.user}: {fields.get('M', 'no message')}",
                                hint="check the user and password in the database's dsn")
         elif kind == m.READY_FOR_QUERY:
@@ -265,7 +271,7 @@ class ServerConnection(asyncio.Protocol):
         if code == m.AUTH_OK:
             return
         if code in (m.AUTH_CLEARTEXT, m.AUTH_MD5, m.AUTH_SASL) and password is None:
-            raise BackendError("08006", f"database {self.database} asks for a password and its dsn "
+            raise BackendError(CONNECTION_FAILURE, f"database {self.database} asks for a password and its dsn "
                                "has none", hint="put the password in the dsn: postgresql://user:pw@host/db")
         assert password is not None
         if code == m.AUTH_CLEARTEXT:
@@ -277,7 +283,7 @@ class ServerConnection(asyncio.Protocol):
         elif code == m.AUTH_SASL:
             mechanisms = [x.decode() for x in data.split(b"\0") if x]
             if "SCRAM-SHA-256" not in mechanisms:
-                raise BackendError("08006", f"database {self.database} offers only {mechanisms}")
+                raise BackendError(CONNECTION_FAILURE, f"database {self.database} offers only {mechanisms}")
             self._scram = scramp.ScramClient(["SCRAM-SHA-256"], self.dsn.user, password)
             self.transport.write(m.sasl_initial_response("SCRAM-SHA-256",
                                                          self._scram.get_client_first().encode()))
@@ -286,15 +292,15 @@ class ServerConnection(asyncio.Protocol):
                 self._scram.set_server_first(data.decode())
                 self.transport.write(m.sasl_response(self._scram.get_client_final().encode()))
             except scramp.ScramException as exc:
-                raise BackendError("08006", f"database {self.database}: SCRAM failed: {exc}") from None
+                raise BackendError(CONNECTION_FAILURE, f"database {self.database}: SCRAM failed: {exc}") from None
         elif code == m.AUTH_SASL_FINAL and self._scram is not None:
             try:
                 self._scram.set_server_final(data.decode())
             except scramp.ScramException as exc:
-                raise BackendError("08006", f"database {self.database}: the server's SCRAM signature "
+                raise BackendError(CONNECTION_FAILURE, f"database {self.database}: the server's SCRAM signature "
                                    f"is wrong ({exc})") from None
         else:
-            raise BackendError("08006", f"database {self.database} asks for authentication method "
+            raise BackendError(CONNECTION_FAILURE, f"database {self.database} asks for authentication method "
                                f"{code}, which pgfleet does not speak", hint="use trust, md5 or scram-sha-256")
 
     def _fail_login(self, error: BackendError) -> None:
@@ -304,15 +310,23 @@ class ServerConnection(asyncio.Protocol):
 
     # -- linking to a client
 
-    def attach(self, link: Link) -> None:
+    def attach(self, link: Link, write: Callable[[bytes], None], *,
+               parameters: Callable[[str, str], None] | None = None,
+               answers: Callable[[int, bytes], None] | None = None) -> None:
+        """Link the backend: its answers go to ``write``; ``parameters`` hears each ParameterStatus;
+        ``answers`` (the audit log's ear) each CommandComplete, EmptyQueryResponse,
+        PortalSuspended, ErrorResponse and ReadyForQuery answering the linked side's own
+        statements (not what pgfleet sent by itself). Attaching again redirects them."""
         self.link = link
-        self.write_client = link.write
-        self.on_answer = None
+        self.write_client = write
+        self.on_parameter = parameters
+        self.on_answer = answers
 
     def detach(self) -> None:
         self.link = None
         self.write_client = _discard
         self.on_answer = None
+        self.on_parameter = None
         self.last_used = time.monotonic()
 
     def send(self, data: bytes) -> None:
@@ -328,15 +342,36 @@ class ServerConnection(asyncio.Protocol):
             outbox.clear()
 
     def push(self, expect: Expect) -> None:
-        """Queue what the next message sent will be answered with (see ``expect.py``)."""
+        """Queue what the next message sent will be answered with (see ``expect.py``).
+
+        After an error in the extended protocol the server discards every message up to the
+        next Sync, and answers none of them: while ``skipping``, only a Sync's answer is due.
+        """
+        if self.skipping:
+            if expect.answer is not Answer.SYNC:
+                self._never_answered(expect)
+                return
+            self.skipping = False
         if expect.fate is Fate.MADE_UP and not self.expects:
             self.write_client(expect.reply)
         else:
             self.expects.append(expect)
 
+    def _never_answered(self, expect: Expect) -> None:
+        """A Parse that failed, or any message the server skipped after an error: a Parse in
+        it prepared nothing (and the client's name for it, if it was the client's, is free)."""
+        if expect.answer is Answer.PARSE:
+            if expect.statement is not None:
+                self.prepared.discard(expect.statement)
+            else:
+                self.unnamed_owner = 0  # which unnamed statement the server holds is unknown now
+            if expect.client:
+                self.unprepared.append(expect.client)
+
     @property
     def busy(self) -> bool:
-        return bool(self.expects)
+        """Answers are due, or the server skips to a Sync nobody sent yet (not reusable as it is)."""
+        return bool(self.expects) or self.skipping
 
     # -- relaying answers (the hot path)
 
@@ -394,13 +429,16 @@ class ServerConnection(asyncio.Protocol):
                 elif kind == _S:
                     self._parameter(data[pos + 5:end])
             elif kind == _Z:
+                if head.answer is not _SYNC and (head.answer is not _QUERY or self.skipping):
+                    head = self._skipped_to_sync()  # what was sent after an error got no answer
+                self.skipping = False
                 expects.popleft()
                 if self.on_answer is not None and head.fate is not _DROP:
                     # A simple query's end, or a Sync's ("S"): the audit tells them apart.
                     self.on_answer(kind if head.answer is Answer.QUERY else m.SYNC, data[pos + 5:end])
                 self.tx_status = status = data[pos + 5]
                 stats.queries += 1
-                if status == 73:  # "I"
+                if status == _TX_IDLE:
                     stats.transactions += 1
                 drop = head.fate is _DROP
                 ready = True
@@ -462,7 +500,7 @@ class ServerConnection(asyncio.Protocol):
         self.errors += 1
         stats = self.stats
         stats.errors += 1
-        sqlclass = m.decode_fields(body).get("C", "XX000")[:2]
+        sqlclass = m.decode_fields(body).get("C", INTERNAL_ERROR)[:2]
         stats.error_classes[sqlclass] = stats.error_classes.get(sqlclass, 0) + 1
         if head.answer is Answer.QUERY:
             if head.fate is Fate.REFUSE:
@@ -475,15 +513,26 @@ class ServerConnection(asyncio.Protocol):
             return None, False
         expects = self.expects
         failing = expects.popleft()
-        if failing.statement is not None:
-            self.prepared.discard(failing.statement)
+        self._never_answered(failing)
         while expects and expects[0].answer is not Answer.SYNC:
-            skipped = expects.popleft()
-            if skipped.statement is not None:
-                self.prepared.discard(skipped.statement)
+            self._never_answered(expects.popleft())
+        # No Sync sent yet: what comes before it is skipped too (see ``push``; whoever sends a
+        # Sync without ``push`` clears ``skipping`` itself).
+        self.skipping = not expects
         if failing.fate is Fate.REFUSE:
             return failing.reply, True
         return None, False
+
+    def _skipped_to_sync(self) -> Expect:
+        """A ReadyForQuery while messages before their Sync are still due: the server skipped
+        them after an error (the fast path queues what it forwards without ``push``). They are
+        dropped, and the ReadyForQuery answers the Sync."""
+        expects = self.expects
+        while len(expects) > 1 and expects[0].answer is not Answer.SYNC and (
+                expects[0].answer is not Answer.QUERY or self.skipping):
+            self._never_answered(expects.popleft())
+        self.skipping = False
+        return expects[0]
 
     def _server_fatal(self, body: bytes) -> bool:
         fields = m.decode_fields(body)
@@ -496,8 +545,8 @@ class ServerConnection(asyncio.Protocol):
     def _parameter(self, body: bytes) -> None:
         name, value = m.decode_parameter_status(body)
         self.params[name] = value
-        if self.link is not None:
-            self.link.parameter_changed(name, value)
+        if self.on_parameter is not None:
+            self.on_parameter(name, value)
 
     def _maybe_forget_statements(self, tag: bytes) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
@@ -511,19 +560,19 @@ class ServerConnection(asyncio.Protocol):
         self.closed = True
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(BackendError(
-                "08006", f"database {self.database} closed the connection while pgfleet logged in"))
+                CONNECTION_FAILURE, f"database {self.database} closed the connection while pgfleet logged in"))
             return
         link = self.link
         if link is not None:
             reason = self.close_reason or (f"{exc}" if exc else "the server closed the connection")
-            if self.close_code == "08P01":
+            if self.close_code == PROTOCOL_VIOLATION:
                 # The client's own malformed message, forwarded as it came: PostgreSQL's verdict.
                 link.backend_lost(self, BackendError(
-                    "08P01", f"database {self.database} refused a malformed message: {reason}",
+                    PROTOCOL_VIOLATION, f"database {self.database} refused a malformed message: {reason}",
                     hint="the client broke the protocol; the connection is closed"))
                 return
             link.backend_lost(self, BackendError(
-                "08006", f"the connection to database {self.database} was lost: {reason}",
+                CONNECTION_FAILURE, f"the connection to database {self.database} was lost: {reason}",
                 hint="the statement may not have completed; reconnect and retry"))
 
     @property

@@ -37,6 +37,7 @@ class Expect:
     fate: Fate = Fate.FORWARD
     statement: str | None = None  # the backend-side name a Parse prepares
     reply: bytes = b""
+    client: bytes = b""  # the client's own name for it, when it is the client's Parse
 
 
 # Shared instances for the common cases, so that the hot path allocates nothing.

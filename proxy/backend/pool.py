@@ -19,9 +19,17 @@ import enum
 import logging
 import time
 from collections import deque
+from typing import Protocol
 
 from ..config import Dsn
-from ..errors import BackendError, ClientError
+from ..errors import (
+    ADMIN_SHUTDOWN,
+    CONNECTION_FAILURE,
+    TOO_MANY_CONNECTIONS,
+    BackendError,
+    ClientError,
+)
+from ..wire import messages as m
 from .connection import Connector, ServerConnection, Stats, tcp_connect
 
 log = logging.getLogger("pgfleet.pool")
@@ -29,6 +37,12 @@ log = logging.getLogger("pgfleet.pool")
 
 # Upper bounds (seconds) of the wait-time histogram (/metrics: pgfleet_pool_wait_seconds).
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+class Holder(Protocol):
+    """A client that keeps a parked connection between its transactions (see ``Pool.park``)."""
+
+    def give_back(self, server: ServerConnection) -> bool: ...  # True: taken back from it, now
 
 
 class DisconnectReason(enum.Enum):
@@ -61,8 +75,8 @@ class Pool:
         self.opening = 0
         self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
         # Connections their client keeps between transactions (insertion-ordered, oldest first),
-        # each with the time it was last parked.
-        self.parked: dict[ServerConnection, float] = {}
+        # each with that client and the time it was last parked.
+        self.parked: dict[ServerConnection, tuple[Holder, float]] = {}
         self.params: dict[str, str] = {}  # the server's ParameterStatus values, from the first login
         # Backend-side statement names that some backend of this database parsed without error.
         self.parsed_ok: set[str] = set()
@@ -82,7 +96,7 @@ class Pool:
     def between(self) -> list[ServerConnection]:
         """The parked connections whose client is between transactions now (a client that
         uses its parked connection again leaves it marked parked: see ``parked``)."""
-        return [server for server in self.parked if server.tx_status == 73 and not server.expects]
+        return [server for server in self.parked if server.tx_status == m.TX_IDLE and not server.expects]
 
     @property
     def total(self) -> int:
@@ -108,16 +122,26 @@ class Pool:
             return self._take_parked()
         return None
 
+    def park(self, server: ServerConnection, holder: Holder) -> bool:
+        """Affinity: ``holder``'s client, between transactions, keeps ``server`` for its next one
+        until another client needs it (then ``take`` asks for it back). False when the pool
+        wants it back now (clients wait, or it is of an old generation or past its lifetime):
+        the caller releases it."""
+        now = time.monotonic()
+        if self.waiters or server.generation != self.generation or now - server.created >= self.lifetime:
+            return False
+        self.parked[server] = (holder, now)
+        return True
+
     def _take_parked(self) -> ServerConnection | None:
         """A parked connection whose client is between transactions, taken back from it."""
         parked = self.parked
         while parked:
             server = next(iter(parked))
-            del parked[server]
-            link = server.link
-            if server.gone or link is None:
+            holder, _ = parked.pop(server)
+            if server.gone:
                 continue
-            if link.give_back(server):
+            if holder.give_back(server):
                 return server  # it stays in ``active``, now for another client
         return None
 
@@ -143,7 +167,7 @@ class Pool:
 
     async def _acquire_slow(self) -> ServerConnection:
         if self.closed:
-            raise BackendError("08006", f"database {self.name} is shutting down")
+            raise BackendError(CONNECTION_FAILURE, f"database {self.name} is shutting down")
         if self.total < self.size:
             return await self._open()
         waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
@@ -152,7 +176,7 @@ class Pool:
             return await asyncio.wait_for(waiter, self.acquire_timeout)
         except TimeoutError:
             raise ClientError(
-                "53300", f"database {self.name}: no backend connection became free within "
+                TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
                 f"{self.acquire_timeout:g}s (pool size {self.size})",
                 hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"
             ) from None
@@ -181,7 +205,7 @@ class Pool:
         if server.closed:
             self._replace()
             return
-        if server.busy or server.tx_status != 73:  # 73 = "I"
+        if server.busy or server.tx_status != m.TX_IDLE:
             self._retire(server, DisconnectReason.DIRTY)
             self._replace()
             return
@@ -247,16 +271,15 @@ class Pool:
             else:
                 keep.append(server)
         self.idle = keep
-        for server, parked_at in list(self.parked.items()):
+        for server, (holder, parked_at) in list(self.parked.items()):
             if now - parked_at > self.idle_timeout:
                 reason = DisconnectReason.IDLE_TIMEOUT
             elif self._expired(server, now):
                 reason = DisconnectReason.LIFETIME
             else:
                 continue
-            link = server.link
             del self.parked[server]
-            if link is not None and link.give_back(server):
+            if holder.give_back(server):
                 self.active.discard(server)
                 self._retire(server, reason)
         if self.outage is not None and self.parked:
@@ -272,10 +295,9 @@ class Pool:
             return
         self.paused = True
         self._resumed = asyncio.Event()
-        for server in list(self.parked):
+        for server, (holder, _) in list(self.parked.items()):
             del self.parked[server]
-            link = server.link
-            if link is not None and link.give_back(server):
+            if holder.give_back(server):
                 self.release(server)
 
     def resume(self) -> None:
@@ -289,7 +311,7 @@ class Pool:
     def unavailable(self) -> BackendError:
         """The error of an acquire while the circuit is open (a new one each time: an exception
         raised again and again would grow its traceback)."""
-        return BackendError("08006", f"database {self.name} is unavailable", hint=self.outage)
+        return BackendError(CONNECTION_FAILURE, f"database {self.name} is unavailable", hint=self.outage)
 
     def open_circuit(self, hint: str) -> int:
         """The database is down: from now on every acquire fails at once (``hint`` says why and
@@ -320,10 +342,9 @@ class Pool:
             if not server.closed:
                 self._retire(server, reason)
                 closed += 1
-        for server in list(self.parked):
+        for server, (holder, _) in list(self.parked.items()):
             del self.parked[server]
-            link = server.link
-            if link is not None and link.give_back(server):
+            if holder.give_back(server):
                 self.active.discard(server)
                 self._retire(server, reason)
                 closed += 1
@@ -338,5 +359,5 @@ class Pool:
         self.active.clear()
         for waiter in self.waiters:
             if not waiter.done():
-                waiter.set_exception(BackendError("57P01", f"database {self.name} is shutting down"))
+                waiter.set_exception(BackendError(ADMIN_SHUTDOWN, f"database {self.name} is shutting down"))
         self.waiters.clear()

@@ -17,7 +17,7 @@ from ..backend.connection import ServerConnection
 from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
 from ..backend.twophase import Coordinator
-from ..errors import BackendError, ClientError, ProxyError
+from ..errors import NOT_NULL_VIOLATION, QUERY_CANCELED, BackendError, ClientError, ProxyError
 from ..router.copyrows import RowSplitter
 from ..router.router import Router
 from ..wire import messages as m
@@ -61,7 +61,7 @@ class CopySplit(Scatter):
             self.done = asyncio.get_running_loop().create_future()
             self.waiting = len(self.legs)
             for leg in self.legs.values():
-                leg.server.write_client = lambda data, leg=leg: self._copy_answer(leg, data)  # type: ignore[misc]
+                leg.copy_started = self._arrived
                 leg.server.push(FORWARD_QUERY)
                 leg.server.send(statement)
                 leg.server.flush()
@@ -84,7 +84,7 @@ class CopySplit(Scatter):
                         self._add(database, row)
                     continue
                 if key is None:
-                    raise ClientError("23502", f'null value in column "{self.router.sharded[self.table]}" of '
+                    raise ClientError(NOT_NULL_VIOLATION, f'null value in column "{self.router.sharded[self.table]}" of '
                                       f'sharded table "{self.table}": a COPY row without its shard key has '
                                       "no shard", hint="give every row its shard key")
                 self._add(self.router.copy_shard(self.table, key), row)
@@ -121,13 +121,13 @@ class CopySplit(Scatter):
             for leg in self.legs.values():
                 if leg.lost is None:
                     self.waiting += 1
-                    leg.server.write_client = leg.answer.extend
+                    leg.copy_started = None
                     leg.server.send(end)
                     leg.server.flush()
             if self.waiting:
                 await self.done
             answers = self._answers()
-            failed = self.failure or (ClientError("57014", f"COPY from stdin failed: {client_error}")
+            failed = self.failure or (ClientError(QUERY_CANCELED, f"COPY from stdin failed: {client_error}")
                                       if client_error is not None else self._first_failure(answers))
             for leg in self.legs.values():
                 leg.answer.clear()
@@ -147,16 +147,9 @@ class CopySplit(Scatter):
                             total += int(body[5:-1])
             return m.command_complete(f"COPY {total}")
         finally:
-            self._give_back()
+            self.give_back()
 
     # -- helpers
-
-    def _copy_answer(self, leg: _Leg, data: bytes) -> None:
-        """What a shard says to the COPY statement: CopyInResponse (go on) or an error."""
-        leg.answer.extend(data)
-        if any(kind == m.COPY_IN_RESPONSE for kind, _ in m.split(bytes(leg.answer))):
-            leg.server.write_client = leg.answer.extend
-            self._arrived()
 
     def _answers(self) -> dict[str, list[list[tuple[int, bytes]]]]:
         """Each shard's answer so far, one list per ReadyForQuery (an error ends with one)."""
@@ -169,7 +162,7 @@ class CopySplit(Scatter):
         for leg in self.legs.values():
             if leg.lost is None and leg.server.busy:
                 self.waiting += 1
-                leg.server.write_client = leg.answer.extend
+                leg.copy_started = None
                 leg.server.send(m.copy_fail("pgfleet could not start the COPY on every shard"))
                 leg.server.flush()
         try:
@@ -180,4 +173,4 @@ class CopySplit(Scatter):
         except (TimeoutError, BackendError):
             pass
         finally:
-            self._give_back()
+            self.give_back()

@@ -15,6 +15,7 @@ sent stay sent, as when PostgreSQL itself fails in the middle of a result.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -22,10 +23,10 @@ from collections.abc import Callable
 from ..backend.connection import ServerConnection
 from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
-from ..errors import BackendError, ProxyError
-from ..wire import messages as m
+from ..errors import INTERNAL_ERROR, BackendError, ProxyError
 from ..merge.merger import Merger, keyed_rows
-from .startup import set_statement
+from ..wire import messages as m
+from .settings import set_statement
 
 log = logging.getLogger("pgfleet.gather")
 
@@ -75,15 +76,6 @@ class Gather:
             shard.done = True
             self._arrived()
 
-    def parameter_changed(self, name: str, value: str) -> None:
-        pass
-
-    def give_back(self, server: ServerConnection) -> bool:
-        return False
-
-    def write_client(self, data: bytes) -> None:  # not used: each shard writes to its own inbox
-        pass
-
     def _arrived(self) -> None:
         self.waiting -= 1
         if self.waiting <= 0 and self.done is not None and not self.done.done():
@@ -117,8 +109,7 @@ class Gather:
                 server = await pool.acquire()
                 shard = _Shard(index, database, pool, server)
                 self.shards[server] = shard
-                server.attach(self)  # type: ignore[arg-type]
-                server.write_client = lambda data, shard=shard: self._received(shard, data)
+                server.attach(self, functools.partial(self._received, shard))  # each shard to its inbox
                 server.unnamed_owner = 0  # its unnamed statement becomes the shard query's
                 if self.client_paused and server.transport is not None:
                     server.transport.pause_reading()
@@ -146,7 +137,7 @@ class Gather:
             return m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
         except Exception:  # a bug must not leave the client without an answer
             log.exception("internal error in a federated query on %s", ", ".join(databases))
-            return m.error_response("XX000", "internal error in pgfleet while merging the shards' answers; "
+            return m.error_response(INTERNAL_ERROR, "internal error in pgfleet while merging the shards' answers; "
                                     "the details are in its log")
         finally:
             for shard in self.shards.values():
@@ -155,7 +146,7 @@ class Gather:
                 # paused after the last answer came would leave it deaf for the next one).
                 if (shard.paused or self.client_paused) and server.transport is not None and not server.closed:
                     server.transport.resume_reading()
-                if server.closed or server.busy or server.tx_status != 73:
+                if server.closed or server.busy or server.tx_status != m.TX_IDLE:
                     shard.pool.discard(server)
                 else:
                     shard.pool.release(server)
@@ -229,7 +220,7 @@ class Gather:
             return
         # A bug in the merge (or a malformed row) must not take the shard's connection with it.
         log.error("internal error merging the answer of shard %s", shard.database, exc_info=exc)
-        self._fail(m.error_response("XX000", "internal error in pgfleet while merging the "
+        self._fail(m.error_response(INTERNAL_ERROR, "internal error in pgfleet while merging the "
                                     "shards' answers; the details are in its log"), shard)
 
     def _balance(self) -> None:
@@ -254,7 +245,7 @@ class Gather:
         body = error[5:]
         fields = m.decode_fields(body)
         self.failure = _naming(body, shard.database)
-        log.info("federated query failed on shard %s: %s %s", shard.database, fields.get("C", "XX000"),
+        log.info("federated query failed on shard %s: %s %s", shard.database, fields.get("C", INTERNAL_ERROR),
                  fields.get("M", ""))
         for other in self.shards.values():  # nothing more is needed from the others
             if other.paused and other.server.transport is not None:

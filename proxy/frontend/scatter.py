@@ -17,14 +17,24 @@ import asyncio
 import logging
 import re
 import struct
+from collections.abc import Callable
 
 from ..backend.connection import ServerConnection
 from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
 from ..backend.twophase import Coordinator, NotDecided, Unknown
-from ..errors import BackendError, ProxyError
+from ..errors import (
+    DATATYPE_MISMATCH,
+    INTERNAL_ERROR,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
+    SERIALIZATION_FAILURE,
+    STATEMENT_COMPLETION_UNKNOWN,
+    TRANSACTION_RESOLUTION_UNKNOWN,
+    BackendError,
+    ProxyError,
+)
 from ..wire import messages as m
-from .startup import set_statement
+from .settings import set_statement
 
 log = logging.getLogger("pgfleet.scatter")
 
@@ -54,6 +64,15 @@ class _Leg:
         self.server = server
         self.answer = bytearray()
         self.lost: BackendError | None = None
+        # A COPY FROM STDIN being started (copysplit.py): called once the backend asks for data.
+        self.copy_started: Callable[[], None] | None = None
+
+    def receive(self, data: bytes) -> None:
+        """What the backend answers (its ``write``): kept apart, per leg."""
+        self.answer.extend(data)
+        if self.copy_started is not None and any(kind == m.COPY_IN_RESPONSE for kind, _ in m.split(bytes(self.answer))):
+            started, self.copy_started = self.copy_started, None
+            started()
 
 
 class Scatter:
@@ -76,16 +95,12 @@ class Scatter:
 
     def _link(self, database: str, pool: Pool, server: ServerConnection) -> _Leg:
         leg = self.legs[server] = _Leg(database, pool, server)
-        server.attach(self)
-        server.write_client = leg.answer.extend  # each leg's answer apart
+        server.attach(self, leg.receive)
         if server.transport is not None:
             server.transport.resume_reading()  # its client may have paused it
         return leg
 
     # -- Link
-
-    def write(self, data: bytes) -> None:
-        pass  # never called: run() points each backend's write_client at its leg's answer
 
     def backend_idle(self, server: ServerConnection) -> None:
         self._arrived()
@@ -95,12 +110,6 @@ class Scatter:
         if leg is not None and leg.lost is None:
             leg.lost = error
             self._arrived()
-
-    def parameter_changed(self, name: str, value: str) -> None:
-        pass
-
-    def give_back(self, server: ServerConnection) -> bool:
-        return False
 
     def _arrived(self) -> None:
         self.waiting -= 1
@@ -142,7 +151,7 @@ class Scatter:
                 return b"".join(m.message(kind, body) for kind, body in (first[0] if first else ()) if kind in keep)
             return _combine(answers, replicated, describe)
         finally:
-            self._give_back()
+            self.give_back()
 
     async def _take(self, pools: dict[str, Pool], databases: tuple[str, ...], settings: dict[str, str]
                     ) -> dict[str, list[bytes]]:
@@ -176,7 +185,7 @@ class Scatter:
         written it returns, and recovery finishes a leg that could not."""
         if not coordinator.ready:
             await self.rollback()
-            raise ProxyError("55000", "a transaction on several databases cannot commit: the two-phase commit "
+            raise ProxyError(OBJECT_NOT_IN_PREREQUISITE_STATE, "a transaction on several databases cannot commit: the two-phase commit "
                              f"log in database {coordinator.config.default} is not reachable; it was rolled back",
                              hint="check that database; pgfleet reconnects by itself")
         legs = list(self.legs.values())
@@ -190,7 +199,7 @@ class Scatter:
             prepared = [leg for leg in legs if self._tag(leg) == b"PREPARE TRANSACTION"]
             if len(prepared) < len(legs):
                 failure = self._first_failure({leg.database: _responses(bytes(leg.answer)) for leg in legs}) \
-                    or ProxyError("40001", "a database rolled back its part of the transaction at PREPARE",
+                    or ProxyError(SERIALIZATION_FAILURE, "a database rolled back its part of the transaction at PREPARE",
                                   hint="run the transaction again")
                 await self._finish(prepared, "ROLLBACK PREPARED", gids)
                 raise failure
@@ -198,12 +207,12 @@ class Scatter:
                 await coordinator.decide(gid, [leg.database for leg in legs])
             except NotDecided as exc:
                 await self._finish(prepared, "ROLLBACK PREPARED", gids)
-                raise ProxyError("40003", f"the transaction was rolled back on {', '.join(gids)}: {exc}",
+                raise ProxyError(STATEMENT_COMPLETION_UNKNOWN, f"the transaction was rolled back on {', '.join(gids)}: {exc}",
                                  hint="run it again once the default database answers") from None
             except Unknown as exc:
                 log.error("two-phase commit %s on %s: %s; recovery commits or rolls it back", gid,
                           ", ".join(gids), exc)
-                raise ProxyError("08007", f"the transaction's outcome is unknown: {exc}",
+                raise ProxyError(TRANSACTION_RESOLUTION_UNKNOWN, f"the transaction's outcome is unknown: {exc}",
                                  hint="pgfleet's recovery finishes it on every database the same way; "
                                       "check before running it again") from None
             finished = await self._finish(legs, "COMMIT PREPARED", gids)
@@ -246,11 +255,11 @@ class Scatter:
                 return m.decode_fields(body).get("M", "")
         return "no answer"
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         for leg in self.legs.values():
             if leg.lost is not None or leg.server.closed:
                 leg.pool.discard(leg.server)
-            elif leg.server.busy or leg.server.tx_status != 73:
+            elif leg.server.busy or leg.server.tx_status != m.TX_IDLE:
                 leg.pool.discard(leg.server)  # never hand on a backend in an unknown state
             else:
                 leg.pool.release(leg.server)
@@ -278,7 +287,7 @@ class Scatter:
                 for kind, body in response:
                     if kind == m.ERROR_RESPONSE:
                         fields = m.decode_fields(body)
-                        return ScatterError(fields.get("C", "XX000"), fields.get("M", ""),
+                        return ScatterError(fields.get("C", INTERNAL_ERROR), fields.get("M", ""),
                                             raw=m.message(kind, body))
         return None
 
@@ -290,7 +299,7 @@ class Scatter:
             log.error("a statement on %s committed on %s but not on %s: the databases disagree until "
                       "it is repaired by hand", ", ".join(leg.database for leg in self.legs.values()),
                       ", ".join(committed) or "none", ", ".join(failed))
-            raise ScatterError("40003", f"the statement committed on {', '.join(committed) or 'no database'} "
+            raise ScatterError(STATEMENT_COMPLETION_UNKNOWN, f"the statement committed on {', '.join(committed) or 'no database'} "
                                f"but failed to commit on {', '.join(failed)}",
                                hint="check those databases; enable two_phase_commit to make this atomic")
 
@@ -330,10 +339,10 @@ def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool
             tags = []
             for other in groups:
                 if number >= len(other):
-                    raise ScatterError("XX000", "the databases answered the same statement differently",
+                    raise ScatterError(INTERNAL_ERROR, "the databases answered the same statement differently",
                                        hint="check that the shards have the same schema")
                 if _columns(other[number]["T"]) != _columns(description):
-                    raise ScatterError("42804", "the databases returned different row descriptions for "
+                    raise ScatterError(DATATYPE_MISMATCH, "the databases returned different row descriptions for "
                                        "the same statement", hint="check that their schemas agree")
                 tags.append(other[number]["C"])
             if replicated and len({tag for tag in tags}) > 1:

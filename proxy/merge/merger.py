@@ -17,6 +17,12 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from ..errors import (
+    DATATYPE_MISMATCH,
+    FEATURE_NOT_SUPPORTED,
+    INVALID_TEXT_REPRESENTATION,
+    PROTOCOL_VIOLATION,
+)
 from ..router.fanout import Cmp, Const, FanoutPlan, IsNull, Logic, Output, Ref, SortKey
 from ..wire import messages as m
 from .values import (
@@ -184,7 +190,7 @@ class Merger:
         cols = columns(body)
         if self.description is not None:
             if not _same(cols, self.description):
-                raise MergeError("42804", "the shards returned different row descriptions for the same query "
+                raise MergeError(DATATYPE_MISMATCH, "the shards returned different row descriptions for the same query "
                                  "(a column added or changed on some shards only)",
                                  hint="make the shards' schemas the same")
             return
@@ -230,7 +236,7 @@ class Merger:
         """Binary columns the client asked for: their writers, and their format in the description."""
         formats = self.formats
         if len(formats) > 1 and len(formats) != len(visible):
-            raise MergeError("08P01", f"bind message has {len(formats)} result formats but query has "
+            raise MergeError(PROTOCOL_VIOLATION, f"bind message has {len(formats)} result formats but query has "
                              f"{len(visible)} columns")
         codes = [formats[0] if len(formats) == 1 else (formats[i] if formats else 0) for i in range(len(visible))]
         rounded = self.float_digits <= 0 and any(type_of(col) in FLOAT_TYPES for col in visible)
@@ -452,7 +458,7 @@ class _Sum(_Partial):
             self.write = float_text
         else:
             name = {700: "real"}.get(type_oid, TYPE_NAMES.get(type_oid, f"type OID {type_oid}"))
-            raise MergeError("0A000", f"sum() or avg() of a {name} column across shards is not supported",
+            raise MergeError(FEATURE_NOT_SUPPORTED, f"sum() or avg() of a {name} column across shards is not supported",
                              hint="cast it to numeric or double precision")
 
     def combine(self, state: Any, raw: bytes) -> Any:
@@ -550,7 +556,7 @@ def _truth(expr: Any, row: list[bytes | None], types: list[int], text_order: boo
     type_oid = types[expr.left.column] if isinstance(expr.left, Ref) else (
         types[expr.right.column] if isinstance(expr.right, Ref) else 25)
     if type_oid in (25, 1043, 19) and expr.op not in ("=", "<>") and not text_order:
-        raise MergeError("0A000", "HAVING ordering text across shards needs the C collation, which these "
+        raise MergeError(FEATURE_NOT_SUPPORTED, "HAVING ordering text across shards needs the C collation, which these "
                          "databases do not use", hint="compare it in the application")
     left = _operand(expr.left, row, types, type_oid)
     right = _operand(expr.right, row, types, type_oid)
@@ -590,16 +596,16 @@ def _operand(node: Any, row: list[bytes | None], types: list[int], type_oid: int
         if type_oid in FLOAT_TYPES:
             return read_float(raw)
     except (ArithmeticError, ValueError):
-        raise MergeError("22P02", f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
+        raise MergeError(INVALID_TEXT_REPRESENTATION, f"invalid input syntax for a number in HAVING: {raw.decode()!r}") from None
     if type_oid == 16:
         text = raw.decode().strip().lower()
         if text not in _BOOLS:
-            raise MergeError("22P02", f'invalid input syntax for type boolean: "{raw.decode()}"')
+            raise MergeError(INVALID_TEXT_REPRESENTATION, f'invalid input syntax for type boolean: "{raw.decode()}"')
         return _BOOLS[text]
     if type_oid in (25, 1043, 19):
         return raw
     name = TYPE_NAMES.get(type_oid or 0, f"type OID {type_oid}")
-    raise MergeError("0A000", f"HAVING comparing a {name} across shards is not supported",
+    raise MergeError(FEATURE_NOT_SUPPORTED, f"HAVING comparing a {name} across shards is not supported",
                      hint="compare it in the application, or bind the shard key")
 
 

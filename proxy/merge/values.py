@@ -16,7 +16,7 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
-from ..errors import ProxyError
+from ..errors import FEATURE_NOT_SUPPORTED, ProxyError
 
 INT_TYPES = frozenset({20, 21, 23, 26, 28})      # int8, int2, int4, oid, xid
 FLOAT_TYPES = frozenset({700, 701})
@@ -77,7 +77,7 @@ def read_datetime(raw: bytes) -> Any:
         return -math.inf
     found = _DATETIME.match(raw)
     if found is None:
-        raise MergeError("0A000", f"cannot read the date/time value {raw.decode(errors='replace')!r} to "
+        raise MergeError(FEATURE_NOT_SUPPORTED, f"cannot read the date/time value {raw.decode(errors='replace')!r} to "
                          "merge the shards' rows", hint="SET DateStyle TO ISO for federated queries")
     year, month, day, hh, mi, ss, frac, sign, oh, om, os_, bc = found.groups()
     y = int(year)
@@ -122,12 +122,12 @@ def reader(type_oid: int, what: str, text_order: bool = True) -> Callable[[bytes
         return read_datetime
     if type_oid in BYTE_ORDER_TYPES or type_oid == BPCHAR:
         if type_oid in TEXT_TYPES and not text_order:
-            raise MergeError("0A000", f"{what} on a text column across shards needs the C collation and "
+            raise MergeError(FEATURE_NOT_SUPPORTED, f"{what} on a text column across shards needs the C collation and "
                              "client_encoding UTF8, which this query does not have",
                              hint="bind the shard key, or order the rows in the application")
         return read_bpchar if type_oid == BPCHAR else read_bytes
     name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
-    raise MergeError("0A000", f"{what} on a column of type {name} across shards is not supported",
+    raise MergeError(FEATURE_NOT_SUPPORTED, f"{what} on a column of type {name} across shards is not supported",
                      hint="bind the shard key, or cast it to a type pgfleet can compare (text, numeric, "
                           "timestamp)")
 
@@ -141,7 +141,8 @@ class Desc:
         self.value = value
 
     def __lt__(self, other: Desc) -> bool:
-        return other.value < self.value
+        less: bool = other.value < self.value
+        return less
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Desc) and self.value == other.value
@@ -308,5 +309,5 @@ def binary_writer(type_oid: int) -> Callable[[bytes], bytes]:
     if type_oid == NUMERIC:
         return _binary_numeric
     name = TYPE_NAMES.get(type_oid, f"type OID {type_oid}")
-    raise MergeError("0A000", f"binary results of type {name} from a query across shards are not supported",
+    raise MergeError(FEATURE_NOT_SUPPORTED, f"binary results of type {name} from a query across shards are not supported",
                      hint="ask for this column in text format")

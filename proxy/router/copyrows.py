@@ -1,5 +1,6 @@
-"""COPY ... FROM STDIN into a sharded table, the pure part: what the statement asks (table,
-columns, format) and the rows of the client's COPY data, each with its shard-key text. Pure.
+"""COPY into and out of a sharded table, the pure part: what the statement asks (table,
+columns, format; ``parse.py`` reads it), the rows of the client's COPY FROM STDIN data, each
+with its shard-key text, and a merged SELECT's answer written as COPY TO STDOUT's. Pure.
 
 Rows are split as PostgreSQL reads them: text format ends a row at each newline (a newline
 inside a value is written ``\\n``), CSV at a newline outside quotes. Only the shard-key field
@@ -8,13 +9,11 @@ of each row is decoded; the row goes to its shard as it came.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from pglast.parser import parse_sql_json
-
-from ..errors import ClientError
+from ..errors import BAD_COPY_FILE_FORMAT, FEATURE_NOT_SUPPORTED, ClientError
+from .parse import copy_from_stdin, copy_to_stdout
 
 
 @dataclass(frozen=True)
@@ -51,28 +50,15 @@ class CopyIn:
 def copy_in(sql: str) -> CopyIn | None:
     """The COPY FROM STDIN of ``sql``; None if it is not one. Formats pgfleet cannot split
     are refused here."""
-    try:
-        tree = json.loads(parse_sql_json(sql))
-    except Exception:  # noqa: BLE001 - a text the router parsed already; be safe
+    found = copy_from_stdin(sql)
+    if found is None:
         return None
-    stmts = tree.get("stmts", ())
-    if len(stmts) != 1 or "CopyStmt" not in stmts[0]["stmt"]:
-        return None
-    body: dict[str, Any] = stmts[0]["stmt"]["CopyStmt"]
-    if not body.get("is_from") or "relation" not in body or "filename" in body or body.get("is_program"):
-        return None
-    options: dict[str, str | bool] = {}
-    for item in body.get("options", ()):
-        elem = item["DefElem"]
-        arg = elem.get("arg", {})
-        value: str | bool = arg["String"]["sval"] if "String" in arg else arg.get("Boolean", {}).get("boolval", True)
-        options[elem["defname"]] = value
+    table, columns, options = found
     fmt = str(options.get("format", "text")).lower()
     if fmt not in ("text", "csv"):
-        raise ClientError("0A000", f"COPY {fmt.upper()} into a sharded table is not supported: pgfleet reads "
-                          "each row's shard key", hint="use FORMAT text or csv")
-    return CopyIn(table=body["relation"]["relname"],
-                  columns=tuple(c["String"]["sval"] for c in body.get("attlist", ())), format=copy_format(options))
+        raise ClientError(FEATURE_NOT_SUPPORTED, f"COPY {fmt.upper()} into a sharded table is not supported: "
+                          "pgfleet reads each row's shard key", hint="use FORMAT text or csv")
+    return CopyIn(table=table, columns=columns, format=copy_format(options))
 
 
 class RowSplitter:
@@ -89,7 +75,7 @@ class RowSplitter:
         """Whole rows of ``rest + data``: (row bytes with its newline, key text or None for
         NULL, is_header). ``final``: the data ended, a last row without newline counts."""
         buffer = self.rest + data
-        rows = []
+        rows: list[tuple[bytes, str | None, bool]] = []
         start = 0
         while not self.ended:
             end = self._row_end(buffer, start)
@@ -140,7 +126,7 @@ class RowSplitter:
     def _key(self, line: bytes) -> str | None:
         raw, quoted = self._field(line, self.key_index)
         if raw is None:
-            raise ClientError("22P04", f"missing data for column {self.key_index + 1} (the shard key) in a COPY row",
+            raise ClientError(BAD_COPY_FILE_FORMAT, f"missing data for column {self.key_index + 1} (the shard key) in a COPY row",
                               hint="every row needs a value for each column of the COPY")
         if not quoted and raw == self.spec.null:
             return None
@@ -235,33 +221,15 @@ class CopyOut:
 
 def copy_out(sql: str) -> CopyOut | None:
     """The COPY TO STDOUT of ``sql`` as a SELECT pgfleet can fan out; None if it is not one."""
-    from pglast import parse_sql
-    from pglast.stream import RawStream
-    try:
-        (raw,) = parse_sql(sql)
-    except Exception:  # noqa: BLE001 - the router parsed it already
+    found = copy_to_stdout(sql)
+    if found is None:
         return None
-    stmt = raw.stmt
-    if type(stmt).__name__ != "CopyStmt" or stmt.is_from or stmt.filename is not None or stmt.is_program:
-        return None
-    options: dict[str, str | bool] = {}
-    for elem in stmt.options or ():
-        arg = elem.arg
-        if arg is None:
-            options[elem.defname] = True
-        else:
-            options[elem.defname] = arg.sval if hasattr(arg, "sval") else getattr(arg, "boolval", True)
+    select, options = found
     fmt = str(options.get("format", "text")).lower()
     if fmt not in ("text", "csv") or set(options) - {"format", "delimiter", "null", "header", "quote", "escape"}:
-        raise ClientError("0A000", f"COPY TO STDOUT of a sharded table supports FORMAT text and csv with "
-                          f"DELIMITER, NULL, HEADER, QUOTE and ESCAPE (got {', '.join(sorted(options))})",
+        raise ClientError(FEATURE_NOT_SUPPORTED, f"COPY TO STDOUT of a sharded table supports FORMAT text and "
+                          f"csv with DELIMITER, NULL, HEADER, QUOTE and ESCAPE (got {', '.join(sorted(options))})",
                           hint="COPY from each shard's database by name for other options")
-    if stmt.query is not None:
-        select = RawStream()(stmt.query)
-    else:
-        relation = RawStream()(stmt.relation)
-        columns = ", ".join('"' + c.sval.replace('"', '""') + '"' for c in stmt.attlist) if stmt.attlist else "*"
-        select = f"SELECT {columns} FROM {relation}"
     return CopyOut(select=select, format=copy_format(options))
 
 

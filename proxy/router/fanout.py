@@ -135,7 +135,8 @@ def _kind(node: Any) -> str:
 
 
 def _name(func: Any) -> str:
-    return func.funcname[-1].sval.lower()
+    name: str = func.funcname[-1].sval
+    return name.lower()
 
 
 class _Planner:
@@ -385,7 +386,7 @@ class _Planner:
 
     def _sort_column(self, node: Any, by_alias: dict[str, int], visible: int, star: bool) -> int | None:
         if _kind(node) == "A_Const" and _kind(getattr(node, "val", None)) == "Integer":
-            position = node.val.ival
+            position: int = node.val.ival
             if star:
                 raise self.refuse(f"ORDER BY position {position} with SELECT * across shards",
                                   "name the columns, or order by the column's name")
@@ -580,14 +581,14 @@ class _Planner:
     def _on_shard_key(self, call: Any) -> bool:
         """count(DISTINCT key) where key is the shard key of a sharded table in FROM (not a
         subquery's column that happens to share the name)."""
-        args = call.args or ()
+        args: tuple[Any, ...] = call.args or ()
         if len(args) != 1 or _kind(args[0]) != "ColumnRef":
             return False
         names = [f.sval if _kind(f) == "String" else None for f in args[0].fields]
         sources = _from_sources(self.select.fromClause or ())
         tables = {alias: table for alias, table in sources if table in self.key_columns}
         if len(names) == 2:
-            table = tables.get(names[0])
+            table = tables.get(names[0] or "")
             return table is not None and names[1] == self.key_columns[table]
         return len(names) == 1 and len(sources) == 1 and len(tables) == 1 and \
             names[0] == self.key_columns[next(iter(tables.values()))]

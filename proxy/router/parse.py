@@ -1,27 +1,48 @@
-"""The only module that imports pglast: statement text -> ``Analysis``.
+"""The only module that imports pglast: statement text -> ``Analysis``, and the other values
+pgfleet reads from SQL text.
 
-Uses ``parse_sql_json`` (libpg_query's JSON output) rather than building pglast's Python
-AST, because that is 5-20x faster (DESIGN "Performance stance"). It classifies each
+``analyze`` uses ``parse_sql_json`` (libpg_query's JSON output) rather than building pglast's
+Python AST, because that is 5-20x faster (DESIGN "Performance stance"). It classifies each
 statement and collects the relations it names, leaving out CTE names. It never decides a
 route; that is ``router.router``'s job.
+
+Whoever else needs the parser asks here, so that pglast's API and its cost are in one file:
+``copyrows`` for the COPY statements it splits (``copy_from_stdin``, ``copy_to_stdout``), the
+session for multi-row INSERTs that span shards (``split_insert``), the router for fan-out
+plans (``fanout_plan``), and the audit log for normalised text and fingerprints
+(``normalized``, ``fingerprinted``, called from its writer's thread, never on a statement's
+path).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 from msgspec.structs import replace
+from pglast import ast as pg
 from pglast import parse_sql
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError, fingerprint, normalize, parse_sql_json
+from pglast.parser import scan as scan_tokens
 from pglast.stream import RawStream
 
 from . import keybind
 from .fanout import FanoutPlan, Unmergeable, plan_fanout
 from .keybind import const_text
-from .route import HINT_NAMES, LIST_QUOTE, Analysis, Hints, Kind, Relation, SettingChange, Statement
+from .route import (
+    HINT_NAMES,
+    LIST_QUOTE,
+    Analysis,
+    Hints,
+    Kind,
+    Relation,
+    SettingChange,
+    Statement,
+    TransactionStatement,
+)
 
 _READ = {"SelectStmt": "SELECT", "ExplainStmt": "EXPLAIN", "VariableShowStmt": "SHOW",
          "FetchStmt": "FETCH", "ClosePortalStmt": "CLOSE CURSOR", "DeclareCursorStmt": "DECLARE CURSOR"}
@@ -195,7 +216,7 @@ def _classify(node: dict[str, Any], relations: frozenset[Relation]) -> Statement
     if tag == "TransactionStmt":
         violation = any(_option_sets_read_write(opt) for opt in body.get("options", ()))
         return Statement(Kind.TRANSACTION, "TRANSACTION", relations, violation,
-                         transaction=body.get("kind", "").removeprefix("TRANS_STMT_"))
+                         transaction=TransactionStatement(body.get("kind", "").removeprefix("TRANS_STMT_")))
     if tag in _SESSION:
         violation = tag == "VariableSetStmt" and (
             body.get("name") in _READ_ONLY_GUCS  # SET default_transaction_read_only ...
@@ -239,7 +260,7 @@ def _setting_changes(tag: str, body: dict[str, Any], calls: list[dict[str, Any]]
     return tuple(changes), opaque
 
 
-def _set_value(name: str, args: Any) -> str | None:
+def _set_value(name: str | None, args: Any) -> str | None:
     """SET name TO a, b: the value as set_config() takes it, or None if it is not constants."""
     parts = []
     for arg in args:
@@ -296,7 +317,8 @@ def _option_sets_read_write(option: dict[str, Any]) -> bool:
     if elem.get("defname") != "transaction_read_only":
         return False
     const = elem.get("arg", {}).get("A_Const", {})
-    return const.get("ival", {}).get("ival", 0) == 0
+    value: int = const.get("ival", {}).get("ival", 0)
+    return value == 0
 
 
 def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[dict[str, Any]], list[str],
@@ -334,7 +356,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
                         ctes.add(value.get("ctename", ""))
                     elif key == "FuncCall":
                         name = keybind.names(value.get("funcname", ()))
-                        functions.add(".".join(name[1:] if name[:1] == ["pg_catalog"] else name))
+                        functions.add(".".join(filter(None, name[1:] if name[:1] == ["pg_catalog"] else name)))
                         if name and name[:-1] in ([], ["pg_catalog"]):
                             if name[-1] == "set_config":
                                 calls.append(value)
@@ -378,13 +400,14 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
     Rare (a multi-row INSERT that spans shards), so it uses pglast's AST and deparser.
     """
     (raw,) = parse_sql(sql)
-    insert = raw.stmt
-    rows = insert.selectStmt.valuesLists
+    values = raw.stmt.selectStmt if isinstance(raw.stmt, pg.InsertStmt) else None
+    assert isinstance(values, pg.SelectStmt), "the router splits only INSERT ... VALUES"
+    rows = values.valuesLists or ()
     out: dict[str, str] = {}
     for place in dict.fromkeys(row_places):
-        insert.selectStmt.valuesLists = tuple(row for row, p in zip(rows, row_places) if p == place)
+        values.valuesLists = tuple(row for row, p in zip(rows, row_places) if p == place)
         out[place] = RawStream()(raw)
-    insert.selectStmt.valuesLists = rows
+    values.valuesLists = rows
     return out
 
 
@@ -441,3 +464,129 @@ def _shape(body: dict[str, Any]) -> str:
         return "a plain SELECT"
     head, rest = (parts[0], parts[1:]) if calls else ("", parts)
     return "SELECT" + (f" {head}" if head else "") + (f" with {', '.join(rest)}" if rest else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# COPY statements (``copyrows`` decides what pgfleet does with them)
+
+
+def copy_from_stdin(sql: str) -> tuple[str, tuple[str, ...], dict[str, str | bool]] | None:
+    """A COPY of one table FROM STDIN: its table, its column list (empty: all, in table order)
+    and its options by name; None when ``sql`` is anything else or does not parse."""
+    try:
+        tree = _decode(parse_sql_json(sql))
+    except ParseError:
+        return None
+    stmts = tree.get("stmts", ())
+    if len(stmts) != 1 or "CopyStmt" not in stmts[0].get("stmt", {}):
+        return None
+    body: dict[str, Any] = stmts[0]["stmt"]["CopyStmt"]
+    if not body.get("is_from") or "relation" not in body or "filename" in body or body.get("is_program"):
+        return None
+    options: dict[str, str | bool] = {}
+    for item in body.get("options", ()):
+        elem = item["DefElem"]
+        arg = elem.get("arg", {})
+        value: str | bool = arg["String"]["sval"] if "String" in arg else arg.get("Boolean", {}).get("boolval", True)
+        options[elem["defname"]] = value
+    columns = tuple(c["String"]["sval"] for c in body.get("attlist", ()))
+    return body["relation"]["relname"], columns, options
+
+
+def copy_to_stdout(sql: str) -> tuple[str, dict[str, str | bool]] | None:
+    """A COPY of a table or query TO STDOUT: the SELECT it stands for and its options by name;
+    None when ``sql`` is anything else or does not parse. Rare, so it uses pglast's AST and
+    deparser."""
+    try:
+        statements = parse_sql(sql)
+    except ParseError:
+        return None
+    stmt = statements[0].stmt if len(statements) == 1 else None
+    if not isinstance(stmt, pg.CopyStmt) or stmt.is_from or stmt.filename is not None or stmt.is_program:
+        return None
+    options: dict[str, str | bool] = {}
+    for elem in stmt.options or ():
+        arg = elem.arg
+        if arg is None:
+            options[elem.defname] = True
+        else:
+            options[elem.defname] = arg.sval if hasattr(arg, "sval") else getattr(arg, "boolval", True)
+    if stmt.query is not None:
+        select = _deparse(stmt.query)
+    else:
+        relation = _deparse(stmt.relation)
+        columns = ", ".join('"' + c.sval.replace('"', '""') + '"' for c in stmt.attlist) if stmt.attlist else "*"
+        select = f"SELECT {columns} FROM {relation}"
+    return select, options
+
+
+# ---------------------------------------------------------------------------------------------
+# Statement text for the audit log (called in its writer's thread)
+
+UNPARSABLE = "<unparsable>"
+_CACHED_TEXT = 4096    # statements up to this many characters keep their normalised form (LRU)
+_LITERALS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+
+
+def normalized(sql: str) -> tuple[str, str | None]:
+    """``sql`` without its literals and comments, and its fingerprint.
+
+    ``normalize`` (libpg_query, pg_stat_statements' rules) leaves some constants alone:
+    utility statements (``PREPARE``, ``EXECUTE``, ``COMMENT ... IS``, ``COPY ... FROM 'file'``),
+    DDL defaults, and comments, which may quote anything. A pass over its tokens replaces what
+    is left with further ``$n`` and drops comments, so no literal gets out. Text that does not
+    parse is ``UNPARSABLE``.
+    """
+    if len(sql) <= _CACHED_TEXT:
+        return _normalized_cached(sql)
+    return _normalized(sql)
+
+
+def _normalized(sql: str) -> tuple[str, str | None]:
+    try:
+        return _scrub(normalize(sql)), fingerprint(sql)
+    except ParseError:
+        return UNPARSABLE, None
+
+
+_normalized_cached = functools.lru_cache(maxsize=2048)(_normalized)
+
+
+def _scrub(text: str) -> str:
+    tokens = scan_tokens(text)
+    if not any(t.name in _LITERALS or t.name in _COMMENTS for t in tokens):
+        return text
+    params = [int(text[t.start + 1:t.end + 1]) for t in tokens if t.name == "PARAM"]
+    n = max(params, default=0)
+    parts: list[str] = []
+    done = 0
+    for token in tokens:
+        if token.name in _LITERALS:
+            n += 1
+            parts.append(f"{text[done:token.start]}${n}")
+            done = token.end + 1
+        elif token.name in _COMMENTS:  # a comment and the blanks around it become one blank
+            parts.append(f"{text[done:token.start].rstrip()} ")
+            done = token.end + 1
+            while done < len(text) and text[done].isspace():
+                done += 1
+    parts.append(text[done:])
+    return "".join(parts).strip()
+
+
+def fingerprinted(sql: str) -> str | None:
+    """The fingerprint of ``sql`` as sent (``statements: full``); None when it does not parse."""
+    if len(sql) <= _CACHED_TEXT:
+        return _fingerprint_cached(sql)
+    return _fingerprint(sql)
+
+
+def _fingerprint(sql: str) -> str | None:
+    try:
+        return fingerprint(sql)
+    except ParseError:
+        return None
+
+
+_fingerprint_cached = functools.lru_cache(maxsize=2048)(_fingerprint)

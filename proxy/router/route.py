@@ -27,6 +27,22 @@ class Kind(enum.Enum):
     OTHER = "other"              # anything else (VACUUM, DO, CALL, ...): treated as a write
 
 
+class TransactionStatement(enum.StrEnum):
+    """A transaction statement's kind (PostgreSQL's TRANS_STMT_*, without the prefix)."""
+
+    NONE = ""                     # not a transaction statement
+    BEGIN = "BEGIN"
+    START = "START"
+    COMMIT = "COMMIT"             # COMMIT / END
+    ROLLBACK = "ROLLBACK"         # ROLLBACK / ABORT
+    SAVEPOINT = "SAVEPOINT"
+    RELEASE = "RELEASE"
+    ROLLBACK_TO = "ROLLBACK_TO"   # ROLLBACK TO SAVEPOINT
+    PREPARE = "PREPARE"           # PREPARE TRANSACTION
+    COMMIT_PREPARED = "COMMIT_PREPARED"
+    ROLLBACK_PREPARED = "ROLLBACK_PREPARED"
+
+
 class Relation(msgspec.Struct, frozen=True):
     name: str
     schema: str | None = None
@@ -71,7 +87,7 @@ class Statement(msgspec.Struct, frozen=True):
     pins: tuple[str, ...] = ()         # session state it leaves on its backend (LISTEN, ...)
     unpins: tuple[str, ...] = ()       # session state it drops ("*": all, DISCARD ALL)
     closes_database: str | None = None  # DROP DATABASE x / ALTER DATABASE x RENAME: x needs no connection
-    transaction: str = ""              # a transaction statement's kind: BEGIN, COMMIT, SAVEPOINT, ROLLBACK_TO, ...
+    transaction: TransactionStatement = TransactionStatement.NONE  # a transaction statement's kind
     replica_safe: bool = False         # a plain SELECT calling only functions that never write
 
     @property

@@ -17,7 +17,20 @@ from dataclasses import dataclass
 
 from ..auth.keys import ApiKey, Role
 from ..config import Config
-from ..errors import ClientError
+from ..errors import (
+    FEATURE_NOT_SUPPORTED,
+    INSUFFICIENT_PRIVILEGE,
+    INVALID_BINARY_REPRESENTATION,
+    INVALID_CATALOG_NAME,
+    INVALID_PARAMETER_VALUE,
+    INVALID_TEXT_REPRESENTATION,
+    NOT_NULL_VIOLATION,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
+    PROTOCOL_VIOLATION,
+    READ_ONLY_SQL_TRANSACTION,
+    SYNTAX_ERROR,
+    ClientError,
+)
 from ..wire.messages import counted_values
 from .fanout import FanoutPlan, Unmergeable
 from .keybind import KeyValue
@@ -104,7 +117,7 @@ class Router:
 
     def check_database(self, ctx: SessionContext, database: str) -> None:
         if not ctx.key.may_use(database):
-            raise ClientError("42501", f"key {ctx.key.id} may not use database {database}",
+            raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {ctx.key.id} may not use database {database}",
                               hint=f"the key's databases: {', '.join(sorted(ctx.key.databases or ()))}")
 
     # -- per statement
@@ -139,7 +152,7 @@ class Router:
             if len(plans) > self.cache_size:
                 plans.popitem(last=False)
         if isinstance(found, Unmergeable):
-            raise ClientError("0A000", f"{found.shape} is not supported: pgfleet cannot merge it exactly",
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"{found.shape} is not supported: pgfleet cannot merge it exactly",
                               hint=found.hint)
         return found
 
@@ -214,7 +227,7 @@ class Router:
                        params: Params | None = None) -> Route:
         fixed = self.fixed_database(ctx)
         if analysis.hint_error is not None and fixed is None:
-            raise ClientError("42601", analysis.hint_error,
+            raise ClientError(SYNTAX_ERROR, analysis.hint_error,
                               hint="e.g. /* pgfleet: shard_key=42 */ or /* pgfleet: database=analytics */")
         if ctx.key.read_only:
             self._check_read_only(analysis, ctx)
@@ -234,7 +247,7 @@ class Router:
     def _check_read_only(self, analysis: Analysis, ctx: SessionContext) -> None:
         stmt = analysis.writes
         if stmt is not None:
-            raise ClientError("25006", f"key {ctx.key.id} is read-only: {stmt.command} is refused",
+            raise ClientError(READ_ONLY_SQL_TRANSACTION, f"key {ctx.key.id} is read-only: {stmt.command} is refused",
                               hint="use a key without read_only: true for writes")
 
     # -- hints (server and admin keys)
@@ -243,13 +256,13 @@ class Router:
         how = f"hint {hints.describe()}"
         if hints.database is not None:
             if hints.database not in self.config.databases:
-                raise ClientError("3D000", f'{how}: database "{hints.database}" does not exist',
+                raise ClientError(INVALID_CATALOG_NAME, f'{how}: database "{hints.database}" does not exist',
                                   hint=f"databases: {', '.join(self.config.databases)}")
             return Route(Direct(hints.database), write, how)
         if hints.databases is not None:
             unknown = [d for d in hints.databases if d not in self.config.databases]
             if unknown or not hints.databases:
-                raise ClientError("3D000", f"{how}: no such database {', '.join(unknown) or '(none)'}",
+                raise ClientError(INVALID_CATALOG_NAME, f"{how}: no such database {', '.join(unknown) or '(none)'}",
                                   hint=f"databases: {', '.join(self.config.databases)}")
             databases = tuple(dict.fromkeys(hints.databases))
             target: Target = Direct(databases[0]) if len(databases) == 1 else Multi(databases)
@@ -257,7 +270,7 @@ class Router:
         self._need_shards(how)
         if hints.shard is not None:
             if not 0 <= hints.shard < len(self.shards):
-                raise ClientError("22023", f"{how}: there are {len(self.shards)} shards, numbered "
+                raise ClientError(INVALID_PARAMETER_VALUE, f"{how}: there are {len(self.shards)} shards, numbered "
                                   f"0 to {len(self.shards) - 1}", hint=f"shards: {', '.join(self.shards)}")
             return Route(Direct(self.shards[hints.shard]), write, how)
         assert hints.shard_key is not None
@@ -278,12 +291,12 @@ class Router:
                 params: Params | None, write: bool) -> Route:
         key = ctx.key
         if key.binding is None:
-            raise ClientError("42501", f"key {key.id} (database) is bound to no shard-key value",
+            raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} (database) is bound to no shard-key value",
                               hint="give the key user_id: or shard_key: in the config")
         own = self.shards[self._tenant_shard(key)]
         bound = f"key {key.id} is bound to {self._key_name()} {key.binding}"
         if analysis.hints or hints:
-            raise ClientError("42501", f"{bound}: pgfleet hints are not allowed for it",
+            raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: pgfleet hints are not allowed for it",
                               hint="remove the /* pgfleet: ... */ comment or SET pgfleet.*")
         needs_params = False
         for stmt in analysis.statements:
@@ -294,19 +307,19 @@ class Router:
                     continue
                 if relation.name in self.reference:
                     if stmt.kind is not Kind.READ:
-                        raise ClientError("42501", f"{bound}: {stmt.command} on reference table "
+                        raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: {stmt.command} on reference table "
                                           f"{relation.name} would change every shard",
                                           hint="write reference tables with a server key")
                     continue
                 database = self._mapped(relation.qualified, relation.name) or self.default
                 if database != own:
-                    raise ClientError("42501", f"{bound}: table {relation.qualified} is on database "
+                    raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: table {relation.qualified} is on database "
                                       f"{database}, not on its shard {own}",
                                       hint="a database key reaches only its own shard")
             if stmt.placement is None:
                 continue
             if stmt.kind is Kind.DDL:
-                raise ClientError("42501", f"{bound}: {stmt.command} on a sharded table would change "
+                raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: {stmt.command} on a sharded table would change "
                                   "every shard", hint="run DDL with a server key")
             if stmt.moves_rows:
                 raise _moves_rows(stmt, self.sharded)
@@ -317,7 +330,7 @@ class Router:
                 keys.extend((stmt.insert.table, v) for v in (stmt.insert.rows or (None,)))
             for table, value in keys:
                 if value is None:
-                    raise ClientError("42501", f"{bound}: this {stmt.command} on {table} does not "
+                    raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: this {stmt.command} on {table} does not "
                                       f"name {self.sharded[table]}, so it would reach other tenants' rows",
                                       hint=f"add WHERE {self.sharded[table]} = {key.binding}")
                 if value.param is not None and params is None:
@@ -325,7 +338,7 @@ class Router:
                     continue
                 for given in self._values(table, value, params):
                     if given != mine:
-                        raise ClientError("42501", f"{bound}: {stmt.command} on {table} names "
+                        raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: {stmt.command} on {table} names "
                                           f"{self.sharded[table]} {given}", hint="a database key reaches "
                                           "only its own rows")
         return Route(Direct(own), write, f"{bound}, on shard {own}", needs_params=needs_params)
@@ -356,7 +369,7 @@ class Router:
         first = places[0][0]
         for databases, reason in places[1:]:
             if databases != first:
-                raise ClientError("0A000", "the statements of one query string go to different places "
+                raise ClientError(FEATURE_NOT_SUPPORTED, "the statements of one query string go to different places "
                                   f"({places[0][1]}; {reason})",
                                   hint="send them as separate queries")
         reason = places[0][1]
@@ -403,7 +416,7 @@ class Router:
             else:
                 shards, reason, pending, rows = self._sharded(stmt, params)
         if reference and stmt.kind is not Kind.READ and sharded_names and stmt.target in self.reference:
-            raise ClientError("0A000", f"{stmt.command} on reference table {stmt.target} that reads sharded table "
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"{stmt.command} on reference table {stmt.target} that reads sharded table "
                               f"{_names(sharded_names)} is not supported: each shard would write its copy from "
                               "its own rows only, and the copies would differ",
                               hint="read the sharded rows first, then write the reference table with constants")
@@ -421,7 +434,7 @@ class Router:
                 parts = [f"{', '.join(sorted(set(t)))} on {db}" for db, t in sorted(mapped.items())]
                 if sharded_names or reference:
                     parts.append(f"{_names(sharded_names + reference)} on the shards")
-                raise ClientError("0A000", f"one statement cannot touch tables of two databases "
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"one statement cannot touch tables of two databases "
                                   f"({'; '.join(parts)})",
                                   hint="split it into one statement per database; pgfleet does not join "
                                        "across databases")
@@ -438,12 +451,12 @@ class Router:
             insert = stmt.insert
             column = self.sharded[insert.table]
             if insert.rows is None:
-                raise ClientError("0A000", f"INSERT ... SELECT into sharded table {insert.table} is not "
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"INSERT ... SELECT into sharded table {insert.table} is not "
                                   "supported: pgfleet cannot tell which shard each row belongs to",
                                   hint=f"insert VALUES rows, or add /* pgfleet: shard_key=... */ when "
                                        f"every row has the same {column}")
             if any(row is None for row in insert.rows):
-                raise ClientError("0A000", f"INSERT into sharded table {insert.table} must give its shard "
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"INSERT into sharded table {insert.table} must give its shard "
                                   f"key {column} in every row (as a constant or a parameter)",
                                   hint=f"add {column} to the column list and to each VALUES row")
             if params is None and any(row is not None and row.param is not None for row in insert.rows):
@@ -467,20 +480,20 @@ class Router:
             if placement.colocated:
                 if sets:  # joined on their keys: any one binding pins them all
                     occurrence, found = min(sets, key=lambda item: len(item[1]))
-                    return (found, f"{_names(tables)} joined on the shard key, "
-                            f"{self.sharded[occurrence.table]} on {', '.join(found)}", False, None)
+                    return (found, (f"{_names(tables)} joined on the shard key, "
+                                    f"{self.sharded[occurrence.table]} on {', '.join(found)}"), False, None)
                 return (self.shards, f"{_names(tables)} joined on the shard key, no key bound: every shard",
                         False, None)
             places = {s for _, found in sets for s in found}
             if len(bound) == len(placement.occurrences) and len(places) == 1:
                 return (tuple(places), f"{_names(tables)} all bound to shard {next(iter(places))}", False, None)
             if len(set(tables)) == 1:
-                raise ClientError("0A000", f"a statement that reads sharded table {tables[0]} more than once "
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"a statement that reads sharded table {tables[0]} more than once "
                                   "(a self-join not on the shard key, a subquery or a UNION) is not supported "
                                   "across shards", hint=f"bind {self.sharded[tables[0]]} in every part, or "
                                   "send each part on its own")
             first, second = sorted(set(tables))[:2]
-            raise ClientError("0A000", f"cross-shard join of {first} and {second} is not supported: join on "
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"cross-shard join of {first} and {second} is not supported: join on "
                               f"the shard key {self.sharded[first]}, or add a pgfleet hint",
                               hint=f"e.g. ... ON {first}.{self.sharded[first]} = {second}.{self.sharded[second]}, "
                                    f"or /* pgfleet: shard_key=... */")
@@ -489,19 +502,19 @@ class Router:
             return (self.shards, f"{tables[0]} with no {self.sharded[tables[0]]} bound {verb} every shard",
                     False, None)
         (occurrence, found), = sets
-        return (found, f"{occurrence.table}.{self.sharded[occurrence.table]} is on "
-                f"{'shard ' if len(found) == 1 else 'shards '}{', '.join(found)}", False, None)
+        return (found, (f"{occurrence.table}.{self.sharded[occurrence.table]} is on "
+                        f"{'shard ' if len(found) == 1 else 'shards '}{', '.join(found)}"), False, None)
 
     # -- shard-key values
 
     def _need_shards(self, how: str) -> None:
         if not self.shards:
-            raise ClientError("0A000", f"{how}: this fleet has no shards", hint="configure sharding.shards")
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"{how}: this fleet has no shards", hint="configure sharding.shards")
 
     def _need_types(self, tables: list[str]) -> None:
         for table in tables:
             if table not in self.key_types:
-                raise ClientError("55000", f"the type of shard key {table}.{self.sharded[table]} is not "
+                raise ClientError(OBJECT_NOT_IN_PREREQUISITE_STATE, f"the type of shard key {table}.{self.sharded[table]} is not "
                                   f"known yet (pgfleet reads it from shard {self.shards[0]}'s catalog)",
                                   hint=f"check that {self.shards[0]} is up and has table {table}, or set "
                                        f"sharding.types.{table} in the config")
@@ -529,7 +542,7 @@ class Router:
         assert value.param is not None
         index = value.param - 1
         if params is None or not 0 <= index < len(params.values):
-            raise ClientError("08P01", f"bind message supplies {len(params.values) if params else 0} "
+            raise ClientError(PROTOCOL_VIOLATION, f"bind message supplies {len(params.values) if params else 0} "
                               f"parameters, but the shard key of {table} is ${value.param}")
         data = params.values[index]
         if data is None:
@@ -561,7 +574,7 @@ class Router:
     def _one_shard(self, table: str, value: KeyValue, params: Params | None) -> str:
         items = self._values(table, value, params)
         if not items:
-            raise ClientError("23502", f'null value in column "{self.sharded[table]}" of sharded table '
+            raise ClientError(NOT_NULL_VIOLATION, f'null value in column "{self.sharded[table]}" of sharded table '
                               f'"{table}": a row without its shard key has no shard',
                               hint=f"give every row a {self.sharded[table]}")
         return self.shards[shard_of(items[0], self.key_types[table], len(self.shards), self.function)]
@@ -630,7 +643,7 @@ def _names(tables: list[str]) -> str:
 
 def _moves_rows(stmt: Statement, sharded: dict[str, str]) -> ClientError:
     table = next(o.table for o in stmt.placement.occurrences) if stmt.placement else "?"
-    return ClientError("0A000", f"UPDATE of {table}.{sharded.get(table, '?')} is not supported: changing "
+    return ClientError(FEATURE_NOT_SUPPORTED, f"UPDATE of {table}.{sharded.get(table, '?')} is not supported: changing "
                        "the shard key would move the row to another shard",
                        hint="DELETE the row and INSERT it with the new key")
 
@@ -654,7 +667,7 @@ def _text_array(data: bytes) -> list[bytes | None]:
     """A one-dimensional array in text form ({1,2,"x y"}) -> its elements."""
     text = data.decode(errors="replace").strip()
     if not (text.startswith("{") and text.endswith("}")):
-        raise ClientError("22P02", f'malformed array literal: "{text[:40]}"',
+        raise ClientError(INVALID_TEXT_REPRESENTATION, f'malformed array literal: "{text[:40]}"',
                           hint='an array parameter looks like {1,2,3}')
     items: list[bytes | None] = []
     body = text[1:-1]
@@ -689,7 +702,7 @@ def _binary_array(data: bytes) -> list[bytes | None]:
         if ndim == 0:
             return []
         if ndim != 1:
-            raise ClientError("0A000", "a shard-key array parameter must have one dimension")
+            raise ClientError(FEATURE_NOT_SUPPORTED, "a shard-key array parameter must have one dimension")
         return counted_values(data, 20, _I32.unpack_from(data, 12)[0])[0]
     except struct.error:
-        raise ClientError("22P03", "incorrect binary data format in a shard-key array parameter") from None
+        raise ClientError(INVALID_BINARY_REPRESENTATION, "incorrect binary data format in a shard-key array parameter") from None

@@ -19,7 +19,14 @@ import functools
 import struct
 import uuid
 
-from ..errors import ClientError
+from ..errors import (
+    CHARACTER_NOT_IN_REPERTOIRE,
+    INVALID_BINARY_REPRESENTATION,
+    INVALID_PARAMETER_VALUE,
+    INVALID_TEXT_REPRESENTATION,
+    NUMERIC_VALUE_OUT_OF_RANGE,
+    ClientError,
+)
 
 PARTITION_SEED = 0x7A5B22367996DCFD  # HASH_PARTITION_SEED in PostgreSQL's partbounds.c
 _M32 = 0xFFFFFFFF
@@ -104,9 +111,12 @@ def hash_int8_extended(value: int, seed: int) -> int:
 def partition_hash(value: int | str | uuid.UUID, type_name: str) -> int:
     """The row hash of a one-column hash partition key (compute_partition_hash_value)."""
     if _native is not None:
+        hashed: int
         if type_name in INT_TYPES:
-            return _native.int_hash(value)
-        return _native.bytes_hash(value.bytes if isinstance(value, uuid.UUID) else value.encode())  # type: ignore[union-attr]
+            hashed = _native.int_hash(value)
+        else:
+            hashed = _native.bytes_hash(value.bytes if isinstance(value, uuid.UUID) else value.encode())  # type: ignore[union-attr]
+        return hashed
     return python_partition_hash(value, type_name)
 
 
@@ -129,7 +139,7 @@ def shard_of(value: int | str | uuid.UUID, type_name: str, shards: int, function
     """The index of the shard (of ``shards``) that owns ``value``."""
     if function == "modulo":
         if not isinstance(value, int):
-            raise ClientError("22023", f"the modulo shard function needs an integer shard key, not {type_name}",
+            raise ClientError(INVALID_PARAMETER_VALUE, f"the modulo shard function needs an integer shard key, not {type_name}",
                               hint="use function: hash for text and uuid shard keys")
         return value % shards
     return partition_hash(value, type_name) % shards
@@ -157,10 +167,10 @@ def key_value(text: str, type_name: str) -> int | str | uuid.UUID:
         stripped = text.strip()
         digits = stripped[1:] if stripped[:1] in "+-" else stripped
         if not digits.isascii() or not digits.isdigit():
-            raise ClientError("22P02", f'invalid input syntax for type {_pg_name(type_name)}: "{text}"')
+            raise ClientError(INVALID_TEXT_REPRESENTATION, f'invalid input syntax for type {_pg_name(type_name)}: "{text}"')
         value = int(stripped)
         if not -(1 << (bits - 1)) <= value < (1 << (bits - 1)):
-            raise ClientError("22003", f'value "{text}" is out of range for type {_pg_name(type_name)}')
+            raise ClientError(NUMERIC_VALUE_OUT_OF_RANGE, f'value "{text}" is out of range for type {_pg_name(type_name)}')
         return value
     if type_name == "uuid":
         return _uuid(text)
@@ -172,17 +182,17 @@ def binary_key_value(data: bytes, type_name: str) -> int | str | uuid.UUID:
     if type_name in INT_TYPES:
         # The client declares the parameter's type: an int4 for a bigint column is fine.
         if len(data) not in (2, 4, 8):
-            raise ClientError("22P03", f"incorrect binary data format: {len(data)} bytes for an integer "
+            raise ClientError(INVALID_BINARY_REPRESENTATION, f"incorrect binary data format: {len(data)} bytes for an integer "
                               f"shard key ({_pg_name(type_name)})")
         return key_value(str(int.from_bytes(data, "big", signed=True)), type_name)
     if type_name == "uuid":
         if len(data) != 16:
-            raise ClientError("22P03", f"incorrect binary data format: {len(data)} bytes for uuid")
+            raise ClientError(INVALID_BINARY_REPRESENTATION, f"incorrect binary data format: {len(data)} bytes for uuid")
         return uuid.UUID(bytes=data)
     try:
         return data.decode()
     except UnicodeDecodeError:
-        raise ClientError("22021", "invalid byte sequence for encoding \"UTF8\" in a shard-key "
+        raise ClientError(CHARACTER_NOT_IN_REPERTOIRE, "invalid byte sequence for encoding \"UTF8\" in a shard-key "
                           "parameter") from None
 
 
@@ -195,7 +205,7 @@ def _uuid(text: str) -> uuid.UUID:
           and not body.startswith("-") and not body.endswith("-") and "--" not in body
           and all(len(group) % 4 == 0 for group in body.split("-")))
     if not ok:
-        raise ClientError("22P02", f'invalid input syntax for type uuid: "{text}"')
+        raise ClientError(INVALID_TEXT_REPRESENTATION, f'invalid input syntax for type uuid: "{text}"')
     return uuid.UUID(hex=digits)
 
 
@@ -207,8 +217,8 @@ def _pg_name(type_name: str) -> str:
 _SEEDED4 = _seeded(4, PARTITION_SEED)
 
 try:  # the same arithmetic in C (proxy/router/_hash.c), built by pip where a compiler is found
-    from . import _hash as _native
+    from . import _hash as _native  # type: ignore[attr-defined]  # C, without a stub: Any to mypy
 except ImportError:  # pragma: no cover - a machine without a compiler
-    _native = None  # type: ignore[assignment]
+    _native = None
 
 int_shard_of = _native.int_shard_of if _native is not None else python_int_shard_of

@@ -307,11 +307,11 @@ def row_key(values: list[bytes | None], spec: SortSpec) -> tuple[Any, ...]:
 
 
 try:  # the same in C (proxy/wire/_datarow.c), built by pip where a compiler is found
-    from ._datarow import fields as row_values
-    from ._datarow import keyed_rows
+    from . import _datarow  # type: ignore[attr-defined]  # C, without a stub: Any to mypy
 except ImportError:  # pragma: no cover - a machine without a compiler
-    row_values = python_row_values
-    keyed_rows = python_keyed_rows
+    _datarow = None
+row_values = _datarow.fields if _datarow is not None else python_row_values
+keyed_rows = _datarow.keyed_rows if _datarow is not None else python_keyed_rows
 
 
 def bind_parameters(rest: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
@@ -479,6 +479,10 @@ def backend_key_data(pid: int, secret: int) -> bytes:
     return message(BACKEND_KEY_DATA, _II.pack(pid, secret))
 
 
+# ReadyForQuery's transaction status, the one spelling of each (a byte, as it arrives).
+TX_IDLE = ord("I")            # not in a transaction block
+TX_IN_TRANSACTION = ord("T")  # in a transaction block
+TX_FAILED = ord("E")          # in a failed transaction block: statements refused until it ends
 READY_IDLE = message(READY_FOR_QUERY, b"I")
 READY_IN_TRANSACTION = message(READY_FOR_QUERY, b"T")
 READY_FAILED = message(READY_FOR_QUERY, b"E")

@@ -47,11 +47,10 @@ class Fleet:
 
     def start(self) -> Fleet:
         self.config_path.write_text(yaml.safe_dump(self.config))
-        log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(self.config_path),
-                                      "--log-level", "debug"], stdout=log, stderr=log, env=env, cwd=ROOT)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(self.config_path),
+                                          "--log-level", "debug"], stdout=log, stderr=log, env=env, cwd=ROOT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -46,8 +46,6 @@ class Link:
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
         self.lost.append(error)
 
-    def parameter_changed(self, name: str, value: str) -> None:
-        pass
 
 
 def test_decode_fields_of_an_error_without_sqlstate() -> None:
@@ -138,7 +136,7 @@ async def test_error_without_sqlstate_after_login_is_forwarded_untouched() -> No
     conn._ready = asyncio.get_running_loop().create_future()
     conn._ready.set_result(None)
     link = Link()
-    conn.attach(link)
+    conn.attach(link, link.write)
     conn.push(FORWARD_QUERY)
     reply = m.message(m.ERROR_RESPONSE, b"SERROR\x00Mno code here\x00\x00") + m.READY_IDLE
     conn.data_received(reply)
@@ -152,7 +150,7 @@ async def test_error_without_sqlstate_to_an_injected_statement_is_recorded_not_f
     conn._ready = asyncio.get_running_loop().create_future()
     conn._ready.set_result(None)
     link = Link()
-    conn.attach(link)
+    conn.attach(link, link.write)
     conn.push(DROP_QUERY)  # e.g. the SET that replays a client's settings
     conn.data_received(m.message(m.ERROR_RESPONSE, b"SERROR\x00Mbad setting\x00\x00") + m.READY_IDLE)
     assert link.written == b""

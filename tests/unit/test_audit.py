@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from proxy.admin.audit import AuditLog, RotatingFile, normalized
+from proxy.admin.audit import AuditLog, RotatingFile
 from proxy.config import Audit, Duration, load_text
 from proxy.errors import ConfigError
+from proxy.router.parse import normalized
 
 STARTED = 1700000000.123  # 2023-11-14T22:13:20.123Z
 BOB = "select * from t where email = 'bob@example.com' and id = 42"

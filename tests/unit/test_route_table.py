@@ -127,10 +127,10 @@ TABLE: list[tuple[str, Params | None, str, Hints | None, Any]] = [
      None, "srv", None, P),
     ("select * from users u, accounts a where a.user_id = u.user_id and u.user_id = 4", None, "srv", None, S),
     ("select * from users u join accounts a on a.user_id = u.user_id", None, "srv", None, BOTH),
-    ("select * from users u join accounts a on a.user_id = u.user_id join transactions t "
-     "on t.user_id = a.user_id where u.user_id = 42", None, "srv", None, P),
-    ("select * from users u join accounts a on a.user_id = u.user_id where a.user_id = 1 "
-     "and u.user_id = 3", None, "srv", None, P),  # contradictory: no row; one shard answers
+    (("select * from users u join accounts a on a.user_id = u.user_id join transactions t "
+      "on t.user_id = a.user_id where u.user_id = 42"), None, "srv", None, P),
+    (("select * from users u join accounts a on a.user_id = u.user_id where a.user_id = 1 "
+      "and u.user_id = 3"), None, "srv", None, P),  # contradictory: no row; one shard answers
     ("select * from users u left join accounts a on a.user_id = u.user_id and a.user_id = 42",
      None, "srv", None, BOTH),  # an outer join's ON binds nothing
     # -- cross-shard joins refused, teaching what to do
@@ -212,8 +212,8 @@ TABLE: list[tuple[str, Params | None, str, Hints | None, Any]] = [
     ("select * from accounts where user_id = 3", None, "ro", None, S),
     # -- database keys: their own shard and nothing else (user_id 42 -> primary)
     ("select * from accounts where user_id = 42", None, "ten", None, P),
-    ("select * from accounts a join users u on u.user_id = a.user_id where a.user_id = 42 "
-     "and u.user_id = 42", None, "ten", None, P),
+    (("select * from accounts a join users u on u.user_id = a.user_id where a.user_id = 42 "
+      "and u.user_id = 42"), None, "ten", None, P),
     ("select * from accounts where user_id = $1", text(42), "ten", None, P),
     ("insert into accounts (user_id, balance) values (42, 0)", None, "ten", None, P),
     ("select * from currencies", None, "ten", None, P),
