@@ -94,11 +94,10 @@ def measure(n: int, only: str = "") -> dict[str, float]:
         pool.idle.append(server)
         if ClientConnection is not None:
             client = ClientConnection(fleet)
-            client.transport = Sink()  # type: ignore[assignment]
             session = client.session
         else:
             client = session = Session(fleet)  # type: ignore[call-arg]
-            session.transport = Sink()  # type: ignore[attr-defined]
+        client.connection_made(Sink())  # type: ignore[arg-type]  # as the event loop does
         session.state = State.READY
         session.unparsed = session.fixed = "primary"
         # The backend already has the session's settings (a dict, or SessionSettings.values).

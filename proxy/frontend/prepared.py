@@ -66,9 +66,18 @@ class Prepared:
 
     @classmethod
     def forwarded(cls, parse: bytes, database: str, token: int) -> Prepared:
-        """The unnamed statement as the hot path forwards it: not decoded, no effect (positional
-        arguments: this runs once per statement)."""
-        return cls(parse, database, "", None, b"", None, False, None, token)
+        """The unnamed statement as the hot path forwards it: not decoded, no effect. (It runs
+        once per statement, so it sets the slots itself rather than through ``__init__``.)"""
+        self = cls.__new__(cls)
+        self.parse = parse
+        self.database = database
+        self.backend_name = ""
+        self.wire_name = b"\0"
+        self._query = self._param_types = None
+        self.effect = self.control = None
+        self.routed = False
+        self.token = token
+        return self
 
     @property
     def unnamed(self) -> bool:

@@ -55,6 +55,12 @@ class ClientConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
+    def direct_writer(self) -> Callable[[bytes], None]:
+        """The transport's own write, for a linked backend's answers (the hot path): no check
+        for a closing transport, as a client that closes unlinks its backend first."""
+        assert self.transport is not None
+        return self.transport.write
+
     def pause_reading(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()

@@ -25,9 +25,9 @@ handles the next message when the wait ends; a client that keeps one backend for
 state (``pins``) stays READY: being pinned changes where statements go, not what it may send.
 
 The state that outlives one message has owners: ``PreparedStatements`` (``prepared.py``),
-``Transaction`` (``transaction.py``), ``SessionSettings`` (``settings.py``), the attached
-backend and its pool (``_attach``, ``_detach``, ``Pool.park``), an ``AuditTrail``
-(``audited.py``) and a ``Portal`` for several databases (``portal.py``).
+``Transaction`` (``transaction.py``), ``SessionSettings`` (``settings.py``), ``BackendLink``
+(``backendlink.py``: the backend it holds; the pool decides what it keeps, ``Pool.park``), an
+``AuditTrail`` (``audited.py``) and a ``Portal`` for several databases (``portal.py``).
 
 Once READY, each message is routed (``Router``), a backend of the routed database is attached
 (taken from its pool without waiting when one is idle, else the session waits until the pool
@@ -73,7 +73,7 @@ from ..backend.expect import (
     Expect,
     Fate,
 )
-from ..backend.pool import DisconnectReason, Pool
+from ..backend.pool import DisconnectReason
 from ..config import ADMIN_DATABASE
 from ..errors import (
     FEATURE_NOT_SUPPORTED,
@@ -104,6 +104,7 @@ from ..router.route import All, Analysis, Direct, Kind, Multi, Params, Route
 from ..router.router import SessionContext
 from ..wire import messages as m
 from .audited import AuditTrail
+from .backendlink import BackendLink
 from .copysplit import CopySplit
 from .gather import Gather
 from .portal import (
@@ -166,6 +167,7 @@ class Port(Protocol):
     """What the session needs of its client connection (``seam.ClientConnection`` implements it)."""
 
     def write(self, data: bytes) -> None: ...
+    def direct_writer(self) -> Callable[[bytes], None]: ...  # for the hot path: no closing check
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
@@ -203,7 +205,7 @@ class Session:
         self.statements = PreparedStatements()
         self.tx = Transaction()
         self.settings = SessionSettings({})
-        self.backend: ServerConnection | None = None  # attached: running, or parked between transactions
+        self.link = BackendLink(fleet, self.session_mode)  # the backend it holds, if any
         self.portal: Portal | None = None  # a portal bound for several databases, not yet run
         self.gather: Gather | None = None  # a federated SELECT running
         self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table (State.COPY_IN)
@@ -213,15 +215,19 @@ class Session:
         self.batch_open = False  # extended messages sent since the last Sync
         self.waiting = False     # reading stopped: a backend is on its way or must go idle
         self.wait_task: Cancellable | None = None
-        self.paused_by_client = False
         self.guard: Cancellable | None = None  # the key's statement_timeout, while one runs
         # While a client's messages are handled (_process), what is written to it is
         # gathered here and goes out in one write at the end (see _write).
         self.corked = False
         self.out: list[bytes] = []
+        self._send: Callable[[bytes], None] = port.write  # a linked backend's answers (see write)
         self.gone = False  # lost() has run
 
     # ------------------------------------------------------------------ ClientSession (fleet.py)
+
+    @property
+    def backend(self) -> ServerConnection | None:
+        return self.link.server
 
     @property
     def tx_status(self) -> int:
@@ -236,6 +242,7 @@ class Session:
     def connected_from(self, peer: str) -> None:
         self.fleet.clients += 1
         self.peer = peer
+        self._send = self.port.direct_writer()
         self.login_timer = self.port.later(LOGIN_TIMEOUT, self._login_timeout)
 
     def feed(self, data: bytes) -> None:
@@ -266,14 +273,8 @@ class Session:
 
     def client_slow(self, slow: bool) -> None:
         """The client reads slower than its backend answers (or caught up): stop (resume)
-        reading the backend."""
-        self.paused_by_client = slow
-        backend = self.backend
-        if backend is not None and backend.transport is not None:
-            if slow:
-                backend.transport.pause_reading()
-            else:
-                backend.transport.resume_reading()
+        reading the backend, or a fan-out's shards."""
+        self.link.slow(slow)
         if self.gather is not None:
             if slow:
                 self.gather.pause()
@@ -364,7 +365,7 @@ class Session:
                     continue
                 if end > n:
                     break
-                backend = self.backend
+                backend = self.link.server
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
@@ -415,7 +416,7 @@ class Session:
                     break  # waiting for a backend: the message stays in the inbox
                 pos = end
         finally:
-            backend = self.backend
+            backend = self.link.server
             if backend is not None:
                 if run >= 0:
                     backend.send(bytes(inbox[run:pos]))
@@ -459,7 +460,7 @@ class Session:
 
     def _sync_after_error(self, raw: bytes) -> bool:
         self.state = State.READY
-        backend = self.backend
+        backend = self.link.server
         if backend is not None and self.tx.deferred_begin is None:  # it skipped to this Sync too: it answers
             self.batch_open = False
             backend.push(FORWARD_SYNC)
@@ -536,6 +537,7 @@ class Session:
         if self.state is State.CLOSED:
             return
         self.tls = True
+        self._send = self.port.direct_writer()
         self.waiting = False
         if self.inbox:
             self._process()
@@ -710,7 +712,7 @@ class Session:
     def _route(self, sql: str, params: Params | None = None) -> Route:
         assert self.ctx is not None
         route = self.fleet.router.route(sql, self.ctx, self.settings.hints, params)
-        backend = self.backend
+        backend = self.link.server
         if route.anywhere and backend is not None and self._engaged(backend) \
                 and self.ctx.key.may_use(backend.database):
             return Route(Direct(backend.database), route.write, "inside the transaction", anywhere=True)
@@ -727,11 +729,11 @@ class Session:
                 return True
         else:
             sql = m.decode_query(raw[5:])
-            if (self.backend is None or not self._engaged(self.backend)) and self._transaction_control(sql, raw):
+            if (self.link.server is None or not self._engaged(self.link.server)) and self._transaction_control(sql, raw):
                 return True
             analysis = self.fleet.router.analysis(sql)
             if self.tx.participants:
-                end = across(sql, analysis, self.tx.databases(self.backend))
+                end = across(sql, analysis, self.tx.databases(self.link.server))
                 if end is not None:
                     return self._end_across(end, simple=True)
             if analysis.touches_settings and self._fleet_settings(analysis):
@@ -779,7 +781,7 @@ class Session:
     def _deferrable(self, word: str) -> bool:
         """Whether pgfleet answers this BEGIN/COMMIT/... itself: a BEGIN before any statement
         of a transaction, or the end of one that never reached a database."""
-        backend = self.backend
+        backend = self.link.server
         idle = backend is None or not self._engaged(backend)
         if word in STARTS:
             return self.tx.status == m.TX_IDLE and self.tx.deferred_begin is None and idle
@@ -826,7 +828,7 @@ class Session:
 
     def _end_across(self, word: str, simple: bool) -> bool:
         """COMMIT (in two phases) or ROLLBACK of a transaction on several databases."""
-        backend = self.backend
+        backend = self.link.server
         if backend is not None and backend.expects:
             if self.batch_open:
                 raise ClientError(FEATURE_NOT_SUPPORTED, "the end of a transaction on several databases must "
@@ -834,8 +836,8 @@ class Session:
             self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
             return False
         self.tx.control_portal = None
+        self.link.hand_over()  # the scatter that ends the transaction adopts it
         servers = ([backend] if backend is not None else []) + list(self.tx.participants.values())
-        self.backend = None
         self.tx.participants = {}
         self._wait_for(self._finish_across(servers, word, simple))
         return True
@@ -915,7 +917,7 @@ class Session:
         _no_fleet_settings(effect)
         statements.check_new(key)
         if self.tx.participants:
-            across(parse.query, analysis or self.fleet.router.analysis(parse.query), self.tx.databases(self.backend))
+            across(parse.query, analysis or self.fleet.router.analysis(parse.query), self.tx.databases(self.link.server))
         control = control_word(parse.query, analysis) if analysis is not None else None
         if control is not None or routed:
             # BEGIN, COMMIT, ...: a BEGIN must not pick a database (the first statement does),
@@ -932,7 +934,7 @@ class Session:
             statements.add(key, prepared)
             self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
             return True
-        if parse.name and self.backend is None:
+        if parse.name and self.link.server is None:
             # A statement some backend already parsed needs no backend now: it is prepared
             # lazily where it is bound. This also spares a pooled backend for clients (like
             # pgbench) that prepare synchronously while others of theirs hold transactions.
@@ -988,7 +990,7 @@ class Session:
         if control is not None:
             assert control.control is not None
             text, word = control.query, control.control
-            backend = self.backend
+            backend = self.link.server
             portal = ControlPortal(raw[5:portal_end].decode(errors="replace"), text, word)
             if self.tx.participants and word in TRANSACTION_ENDS:  # ended everywhere at Execute (_end_across)
                 across(text, self.fleet.router.analysis(text), self.tx.databases(backend))
@@ -1002,13 +1004,13 @@ class Session:
                     # Every participant waits apart, so that the portal's Describe and Execute
                     # come here rather than going on to a backend.
                     self.tx.participants[backend.database] = backend
-                    self.backend = None
+                    self.link.hand_over()
                 self.tx.control_portal = portal
                 self._made_up(Answer.BIND, m.BIND_COMPLETE_MSG)
                 return True
             if self._deferrable(word):
                 if backend is not None:
-                    self._detach(backend)  # parked: the transaction's first statement picks one
+                    self.link.release()  # parked: the transaction's first statement picks one
                 self.tx.control_portal = portal
                 self._made_up(Answer.BIND, m.BIND_COMPLETE_MSG)
                 return True
@@ -1103,7 +1105,7 @@ class Session:
         that BEGIN before every statement): in READ COMMITTED each statement has its own
         snapshot anyway. REPEATABLE READ and SERIALIZABLE would need one snapshot for all.
         """
-        backend = self.backend
+        backend = self.link.server
         deferred = self.tx.deferred_begin is not None and (backend is None or backend.tx_status == m.TX_IDLE) \
             and _SNAPSHOT_LEVELS.search(self.tx.deferred_begin) is None
         if (self.tx.status != m.TX_IDLE and not (read and deferred)) \
@@ -1127,7 +1129,7 @@ class Session:
                                   f"database {backend.database} and then several databases",
                                   hint="send a Sync before a statement for several databases")
             if not self.settings.pins:  # a pinned backend stays; the others are taken from the pools
-                self._detach(backend)  # parked here, or done with: the scatter takes its own
+                self.link.release()  # parked here, or done with: the scatter takes its own
 
     def _execute(self, raw: bytes) -> bool:
         portal = self.portal
@@ -1146,7 +1148,7 @@ class Session:
             self._made_up(Answer.EXECUTE, m.command_complete(tag))
             return True
         if portal is None or name != portal.name:
-            backend = self.backend
+            backend = self.link.server
             if self.audit is not None and backend is not None:  # off the fast path only to be seen
                 self.audit.start(self.audit.portals.get(name, ""), backend.database, simple=False)
                 self.batch_open = True
@@ -1206,7 +1208,7 @@ class Session:
             self._made_up(Answer.DESCRIBE_PORTAL, m.NO_DATA_MSG)
             return True
         if kind == 0x53 and self.statements.control(name.encode()) is not None \
-                and (self.backend is None or not self._engaged(self.backend)):
+                and (self.link.server is None or not self._engaged(self.link.server)):
             self._made_up(Answer.DESCRIBE_STATEMENT, m.message(m.PARAMETER_DESCRIPTION, b"\0\0") + m.NO_DATA_MSG)
             return True
         if kind == 0x50 and self.portal is not None and name == self.portal.name:
@@ -1215,13 +1217,13 @@ class Session:
             self.portal.describe = True
             return True
         if kind == 0x50:  # a portal: only exists on the backend that bound it
-            if self.backend is None:
+            if self.link.server is None:
                 raise ClientError(INVALID_CURSOR_NAME, f'portal "{name}" does not exist', hint="Bind it first")
-            self.backend.push(FORWARD_DESCRIBE_PORTAL)
-            self.backend.send(raw)
+            self.link.server.push(FORWARD_DESCRIBE_PORTAL)
+            self.link.server.send(raw)
             return True
         routed = self._routed(name.encode())
-        parked = self.backend is None or (self.backend.tx_status == m.TX_IDLE and not self.backend.expects)
+        parked = self.link.server is None or (self.link.server.tx_status == m.TX_IDLE and not self.link.server.expects)
         if routed is not None and self.tx.deferred_begin is not None and parked:
             # A transaction that has not reached a database yet must not be pinned by a Describe
             # (asyncpg describes every statement): the first shard describes it apart.
@@ -1237,7 +1239,7 @@ class Session:
 
     def _close(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Close")
-        backend = self.backend
+        backend = self.link.server
         if kind == 0x53:
             self.statements.close(name.encode())
         elif self.portal is not None and name == self.portal.name:
@@ -1373,7 +1375,7 @@ class Session:
         write = self._write if copy is None else lambda data: self._write(copy.convert(m.split(data), m.row_values))
         gather = Gather(merger, kept.append if max_rows > 0 else write)
         self.gather = gather
-        if self.paused_by_client:
+        if self.link.client_slow:
             gather.pause()
         started = time.monotonic()
         try:
@@ -1406,27 +1408,19 @@ class Session:
 
     def _made_up(self, answer: Answer, reply: bytes) -> None:
         """An answer pgfleet gives in place of a backend's, after what the backend still owes."""
-        if self.backend is not None:
-            self.backend.push(Expect(answer, Fate.MADE_UP, reply=reply))  # at once if nothing is due
+        if self.link.server is not None:
+            self.link.server.push(Expect(answer, Fate.MADE_UP, reply=reply))  # at once if nothing is due
         else:
             self._write(reply)
 
     # ------------------------------------------------------------------ backends
 
     def _replica_or(self, database: str) -> str:
-        """Where a replica-safe read of ``database`` (or of one of its replicas) runs: a usable
-        replica, round-robin, outside transactions; else the primary. A pipeline already on a
-        replica of it stays there."""
-        base = database.partition("~")[0]
-        backend = self.backend
-        pins = self.settings.pins
-        if backend is not None and (self.batch_open or self._engaged(backend)):
-            here = backend.database
-            return here if here.partition("~")[0] == base and not pins and backend.tx_status == m.TX_IDLE else base
-        if self.tx.status != m.TX_IDLE or self.tx.deferred_begin is not None or pins:
-            return base
-        pool = self.fleet.replicas.pick(base)
-        return pool.name if pool is not None else base
+        """Where a replica-safe read of ``database`` runs (see ``BackendLink.replica``)."""
+        backend = self.link.server
+        return self.link.replica(database, backend is not None and (self.batch_open or self._engaged(backend)),
+                                 bool(self.settings.pins),
+                                 self.tx.status == m.TX_IDLE and self.tx.deferred_begin is None)
 
     def _replica_bind(self, client_name: bytes) -> str | None:
         """The database a Bind of a replica-safe statement runs on (a replica or its primary),
@@ -1447,13 +1441,12 @@ class Session:
             raise ClientError(FEATURE_NOT_SUPPORTED, f'portal "{self.portal.name}" for several databases is '
                               "still open: one pipeline cannot also use another database",
                               hint="send Execute and Sync for it first")
-        backend = self.backend
+        backend = self.link.server
         if backend is None and self.tx.participants:  # a transaction on several databases, all waiting apart
             return self._rejoin(database)
         if backend is not None and backend.gone and not self._engaged(backend):
             # Parked, and already known dead (its connection_lost is still to come): another one.
-            self.backend = None
-            self.fleet.pool_of(backend.database).discard(backend)
+            self.link.lost()
             backend = None
         if backend is not None:
             if backend.database == database:
@@ -1480,7 +1473,7 @@ class Session:
             if backend.busy:
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
-            self._detach(backend)
+            self.link.release()
         pool = self.fleet.pool_of(database)
         server = pool.try_acquire()
         if server is None:
@@ -1558,19 +1551,18 @@ class Session:
     def _switch(self, server: ServerConnection, fresh: bool) -> None:
         """The attached backend waits apart; ``server`` (``fresh``: opening the transaction
         there with its BEGIN) runs the next statements."""
-        current = self.backend
+        current = self.link.hand_over()
         participants = self.tx.participants
         if current is not None:
             if current.outbox:
                 current.flush()
             participants[current.database] = current
         if not fresh:
-            self.backend = server  # linked here all along
+            self.link.take_up(server)  # linked to this client all along
             return
         if len(participants) == 1:
             log.debug("client %s (key %s): a transaction on databases %s and %s (two-phase commit)",
                       self.peer, self.user, next(iter(participants)), server.database)
-        self.backend = None
         self.tx.deferred_begin = self.tx.begin or m.query("BEGIN")
         self._attach(server)
 
@@ -1602,11 +1594,10 @@ class Session:
         self._process()  # also flushes what was queued for the backend meanwhile
 
     def _attach(self, server: ServerConnection) -> None:
-        self.backend = server
-        server.attach(self, self.write, parameters=self._parameter_changed,
-                      answers=self.audit.answer if self.audit is not None else None)
-        if self.paused_by_client and server.transport is not None:
-            server.transport.pause_reading()
+        """A backend from its pool runs the client's statements: the held-back BEGIN and the
+        client's settings go first."""
+        self.link.link(server, self, self.write, self._parameter_changed,
+                       self.audit.answer if self.audit is not None else None)
         if self.tx.deferred_begin is not None:
             self._send_begin(server)
         # Settings dicts are never changed in place, so "is" is the common, cheap answer.
@@ -1631,34 +1622,20 @@ class Session:
             server.push(DROP_QUERY)
             server.send(m.query(sql))
 
-    def _detach(self, server: ServerConnection) -> None:
-        if server.outbox:
-            server.flush()
-        self.backend = None
-        if self.paused_by_client and server.transport is not None:
-            server.transport.resume_reading()
-        pool = self.fleet.pool_of(server.database)
-        if self.session_mode:
-            Janitor(pool, server, reset=True)
-        else:
-            pool.release(server)
-
     def _maybe_release(self, server: ServerConnection) -> None:
-        """Between transactions: the pool decides whether this client keeps its backend."""
+        """Between transactions (not pinned, no pipeline open): the pool decides whether this
+        client keeps its backend for the next one."""
         if not self.session_mode and not self.settings.pins and not server.expects \
                 and server.tx_status == m.TX_IDLE and not self.batch_open \
                 and not self.fleet.pool_of(server.database).park(server, self):
-            self._detach(server)
+            self.link.release()
 
     def give_back(self, server: ServerConnection) -> bool:
         """The pool takes a parked backend back, if this client is between transactions on it."""
-        if (self.backend is not server or server.expects or server.outbox or server.tx_status != m.TX_IDLE
+        if (self.link.server is not server or server.expects or server.outbox or server.tx_status != m.TX_IDLE
                 or self.batch_open or self.settings.pending is not None or self.settings.pins):
             return False
-        self.backend = None
-        server.detach()
-        if self.paused_by_client and server.transport is not None:
-            server.transport.resume_reading()
+        self.link.take_back(server)
         return True
 
     # -- Link: called by the attached backend
@@ -1667,7 +1644,7 @@ class Session:
         if self.corked:  # a backend answers at once while the client's messages are handled
             self.out.append(data)
         else:
-            self.port.write(data)
+            self._send(data)
 
     def backend_idle(self, server: ServerConnection) -> None:
         if self.tx.deferred_begin is None:  # else no backend has the transaction: its status is pgfleet's
@@ -1696,15 +1673,14 @@ class Session:
             self._resume()
 
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
-        if server is not self.backend:
+        if server is not self.link.server:
             if self.tx.participants.get(server.database) is server:  # a transaction on several databases lost one
                 del self.tx.participants[server.database]
                 self.fleet.pool_of(server.database).discard(server)
                 log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
                 self._fatal(error)
             return
-        self.backend = None
-        self.fleet.pool_of(server.database).discard(server)
+        self.link.lost()
         if not server.expects and server.tx_status == m.TX_IDLE and not self.batch_open:
             # Parked between transactions: the client lost nothing, its next statement gets another.
             log.info("client %s (key %s): its idle backend went away: %s", self.peer, self.user,
@@ -1723,11 +1699,9 @@ class Session:
     def _parameter_changed(self, name: str, value: str) -> None:
         """A ParameterStatus from the attached backend (it is forwarded as it came)."""
         if name == "default_transaction_read_only" and value == "off" and self.key is not None \
-                and self.key.read_only and self.backend is not None:
+                and self.key.read_only and self.link.server is not None:
             # Defence in depth: something (a server-side function, say) lifted read-only mode.
-            server = self.backend
-            self.backend = None
-            self.fleet.pool_of(server.database).discard(server, DisconnectReason.DIRTY)
+            server = self.link.lost(DisconnectReason.DIRTY)
             log.warning("client %s (key %s): a statement turned default_transaction_read_only off "
                         "on database %s; closed the client and its backend", self.peer, self.user,
                         server.database)
@@ -1769,7 +1743,7 @@ class Session:
     def _refuse(self, exc: ProxyError, *, simple: bool) -> None:
         """Answer one statement with an error, as PostgreSQL would, and go on."""
         error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
-        backend = self.backend
+        backend = self.link.server
         if self.audit is not None:
             self.audit.refused(exc, backend is not None, simple)
         if self.tx.deferred_begin is not None and (backend is None or not backend.expects):
@@ -1827,25 +1801,8 @@ class Session:
     def _close_backend(self) -> None:
         """The client is gone: give its backend back clean, or drop it."""
         participants, self.tx.participants = self.tx.participants, {}
-        for other in participants.values():  # a transaction on several databases: rolled back everywhere
-            if other.closed:
-                self.fleet.pool_of(other.database).discard(other)
-            else:
-                Janitor(self.fleet.pool_of(other.database), other, rollback=True)
-        server = self.backend
-        if server is None:
-            return
-        self.backend = None
-        pool = self.fleet.pool_of(server.database)
-        pins = bool(self.settings.pins)
-        if server.closed:
-            pool.discard(server)
-        elif server.busy:
-            pool.discard(server, DisconnectReason.DIRTY)  # a statement is still running
-        elif server.tx_status != m.TX_IDLE or self.session_mode or pins:
-            Janitor(pool, server, rollback=server.tx_status != m.TX_IDLE, reset=self.session_mode or pins)
-        else:
-            pool.release(server)
+        self.link.abandon(list(participants.values()))  # a transaction on several databases: rolled back
+        self.link.close(bool(self.settings.pins))
 
     def _cancel(self, request: m.CancelRequest) -> None:
         target = self.fleet.sessions.get(request.pid)
@@ -1857,7 +1814,7 @@ class Session:
 
     def cancel_running(self) -> int:
         """Send a cancel to every backend running this client's statement; how many."""
-        servers = [self.backend] if self.backend is not None else []
+        servers = [self.link.server] if self.link.server is not None else []
         if self.gather is not None:  # a federated SELECT: every shard still answering
             servers += [shard.server for shard in self.gather.shards.values() if not shard.done]
         busy = [server for server in servers if server.busy]
@@ -1866,7 +1823,7 @@ class Session:
         return len(busy)
 
     def _running(self) -> bool:
-        backend = self.backend
+        backend = self.link.server
         return self.wait_task is not None or (backend is not None and bool(backend.expects))
 
     def _unguard(self) -> None:
@@ -1904,41 +1861,10 @@ class Session:
             return True
         if self.tx.participants and not statement_only:
             return True
-        backend = self.backend
+        backend = self.link.server
         if backend is None:
             return False
         return bool(backend.expects) or (not statement_only and backend.tx_status != m.TX_IDLE)
-
-
-class Janitor:
-    """Links a backend whose client left, runs a clean-up statement and returns it to its pool."""
-
-    def __init__(self, pool: Pool, server: ServerConnection, *, rollback: bool = False,
-                 reset: bool = False) -> None:
-        self.pool = pool
-        server.attach(self, _nowhere)
-        if rollback:
-            server.push(DROP_QUERY)
-            server.send(m.query("ROLLBACK"))
-        if reset:  # DISCARD ALL cannot share a query string (an implicit transaction) with others
-            server.prepared.clear()
-            server.settings = {}
-            server.unnamed_owner = 0
-            server.push(DROP_QUERY)
-            server.send(m.query("DISCARD ALL"))
-        server.flush()
-        if not server.busy:
-            pool.release(server)
-
-    def backend_idle(self, server: ServerConnection) -> None:
-        self.pool.release(server)
-
-    def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
-        self.pool.discard(server)
-
-
-def _nowhere(data: bytes) -> None:
-    """Where a janitor's backend answers go: its client has left."""
 
 
 async def _finish_copy(copy: CopySplit) -> None:
