@@ -492,7 +492,7 @@ class ServerConnection(asyncio.Protocol):
         else:
             parts.append(data[start:limit])
             self.write_client(b"".join(parts))
-        if ready and not expects and self.link is not None:
+        if ready and not expects and not self.skipping and self.link is not None:
             self.link.backend_idle(self)
 
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:

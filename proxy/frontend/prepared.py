@@ -115,12 +115,6 @@ class Prepared:
             backend.push(DROP_PARSE)
             backend.send(self.parse)
 
-    def bind_for_backend(self, raw: bytes, portal_end: int, name_end: int) -> bytes:
-        """The client's Bind with the statement's backend-side name in place of its own."""
-        if not self.backend_name:
-            return raw
-        return m.message(m.BIND, raw[5:portal_end + 1] + self.wire_name + raw[name_end + 1:])
-
 
 class PreparedStatements:
     """The client's statements by the name it gave them (``b""``: the unnamed one)."""
