@@ -4,11 +4,14 @@
 ``host:port``. One thread runs a selector loop; the other threads (the tests) ask it to act
 and wait until it has:
 
-- ``cut()`` resets every live connection at once, on both sides (SO_LINGER 0: an RST, no FIN);
+- ``cut()`` resets every live connection at once, on both sides (SO_LINGER 0: an RST, no FIN),
+  and says how many there were (``live()`` counts them without cutting);
 - ``refuse(True)`` closes the listening socket (connects get ECONNREFUSED), ``refuse(False)``
   listens again on the same port;
 - ``stall(True)`` accepts connections and then never answers them (a black hole, until
   ``cut()``), so a client's connect timeout is what ends them;
+- ``reset_next(n)`` resets the next ``n`` connections as soon as they are accepted, and
+  forwards the ones after them (one failure exactly, whenever it comes);
 - ``hold(b"...")`` keeps back, on each connection, the first chunk the client sends that
   contains those bytes and everything after it (the target never sees them), until
   ``hold(None)`` lets them through.
@@ -68,6 +71,7 @@ class FaultProxy:
         self._conns: set[_Conn] = set()
         self._held: list[socket.socket] = []  # accepted while stalled: never answered
         self._stalled = False
+        self._resets = 0  # connections still to reset on accept (reset_next)
         self._hold: bytes | None = None
         self._running = False
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -91,6 +95,10 @@ class FaultProxy:
         self._wake_r.close()
         self._wake_w.close()
 
+    def live(self) -> int:
+        """How many connections are open through the proxy now (held ones included)."""
+        return int(self._call(lambda: len(self._conns) + len(self._held)))
+
     def cut(self) -> int:
         """Reset every live connection (both sides); returns how many there were."""
         return int(self._call(self._cut))
@@ -102,6 +110,15 @@ class FaultProxy:
         def set_stalled() -> None:
             self._stalled = on
         self._call(set_stalled)
+
+    def reset_next(self, count: int = 1) -> None:
+        def set_resets() -> None:
+            self._resets = count
+        self._call(set_resets)
+
+    def resets_left(self) -> int:
+        """How many of the connections ``reset_next`` asked for have not come yet."""
+        return int(self._call(lambda: self._resets))
 
     def hold(self, pattern: bytes | None) -> None:
         def set_hold() -> None:
@@ -173,6 +190,10 @@ class FaultProxy:
         except BlockingIOError:
             return
         self.accepted += 1
+        if self._resets > 0:
+            self._resets -= 1
+            _reset(client)
+            return
         if self._stalled:
             self._held.append(client)
             return

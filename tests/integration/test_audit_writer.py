@@ -16,7 +16,7 @@ import pytest
 
 from proxy.admin.audit import AuditLog
 from proxy.config import Audit, Dsn, parse_dsn
-from proxy.embedded import Cluster, free_port
+from proxy.embedded import Cluster
 
 DB = "audit_sink"
 STARTED = 1700000000.123
@@ -97,8 +97,9 @@ async def test_a_file_and_a_table_get_the_same_statements(pg: Cluster, sink: str
     assert table[3][8] == "select * from t where email = 'bob3@example.com'"
 
 
-async def test_an_unreachable_database_drops_and_counts(pg: Cluster, caplog: pytest.LogCaptureFixture) -> None:
-    log = AuditLog(Audit(table=DB, queue_size=5, retry_interval=0.2), dsn_of(pg, port=free_port()))
+async def test_an_unreachable_database_drops_and_counts(pg: Cluster, refusing_port: int,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    log = AuditLog(Audit(table=DB, queue_size=5, retry_interval=0.2), dsn_of(pg, port=refusing_port))
     with caplog.at_level(logging.WARNING, "pgfleet.audit"):
         await log.start()
         for i in range(20):
@@ -117,9 +118,9 @@ async def test_an_unreachable_database_drops_and_counts(pg: Cluster, caplog: pyt
     assert errors[0].startswith(f"audit log: cannot write to table pgfleet.audit in database {DB} (")
 
 
-async def test_the_table_comes_back_after_an_outage(pg: Cluster, sink: str,
+async def test_the_table_comes_back_after_an_outage(pg: Cluster, sink: str, refusing_port: int,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    address = {"dsn": dsn_of(pg, port=free_port())(DB)}
+    address = {"dsn": dsn_of(pg, port=refusing_port)(DB)}
     log = AuditLog(Audit(table=sink, queue_size=100, retry_interval=0.1), lambda name: address["dsn"])
     with caplog.at_level(logging.WARNING, "pgfleet.audit"):
         await log.start()

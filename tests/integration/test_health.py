@@ -42,8 +42,12 @@ def proxy(pg: Cluster) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
-def watched(proxy: FaultProxy, make_fleet: Any) -> Fleet:
+def watched(pg: Cluster, proxy: FaultProxy, make_fleet: Any) -> Fleet:
     """A pgfleet whose secondary is behind the fault proxy, checked every 0.2 s."""
+    # pooled_on_secondary counts every pgfleet's backends of secondary: those of the fleets
+    # that earlier tests stopped are gone first (their server processes end a moment after).
+    assert wait_for(lambda: pooled_on_secondary(pg) == 0, 10), \
+        f"{pooled_on_secondary(pg)} backend(s) of another pgfleet still on secondary"
     fleet: Fleet = make_fleet(
         health={"interval": "0.2s", "timeout": "0.5s", "failures_to_down": 2},
         pool={"size": 4, "acquire_timeout": "3s", "connect_timeout": "1s"},
@@ -219,9 +223,12 @@ def test_one_failed_check_is_not_down(pg: Cluster, proxy: FaultProxy, watched: F
     """Fewer failures in a row than failures_to_down leave the circuit closed."""
     with psycopg.connect(watched.dsn(), autocommit=True) as conn:
         assert one(conn, ON_SECONDARY) == "secondary"
-        proxy.refuse(True)
+        # Exactly one connection fails: the next check's (nothing else connects to secondary
+        # now). Refusing for a while instead would fail a second check too, 0.2 s later, if
+        # the test were slower than that to take the refusal back.
+        proxy.reset_next(1)
         wait_logged(watched, "health check of database secondary failed (1 of 2 in a row")
-        proxy.refuse(False)
+        assert proxy.resets_left() == 0
         time.sleep(1.0)  # several checks, all answered
         assert DOWN not in watched.log()
         assert one(conn, ON_SECONDARY) == "secondary"

@@ -99,14 +99,22 @@ def test_health_views(http_fleet: Fleet) -> None:
     while get(http_fleet, "/health/ready")[0] != 200:
         assert time.monotonic() < deadline, get(http_fleet, "/health/ready")
         time.sleep(0.1)
-    status, body = get(http_fleet, "/databases")
-    info: dict[str, Any] = json.loads(body)
+    # A check answered in over half of health.timeout (1 s) says "degraded", rightly: on a
+    # loaded machine one may; the next ones (every 0.2 s) say "healthy" again.
+    deadline = time.monotonic() + 10
+    while True:
+        status, body = get(http_fleet, "/databases")
+        info: dict[str, Any] = json.loads(body)
+        overall, summary = get(http_fleet, "/health")
+        if info["primary"]["status"] == "healthy" and json.loads(summary)["status"] == "healthy":
+            break
+        assert time.monotonic() < deadline, (info, summary)
+        time.sleep(0.1)
     assert status == 200 and set(info) == {"primary", "secondary", "analytics"}
     assert info["primary"]["database_name"] == "bank" and info["primary"]["status"] == "healthy"
     assert info["primary"]["last_check"] is not None and info["primary"]["response_ms"] >= 0
     assert info["analytics"]["connections"]["size"] == 10
-    status, body = get(http_fleet, "/health")
-    assert status == 200 and json.loads(body)["status"] == "healthy"
+    assert overall == 200 and json.loads(summary)["status"] == "healthy"
     assert get(http_fleet, "/nope")[0] == 404
 
 
@@ -126,6 +134,11 @@ def test_the_wait_histogram_sees_a_client_that_waited(make_fleet: Any, pg: Clust
             waited.append(time.monotonic() - started)
     thread = threading.Thread(target=waiter)
     thread.start()
+    # The waiter is queued for the pool's only connection (pgfleet says so), then waits 0.3 s more.
+    deadline = time.monotonic() + 10
+    while value(samples(fleet), "pgfleet_clients_waiting", database="analytics") < 1:
+        assert time.monotonic() < deadline, "the second client never waited for a connection"
+        time.sleep(0.02)
     time.sleep(0.3)
     holder.commit()
     thread.join(10)
@@ -148,8 +161,9 @@ def test_the_grafana_dashboard_asks_only_for_metrics_pgfleet_exports(http_fleet:
     assert wanted and wanted <= exported, wanted - exported
 
 
-def test_ready_waits_for_every_database_that_is_not_optional(make_fleet: Any, pg: Cluster) -> None:
-    closed = free_port()  # nothing listens there: that database is down
+def test_ready_waits_for_every_database_that_is_not_optional(refusing_port: int, make_fleet: Any,
+                                                           pg: Cluster) -> None:
+    closed = refusing_port  # nothing listens there (nor can, while the test runs): that database is down
     base = {"primary": {"dsn": pg.dsn("bank", user="pf_trust")},
             "secondary": {"dsn": f"postgresql://pf_trust@127.0.0.1:{closed}/secondary"}}
     health = {"interval": "0.2s", "timeout": "0.5s", "failures_to_down": 1}
@@ -162,6 +176,8 @@ def test_ready_waits_for_every_database_that_is_not_optional(make_fleet: Any, pg
     assert json.loads(get(strict, "/databases")[1])["secondary"]["circuit"] == "open"
     lenient: Fleet = make_fleet(http={"host": "127.0.0.1", "port": free_port()}, health=health,
                                 databases={**base, "secondary": {**base["secondary"], "optional": True}})
-    time.sleep(1.0)  # several check rounds: secondary is down by now
-    assert json.loads(get(lenient, "/databases")[1])["secondary"]["status"] == "down"
+    deadline = time.monotonic() + 10  # a check round or so: secondary is down then
+    while json.loads(get(lenient, "/databases")[1])["secondary"]["status"] != "down":
+        assert time.monotonic() < deadline, get(lenient, "/databases")
+        time.sleep(0.1)
     assert get(lenient, "/health/ready")[0] == 200

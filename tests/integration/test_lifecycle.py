@@ -58,11 +58,11 @@ def test_a_keys_max_connections_counts_only_that_key(make_fleet: Any, pg: Cluste
     assert _connects(fleet.dsn("pf_client"))
 
 
-def _fleet_with_table(make_fleet: Any, pg: Cluster, table: str, shutdown_timeout: str
+def _fleet_with_table(make_fleet: Any, pg: Cluster, role: str, table: str, shutdown_timeout: str
                       ) -> tuple[Fleet, subprocess.Popen[bytes]]:
     pg.psql(f"drop table if exists {table}; create table {table} (a int); grant all on {table} to public",
             dbname="bank")
-    fleet: Fleet = make_fleet(databases=own_primary(pg), shutdown_timeout=shutdown_timeout)
+    fleet: Fleet = make_fleet(databases=own_primary(pg, role), shutdown_timeout=shutdown_timeout)
     assert fleet.proc is not None
     return fleet, fleet.proc
 
@@ -70,6 +70,14 @@ def _fleet_with_table(make_fleet: Any, pg: Cluster, table: str, shutdown_timeout
 def _count(pg: Cluster, table: str) -> int:
     with psycopg.connect(pg.dsn("bank"), autocommit=True) as conn:
         return conn.execute(f"select count(*) from {table}").fetchone()[0]  # type: ignore[index]
+
+
+def _running(pg: Cluster, role: str, query: str) -> bool:
+    """Whether a statement starting with ``query`` is running on a backend of ``role``."""
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute("select count(*) from pg_stat_activity where usename = %s and state = 'active' "
+                           "and starts_with(query, %s)", (role, query)).fetchone()
+    return row is not None and row[0] > 0
 
 
 def _refuses_connections(port: int) -> bool:
@@ -80,8 +88,9 @@ def _refuses_connections(port: int) -> bool:
         return True
 
 
-def test_sigterm_lets_an_open_transaction_finish_and_closes_idle_clients(make_fleet: Any, pg: Cluster) -> None:
-    fleet, proc = _fleet_with_table(make_fleet, pg, "pf_shutdown_a", "20s")
+def test_sigterm_lets_an_open_transaction_finish_and_closes_idle_clients(make_fleet: Any, pg: Cluster,
+                                                                        own_role: str) -> None:
+    fleet, proc = _fleet_with_table(make_fleet, pg, own_role, "pf_shutdown_a", "20s")
     with psycopg.connect(fleet.dsn()) as busy, psycopg.connect(fleet.dsn(), autocommit=True) as idle:
         idle.execute("select 1")
         busy.execute("insert into pf_shutdown_a values (1)")  # a transaction left open
@@ -96,11 +105,12 @@ def test_sigterm_lets_an_open_transaction_finish_and_closes_idle_clients(make_fl
             busy.execute("select 1")
     assert proc.wait(10) == 0
     assert _count(pg, "pf_shutdown_a") == 2
-    assert wait_for(lambda: backends(pg) == 0, timeout=5)
+    assert wait_for(lambda: backends(pg, own_role) == 0, timeout=5)
 
 
-def test_sigterm_disconnects_a_transaction_that_outlives_shutdown_timeout(make_fleet: Any, pg: Cluster) -> None:
-    fleet, proc = _fleet_with_table(make_fleet, pg, "pf_shutdown_b", "1s")
+def test_sigterm_disconnects_a_transaction_that_outlives_shutdown_timeout(make_fleet: Any, pg: Cluster,
+                                                                          own_role: str) -> None:
+    fleet, proc = _fleet_with_table(make_fleet, pg, own_role, "pf_shutdown_b", "1s")
     with psycopg.connect(fleet.dsn()) as conn:
         conn.execute("insert into pf_shutdown_b values (1)")
         started = time.monotonic()
@@ -110,37 +120,39 @@ def test_sigterm_disconnects_a_transaction_that_outlives_shutdown_timeout(make_f
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
     assert _count(pg, "pf_shutdown_b") == 0  # rolled back
-    assert wait_for(lambda: backends(pg) == 0, timeout=5)
+    assert wait_for(lambda: backends(pg, own_role) == 0, timeout=5)
     assert "still in a transaction after 1s" in fleet.log()
 
 
-def test_sigint_lets_a_running_statement_finish_but_not_an_idle_transaction(make_fleet: Any, pg: Cluster) -> None:
-    fleet, proc = _fleet_with_table(make_fleet, pg, "pf_shutdown_c", "20s")
+def test_sigint_lets_a_running_statement_finish_but_not_an_idle_transaction(make_fleet: Any, pg: Cluster,
+                                                                            own_role: str) -> None:
+    fleet, proc = _fleet_with_table(make_fleet, pg, own_role, "pf_shutdown_c", "20s")
     with psycopg.connect(fleet.dsn()) as idle_tx, psycopg.connect(fleet.dsn(), autocommit=True) as running:
         idle_tx.execute("insert into pf_shutdown_c values (1)")
         answer: list[Any] = []
         worker = threading.Thread(target=lambda: answer.append(
             running.execute("select pg_sleep(1.5), 'done'").fetchone()))
         worker.start()
-        time.sleep(0.5)  # the sleep is running
-        proc.send_signal(signal.SIGINT)
+        assert wait_for(lambda: _running(pg, own_role, "select pg_sleep(1.5)"), timeout=10), \
+            "the statement never started"
+        proc.send_signal(signal.SIGINT)  # while it runs
         worker.join(10)
         assert answer == [("", "done")]  # the running statement got its answer
         with pytest.raises(psycopg.OperationalError):
             idle_tx.execute("select 1")
     assert proc.wait(10) == 0
     assert _count(pg, "pf_shutdown_c") == 0
-    assert wait_for(lambda: backends(pg) == 0, timeout=5)
+    assert wait_for(lambda: backends(pg, own_role) == 0, timeout=5)
 
 
-def test_a_refused_client_past_the_limit_costs_no_backend(make_fleet: Any, pg: Cluster) -> None:
-    fleet: Fleet = make_fleet(listen={"max_client_connections": 1}, databases=own_primary(pg))
+def test_a_refused_client_past_the_limit_costs_no_backend(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    fleet: Fleet = make_fleet(listen={"max_client_connections": 1}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
         conn.execute("select 1")
         for _ in range(5):
             with pytest.raises(psycopg.OperationalError, match="too many clients"):
                 psycopg.connect(fleet.dsn(), autocommit=True)
-        assert backends(pg) <= 1
+        assert backends(pg, own_role) <= 1
 
 
 @pytest.mark.parametrize("statement", ["drop database pf_going", "alter database pf_going rename to pf_gone"])
@@ -154,6 +166,9 @@ def test_drop_or_rename_database_closes_pgfleets_idle_connections_to_it_first(
     pg.create_database("pf_going")
     try:
         fleet: Fleet = make_fleet(databases={"primary": {"dsn": pg.dsn("bank")}, "going": {"dsn": pg.dsn("pf_going")}})
+        # The first health checks (started with pgfleet) are over: a check's connection to
+        # pf_going, not pgfleet's to close, would make the DROP wait for it.
+        fleet.health_checked()
         with psycopg.connect(fleet.dsn(database="going"), autocommit=True) as parked:
             parked.execute("select 1")  # its backend stays parked with it
             for _ in range(2):  # and one more goes back to the pool idle

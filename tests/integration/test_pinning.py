@@ -36,12 +36,12 @@ PINS = {
 
 @pytest.mark.parametrize("state", sorted(PINS))
 def test_session_state_pins_the_client_and_is_reset_before_the_next_client(
-        make_fleet: Any, pg: Cluster, state: str) -> None:
+        make_fleet: Any, pg: Cluster, state: str, own_role: str) -> None:
     """Pool of two: the pinned client keeps its backend across transactions while another
     client alternates on the other; when it leaves, the next client of that backend sees none
     of its state."""
     create, count = PINS[state]
-    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg))
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as a:
         a.execute(create)
         mine = pid(a)
@@ -58,8 +58,8 @@ def test_session_state_pins_the_client_and_is_reset_before_the_next_client(
             assert c.execute(count).fetchone() == (0,)
 
 
-def test_the_state_works_across_transactions_through_the_pin(make_fleet: Any, pg: Cluster) -> None:
-    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg))
+def test_the_state_works_across_transactions_through_the_pin(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
         a.execute("prepare pf_answer(int) as select $1 * 2")
         a.execute("create temp table pf_notes (n text)")
@@ -76,8 +76,9 @@ def test_the_state_works_across_transactions_through_the_pin(make_fleet: Any, pg
             timeout=5)
 
 
-def test_an_advisory_lock_is_held_until_unlocked_or_the_client_leaves(make_fleet: Any, pg: Cluster) -> None:
-    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg))
+def test_an_advisory_lock_is_held_until_unlocked_or_the_client_leaves(
+        make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as b:
         with psycopg.connect(fleet.dsn(), autocommit=True) as a:
             assert a.execute("select pg_try_advisory_lock(777)").fetchone() == (True,)
@@ -96,10 +97,11 @@ def test_an_advisory_lock_is_held_until_unlocked_or_the_client_leaves(make_fleet
     ("select pg_advisory_lock(99)", "select pg_advisory_unlock_all()"),
     ("listen pf_y; create temp table pf_u (a int)", "discard all"),
 ])
-def test_dropping_the_state_releases_the_pin(make_fleet: Any, pg: Cluster, create: str, release: str) -> None:
+def test_dropping_the_state_releases_the_pin(
+        make_fleet: Any, pg: Cluster, create: str, release: str, own_role: str) -> None:
     """Pool of one: a pinned client holds the only backend (the other waits and times out);
     once it drops its state, the other client gets the backend."""
-    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "1s"}, databases=own_primary(pg))
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "1s"}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
         a.execute(create)
         with pytest.raises(pgerrors.OperationalError) as waited:
@@ -109,9 +111,9 @@ def test_dropping_the_state_releases_the_pin(make_fleet: Any, pg: Cluster, creat
         assert b.execute("select 1").fetchone() == (1,)
 
 
-def test_a_failed_release_keeps_the_pin(make_fleet: Any, pg: Cluster) -> None:
+def test_a_failed_release_keeps_the_pin(make_fleet: Any, pg: Cluster, own_role: str) -> None:
     """DISCARD ALL inside a transaction block fails: the state stays, and so does the pin."""
-    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "1s"}, databases=own_primary(pg))
+    fleet: Fleet = make_fleet(pool={"size": 1, "acquire_timeout": "1s"}, databases=own_primary(pg, own_role))
     with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
         a.execute("create temp table pf_keep (a int)")
         with pytest.raises(pgerrors.ActiveSqlTransaction), a.transaction():
@@ -121,10 +123,11 @@ def test_a_failed_release_keeps_the_pin(make_fleet: Any, pg: Cluster) -> None:
             b.execute("select 1")
 
 
-def test_a_pinned_client_is_refused_another_database_with_what_to_do(make_fleet: Any, pg: Cluster) -> None:
+def test_a_pinned_client_is_refused_another_database_with_what_to_do(
+        make_fleet: Any, pg: Cluster, own_role: str) -> None:
     pg.create_database("pin_other")
     try:
-        fleet: Fleet = make_fleet(databases={**own_primary(pg), "other": {"dsn": pg.dsn("pin_other")}},
+        fleet: Fleet = make_fleet(databases={**own_primary(pg, own_role), "other": {"dsn": pg.dsn("pin_other")}},
                                   tables={"pf_elsewhere": "other"})
         pg.psql("create table pf_elsewhere (a int)", dbname="pin_other")
         with psycopg.connect(fleet.dsn(), autocommit=True) as a:

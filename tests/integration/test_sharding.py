@@ -532,13 +532,13 @@ def test_fan_out_reads_in_a_transaction_that_has_not_reached_a_database(sharded:
         conn.rollback()
 
 
-def test_a_fan_out_with_an_unreachable_shard_fails_whole_naming_it(make_fleet: Any, pg: Cluster) -> None:
-    from proxy.embedded import free_port
+def test_a_fan_out_with_an_unreachable_shard_fails_whole_naming_it(refusing_port: int, make_fleet: Any,
+                                                                    pg: Cluster) -> None:
     pg.create_database("lonely_a")
     pg.psql(SCHEMA, dbname="lonely_a")
     fleet: Fleet = make_fleet(
         databases={"primary": {"dsn": pg.dsn("lonely_a")},
-                   "gone": {"dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"}},
+                   "gone": {"dsn": f"postgresql://postgres@127.0.0.1:{refusing_port}/nowhere"}},
         default_database="primary",
         sharding={"shards": ["primary", "gone"], "tables": {"users": "user_id"}, "types": {"users": "bigint"}},
         pool={"size": 2, "connect_timeout": "2s", "acquire_timeout": "3s"})
