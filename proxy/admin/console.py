@@ -366,7 +366,7 @@ class Console:
                 return m.BIND_COMPLETE_MSG
             if kind == m.DESCRIBE:
                 which, name = raw[5], raw[6:raw.index(0, 6)].decode()
-                if which == ord("S"):
+                if which == m.TARGET_STATEMENT:
                     if name not in self.statements:
                         raise ClientError(INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
                     text = self.statements[name]
@@ -391,7 +391,7 @@ class Console:
                 return self._answer(text, lambda r: _messages(r, describe=False, formats=formats))
             if kind == m.CLOSE:
                 which, name = raw[5], raw[6:raw.index(0, 6)].decode()
-                (self.statements if which == ord("S") else self.portals).pop(name, None)
+                (self.statements if which == m.TARGET_STATEMENT else self.portals).pop(name, None)
                 return m.CLOSE_COMPLETE_MSG
             if kind == m.SYNC:
                 self.skipping = False

@@ -381,7 +381,7 @@ class Session:
                                     run = pos
                                 pos = end
                                 continue
-                        elif kind == _DESCRIBE and inbox[pos + 5] == 0x50:
+                        elif kind == _DESCRIBE and inbox[pos + 5] == _TARGET_PORTAL:
                             expect = FORWARD_DESCRIBE_PORTAL  # Describe of a portal: as it came
                         elif self.unparsed is not None and inbox[pos + 5] == 0:
                             # The unnamed statement on a decided database: no rewriting either.
@@ -1160,7 +1160,7 @@ class Session:
                               "first in the same transaction")
         if self.audit is not None:
             self.audit.text = portal.text
-        statement = portal.messages + m.describe(0x50, "") + m.execute("") + m.SYNC_MSG
+        statement = portal.messages + m.describe(m.TARGET_PORTAL, "") + m.execute("") + m.SYNC_MSG
         if portal.plan is not None:
             if portal.rows is not None:
                 self._write(portal.next_rows(max_rows))
@@ -1181,7 +1181,7 @@ class Session:
         """Describe of a statement routed at Bind: ParameterDescription and RowDescription (or
         NoData) from the first shard it may run on, on a backend outside the client's transaction."""
         database = first_database(self._route(query))
-        statement = m.parse("", query, param_types) + m.describe(0x53, "") + m.SYNC_MSG
+        statement = m.parse("", query, param_types) + m.describe(m.TARGET_STATEMENT, "") + m.SYNC_MSG
         try:
             answer = await Scatter().run(self.fleet.pools, {database: statement}, self.settings.values, True,
                                          keep=_STATEMENT_DESCRIPTION)
@@ -1193,7 +1193,7 @@ class Session:
     async def _describe_portal(self, portal: Portal) -> None:
         """Describe of a portal for several databases: the first shard describes the client's
         own statement, bound as the client bound it (its formats too), without running it."""
-        statement = portal.describe_messages + m.describe(0x50, "") + m.SYNC_MSG
+        statement = portal.describe_messages + m.describe(m.TARGET_PORTAL, "") + m.SYNC_MSG
         try:
             answer = await Scatter().run(self.fleet.pools, {portal.databases[0]: statement}, self.settings.values,
                                          True, describe=True)
@@ -1205,19 +1205,19 @@ class Session:
     def _describe(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Describe")
         control = self.tx.control_portal
-        if kind == 0x50 and control is not None and name == control.portal:
+        if kind == m.TARGET_PORTAL and control is not None and name == control.portal:
             self._made_up(Answer.DESCRIBE_PORTAL, m.NO_DATA_MSG)
             return True
-        if kind == 0x53 and self.statements.control(name.encode()) is not None \
+        if kind == m.TARGET_STATEMENT and self.statements.control(name.encode()) is not None \
                 and (self.link.server is None or not self._engaged(self.link.server)):
             self._made_up(Answer.DESCRIBE_STATEMENT, m.message(m.PARAMETER_DESCRIPTION, b"\0\0") + m.NO_DATA_MSG)
             return True
-        if kind == 0x50 and self.portal is not None and name == self.portal.name:
+        if kind == m.TARGET_PORTAL and self.portal is not None and name == self.portal.name:
             # Answered with the rows when its Execute comes next (drivers send them together),
             # else by a round of its own before the next message (see _statement).
             self.portal.describe = True
             return True
-        if kind == 0x50:  # a portal: only exists on the backend that bound it
+        if kind == m.TARGET_PORTAL:  # a portal: only exists on the backend that bound it
             if self.link.server is None:
                 raise ClientError(INVALID_CURSOR_NAME, f'portal "{name}" does not exist', hint="Bind it first")
             self.link.server.push(FORWARD_DESCRIBE_PORTAL)
@@ -1242,7 +1242,7 @@ class Session:
     def _close(self, raw: bytes) -> bool:
         kind, name = m.decode_target(raw[5:], "Close")
         backend = self.link.server
-        if kind == 0x53:
+        if kind == m.TARGET_STATEMENT:
             self.statements.close(name.encode())
         elif self.portal is not None and name == self.portal.name:
             self.portal = None
@@ -1899,6 +1899,7 @@ _READY = State.READY
 _SYNC = m.SYNC
 _QUERY = m.QUERY
 _DESCRIBE = m.DESCRIBE
+_TARGET_PORTAL = m.TARGET_PORTAL
 _PARSE = m.PARSE
 _BIND = m.BIND
 _EXECUTE = m.EXECUTE

@@ -66,6 +66,9 @@ COPY_IN = ord("G")
 COPY_OUT = ord("H")
 COPY_BOTH = ord("W")
 NEGOTIATE_VERSION = ord("v")
+# What a Describe or Close names: a portal or a prepared statement.
+TARGET_PORTAL = ord("P")
+TARGET_STATEMENT = ord("S")
 
 AUTH_OK = 0
 AUTH_CLEARTEXT = 3
@@ -361,7 +364,7 @@ def decode_target(body: bytes, what: str) -> tuple[int, str]:
     if len(body) < 2:
         raise ProtocolViolation(f"invalid {what} message: too short")
     kind = body[0]
-    if kind not in (0x53, 0x50):
+    if kind not in (TARGET_STATEMENT, TARGET_PORTAL):
         raise ProtocolViolation(f"invalid {what} message subtype {chr(kind)!r}")
     name, end = _cstr(body, 1)
     if end != len(body):
