@@ -1745,14 +1745,14 @@ class Session:
         """Answer one statement with an error, as PostgreSQL would, and go on."""
         error = m.error_response(exc.sqlstate, exc.message, hint=exc.hint)
         backend = self.link.server
-        if self.audit is not None:
-            self.audit.refused(exc, backend is not None, simple)
         if self.tx.deferred_begin is not None and (backend is None or not backend.expects):
             # No backend has the transaction yet (its BEGIN is held back, a backend at most
             # parked): it fails here, as PostgreSQL's would. Only its end is taken now (see
             # _aborted), and COMMIT answers ROLLBACK.
             self.tx.status = m.TX_FAILED
             backend = None
+        if self.audit is not None:  # refused on the backend: its answer to that is not the client's
+            self.audit.refused(exc, backend is not None, simple)
         if backend is not None:
             # Fail it on the backend too, so that its transaction fails as PostgreSQL's would.
             if simple:

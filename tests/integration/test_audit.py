@@ -60,3 +60,30 @@ def test_every_statement_gets_one_line_without_its_literals(make_fleet: Any, tmp
     assert "Traceback" not in fleet.log()
     with psycopg.connect(pg.dsn("analytics"), autocommit=True) as direct:  # the shared demo data stays as it was
         direct.execute("delete from events where kind = 'eve@example.com'")
+
+
+def test_a_refusal_in_a_transaction_no_backend_has_keeps_the_next_lines_right(
+        make_fleet: Any, tmp_path: Path) -> None:
+    """BEGIN is held back until the first statement picks a database; a statement refused
+    before that fails the transaction in pgfleet, and nothing is sent to the backend the client
+    keeps parked. The audit log must not wait for that backend's answer to it: the statements
+    after the ROLLBACK get their own lines, with their own rows."""
+    path = tmp_path / "audit.jsonl"
+    fleet: Fleet = make_fleet(audit={"path": str(path)},
+                              sharding={"shards": ["primary", "secondary"], "function": "hash",
+                                        "tables": {"users": "id"}})
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")  # the client now keeps a backend of primary between transactions
+        conn.execute("begin")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("select * from events, users where events.id = 1")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("select 2")
+        conn.execute("rollback")
+        assert conn.execute("select count(*) from events where id < 0").fetchone() == (0,)
+        assert conn.execute("select 3").fetchone() == (3,)
+    found = lines(path, 5)
+    statements = [(line["route"], line["rows"], line["sqlstate"]) for line in found]
+    assert statements == [("direct", 1, None), ("refused", None, "0A000"), ("refused", None, "25P02"),
+                          ("direct", 1, None), ("direct", 1, None)], found
+    assert found[3]["databases"] == ["analytics"] and found[4]["databases"] == ["primary"]
