@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -736,28 +737,21 @@ def build_report(info: dict[str, str], modes: list[str], clients: list[int],
         out += cpu_rows
 
     # Per-round figures, to show the noise behind each median.
-    out += ["", "## Per-round TPS", "",
-            "| mode | clients | " + " | ".join(LABEL[t] for t in shown) + " |",
-            "|---|--:|" + "---|" * len(shown)]
-    for mode in modes:
-        for c in clients:
-            row = []
-            for t in shown:
-                rs = sorted(by.get((mode, c, t), []), key=lambda r: r.round)
-                row.append(", ".join((fmt_tps(r.tps) if r.ok else "err") for r in rs) or "n/a")
-            out.append(f"| {mode} | {c} | " + " | ".join(row) + " |")
-    if poolers:
-        out += ["", "## Per-round pooler CPU, µs per transaction", "",
-                "| mode | clients | " + " | ".join(LABEL[t] for t in poolers) + " |",
-                "|---|--:|" + "---|" * len(poolers)]
+    def per_round(title: str, targets: list[str], cell: Callable[[Any], str]) -> list[str]:
+        lines = ["", title, "", "| mode | clients | " + " | ".join(LABEL[t] for t in targets) + " |",
+                 "|---|--:|" + "---|" * len(targets)]
         for mode in modes:
             for c in clients:
                 row = []
-                for t in poolers:
+                for t in targets:
                     rs = sorted(by.get((mode, c, t), []), key=lambda r: r.round)
-                    row.append(", ".join((fmt_us(r.cpu_us) if r.ok else "err") for r in rs)
-                               or "n/a")
-                out.append(f"| {mode} | {c} | " + " | ".join(row) + " |")
+                    row.append(", ".join((cell(r) if r.ok else "err") for r in rs) or "n/a")
+                lines.append(f"| {mode} | {c} | " + " | ".join(row) + " |")
+        return lines
+
+    out += per_round("## Per-round TPS", list(shown), lambda r: fmt_tps(r.tps))
+    if poolers:
+        out += per_round("## Per-round pooler CPU, µs per transaction", list(poolers), lambda r: fmt_us(r.cpu_us))
 
     errors = [r for r in runs if r.errors]
     out += ["", "## Errors", ""]

@@ -1040,11 +1040,6 @@ class Session:
                      if prepared.backend_name else raw)
         return True
 
-    def _routed(self, client_name: bytes) -> Prepared | None:
-        """The statement, if its Bind decides where it runs."""
-        prepared = self.statements.get(client_name) if not client_name else self.statements.find(client_name)
-        return prepared if prepared is not None and prepared.routed else None
-
     def _bind_scatter(self, raw: bytes, portal_end: int, name_end: int, statement: Prepared, route: Route) -> bool:
         """A Bind whose statement writes on several databases: a portal kept here.
 
@@ -1223,14 +1218,14 @@ class Session:
             self.link.server.push(FORWARD_DESCRIBE_PORTAL)
             self.link.server.send(raw)
             return True
-        routed = self._routed(name.encode())
-        parked = self.link.server is None or (self.link.server.tx_status == m.TX_IDLE and not self.link.server.expects)
-        if routed is not None and self.tx.deferred_begin is not None and parked:
+        prepared = self.statements.find(name.encode())
+        backend = self.link.server
+        parked = backend is None or (backend.tx_status == m.TX_IDLE and not backend.expects)
+        if prepared.routed and self.tx.deferred_begin is not None and parked:
             # A transaction that has not reached a database yet must not be pinned by a Describe
             # (asyncpg describes every statement): the first shard describes it apart.
-            self._wait_for(self._describe_apart(routed.query, routed.param_types))
+            self._wait_for(self._describe_apart(prepared.query, prepared.param_types))
             return True
-        prepared = self.statements.find(name.encode())
         backend = self._prepared_on(prepared)
         if backend is None:
             return False

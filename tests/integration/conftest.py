@@ -33,6 +33,7 @@ import yaml
 
 from proxy.backend.health import APPLICATION_NAME as HEALTH_APPLICATION_NAME
 from proxy.embedded import Cluster, free_port
+from tests.configs import overridden
 
 from ..conftest import PG_GROUP
 
@@ -231,12 +232,7 @@ def fleet_config(pg: Cluster, **overrides: Any) -> dict[str, Any]:
         "keys": [{"id": key, "secret": secret, "role": role, **({"user_id": 42} if role == "database" else {})}
                  for key, (secret, role) in KEYS.items()],
     }
-    for name, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(name), dict):
-            config[name] = {**config[name], **value}
-        else:
-            config[name] = value
-    return config
+    return overridden(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ from typing import Any
 from proxy.config import Config, Dsn, load_text
 from proxy.fleet import Fleet
 from proxy.wire import messages as m
+from tests.configs import overridden
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -100,12 +101,7 @@ def fleet_config(**overrides: Any) -> dict[str, Any]:
         "keys": [{"id": key, "secret": secret, "role": role, **({"user_id": USER_IDS[key]} if key in USER_IDS else {})}
                  for key, (secret, role) in KEYS.items()],
     }
-    for name, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(name), dict):
-            config[name] = {**config[name], **value}
-        else:
-            config[name] = value
-    return config
+    return overridden(config, overrides)
 
 
 # What every scripted backend reports at login (PostgreSQL 16 with a UTF8 database).
