@@ -12,7 +12,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import describe, load
+from .config import Config, describe, load
 from .errors import ConfigError
 
 
@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     check = sub.add_parser("check", help="validate a config and print the routing map")
     check.add_argument("--config", help="YAML config file")
+    check.add_argument("--offline", action="store_true",
+                       help="do not connect to the databases (skips the backend role checks)")
+    rls = sub.add_parser("rls", help="print (or --apply on every shard) the row-level security policies "
+                                     "that keep database keys to their own rows")
+    rls.add_argument("--config", help="YAML config file")
+    rls.add_argument("--apply", action="store_true", help="run them on every shard as the dsn's user")
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="print a new key id, secret and SCRAM verifier")
@@ -48,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             from .auth.keys import load_keys
             load_keys(config)  # verifiers must parse too
             print(describe(config))
+            if not args.offline:
+                from .admin.rls import role_warnings
+                for line in asyncio.run(role_warnings(config)):
+                    print(line)
             return 0
+        if args.command == "rls":
+            return _rls(config, args.apply)
     except ConfigError as exc:
         print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -67,4 +79,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _rls(config: Config, apply: bool) -> int:
+    from .admin.rls import RlsError, plan
+    from .admin.rls import apply as apply_rls
+
+    try:
+        statements, warnings = asyncio.run(plan(config))
+        for line in warnings:
+            print(f"pgfleet rls: warning: {line}", file=sys.stderr)
+        if not apply:
+            for shard, sql in statements.items():
+                print(f"-- on {shard} ({config.dsn(shard).safe()}), as its dsn's user:")
+                print("\n".join(sql) if sql else "-- (no sharded table there yet)")
+            return 0
+        asyncio.run(apply_rls(config, statements))
+    except RlsError as exc:
+        print(f"pgfleet rls: {exc}", file=sys.stderr)
+        return 1
+    for shard, sql in statements.items():
+        tables = [line.split()[2] for line in sql if line.startswith("ALTER TABLE")]
+        print(f"{shard}: row-level security on {', '.join(tables) or 'no table yet'}")
     return 0

@@ -131,6 +131,33 @@ class Sharding(_Struct, frozen=True):
     types: dict[str, str] = {}
 
 
+KEY_ROLES = ("admin", "server", "client", "database")
+
+# Statement kinds a key's policy allows or denies (router/policy.py says what each covers).
+STATEMENT_KINDS = ("select", "insert", "update", "delete", "merge", "copy", "call", "ddl", "create_function",
+                   "do", "alter_system", "load", "copy_program", "copy_file", "set_role", "lock", "maintenance")
+
+
+class Rules(_Struct, frozen=True):
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+class Policy(_Struct, frozen=True):
+    """A key's own statement policy: widens (allow) or narrows (deny) its role's defaults."""
+
+    statements: Rules = Rules()
+    functions: Rules = Rules()
+    tables: Rules = Rules()  # tables.allow: only these (catalogs aside); tables.deny: never these
+
+
+class BackendRole(_Struct, frozen=True):
+    """A PostgreSQL role that keys' statements run as: each database's dsn with this user."""
+
+    password: str | None = None
+    default_for: tuple[Literal["admin", "server", "client", "database"], ...] = ()
+
+
 class Key(_Struct, frozen=True):
     id: str
     secret: str
@@ -141,6 +168,8 @@ class Key(_Struct, frozen=True):
     statement_timeout: Duration | None = None  # pgfleet cancels a statement of this key running longer
     user_id: int | str | None = None
     shard_key: int | str | None = None
+    backend_role: str | None = None  # one of backend_roles; default: the one whose default_for has its role
+    policy: Policy | None = None
 
 
 class ReplicationJob(_Struct, frozen=True):
@@ -186,12 +215,22 @@ class Config(_Struct, frozen=True):
     router: RouterConfig = RouterConfig()
     two_phase_commit: bool = False
     shutdown_timeout: Duration = Duration(30.0)  # SIGTERM: how long open transactions may finish
+    backend_roles: dict[str, BackendRole] = {}
     keys: tuple[Key, ...] = ()
     replication: Replication = Replication()
     audit: Audit = Audit()
 
     def dsn(self, database: str) -> Dsn:
         return parse_dsn(self.databases[database].dsn, f"databases.{database}.dsn")
+
+    def backend_role_of(self, key: Key) -> str | None:
+        """The PostgreSQL role a key's statements run as; None: the dsn's own user."""
+        if key.backend_role is not None:
+            return key.backend_role
+        for name, role in self.backend_roles.items():
+            if key.role in role.default_for:
+                return name
+        return None
 
     @property
     def default(self) -> str:
@@ -412,6 +451,7 @@ def validate(config: Config) -> Config:
                               f"{', '.join(sorted(set(SHARD_KEY_TYPES)))}")
     if config.router.plan_cache_size < 1:
         raise ConfigError("router.plan_cache_size", "must be at least 1")
+    _validate_backend_roles(config)
     seen: set[str] = set()
     for i, key in enumerate(config.keys):
         where = f"keys[{i}]"
@@ -429,6 +469,11 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{where}.max_connections", "must be at least 1 (leave it out for no limit)")
         if key.role == "database" and key.user_id is None and key.shard_key is None:
             raise ConfigError(f"{where}.user_id", "missing: a database key is bound to one shard-key value")
+        if key.backend_role is not None and key.backend_role not in config.backend_roles:
+            raise ConfigError(f"{where}.backend_role", f"{key.backend_role!r} is not one of backend_roles: "
+                              f"{', '.join(config.backend_roles) or '(none configured)'}")
+        if key.policy is not None:
+            _validate_policy(key.policy, f"{where}.policy", key.role)
         if key.secret.startswith("SCRAM-SHA-256$") and config.listen.auth != "scram-sha-256":
             raise ConfigError(f"{where}.secret",
                               f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
@@ -438,6 +483,37 @@ def validate(config: Config) -> Config:
             if database not in names:
                 raise ConfigError(f"replication.jobs[{i}]", f"{database!r} is not one of databases")
     return config
+
+
+def _validate_backend_roles(config: Config) -> None:
+    defaults: dict[str, str] = {}
+    for name, role in config.backend_roles.items():
+        where = f"backend_roles.{name}"
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(where, "a PostgreSQL role name of letters, digits, _ and - is expected")
+        for key_role in role.default_for:
+            if key_role in defaults:
+                raise ConfigError(f"{where}.default_for", f"{key_role} keys already default to "
+                                  f"{defaults[key_role]}: one default backend role per key role")
+            defaults[key_role] = name
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?\*?$")
+
+
+def _validate_policy(policy: Policy, where: str, key_role: str) -> None:
+    if key_role == "admin":
+        raise ConfigError(where, "admin keys may do everything: a policy would not apply; use a server key")
+    for field in ("allow", "deny"):
+        for kind in getattr(policy.statements, field):
+            if kind not in STATEMENT_KINDS:
+                raise ConfigError(f"{where}.statements.{field}",
+                                  f"unknown statement kind {kind!r}: use {', '.join(STATEMENT_KINDS)}")
+        for part in ("functions", "tables"):
+            for name in getattr(getattr(policy, part), field):
+                if not _IDENTIFIER.match(name):
+                    raise ConfigError(f"{where}.{part}.{field}", f"{name!r} is not a {part[:-1]} name "
+                                      "(name or schema.name; a trailing * matches a prefix)")
 
 
 def _validate_audit(audit: Audit, names: set[str]) -> None:
@@ -497,5 +573,9 @@ def describe(config: Config) -> str:
             extra.append(f"databases={','.join(key.databases)}")
         if key.read_only:
             extra.append("read_only")
+        role = config.backend_role_of(key)
+        extra.append(f"runs as {role}" if role is not None else "runs as the dsn's user")
+        if key.policy is not None:
+            extra.append("own policy")
         lines.append(f"  {key.id} ({key.role}){' ' + ' '.join(extra) if extra else ''}")
     return "\n".join(lines)

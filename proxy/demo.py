@@ -2,12 +2,15 @@
 
 This module owns the demo's directory (``.pgfleet/`` under the current directory): three
 embedded clusters (primary and secondary are the two shards of the bank, analytics holds the
-events), the demo data and how it is split over the shards, the generated config ``demo.yaml``
-and the keys in ``keys.json`` (created once, so a rerun prints the same secrets), and a pgfleet
-subprocess on port 6432 for as long as the command runs. Whatever happens it stops pgfleet and the three clusters before returning
-(clusters that a killed earlier run left behind are reused, then stopped too). It never shows
-a traceback for an expected failure (one line on stderr, exit 1), never deletes demo data, and
-knows nothing about the proxy beyond its command line and its TCP port.
+events), the demo data and how it is split over the shards, the least-privilege PostgreSQL
+roles the keys run as (and their grants), the generated config ``demo.yaml`` and the secrets in
+``keys.json`` (key secrets and role passwords, created once, so a rerun prints the same ones),
+row-level security on the sharded tables (through ``pgfleet rls --apply``), and a pgfleet
+subprocess on port 6432 for as long as the command runs. Whatever happens it stops pgfleet and
+the three clusters before returning (clusters that a killed earlier run left behind are reused,
+then stopped too). It never shows a traceback for an expected failure (one line on stderr,
+exit 1), never deletes demo data, and knows nothing about the proxy beyond its command line
+and its TCP port.
 """
 
 from __future__ import annotations
@@ -73,6 +76,29 @@ KEYS = (
     ("pf_client", "client", ""),
     ("pf_tenant42", "database", f", user_id: {TENANT_USER_ID}"),
 )
+
+# The clusters' superuser (proxy/embedded.py), the user of every DSN: pgfleet's control plane,
+# the admin key, DDL and `pgfleet rls --apply` run as it. No other key does (docs/security.md).
+SUPERUSER = "postgres"
+
+
+@dataclass(frozen=True)
+class BackendRole:
+    name: str                      # the PostgreSQL role, the same on every cluster
+    default_for: tuple[str, ...]   # the key roles whose statements run as it
+    may: str                       # what it may do, as the banner says it
+
+
+TENANT_ROLE = BackendRole(
+    "pgfleet_tenant", ("database",),
+    "read and write the bank's tables; row-level security: its tenant's rows only")
+APP_ROLE = BackendRole(
+    "pgfleet_app", ("client", "server"),
+    "read and write every table; no DDL")
+BACKEND_ROLES = (TENANT_ROLE, APP_ROLE)
+# Everything a backend role's login may do besides what it is granted: nothing. Set on every
+# run, so a role someone made a superuser by hand becomes an ordinary one again.
+ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION"
 
 
 def _read_sql(path: Path) -> str:
@@ -186,6 +212,57 @@ def load_fleet(targets: Mapping[str, tuple[Cluster, str]]) -> None:
             load_sql(cluster, dbname, db.sql)
 
 
+def create_roles(targets: Mapping[str, tuple[Cluster, str]], passwords: Mapping[str, str]) -> None:
+    """Create the backend roles on every cluster of ``targets`` (or bring them up to date:
+    attributes and ``passwords``, by role name) and grant them, in each demo database, what
+    they need and no more. Run after ``load_fleet``: the grants name its tables."""
+    clusters = {id(cluster): cluster for cluster, _ in targets.values()}
+    for cluster in clusters.values():
+        for role in BACKEND_ROLES:
+            cluster.create_role(role.name, passwords[role.name])  # LOGIN, SCRAM password
+            cluster.psql(f"ALTER ROLE {role.name} WITH {ROLE_ATTRIBUTES}")
+    for name, (cluster, dbname) in targets.items():
+        cluster.psql(grants_sql(bank=name in SHARDS), dbname=dbname)
+
+
+def grants_sql(bank: bool) -> str:
+    """The backend roles' privileges in one demo database, the same after every run (what an
+    earlier run granted is revoked first). ``bank``: a shard, whose bank tables the tenant role
+    may use; elsewhere (analytics) it gets nothing."""
+    tenant, app = TENANT_ROLE.name, APP_ROLE.name
+    rows = "SELECT, INSERT, UPDATE, DELETE"
+    sql = f"""\
+BEGIN;
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {tenant}, {app};
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {tenant}, {app};
+-- PostgreSQL 15's default already; older servers let every role create tables here.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+-- The application role: the rows of every table, and of the tables the superuser creates
+-- later (DDL stays the superuser's).
+GRANT USAGE ON SCHEMA public TO {app};
+GRANT {rows} ON ALL TABLES IN SCHEMA public TO {app};
+GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {app};
+ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public GRANT {rows} ON TABLES TO {app};
+ALTER DEFAULT PRIVILEGES FOR ROLE {SUPERUSER} IN SCHEMA public
+    GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {app};
+"""
+    if bank:
+        sharded = ", ".join(SHARDED_TABLES)
+        sql += f"""\
+-- The tenant role: the rows of the sharded tables (row-level security narrows them to its
+-- tenant), reading the reference tables, and the sequences those tables own.
+GRANT USAGE ON SCHEMA public TO {tenant};
+GRANT {rows} ON {sharded} TO {tenant};
+GRANT SELECT ON {", ".join(REFERENCE_TABLES)} TO {tenant};
+SELECT format('GRANT USAGE, SELECT ON SEQUENCE %s TO {tenant}', seq.oid::regclass)
+  FROM pg_depend dep JOIN pg_class seq ON seq.oid = dep.objid AND seq.relkind = 'S'
+ WHERE dep.refobjid = ANY('{{{",".join(SHARDED_TABLES)}}}'::regclass[])
+   AND dep.deptype IN ('a', 'i')  -- serial and identity columns
+\\gexec
+"""
+    return sql + "COMMIT;\n"
+
+
 def start_clusters(root: Path) -> dict[str, Cluster]:
     """Start (creating on first use) and load the three demo clusters under ``root``.
 
@@ -196,13 +273,19 @@ def start_clusters(root: Path) -> dict[str, Cluster]:
         for db in DATABASES:
             cluster = clusters[db.name] = Cluster(db.name, root / db.name, port=db.port)
             cluster.start()
-        load_fleet({db.name: (clusters[db.name], db.dbname) for db in DATABASES})
+        load_fleet(demo_targets(clusters))
     except BaseException:
         # Ctrl-C or an error half-way: leave no postmaster behind, then let the cause go up.
         with _shielded():
             stop_clusters(clusters)
         raise
     return clusters
+
+
+def demo_targets(clusters: Mapping[str, Cluster]) -> dict[str, tuple[Cluster, str]]:
+    """Each demo database's cluster and dbname, as load_fleet, create_roles and render_config
+    take them."""
+    return {db.name: (clusters[db.name], db.dbname) for db in DATABASES}
 
 
 def stop_clusters(clusters: dict[str, Cluster]) -> list[str]:
@@ -217,7 +300,8 @@ def stop_clusters(clusters: dict[str, Cluster]) -> list[str]:
 
 
 def load_keys(path: Path) -> dict[str, str]:
-    """The demo secrets, generated on first use and kept (mode 0600) so reruns print the same."""
+    """The demo secrets, generated on first use and kept (mode 0600) so reruns print the same:
+    each key's secret by key id and each backend role's password by role name."""
     keys: dict[str, str] = {}
     try:
         keys = json.loads(path.read_text(encoding="utf-8"))
@@ -227,11 +311,12 @@ def load_keys(path: Path) -> dict[str, str]:
         raise EmbeddedError(f"cannot read {path} ({exc}): delete it and run the demo again "
                             f"(new secrets will be generated)") from None
     if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
-        raise EmbeddedError(f"{path} is not a JSON object of key id to secret: delete it and "
-                            f"run the demo again")
-    missing = [key_id for key_id, _, _ in KEYS if key_id not in keys]
+        raise EmbeddedError(f"{path} is not a JSON object of key id (or role name) to secret: "
+                            f"delete it and run the demo again")
+    names = [*(key_id for key_id, _, _ in KEYS), *(role.name for role in BACKEND_ROLES)]
+    missing = [name for name in names if name not in keys]
     if missing:
-        keys.update({key_id: secrets.token_urlsafe(18) for key_id in missing})
+        keys.update({name: secrets.token_urlsafe(18) for name in missing})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -247,9 +332,17 @@ def _flow(mapping: Mapping[str, str]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
 
 
-def render_config(clusters: dict[str, Cluster], keys: dict[str, str], proxy_port: int) -> str:
-    """The demo's pgfleet config, in the DESIGN.md format, with the clusters' real ports."""
-    dsns = {db.name: clusters[db.name].dsn(db.dbname) for db in DATABASES}
+def render_config(targets: Mapping[str, tuple[Cluster, str]], keys: Mapping[str, str],
+                  proxy_port: int) -> str:
+    """The demo's pgfleet config, in the DESIGN.md format, with the clusters' real ports.
+
+    ``targets`` maps each demo database to its cluster and dbname (``demo_targets``); ``keys``
+    holds the key secrets and the role passwords (``load_keys``)."""
+    dsns = {name: cluster.dsn(dbname) for name, (cluster, dbname) in targets.items()}
+    role_lines = "\n".join(
+        f'  {role.name}: {{password: "{keys[role.name]}", '
+        f'default_for: [{", ".join(role.default_for)}]}}'
+        for role in BACKEND_ROLES)
     key_lines = "\n".join(
         f'  - {{id: {key_id}, secret: "{keys[key_id]}", role: {role}{extra}}}'
         for key_id, role, extra in KEYS)
@@ -270,6 +363,9 @@ sharding:
   reference_tables: [{', '.join(REFERENCE_TABLES)}]
   types: {_flow(types)}
 tables: {_flow(MAPPED_TABLES)}
+# The roles keys run as; the dsns' user (the superuser) is the admin key's and pgfleet's own.
+backend_roles:
+{role_lines}
 keys:
 {key_lines}
 """
@@ -298,6 +394,23 @@ def connection_lines(keys: dict[str, str], port: int) -> list[str]:
     return [f"{command:<{width}}  # {why}" for command, (_, _, why) in zip(commands, lines)]
 
 
+def backend_role_of(key_role: str) -> BackendRole | None:
+    """The backend role a key of ``key_role`` runs as; None: the superuser of the DSNs."""
+    return next((role for role in BACKEND_ROLES if key_role in role.default_for), None)
+
+
+def role_lines() -> list[str]:
+    """One line per key: the PostgreSQL role its statements run as, and what that role may do."""
+    rows = []
+    for key_id, key_role, _ in KEYS:
+        role = backend_role_of(key_role)
+        rows.append((key_id, role.name, role.may) if role is not None else
+                    (key_id, SUPERUSER, "the clusters' superuser: the console, DDL, anything"))
+    id_width = max(len(key_id) for key_id, _, _ in rows)
+    name_width = max(len(name) for _, name, _ in rows)
+    return [f"{key_id:<{id_width}}  as {name:<{name_width}}  {may}" for key_id, name, may in rows]
+
+
 def example_lines() -> dict[str, list[str]]:
     """One statement per kind of route, by the key whose session to paste it into."""
     tenant_shard = SHARDS[owner(TENANT_USER_ID)]
@@ -324,6 +437,27 @@ def proxy_port_from_env() -> int:
         raise EmbeddedError(f"PGFLEET_DEMO_PORT={raw!r} is not a TCP port: set a number "
                             f"such as 6432")
     return int(raw)
+
+
+def proxy_env() -> dict[str, str]:
+    """The environment for ``python -m proxy``: the same proxy package as this module, even
+    when the demo runs from outside the checkout."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+
+
+def apply_rls(config: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """``pgfleet rls --config CONFIG --apply``: row-level security on every sharded table of
+    every shard, so the tenant role sees only its tenant's rows (docs/security.md)."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy", "rls", "--config", str(config), "--apply"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env,
+            timeout=READY_TIMEOUT * 3, check=False)
+    except subprocess.TimeoutExpired:
+        raise EmbeddedError(f"`pgfleet rls --config {config} --apply` did not finish within "
+                            f"{READY_TIMEOUT * 3:g}s") from None
 
 
 def wait_until_accepting(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
@@ -387,14 +521,19 @@ def run(root: Path) -> int:
     clusters = start_clusters(root)
     proc: subprocess.Popen[bytes] | None = None
     try:
+        targets = demo_targets(clusters)
         keys = load_keys(root / "keys.json")
+        create_roles(targets, keys)
         config = root / "demo.yaml"
-        write_config(config, render_config(clusters, keys, proxy_port))
+        write_config(config, render_config(targets, keys, proxy_port))
+        env = proxy_env()
+        rls = apply_rls(config, env)
+        if rls.returncode != 0:
+            print(f"pgfleet demo: `pgfleet rls --config {config} --apply` exited with code "
+                  f"{rls.returncode}:\n{rls.stderr.strip() or rls.stdout.strip()}",
+                  file=sys.stderr)
+            return 1
         log = root / "pgfleet.log"
-        # The same proxy package as this module, even when run from outside the checkout.
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         with open(log, "wb") as out:
             # Its own session, so that Ctrl-C reaches us only and we shut it down in order.
             proc = subprocess.Popen(
@@ -431,7 +570,10 @@ def _banner(clusters: dict[str, Cluster], keys: dict[str, str], port: int,
           f"({SHARD_FUNCTION}); {', '.join(REFERENCE_TABLES)} on both; "
           f"{', '.join(MAPPED_TABLES)} on analytics")
     print(f"  config:    {config}\n  log:       {log}\n")
-    print("Paste one of these:")
+    print("Each key runs as a PostgreSQL role (docs/security.md):")
+    for line in role_lines():
+        print(f"  {line}")
+    print("\nPaste one of these:")
     for line in connection_lines(keys, port):
         print(f"  {line}")
     for key_id, lines in example_lines().items():

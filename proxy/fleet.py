@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import asyncpg
+import msgspec
 
 from .auth.keys import ApiKey, load_keys
 from .backend.catalog import byte_order, table_columns
@@ -59,6 +60,19 @@ class ClientSession(Protocol):
 log = logging.getLogger("pgfleet.fleet")
 
 
+class _RolePools(dict[str, Pool]):
+    """A backend role's pools by database (or replica) name, for scatter, gather and COPY:
+    looked up in the fleet at each use, so a reload's new pools are found."""
+
+    def __init__(self, fleet: Fleet, role: str | None) -> None:
+        super().__init__()
+        self.fleet = fleet
+        self.role = role
+
+    def __missing__(self, name: str) -> Pool:
+        return self.fleet.pool_of(name, self.role)
+
+
 class Fleet:
     def __init__(self, config: Config, connect: Connector = tcp_connect) -> None:
         self.config = config
@@ -66,6 +80,9 @@ class Fleet:
         self.router = Router(config)
         self.keys: dict[str, ApiKey] = load_keys(config)
         self.pools: dict[str, Pool] = {name: self._pool(config, name) for name in config.databases}
+        # Pools of the backend roles keys run as (config backend_roles), by role then database
+        # or replica name; made on first use, siblings of the dsn's pools above.
+        self.role_pools: dict[str, dict[str, Pool]] = {}
         # Statements that ran on several databases, by kind (fan-out, scatter, copy, two-phase).
         self.route_counts: dict[str, int] = dict.fromkeys(("fanout", "scatter", "copy", "cross_database_transaction"), 0)
         self.replicas = self.new_replicas(config)  # checks started and stopped by the server
@@ -127,6 +144,7 @@ class Fleet:
                 if getattr(pool, attr) != getattr(fresh, attr):
                     setattr(pool, attr, getattr(fresh, attr))
                     changes.append(f"database {name}: {attr} {getattr(fresh, attr)}")
+            self._follow(pool, config)
         for name in [n for n in self.pools if n not in config.databases]:
             pool = self.retired[name] = self.pools.pop(name)
             pool.close_idle(DisconnectReason.GENERATION)
@@ -152,13 +170,73 @@ class Fleet:
     def counted(self, kind: str) -> None:
         self.route_counts[kind] = self.route_counts.get(kind, 0) + 1
 
-    def pool_of(self, name: str) -> Pool:
-        """A backend's pool, also after a reload removed its database."""
+    def pool_of(self, name: str, role: str | None = None) -> Pool:
+        """The pool of database (or replica) ``name`` whose connections log in as backend role
+        ``role`` (None: the dsn's own user), also after a reload removed its database."""
+        if role is not None:
+            family = self.role_pools.get(role)
+            pool = family.get(name) if family is not None else None
+            return pool if pool is not None else self._role_pool(name, role)
         pool = self.pools.get(name)
         if pool is not None:
             return pool
         pool = self.replicas.pools.get(name)
         return pool if pool is not None else self.retired[name]
+
+    def pools_for(self, role: str | None) -> dict[str, Pool]:
+        """The pools a client of backend role ``role`` takes backends from, by database name."""
+        return _RolePools(self, role)
+
+    def _role_pool(self, name: str, role: str) -> Pool:
+        """A pool of ``name`` for backend role ``role``, made on first use: the dsn's address
+        with that role's user and password, its size, its circuit and PAUSE (a sibling)."""
+        base = self.pool_of(name)
+        password = self.config.backend_roles[role].password
+        pool = Pool(name, msgspec.structs.replace(base.dsn, user=role, password=password), size=base.size,
+                    acquire_timeout=base.acquire_timeout, idle_timeout=base.idle_timeout, lifetime=base.lifetime,
+                    connect_timeout=base.connect_timeout, startup=base.startup, connect=self.connect)
+        pool.role = role
+        pool.stats = base.stats  # SHOW STATS and /metrics count a database's traffic whoever runs it
+        pool.outage, pool.paused = base.outage, base.paused
+        base.siblings.append(pool)
+        self.role_pools.setdefault(role, {})[name] = pool
+        return pool
+
+    def _follow(self, base: Pool, config: Config) -> None:
+        """After a reload: the backend-role pools of ``base``'s database take its address and
+        sizes with their role's password; those of a role the config no longer has retire."""
+        for sibling in list(base.siblings):
+            assert sibling.role is not None
+            role = config.backend_roles.get(sibling.role)
+            dsn = msgspec.structs.replace(base.dsn, user=sibling.role, password=role.password) if role else None
+            if dsn != sibling.dsn:
+                sibling.generation += 1  # its connections close as they come back
+                sibling.close_idle(DisconnectReason.GENERATION)
+                if dsn is None:
+                    base.siblings.remove(sibling)
+                    del self.role_pools[sibling.role][base.name]
+                    continue
+                sibling.dsn = dsn
+            for attr in ("size", "acquire_timeout", "idle_timeout", "lifetime", "connect_timeout"):
+                setattr(sibling, attr, getattr(base, attr))
+
+    def forget_pools(self, names: list[str]) -> None:
+        """Replica pools a reload replaced: their backend-role pools go too (their connections
+        close as they come back; new ones are made from the new replicas on first use)."""
+        for family in self.role_pools.values():
+            for name in names:
+                pool = family.pop(name, None)
+                if pool is not None:
+                    pool.generation += 1
+                    pool.close_idle(DisconnectReason.GENERATION)
+
+    def all_pools(self) -> list[Pool]:
+        """Every pool: each database's, then those of its backend roles (SHOW POOLS, /metrics)."""
+        out = []
+        for pool in self.pools.values():
+            out.append(pool)
+            out.extend(pool.siblings)
+        return out
 
     async def learn_byte_order(self, databases: tuple[str, ...]) -> None:
         """Read the collation of those of ``databases`` not known yet; one that does not

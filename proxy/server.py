@@ -130,6 +130,7 @@ class Server:
                 for server in pool.active:  # a new replica pool of the same name will not keep them
                     server.generation = -1
             previous = fleet.replicas.pools
+            fleet.forget_pools(list(previous))
             fleet.replicas = fleet.new_replicas(config)
             fleet.replicas.start()
             for name, pool in previous.items():  # closed by the reaper once their clients leave

@@ -116,11 +116,13 @@ def _databases(admin: Admin, _: str) -> Table:
 def _pools(admin: Admin, _: str) -> Table:
     fleet = admin.fleet
     rows = []
-    for name, pool in fleet.pools.items():
-        clients = [s for s in fleet.sessions.values() if _database_of(s) == name]
-        active = sum(1 for s in clients if s.backend is not None and s.backend.database == name)
+    for pool in fleet.all_pools():
+        name = pool.name
+        clients = [s for s in fleet.sessions.values() if _database_of(s) == name
+                   and (s.key.backend_role if s.key is not None else None) == pool.role]
+        active = sum(1 for s in clients if s.backend is not None and s.backend.pool is pool)
         parked = len(pool.between)
-        rows.append((name, "*", active, len(pool.waiters), len(pool.active) - parked, len(pool.idle), parked,
+        rows.append((name, pool.dsn.user, active, len(pool.waiters), len(pool.active) - parked, len(pool.idle), parked,
                      pool.opening, sum(1 for s in clients if s.pins), fleet.config.pool.mode))
     return Table(("database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked",
                   "sv_login", "cl_pinned", "pool_mode"), rows)
@@ -144,7 +146,8 @@ def _servers(admin: Admin, _: str) -> Table:
     clients = {id(s.backend): s for s in fleet.sessions.values() if s.backend is not None}
     now_wall, now = time.time(), time.monotonic()
     rows = []
-    for name, pool in fleet.pools.items():
+    for pool in fleet.all_pools():
+        name = pool.name
         between = set(pool.between)
         listed = [(s, "idle") for s in pool.idle] + [(s, "parked" if s in between else "active") for s in pool.active]
         for server, state in listed:
@@ -183,9 +186,11 @@ def _keys(admin: Admin, _: str) -> Table:
                      str(key.binding) if key.binding is not None else None, key.read_only, key.max_connections,
                      key.statement_timeout, fleet.key_clients.get(key.id, 0)
                      if key.max_connections is not None else
-                     sum(1 for s in fleet.sessions.values() if s.user == key.id)))
+                     sum(1 for s in fleet.sessions.values() if s.user == key.id),
+                     key.backend_role or f"{fleet.config.dsn(fleet.config.default).user} (dsn)",
+                     key.policy.describe() if key.policy is not None else "none"))
     return Table(("id", "role", "databases", "binding", "read_only", "max_connections", "statement_timeout",
-                  "clients"), rows)
+                  "clients", "backend_role", "policy"), rows)
 
 
 def _tables(admin: Admin, _: str) -> Table:

@@ -64,14 +64,15 @@ class FleetCollector(Collector):
         wait_seconds = HistogramMetricFamily("pgfleet_pool_wait_seconds", "How long clients that found no "
                                              "idle connection waited for one", labels=labels)
         for name, pool in fleet.pools.items():
+            family = [pool, *pool.siblings]  # its backend roles' pools count with it (their stats are its)
             clients_active.add_metric([name], sum(1 for s in fleet.sessions.values()
                                                   if s.backend is not None and s.backend.database == name))
-            clients_waiting.add_metric([name], len(pool.waiters))
-            parked = len(pool.between)
-            servers.add_metric([name, "active"], len(pool.active) - parked)
+            clients_waiting.add_metric([name], sum(len(p.waiters) for p in family))
+            parked = sum(len(p.between) for p in family)
+            servers.add_metric([name, "active"], sum(len(p.active) for p in family) - parked)
             servers.add_metric([name, "parked"], parked)
-            servers.add_metric([name, "idle"], len(pool.idle))
-            servers.add_metric([name, "login"], pool.opening)
+            servers.add_metric([name, "idle"], sum(len(p.idle) for p in family))
+            servers.add_metric([name, "login"], sum(p.opening for p in family))
             stats = pool.stats
             xacts.add_metric([name], stats.transactions)
             queries.add_metric([name], stats.queries)
@@ -80,10 +81,11 @@ class FleetCollector(Collector):
             for sqlclass, count in sorted(stats.error_classes.items()):
                 errors.add_metric([name, sqlclass], count)
             for reason, count in pool.disconnects.items():
-                disconnects.add_metric([name, reason.value], count)
-            wait_seconds.add_metric([name], [*((f"{b:g}", n) for b, n in zip(WAIT_BUCKETS, pool.wait_buckets,
-                                                                             strict=True)),
-                                             ("+Inf", pool.waits)], pool.wait_seconds)
+                disconnects.add_metric([name, reason.value], count + sum(p.disconnects[reason] for p in family[1:]))
+            buckets = [sum(p.wait_buckets[i] for p in family) for i in range(len(WAIT_BUCKETS))]
+            wait_seconds.add_metric([name], [*((f"{b:g}", n) for b, n in zip(WAIT_BUCKETS, buckets, strict=True)),
+                                             ("+Inf", sum(p.waits for p in family))],
+                                    sum(p.wait_seconds for p in family))
         yield from (clients_active, clients_waiting, servers, xacts, queries, received, sent, errors,
                     disconnects, wait_seconds)
 

@@ -20,6 +20,7 @@ import scramp
 from ..config import Config
 from ..config import Key as KeyConfig
 from ..errors import INVALID_PASSWORD, AuthFailed, ConfigError, ProtocolViolation
+from ..router.policy import KeyPolicy, compile_policy
 
 MECHANISM = "SCRAM-SHA-256"
 ITERATIONS = 4096
@@ -80,6 +81,8 @@ class ApiKey:
     max_connections: int | None
     binding: int | str | None  # the shard-key value of a `database` key
     statement_timeout: float | None = None  # seconds; pgfleet cancels longer statements
+    backend_role: str | None = None  # the PostgreSQL role its statements run as; None: the dsn's user
+    policy: KeyPolicy | None = None  # None: nothing checked beyond routing (admin, plain server keys)
 
     def may_use(self, database: str) -> bool:
         return self.databases is None or database in self.databases
@@ -89,11 +92,11 @@ def load_keys(config: Config) -> dict[str, ApiKey]:
     keep_plain = config.listen.auth != "scram-sha-256"
     keys: dict[str, ApiKey] = {}
     for i, key in enumerate(config.keys):
-        keys[key.id] = _api_key(key, keep_plain, f"keys[{i}].secret")
+        keys[key.id] = _api_key(key, keep_plain, f"keys[{i}].secret", config.backend_role_of(key))
     return keys
 
 
-def _api_key(key: KeyConfig, keep_plain: bool, path: str) -> ApiKey:
+def _api_key(key: KeyConfig, keep_plain: bool, path: str, backend_role: str | None) -> ApiKey:
     if key.secret.startswith(MECHANISM + "$"):
         try:
             verifier = Verifier.parse(key.secret)
@@ -108,6 +111,7 @@ def _api_key(key: KeyConfig, keep_plain: bool, path: str) -> ApiKey:
         databases=frozenset(key.databases) if key.databases is not None else None,
         read_only=key.read_only, max_connections=key.max_connections, statement_timeout=key.statement_timeout,
         binding=key.user_id if key.user_id is not None else key.shard_key,
+        backend_role=backend_role, policy=compile_policy(key.role, key.policy),
     )
 
 

@@ -23,7 +23,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import scramp
 
@@ -120,6 +120,7 @@ class ServerConnection(asyncio.Protocol):
     def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int,
                  stats: Stats | None = None) -> None:
         self.database = database
+        self.pool: Any = None  # the Pool it belongs to (set by the pool; typed loosely: pool imports us)
         self.stats = stats if stats is not None else Stats()
         self.dsn = dsn
         self.startup = startup

@@ -86,6 +86,10 @@ class Pool:
         # PAUSE (admin console): acquires wait until RESUME; the running transactions go on.
         self.paused = False
         self._resumed: asyncio.Event | None = None
+        # The pools of the same database for other backend roles (fleet.pool_of): they follow
+        # this one's circuit and PAUSE.
+        self.siblings: list[Pool] = []
+        self.role: str | None = None  # the backend role its connections log in as; None: the dsn's user
         self.stats = Stats()  # shared by its connections: SHOW STATS, /metrics
         self.waits = 0  # acquires that found no idle connection, and the seconds they took
         self.wait_seconds = 0.0
@@ -187,6 +191,7 @@ class Pool:
     async def _open(self) -> ServerConnection:
         self.opening += 1
         server = ServerConnection(self.name, self.dsn, self.startup, self.generation, self.stats)
+        server.pool = self
         server.parsed_ok = self.parsed_ok
         try:
             await server.open(self.connect_timeout, self.connect)
@@ -259,6 +264,8 @@ class Pool:
 
     def reap(self) -> None:
         """Close idle connections past idle_timeout or lifetime (called periodically)."""
+        for sibling in self.siblings:
+            sibling.reap()
         now = time.monotonic()
         keep: deque[ServerConnection] = deque()
         for server in self.idle:
@@ -291,6 +298,8 @@ class Pool:
     def pause(self) -> None:
         """New transactions wait for ``resume``; those running finish. Connections parked with
         clients between transactions come back to the pool (still open)."""
+        for sibling in self.siblings:
+            sibling.pause()
         if self.paused:
             return
         self.paused = True
@@ -301,6 +310,8 @@ class Pool:
                 self.release(server)
 
     def resume(self) -> None:
+        for sibling in self.siblings:
+            sibling.resume()
         self.paused = False
         if self._resumed is not None:
             self._resumed.set()
@@ -320,6 +331,8 @@ class Pool:
         clients and are closed when they come back. Calling it again updates the hint and
         drains what came back meanwhile."""
         self.outage = hint
+        for sibling in self.siblings:  # their idle connections close below, with ours
+            sibling.open_circuit(hint)
         if self._resumed is not None:  # clients waiting out a PAUSE get the error now too
             self._resumed.set()
             self._resumed = asyncio.Event()
@@ -332,11 +345,13 @@ class Pool:
     def close_circuit(self) -> None:
         """The database answers again: acquires open connections as before."""
         self.outage = None
+        for sibling in self.siblings:
+            sibling.close_circuit()
 
     def close_idle(self, reason: DisconnectReason) -> int:
         """Close every connection no client is using (idle, or parked with a client between
         transactions); the number closed."""
-        closed = 0
+        closed = sum(sibling.close_idle(reason) for sibling in self.siblings)
         while self.idle:
             server = self.idle.pop()
             if not server.closed:
@@ -351,6 +366,8 @@ class Pool:
         return closed
 
     def close(self) -> None:
+        for sibling in self.siblings:
+            sibling.close()
         self.closed = True
         for server in list(self.idle) + list(self.active):
             self._retire(server, DisconnectReason.SHUTDOWN)

@@ -50,7 +50,7 @@ class BackendLink:
         self.server = None
         if self.client_slow and server.transport is not None:
             server.transport.resume_reading()
-        pool = self.fleet.pool_of(server.database)
+        pool = server.pool
         if self.session_mode:
             Janitor(pool, server, reset=True)
         else:
@@ -78,7 +78,7 @@ class BackendLink:
         server = self.server
         assert server is not None
         self.server = None
-        self.fleet.pool_of(server.database).discard(server, reason)
+        server.pool.discard(server, reason)
         return server
 
     def slow(self, slow: bool) -> None:
@@ -113,7 +113,7 @@ class BackendLink:
         if server is None:
             return
         self.server = None
-        pool = self.fleet.pool_of(server.database)
+        pool = server.pool
         if server.closed:
             pool.discard(server)
         elif server.busy:
@@ -126,7 +126,7 @@ class BackendLink:
     def abandon(self, servers: list[ServerConnection]) -> None:
         """Backends of a transaction on several databases whose client left: rolled back."""
         for server in servers:
-            pool = self.fleet.pool_of(server.database)
+            pool = server.pool
             if server.closed:
                 pool.discard(server)
             else:

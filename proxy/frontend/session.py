@@ -73,7 +73,7 @@ from ..backend.expect import (
     Expect,
     Fate,
 )
-from ..backend.pool import DisconnectReason
+from ..backend.pool import DisconnectReason, Pool
 from ..config import ADMIN_DATABASE
 from ..errors import (
     FEATURE_NOT_SUPPORTED,
@@ -192,6 +192,8 @@ class Session:
         self.ctx: SessionContext | None = None
         self.fixed: str | None = None  # the database every statement goes to, when decided
         self.unparsed: str | None = None  # ... and when its statements need no parsing either
+        self.role: str | None = None  # the backend role its statements run as (None: the dsn's user)
+        self.pools: dict[str, Pool] = {}  # that role's pools, by database name (scatter, gather, COPY)
         self.pid = 0
         self.secret = 0
         self.tls = False  # the client's connection is encrypted
@@ -445,7 +447,7 @@ class Session:
         except ProtocolViolation:
             raise
         except (ClientError, BackendError) as exc:
-            self._refuse(exc, simple=kind == m.QUERY)
+            self._refuse(exc, simple=kind == m.QUERY or kind == m.FUNCTION_CALL)
             return True
 
     def _skip_to_sync(self) -> None:
@@ -640,8 +642,11 @@ class Session:
             self.counted_key = key.id
         self.ctx = SessionContext(key, direct)
         self.fixed = self.fleet.router.fixed_database(self.ctx)
-        # Statements need no parsing when the database is decided and the key may write.
-        self.unparsed = self.fixed if not key.read_only else None
+        # Statements need no parsing when the database is decided and the key may write
+        # whatever PostgreSQL lets its role.
+        self.unparsed = self.fixed if not key.read_only and key.policy is None else None
+        self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
+        self.settings.bind_tenant(key.binding if key.role is Role.DATABASE else None)
         if self.fixed is not None:
             self.fleet.router.check_database(self.ctx, self.fixed)
         home = self.fleet.router.home_database(self.ctx)
@@ -672,7 +677,7 @@ class Session:
         log.info("admin console: key %s from %s", self.user, self.peer)
 
     async def _setup(self, home: str) -> None:
-        pool = self.fleet.pools[home]
+        pool = self.fleet.pool_of(home, self.role)
         try:
             server = await pool.acquire()
         except ProxyError as exc:
@@ -845,7 +850,7 @@ class Session:
     async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool) -> None:
         self.fleet.counted("cross_database_transaction")
         started = time.monotonic()
-        scatter = Scatter.adopt(self.fleet.pools, servers, self.fleet.coordinator)
+        scatter = Scatter.adopt(self.pools, servers, self.fleet.coordinator)
         failed = any(server.tx_status == m.TX_FAILED for server in servers)
         tag = "ROLLBACK" if failed or word == "ROLLBACK" else "COMMIT"
         reply = m.command_complete(tag)
@@ -871,6 +876,12 @@ class Session:
         self._write(reply + m.ready_for_query(m.TX_IDLE) if simple else reply)
 
     def _function_call(self, raw: bytes) -> bool:
+        key = self.key
+        assert key is not None
+        if key.policy is not None:  # a function by OID: neither the router nor the policy can see it
+            raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} ({key.role.value}) may not use the fast-path "
+                              "function call interface: refused by its policy (functions)",
+                              hint="call the function in a SELECT instead")
         backend = self._backend_for(self.fixed or self.config.default)
         if backend is None:
             return False
@@ -939,7 +950,7 @@ class Session:
             # lazily where it is bound. This also spares a pooled backend for clients (like
             # pgbench) that prepare synchronously while others of theirs hold transactions.
             name = self.fleet.statement_name(parse.query, parse.param_types)
-            if name in self.fleet.pools[database].parsed_ok:
+            if name in self.fleet.pool_of(database, self.role).parsed_ok:
                 statements.add(key, Prepared.named(name, parse.query, parse.param_types, database, effect))
                 self._write(m.PARSE_COMPLETE_MSG)
                 return True
@@ -1178,7 +1189,7 @@ class Session:
         database = first_database(self._route(query))
         statement = m.parse("", query, param_types) + m.describe(m.TARGET_STATEMENT, "") + m.SYNC_MSG
         try:
-            answer = await Scatter().run(self.fleet.pools, {database: statement}, self.settings.values, True,
+            answer = await Scatter().run(self.pools, {database: statement}, self.settings.values, True,
                                          keep=_STATEMENT_DESCRIPTION)
         except ProxyError as exc:
             answer = answer_of(exc)
@@ -1190,7 +1201,7 @@ class Session:
         own statement, bound as the client bound it (its formats too), without running it."""
         statement = portal.describe_messages + m.describe(m.TARGET_PORTAL, "") + m.SYNC_MSG
         try:
-            answer = await Scatter().run(self.fleet.pools, {portal.databases[0]: statement}, self.settings.values,
+            answer = await Scatter().run(self.pools, {portal.databases[0]: statement}, self.settings.values,
                                          True, describe=True)
         except ProxyError as exc:
             answer = answer_of(exc)
@@ -1307,7 +1318,7 @@ class Session:
                                   f'its shard key "{key}": pgfleet sends each row to the shard of its key',
                                   hint=f"add {key} to the COPY column list")
             copy = CopySplit(router, spec.table, RowSplitter(spec.format, columns.index(key)), self.fleet.coordinator)
-            await copy.open(self.fleet.pools, databases, statement, self.settings.values)
+            await copy.open(self.pools, databases, statement, self.settings.values)
         except ProxyError as exc:
             self._write(answer_of(exc) + m.ready_for_query(self.tx.status))
             return
@@ -1333,7 +1344,7 @@ class Session:
         self.fleet.counted("scatter")
         started = time.monotonic()
         try:
-            answer = await Scatter(self.fleet.coordinator).run(self.fleet.pools, statements, self.settings.values,
+            answer = await Scatter(self.fleet.coordinator).run(self.pools, statements, self.settings.values,
                                                                replicated, describe)
         except ProxyError as exc:
             answer = answer_of(exc)
@@ -1376,7 +1387,7 @@ class Session:
             gather.pause()
         started = time.monotonic()
         try:
-            last = await gather.run(self.fleet.pools, databases, query, settings)
+            last = await gather.run(self.pools, databases, query, settings)
         finally:
             self.gather = None
         if self.audit is not None:
@@ -1470,7 +1481,7 @@ class Session:
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
             self.link.release()
-        pool = self.fleet.pool_of(database)
+        pool = self.fleet.pool_of(database, self.role)
         server = pool.try_acquire()
         if server is None:
             self._wait_for(self._acquire(database))
@@ -1479,7 +1490,7 @@ class Session:
         return server
 
     async def _acquire(self, database: str, join: bool = False) -> None:
-        pool = self.fleet.pool_of(database)
+        pool = self.fleet.pool_of(database, self.role)
         try:
             server = await pool.acquire()
         except BackendError as exc:
@@ -1537,7 +1548,7 @@ class Session:
         if server is not None:
             self._switch(server, fresh=False)
             return server
-        server = self.fleet.pool_of(database).try_acquire()
+        server = self.fleet.pool_of(database, self.role).try_acquire()
         if server is None:
             self._wait_for(self._acquire(database, join=True))
             return None
@@ -1567,7 +1578,7 @@ class Session:
         if found is not None:
             kind, _, end = found
             del self.inbox[:end]
-            self._refuse(exc, simple=kind == m.QUERY)
+            self._refuse(exc, simple=kind == m.QUERY or kind == m.FUNCTION_CALL)
 
     def _wait_for(self, work: Coroutine[Any, Any, None]) -> None:
         self.waiting = True
@@ -1623,7 +1634,7 @@ class Session:
         client keeps its backend for the next one."""
         if not self.session_mode and not self.settings.pins and not server.expects \
                 and server.tx_status == m.TX_IDLE and not self.batch_open \
-                and not self.fleet.pool_of(server.database).park(server, self):
+                and not server.pool.park(server, self):
             self.link.release()
 
     def give_back(self, server: ServerConnection) -> bool:
@@ -1672,7 +1683,7 @@ class Session:
         if server is not self.link.server:
             if self.tx.participants.get(server.database) is server:  # a transaction on several databases lost one
                 del self.tx.participants[server.database]
-                self.fleet.pool_of(server.database).discard(server)
+                server.pool.discard(server)
                 log.warning("client %s (key %s): %s", self.peer, self.user, error.message)
                 self._fatal(error)
             return
@@ -1844,7 +1855,9 @@ class Session:
         self.ctx = SessionContext(key, self.ctx.database)
         if self.console is None:
             self.fixed = self.fleet.router.fixed_database(self.ctx)
-            self.unparsed = self.fixed if not key.read_only else None
+            self.unparsed = self.fixed if not key.read_only and key.policy is None else None
+            self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
+            self.settings.bind_tenant(key.binding if key.role is Role.DATABASE else None)
 
     def close(self, error: ProxyError) -> None:
         """Server shutdown or the console's KILL: tell the client why, then close."""

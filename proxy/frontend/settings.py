@@ -21,6 +21,10 @@ from ..errors import (
 from ..router.parse import hints_from
 from ..router.route import HINT_NAMES, Analysis, Hints, SettingChange
 
+# The setting row-level security policies read (``pgfleet rls``): a database key's bound
+# shard-key value, set by pgfleet only.
+TENANT = "pgfleet.tenant"
+
 # Startup parameters that are not settings.
 NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 
@@ -150,6 +154,18 @@ class SessionSettings:
         # SET pgfleet.shard_key / pgfleet.database ...: the session's hints, pgfleet's own.
         self.hint_values: dict[str, str] = {}
         self.hints: Hints | None = None
+
+    def bind_tenant(self, binding: int | str | None) -> None:
+        """A database key's session: ``pgfleet.tenant`` is its shard-key value on every backend
+        that serves it (row-level security policies read it), replayed with its other settings
+        in the same round trip as its statements; RESET ALL and DISCARD ALL come back to it."""
+        def bound(settings: dict[str, str]) -> dict[str, str]:
+            out = {name: value for name, value in settings.items() if name != TENANT}  # never the client's
+            if binding is not None:
+                out[TENANT] = str(binding)
+            return out
+
+        self.values, self.startup = bound(self.values), bound(self.startup)
 
     def logged_in(self, read_only: bool) -> None:
         """The startup values are final: a read-only key's sessions default to read-only."""

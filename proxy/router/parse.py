@@ -160,12 +160,76 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
         shape = _shape(body) if tag == "SelectStmt" and any(
             o.values is None for o in placement.occurrences) else ""
         stmt = replace(stmt, placement=placement, insert=insert, moves_rows=moves, shape=shape)
+    acts = _acts(node)
+    if any(_changes_identity(call.get("args", ())) for call in calls):
+        acts = acts | {"set_role"}
     if not (changes or opaque or rollback):
-        return stmt
+        return replace(stmt, acts=acts, functions=frozenset(f.lower() for f in functions))
     violation = stmt.read_only_violation or opaque or any(
         change.name is None or change.name in _READ_ONLY_GUCS for change in changes)
     return replace(stmt, read_only_violation=violation, settings=changes, opaque_settings=opaque,
-                   rollback=rollback)
+                   rollback=rollback, acts=acts, functions=frozenset(f.lower() for f in functions))
+
+
+# Statement kinds of a key's policy (config.STATEMENT_KINDS) by parse-tree tag; DDL is the
+# rest of the *Stmt tags that _classify calls DDL.
+_ACTS = {"SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete",
+         "MergeStmt": "merge", "CallStmt": "call", "DoStmt": "do", "AlterSystemStmt": "alter_system",
+         "LoadStmt": "load", "LockStmt": "lock", "VacuumStmt": "maintenance", "ClusterStmt": "maintenance",
+         "ReindexStmt": "maintenance", "CheckPointStmt": "maintenance"}
+_NOT_DDL = frozenset({*_ACTS, *_READ, *_SESSION, "CopyStmt", "TransactionStmt", "ExplainStmt", "PrepareStmt",
+                      "ConstraintsSetStmt"})
+_IDENTITY = frozenset({"role", "session_authorization"})
+
+
+def _acts(node: dict[str, Any]) -> frozenset[str]:
+    """What a statement does, in policy kinds, with the statements nested in it."""
+    acts: set[str] = set()
+    stack = [node]
+    while stack:
+        (tag, body), = stack.pop().items()
+        act = _ACTS.get(tag)
+        if act is not None:
+            if act != "select" or "valuesLists" not in body:  # VALUES lists read nothing
+                acts.add(act)
+        elif tag == "CopyStmt":
+            acts.add("copy")
+            if body.get("is_program"):
+                acts.add("copy_program")
+            elif body.get("filename"):
+                acts.add("copy_file")
+        elif tag == "CreateFunctionStmt":
+            acts.update(("ddl", "create_function"))
+        elif tag == "VariableSetStmt":
+            name = (body.get("name") or "").lower()
+            if name in _IDENTITY or name.startswith("pgfleet."):  # SET LOCAL pgfleet.tenant too
+                acts.add("set_role")
+        elif tag not in _NOT_DDL and tag.endswith("Stmt"):
+            acts.add("ddl")
+        if tag == "SelectStmt" and "intoClause" in body:
+            acts.add("ddl")  # SELECT ... INTO creates a table
+        for field in ("query", "selectStmt"):  # EXPLAIN, PREPARE, DECLARE, COPY (...), CTAS, INSERT
+            inner = body.get(field)
+            if isinstance(inner, dict) and len(inner) == 1:
+                stack.append(inner)
+        for cte in body.get("withClause", {}).get("ctes", ()):
+            query = cte.get("CommonTableExpr", {}).get("ctequery")
+            if isinstance(query, dict):
+                stack.append(query)
+        for arm in ("larg", "rarg"):
+            if arm in body:
+                stack.append({"SelectStmt": body[arm]})
+    return frozenset(acts)
+
+
+def _changes_identity(args: Any) -> bool:
+    """set_config() of role, session_authorization or pgfleet.*, or of a name computed at run
+    time (which could be any of them)."""
+    name = const_text(args[0]) if args else None
+    if name is None:
+        return True
+    name = name.lower()
+    return name in _IDENTITY or name.startswith("pgfleet.")
 
 
 # Session-level advisory locks: held by the backend past the transaction.
@@ -354,7 +418,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
                 if key in _SCAN_KEYS:
                     if key == "CommonTableExpr":
                         ctes.add(value.get("ctename", ""))
-                    elif key == "FuncCall":
+                    elif key == "FuncCall" or key == "funccall":  # funccall: CALL's procedure
                         name = keybind.names(value.get("funcname", ()))
                         functions.add(".".join(filter(None, name[1:] if name[:1] == ["pg_catalog"] else name)))
                         if name and name[:-1] in ([], ["pg_catalog"]):
@@ -374,7 +438,7 @@ def _scan(node: Any) -> tuple[frozenset[Relation], list[dict[str, Any]], list[di
 
 
 # "larg" and "rarg" hold the arms of UNION / INTERSECT / EXCEPT: SELECT bodies, unwrapped.
-_SCAN_KEYS = frozenset({"CommonTableExpr", "FuncCall", "larg", "rarg", *keybind.LEVELS})
+_SCAN_KEYS = frozenset({"CommonTableExpr", "FuncCall", "funccall", "larg", "rarg", *keybind.LEVELS})
 
 
 def _dropped(body: dict[str, Any]) -> list[Relation]:

@@ -89,6 +89,10 @@ class Statement(msgspec.Struct, frozen=True):
     closes_database: str | None = None  # DROP DATABASE x / ALTER DATABASE x RENAME: x needs no connection
     transaction: TransactionStatement = TransactionStatement.NONE  # a transaction statement's kind
     replica_safe: bool = False         # a plain SELECT calling only functions that never write
+    # What it does, in the statement kinds of a key's policy (config.STATEMENT_KINDS), nested
+    # statements included (EXPLAIN ANALYZE, PREPARE, COPY (query), a CTE's DELETE ...).
+    acts: frozenset[str] = frozenset()
+    functions: frozenset[str] = frozenset()  # the functions it calls (lower case; pg_catalog's unqualified)
 
     @property
     def fleet_settings(self) -> tuple[SettingChange, ...]:

@@ -35,6 +35,7 @@ from ..wire.messages import counted_values
 from .fanout import FanoutPlan, Unmergeable
 from .keybind import KeyValue
 from .parse import analyze, fanout_plan, is_catalog
+from .policy import check as check_policy
 from .route import All, Analysis, Direct, Hints, Kind, Multi, Params, Route, Statement, Target
 from .shard import binary_key_value, int_shard_of, key_value, shard_of
 
@@ -174,7 +175,7 @@ class Router:
                 return found.unbound
             return found.route(params)
         fixed = self.fixed_database(ctx)
-        if fixed is not None and not ctx.key.read_only:
+        if fixed is not None and not ctx.key.read_only and ctx.key.policy is None:
             route = Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
             self._remember(cache_key, route)
             return route
@@ -231,6 +232,8 @@ class Router:
                               hint="e.g. /* pgfleet: shard_key=42 */ or /* pgfleet: database=analytics */")
         if ctx.key.read_only:
             self._check_read_only(analysis, ctx)
+        if ctx.key.policy is not None:
+            check_policy(ctx.key.policy, analysis, ctx.key.id, ctx.key.role.value)
         write = analysis.writes is not None
         if fixed is not None:
             route = Route(Direct(fixed), write, _why_fixed(ctx, fixed))

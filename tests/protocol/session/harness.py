@@ -589,6 +589,16 @@ def settings_replay(**settings: str) -> tuple[str, str]:
     return ("Q", f"SELECT WHERE pg_catalog.num_nulls({calls}) < 0")
 
 
+def tenant_login(key: str, shard: str, tenant: str, c: str = "a", secret: str | None = None) -> list[Step]:
+    """A database key logs in: its first backend gets pgfleet.tenant (row-level security
+    reads it) before the client is told it is ready."""
+    no_rows = RowDescription() + CommandComplete("SELECT 0")
+    return [Authenticate(c=c, key=key, secret=secret), Got(("R", 0), c=c),
+            Backend(shard, settings_replay(**{"pgfleet.tenant": tenant})),
+            Answer(shard, no_rows, ReadyForQuery("I")),
+            Got(*(ParameterStatus(n, v) for n, v in CLIENT_PARAMS), Kind("K"), ReadyForQuery("I"), c=c)]
+
+
 def result(columns: Iterable[str | tuple[str, int]], rows: Iterable[Iterable[str | None]], tag: str | None = None,
            status: str | None = "I") -> bytes:
     """A simple query's whole answer: RowDescription, DataRows, CommandComplete [ReadyForQuery]."""
