@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rls(config: Config, apply: bool) -> int:
-    from .admin.rls import RlsError, plan
+    from .admin.rls import RlsError, bypass_sql, plan, roles
     from .admin.rls import apply as apply_rls
 
     try:
@@ -91,11 +91,13 @@ def _rls(config: Config, apply: bool) -> int:
         for line in warnings:
             print(f"pgfleet rls: warning: {line}", file=sys.stderr)
         if not apply:
+            bypass = bypass_sql(roles(config))
             for shard, sql in statements.items():
                 print(f"-- on {shard} ({config.dsn(shard).safe()}), as its dsn's user:")
-                print("\n".join(sql) if sql else "-- (no sharded table there yet)")
+                print("\n".join(bypass + sql) if sql else "-- (no sharded table there yet)")
             return 0
-        asyncio.run(apply_rls(config, statements))
+        for line in asyncio.run(apply_rls(config, statements)):
+            print(f"pgfleet rls: warning: {line}", file=sys.stderr)
     except RlsError as exc:
         print(f"pgfleet rls: {exc}", file=sys.stderr)
         return 1

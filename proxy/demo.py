@@ -96,9 +96,15 @@ APP_ROLE = BackendRole(
     "pgfleet_app", ("client", "server"),
     "read and write every table; no DDL")
 BACKEND_ROLES = (TENANT_ROLE, APP_ROLE)
-# Everything a backend role's login may do besides what it is granted: nothing. Set on every
-# run, so a role someone made a superuser by hand becomes an ordinary one again.
-ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOREPLICATION"
+# Everything a backend role's login may do besides what it is granted: nothing, but that the
+# application's role bypasses row-level security (it sees every row anyway, and PostgreSQL
+# refuses COPY FROM to a role that row-level security applies to; `pgfleet rls` gives it the
+# same). Set on every run, so a role someone made a superuser by hand becomes an ordinary one.
+ROLE_ATTRIBUTES = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
+
+
+def _rls_attribute(role: BackendRole) -> str:
+    return "NOBYPASSRLS" if "database" in role.default_for else "BYPASSRLS"
 
 
 def _read_sql(path: Path) -> str:
@@ -220,7 +226,7 @@ def create_roles(targets: Mapping[str, tuple[Cluster, str]], passwords: Mapping[
     for cluster in clusters.values():
         for role in BACKEND_ROLES:
             cluster.create_role(role.name, passwords[role.name])  # LOGIN, SCRAM password
-            cluster.psql(f"ALTER ROLE {role.name} WITH {ROLE_ATTRIBUTES}")
+            cluster.psql(f"ALTER ROLE {role.name} WITH {ROLE_ATTRIBUTES} {_rls_attribute(role)}")
     for name, (cluster, dbname) in targets.items():
         cluster.psql(grants_sql(bank=name in SHARDS), dbname=dbname)
 

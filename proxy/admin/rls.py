@@ -119,18 +119,32 @@ async def plan(config: Config) -> tuple[dict[str, list[str]], list[str]]:
     return statements, warnings
 
 
-async def apply(config: Config, statements: dict[str, list[str]]) -> None:
-    """Run each shard's statements there in one transaction, as the dsn's user."""
+def bypass_sql(found: Roles) -> list[str]:
+    """The other keys' roles bypass row-level security: they see every row anyway (the open
+    policy), and PostgreSQL refuses COPY FROM to a role that row-level security applies to."""
+    return [f"ALTER ROLE {quote_ident(role)} BYPASSRLS;" for role in found.open]
+
+
+async def apply(config: Config, statements: dict[str, list[str]]) -> list[str]:
+    """Run each shard's statements there in one transaction, as the dsn's user; warnings."""
+    roles_sql = bypass_sql(roles(config))
+    warnings: list[str] = []
+
     async def one(shard: str, sql: list[str]) -> None:
-        if not sql:
-            return
         try:
             conn = await connect(config.dsn(shard), config.pool.connect_timeout, "pgfleet rls")
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise RlsError(f"cannot connect to database {shard}: {exc}") from None
         try:
-            async with conn.transaction():
-                await conn.execute("\n".join(sql))
+            for statement in roles_sql:
+                try:
+                    await conn.execute(statement)
+                except asyncpg.PostgresError as exc:  # a dsn user that is not a superuser
+                    warnings.append(f"{shard}: {statement} failed ({exc}): run it as a superuser, else COPY FROM "
+                                    "into sharded tables fails for keys running as that role")
+            if sql:
+                async with conn.transaction():
+                    await conn.execute("\n".join(sql))
         except asyncpg.PostgresError as exc:
             raise RlsError(f"database {shard}: {exc} (nothing changed there): the dsn's user must own "
                            "the sharded tables") from None
@@ -138,6 +152,7 @@ async def apply(config: Config, statements: dict[str, list[str]]) -> None:
             await conn.close()
 
     await asyncio.gather(*(one(shard, sql) for shard, sql in statements.items()))
+    return warnings
 
 
 async def role_warnings(config: Config) -> list[str]:

@@ -118,7 +118,7 @@ from .portal import (
 )
 from .prepared import Prepared, PreparedStatements
 from .scatter import Scatter, answer_of
-from .settings import DIRTY, SessionSettings, session_settings
+from .settings import DIRTY, TENANT, SessionSettings, session_settings, set_statement
 from .transaction import (
     STARTS,
     TRANSACTION_ENDS,
@@ -193,6 +193,7 @@ class Session:
         self.fixed: str | None = None  # the database every statement goes to, when decided
         self.unparsed: str | None = None  # ... and when its statements need no parsing either
         self.role: str | None = None  # the backend role its statements run as (None: the dsn's user)
+        self.tenant_query: bytes | None = None  # a database key's: sets pgfleet.tenant, sent per transaction
         self.pools: dict[str, Pool] = {}  # that role's pools, by database name (scatter, gather, COPY)
         self.pid = 0
         self.secret = 0
@@ -646,7 +647,7 @@ class Session:
         # whatever PostgreSQL lets its role.
         self.unparsed = self.fixed if not key.read_only and key.policy is None else None
         self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
-        self.settings.bind_tenant(key.binding if key.role is Role.DATABASE else None)
+        self._bind_tenant(key)
         if self.fixed is not None:
             self.fleet.router.check_database(self.ctx, self.fixed)
         home = self.fleet.router.home_database(self.ctx)
@@ -1457,6 +1458,9 @@ class Session:
             backend = None
         if backend is not None:
             if backend.database == database:
+                if self.tenant_query is not None and backend.tx_status == m.TX_IDLE and not backend.expects \
+                        and not self.batch_open:
+                    self._send_tenant(backend)
                 if self.tx.deferred_begin is not None:  # a parked backend: BEGIN goes first
                     self._send_begin(backend)
                 return backend
@@ -1605,11 +1609,20 @@ class Session:
         client's settings go first."""
         self.link.link(server, self, self.write, self._parameter_changed,
                        self.audit.answer if self.audit is not None else None)
-        if self.tx.deferred_begin is not None:
-            self._send_begin(server)
-        # Settings dicts are never changed in place, so "is" is the common, cheap answer.
+        # Settings first, outside the transaction (a ROLLBACK must not undo them). Settings
+        # dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings.values:
             self._replay_settings(server)
+        elif self.tenant_query is not None:
+            self._send_tenant(server)
+        if self.tx.deferred_begin is not None:
+            self._send_begin(server)
+
+    def _send_tenant(self, server: ServerConnection) -> None:
+        """A database key's transaction starts: its pgfleet.tenant again, whatever SQL the
+        policy could not see did to it since (docs/security.md), in the same write."""
+        server.push(DROP_QUERY)
+        server.send(self.tenant_query)  # type: ignore[arg-type]
 
     def _send_begin(self, server: ServerConnection) -> None:
         server.push(DROP_QUERY)
@@ -1634,8 +1647,8 @@ class Session:
         client keeps its backend for the next one."""
         if not self.session_mode and not self.settings.pins and not server.expects \
                 and server.tx_status == m.TX_IDLE and not self.batch_open \
-                and not server.pool.park(server, self):
-            self.link.release()
+                and (server.pool.role != self.role or not server.pool.park(server, self)):
+            self.link.release()  # (a RELOAD gave the key another backend role: not kept either)
 
     def give_back(self, server: ServerConnection) -> bool:
         """The pool takes a parked backend back, if this client is between transactions on it."""
@@ -1857,7 +1870,15 @@ class Session:
             self.fixed = self.fleet.router.fixed_database(self.ctx)
             self.unparsed = self.fixed if not key.read_only and key.policy is None else None
             self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
-            self.settings.bind_tenant(key.binding if key.role is Role.DATABASE else None)
+            self._bind_tenant(key)
+            backend = self.link.server
+            if backend is not None and backend.pool.role != self.role and not self._engaged(backend):
+                self.link.release()  # parked, of the old role: the next transaction takes one of the new
+
+    def _bind_tenant(self, key: ApiKey) -> None:
+        binding = key.binding if key.role is Role.DATABASE else None
+        self.settings.bind_tenant(binding)
+        self.tenant_query = m.query(set_statement({TENANT: str(binding)}, {})) if binding is not None else None
 
     def close(self, error: ProxyError) -> None:
         """Server shutdown or the console's KILL: tell the client why, then close."""

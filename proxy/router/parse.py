@@ -301,6 +301,7 @@ def _setting_changes(tag: str, body: dict[str, Any], calls: list[dict[str, Any]]
     opaque = False
     if tag == "VariableSetStmt" and not body.get("is_local"):
         kind, name = body.get("kind"), body.get("name")
+        name = name.lower() if name is not None else None  # setting names ignore case, quoted or not
         if kind == "VAR_RESET_ALL":
             changes.append(SettingChange(None, None))
         elif kind in ("VAR_RESET", "VAR_SET_DEFAULT"):

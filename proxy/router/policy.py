@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..config import Policy
 from ..errors import INSUFFICIENT_PRIVILEGE, ClientError
-from .route import Analysis, Statement
+from .route import Analysis, Relation, Statement
 
 # What the statements of database and client keys may not do unless their policy allows it.
 TENANT_DENIED_STATEMENTS = frozenset({
@@ -71,8 +71,7 @@ class _Names:
                    tuple(sorted(name[:-1] for name in names if name.endswith("*"))))
 
     def __contains__(self, name: object) -> bool:
-        assert isinstance(name, str)
-        return name in self.exact or (bool(self.prefixes) and name.startswith(self.prefixes))
+        return name in self.exact or (bool(self.prefixes) and name.startswith(self.prefixes))  # type: ignore[attr-defined]
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.prefixes)
@@ -168,20 +167,38 @@ def _check_functions(policy: KeyPolicy, stmt: Statement, key_id: str, role: str)
 
 
 def _check_tables(policy: KeyPolicy, stmt: Statement, key_id: str, role: str) -> None:
-    for relation in sorted(stmt.relations, key=lambda r: r.qualified):
-        name = relation.name.lower()
-        if name in policy.denied_tables or relation.qualified.lower() in policy.denied_tables:
-            raise ClientError(INSUFFICIENT_PRIVILEGE,
-                              f"key {key_id} ({role}) may not use table {relation.qualified}: refused by its policy "
-                              f"(tables: {name})", hint="it shows other roles' or sessions' data: use an admin key"
-                              if name in TENANT_DENIED_TABLES else "the key's policy.tables.deny names it")
-        allowed = policy.allowed_tables
-        catalog = relation.schema in _CATALOG_SCHEMAS if relation.schema is not None else name.startswith("pg_")
-        if allowed is not None and not catalog and name not in allowed and relation.qualified.lower() not in allowed:
-            raise ClientError(INSUFFICIENT_PRIVILEGE,
-                              f"key {key_id} ({role}) may not use table {relation.qualified}: refused by its policy "
-                              f"(tables: only {', '.join(allowed.words())})",
-                              hint="add the table to the key's policy.tables.allow, or use another key")
+    for relation in stmt.relations:  # the common case: none refused, in no particular order
+        if _table_refused(policy, relation):
+            break
+    else:
+        return
+    for relation in sorted(stmt.relations, key=lambda r: r.qualified):  # the first refused, by name
+        _refuse_table(policy, relation, key_id, role)
+
+
+def _table_refused(policy: KeyPolicy, relation: Relation) -> bool:
+    name = relation.name.lower()
+    if name in policy.denied_tables or relation.qualified.lower() in policy.denied_tables:
+        return True
+    allowed = policy.allowed_tables
+    if allowed is None or name in allowed or relation.qualified.lower() in allowed:
+        return False
+    return not (relation.schema in _CATALOG_SCHEMAS if relation.schema is not None else name.startswith("pg_"))
+
+
+def _refuse_table(policy: KeyPolicy, relation: Relation, key_id: str, role: str) -> None:
+    name = relation.name.lower()
+    if name in policy.denied_tables or relation.qualified.lower() in policy.denied_tables:
+        raise ClientError(INSUFFICIENT_PRIVILEGE,
+                          f"key {key_id} ({role}) may not use table {relation.qualified}: refused by its policy "
+                          f"(tables: {name})", hint="it shows other roles' or sessions' data: use an admin key"
+                          if name in TENANT_DENIED_TABLES else "the key's policy.tables.deny names it")
+    allowed = policy.allowed_tables
+    if allowed is not None and _table_refused(policy, relation):
+        raise ClientError(INSUFFICIENT_PRIVILEGE,
+                          f"key {key_id} ({role}) may not use table {relation.qualified}: refused by its policy "
+                          f"(tables: only {', '.join(allowed.words())})",
+                          hint="add the table to the key's policy.tables.allow, or use another key")
 
 
 _DOING = {

@@ -314,7 +314,12 @@ class Router:
                                           f"{relation.name} would change every shard",
                                           hint="write reference tables with a server key")
                     continue
-                database = self._mapped(relation.qualified, relation.name) or self.default
+                database = self._mapped(relation.qualified, relation.name)
+                if database is None:
+                    raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: {relation.qualified} is not one of the "
+                                      "fleet's tables (sharded, reference or mapped); a view or table the router "
+                                      "does not know could show other tenants' rows",
+                                      hint="list it in sharding.reference_tables or tables:, or use a server key")
                 if database != own:
                     raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: table {relation.qualified} is on database "
                                       f"{database}, not on its shard {own}",

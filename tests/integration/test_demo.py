@@ -223,7 +223,9 @@ def test_the_backend_roles_may_log_in_and_nothing_more(pg: Cluster, roles: objec
     attributes = query(pg, "postgres", "SELECT rolname, rolcanlogin, rolsuper, rolbypassrls, "
                        "rolcreatedb, rolcreaterole, rolreplication FROM pg_roles "
                        f"WHERE rolname IN ('{TENANT}', '{APP}') ORDER BY 1")
-    assert attributes == [(APP, True, False, False, False, False, False),
+    # The application's role bypasses row-level security (COPY FROM into sharded tables); the
+    # tenants' never does.
+    assert attributes == [(APP, True, False, True, False, False, False),
                           (TENANT, True, False, False, False, False, False)]
     # Not a member of any role either (pg_read_server_files, pg_execute_server_program, ...).
     assert query(pg, "postgres", "SELECT member::regrole::text, roleid::regrole::text "
@@ -319,12 +321,13 @@ def test_creating_the_roles_again_restores_them(pg: Cluster,
     """A rerun of the demo: the same grants, and a role made a superuser by hand is not one."""
     before = {dbname: query(pg, dbname, GRANTS) for dbname in DBNAMES.values()}
     assert before[TENANT_DB] and before[DBNAMES["analytics"]]
-    pg.psql(f"ALTER ROLE {APP} SUPERUSER BYPASSRLS")
+    pg.psql(f"ALTER ROLE {APP} SUPERUSER")
+    pg.psql(f"ALTER ROLE {TENANT} BYPASSRLS")
     pg.psql(f"GRANT ALL ON events TO {TENANT}", dbname=DBNAMES["analytics"])
     demo.create_roles(fleet, ROLE_PASSWORDS)
     assert {dbname: query(pg, dbname, GRANTS) for dbname in DBNAMES.values()} == before
-    assert query(pg, "postgres", f"SELECT rolsuper, rolbypassrls FROM pg_roles "
-                 f"WHERE rolname = '{APP}'") == [(False, False)]
+    assert query(pg, "postgres", "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles "
+                 f"WHERE rolname IN ('{APP}', '{TENANT}') ORDER BY 1") == [(APP, False, True), (TENANT, False, False)]
 
 
 def test_the_demo_applies_row_level_security(pg: Cluster, fleet: dict[str, tuple[Cluster, str]],
@@ -351,3 +354,37 @@ def test_the_demo_applies_row_level_security(pg: Cluster, fleet: dict[str, tuple
             conn.execute(f"INSERT INTO accounts (id, user_id) VALUES (999999, {other})")
     with connect_as(pg, APP, TENANT_DB) as conn:
         assert conn.execute(owners).fetchall() == everyone
+
+
+def test_through_pgfleet_the_demo_keys_run_as_their_roles(pg: Cluster, fleet: dict[str, tuple[Cluster, str]],
+                                                         roles: object, tmp_path: Path) -> None:
+    """The demo's config served by pgfleet: pf_tenant42 runs as pgfleet_tenant and cannot read
+    pg_authid (refused by its policy, and by PostgreSQL were it asked), sees its own accounts;
+    pf_server runs as pgfleet_app."""
+    import yaml
+
+    from proxy.embedded import free_port
+
+    from .conftest import Fleet
+
+    keys = {key_id: f"{key_id}-secret" for key_id, _, _ in demo.KEYS} | ROLE_PASSWORDS
+    config_path = tmp_path / "demo.yaml"
+    demo.write_config(config_path, demo.render_config(fleet, keys, free_port()))
+    assert demo.apply_rls(config_path, demo.proxy_env()).returncode == 0
+    workdir = tmp_path / "fleet"
+    workdir.mkdir()
+    proxy = Fleet(yaml.safe_load(config_path.read_text()), workdir).start()
+    try:
+        tenant = demo.TENANT_USER_ID
+        with psycopg.connect(proxy.dsn("pf_tenant42", secret=keys["pf_tenant42"]), autocommit=True) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (TENANT,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pf_tenant42"):
+                conn.execute("SELECT count(*) FROM pg_authid")
+            mine = conn.execute(f"SELECT count(*) FROM accounts WHERE user_id = {tenant}").fetchone()
+        assert mine == query(pg, TENANT_DB, f"SELECT count(*) FROM accounts WHERE user_id = {tenant}")[0]
+        with connect_as(pg, TENANT, TENANT_DB) as direct, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            direct.execute("SELECT count(*) FROM pg_authid")  # the role itself may not either
+        with psycopg.connect(proxy.dsn("pf_server", secret=keys["pf_server"]), autocommit=True) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (APP,)
+    finally:
+        assert proxy.stop() == 0
