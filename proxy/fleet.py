@@ -195,7 +195,7 @@ class Fleet:
         pool = Pool(name, msgspec.structs.replace(base.dsn, user=role, password=password), size=base.size,
                     acquire_timeout=base.acquire_timeout, idle_timeout=base.idle_timeout, lifetime=base.lifetime,
                     connect_timeout=base.connect_timeout, startup=base.startup, connect=self.connect)
-        pool.role = role
+        pool.role, pool.credentials = role, f"backend_roles.{role}"
         pool.stats = base.stats  # SHOW STATS and /metrics count a database's traffic whoever runs it
         pool.outage, pool.paused = base.outage, base.paused
         base.siblings.append(pool)

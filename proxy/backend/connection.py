@@ -121,6 +121,7 @@ class ServerConnection(asyncio.Protocol):
                  stats: Stats | None = None) -> None:
         self.database = database
         self.pool: Any = None  # the Pool it belongs to (set by the pool; typed loosely: pool imports us)
+        self.credentials = "the database's dsn"  # where its user and password come from, for errors
         self.stats = stats if stats is not None else Stats()
         self.dsn = dsn
         self.startup = startup
@@ -260,7 +261,7 @@ class ServerConnection(asyncio.Protocol):
             fields = m.decode_fields(body)
             raise BackendError(CONNECTION_FAILURE, f"database {self.database} refused pgfleet's login as "
                                f"{self.dsn.user}: {fields.get('M', 'no message')}",
-                               hint="check the user and password in the database's dsn")
+                               hint=f"check the user and password in {self.credentials}")
         elif kind == m.READY_FOR_QUERY:
             self._buf.clear()
             if self._ready is not None and not self._ready.done():
@@ -272,8 +273,10 @@ class ServerConnection(asyncio.Protocol):
         if code == m.AUTH_OK:
             return
         if code in (m.AUTH_CLEARTEXT, m.AUTH_MD5, m.AUTH_SASL) and password is None:
-            raise BackendError(CONNECTION_FAILURE, f"database {self.database} asks for a password and its dsn "
-                               "has none", hint="put the password in the dsn: postgresql://user:pw@host/db")
+            raise BackendError(CONNECTION_FAILURE, f"database {self.database} asks for a password for "
+                               f"{self.dsn.user} and {self.credentials} has none",
+                               hint=f"give {self.credentials} the password" if self.credentials.startswith("backend")
+                               else "put the password in the dsn: postgresql://user:pw@host/db")
         assert password is not None
         if code == m.AUTH_CLEARTEXT:
             self.transport.write(m.password_message(password))

@@ -90,6 +90,7 @@ class Pool:
         # this one's circuit and PAUSE.
         self.siblings: list[Pool] = []
         self.role: str | None = None  # the backend role its connections log in as; None: the dsn's user
+        self.credentials = "the database's dsn"  # where that user's password comes from (for errors)
         self.stats = Stats()  # shared by its connections: SHOW STATS, /metrics
         self.waits = 0  # acquires that found no idle connection, and the seconds they took
         self.wait_seconds = 0.0
@@ -192,6 +193,7 @@ class Pool:
         self.opening += 1
         server = ServerConnection(self.name, self.dsn, self.startup, self.generation, self.stats)
         server.pool = self
+        server.credentials = self.credentials
         server.parsed_ok = self.parsed_ok
         try:
             await server.open(self.connect_timeout, self.connect)

@@ -180,6 +180,7 @@ _ACTS = {"SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update",
 _NOT_DDL = frozenset({*_ACTS, *_READ, *_SESSION, "CopyStmt", "TransactionStmt", "ExplainStmt", "PrepareStmt",
                       "ConstraintsSetStmt"})
 _IDENTITY = frozenset({"role", "session_authorization"})
+_NAMED_STATEMENTS = frozenset({"PrepareStmt", "ExecuteStmt", "DeallocateStmt"})
 
 
 def _acts(node: dict[str, Any]) -> frozenset[str]:
@@ -200,6 +201,9 @@ def _acts(node: dict[str, Any]) -> frozenset[str]:
                 acts.add("copy_file")
         elif tag == "CreateFunctionStmt":
             acts.update(("ddl", "create_function"))
+        elif tag in _NAMED_STATEMENTS:
+            if (body.get("name") or "").startswith("pgfleet_"):
+                acts.add("pgfleet_statement")  # the backend-side names pgfleet shares between clients
         elif tag == "VariableSetStmt":
             name = (body.get("name") or "").lower()
             if name in _IDENTITY or name.startswith("pgfleet."):  # SET LOCAL pgfleet.tenant too

@@ -23,6 +23,7 @@ from ..errors import (
     INVALID_BINARY_REPRESENTATION,
     INVALID_CATALOG_NAME,
     INVALID_PARAMETER_VALUE,
+    INVALID_SQL_STATEMENT_NAME,
     INVALID_TEXT_REPRESENTATION,
     NOT_NULL_VIOLATION,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -234,6 +235,9 @@ class Router:
             self._check_read_only(analysis, ctx)
         if ctx.key.policy is not None:
             check_policy(ctx.key.policy, analysis, ctx.key.id, ctx.key.role.value)
+        for stmt in analysis.statements:
+            if "pgfleet_statement" in stmt.acts:
+                raise _pgfleet_statement(stmt)
         write = analysis.writes is not None
         if fixed is not None:
             route = Route(Direct(fixed), write, _why_fixed(ctx, fixed))
@@ -714,3 +718,13 @@ def _binary_array(data: bytes) -> list[bytes | None]:
         return counted_values(data, 20, _I32.unpack_from(data, 12)[0])[0]
     except struct.error:
         raise ClientError(INVALID_BINARY_REPRESENTATION, "incorrect binary data format in a shard-key array parameter") from None
+
+
+def _pgfleet_statement(stmt: Statement) -> ClientError:
+    """PREPARE / EXECUTE / DEALLOCATE of a pgfleet_* name: those are the backend-side names of
+    the statements pgfleet shares between its clients, not the client's."""
+    if stmt.command == "PREPARE":
+        return ClientError(INVALID_SQL_STATEMENT_NAME, "prepared statement names starting with pgfleet_ are "
+                           "pgfleet's own", hint="give the statement another name")
+    return ClientError(INVALID_SQL_STATEMENT_NAME, "prepared statements named pgfleet_* are pgfleet's own: "
+                       "this connection has no such statement", hint="name a statement this connection prepared")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import yaml
 
 from proxy.embedded import Cluster
@@ -109,3 +110,13 @@ def test_a_reload_moves_a_key_to_its_new_backend_role(make_fleet: Any) -> None:
             assert admin.execute("RELOAD").statusmessage == "RELOAD"
         assert conn.execute("select current_user").fetchone() == ("pf_trust",)
     assert "Traceback" not in fleet.log()
+
+
+def test_a_backend_role_with_a_wrong_password_says_where_to_fix_it(make_fleet: Any) -> None:
+    fleet: Fleet = make_fleet(backend_roles={"pf_md5": {"password": "wrong", "default_for": ["client"]}})
+    with pytest.raises(psycopg.OperationalError) as err:
+        psycopg.connect(fleet.dsn("pf_client"))
+    message = str(err.value)
+    assert "refused pgfleet's login as pf_md5" in message and "backend_roles.pf_md5" in message, message
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:  # other keys are unaffected
+        assert conn.execute("select current_user").fetchone() == ("pf_scram",)

@@ -571,3 +571,22 @@ def test_the_policy_costs_nothing_on_a_cache_hit(monkeypatch: pytest.MonkeyPatch
     assert (router.hits, router.misses, checked) == (0, 1, ["pf_cli"])
     assert router.route(sql, ctx) is first
     assert (router.hits, router.misses, checked) == (1, 1, ["pf_cli"])
+
+
+@pytest.mark.parametrize("sql", ["EXECUTE pgfleet_3(43)", "DEALLOCATE pgfleet_3", "DEALLOCATE PREPARE pgfleet_1",
+                                 "PREPARE pgfleet_9 AS SELECT 1"])
+@pytest.mark.parametrize("key", ["pf_srv", "pf_cli", "pf_t42"])
+def test_pgfleets_shared_statement_names_are_not_the_clients(sql: str, key: str) -> None:
+    """Another client's statement, prepared on a shared backend under pgfleet's name, cannot be
+    run, dropped or shadowed by SQL EXECUTE / DEALLOCATE / PREPARE (as PostgreSQL would say of a
+    statement that connection never prepared)."""
+    with pytest.raises(ClientError) as err:
+        Router(CONFIG_OBJ).route(sql, SessionContext(KEYS[key], None))
+    assert err.value.sqlstate == "26000", err.value.message
+    assert "pgfleet" in err.value.message
+
+
+def test_a_clients_own_prepared_statement_names_are_its_own() -> None:
+    router = Router(CONFIG_OBJ)
+    for sql in ("PREPARE mine AS SELECT 1", "EXECUTE mine", "DEALLOCATE mine", "DEALLOCATE ALL"):
+        assert router.route(sql, SessionContext(KEYS["pf_cli"], None)).target == Direct("primary")
