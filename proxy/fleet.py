@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ import asyncpg
 import msgspec
 
 from .auth.keys import ApiKey, load_keys
-from .backend.catalog import byte_order, table_columns
+from .backend.catalog import byte_order, shard_key_types, table_columns
 from .backend.connection import Connector, ServerConnection, tcp_connect
 from .backend.health import HealthChecker
 from .backend.pool import DisconnectReason, Pool
@@ -58,6 +59,9 @@ class ClientSession(Protocol):
 
 
 log = logging.getLogger("pgfleet.fleet")
+
+# How long a shard-key type that the catalog did not have is not asked for again.
+TYPES_NEGATIVE_TTL = 1.0
 
 
 class _RolePools(dict[str, Pool]):
@@ -237,6 +241,41 @@ class Fleet:
             out.append(pool)
             out.extend(pool.siblings)
         return out
+
+    def may_learn_types(self, tables: list[str]) -> bool:
+        """Whether the catalog may be read for these tables now: not if it was, for each of
+        them, within TYPES_NEGATIVE_TTL (a table that is not there is not asked for at every
+        statement)."""
+        now = time.monotonic()
+        tried = self.router.types_tried
+        return any(table not in tried or now - tried[table][0] > TYPES_NEGATIVE_TTL for table in tables)
+
+    async def learn_types(self, tables: list[str]) -> None:
+        """Read the shard-key types of ``tables`` off the first shard's catalog (config's
+        sharding.types win); what stays unknown is remembered with why (Router.types_tried)."""
+        router = self.router
+        tables = [table for table in tables if table not in router.key_types or table not in router.key_positions]
+        if not tables or not router.shards:
+            return
+        first = router.shards[0]
+        now = time.monotonic()
+        try:
+            found = await shard_key_types(self.config.dsn(first), {t: router.sharded[t] for t in tables},
+                                          self.config.pool.connect_timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            why = f"shard {first} did not answer pgfleet's catalog read ({exc or type(exc).__name__})"
+            log.warning("could not read shard-key types of %s from database %s: %s; statements on them are "
+                        "refused until it answers (or set sharding.types)", ", ".join(tables), first, exc)
+            for table in tables:
+                router.types_tried[table] = (now, why)
+            return
+        for problem in router.learn_types({table: type_name for table, (type_name, _) in found.items()}):
+            log.warning("shard key %s; statements on that table are refused", problem)
+        router.key_positions.update((table, position) for table, (_, position) in found.items())
+        for table in tables:
+            if table not in router.key_types or table not in router.key_positions:
+                why = f"table {table} with column {router.sharded[table]} does not exist on shard {first}"
+                router.types_tried[table] = (now, why)
 
     async def learn_byte_order(self, databases: tuple[str, ...]) -> None:
         """Read the collation of those of ``databases`` not known yet; one that does not

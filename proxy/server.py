@@ -11,13 +11,10 @@ import asyncio
 import logging
 import signal
 
-import asyncpg
-
 from .admin.audit import AuditLog
 from .admin.console import Admin, Console
 from .admin.http import HttpServer
 from .auth.keys import load_keys
-from .backend.catalog import shard_key_types
 from .backend.health import HealthChecker
 from .backend.pool import DisconnectReason
 from .config import Config, load
@@ -83,25 +80,9 @@ class Server:
 
     async def learn_shard_key_types(self) -> None:
         """Read the shard-key column types off the first shard (config's sharding.types win)."""
-        router = self.fleet.router
-        missing = router.unknown_types
-        if not missing:
-            return
-        first = router.shards[0]
-        try:
-            found = await shard_key_types(self.config.dsn(first), {t: router.sharded[t] for t in missing},
-                                          self.config.pool.connect_timeout)
-            for problem in router.learn_types(found):
-                log.warning("shard key %s; statements on that table are refused", problem)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("could not read shard-key types from database %s: %s; statements on %s are "
-                        "refused until it answers (or set sharding.types)", first, exc, ", ".join(missing))
-            return
-        still = router.unknown_types
-        if still:
-            log.warning("database %s has no shard-key column for %s; statements on them are refused "
-                        "(create the tables, or set sharding.types)", first,
-                        ", ".join(f"{t}.{router.sharded[t]}" for t in still))
+        missing = self.fleet.router.unknown_types
+        if missing:
+            await self.fleet.learn_types(missing)
 
     async def reload(self) -> list[str]:
         """RELOAD / SIGHUP: read the config again; a valid one takes over, an invalid one is

@@ -17,7 +17,9 @@ from ..config import Dsn
 log = logging.getLogger("pgfleet.catalog")
 
 _KEY_TYPES = """
-select t.table_name, format_type(a.atttypid, null)
+select t.table_name, format_type(a.atttypid, null),
+       (select count(*) from pg_attribute b where b.attrelid = a.attrelid and b.attnum > 0
+        and b.attnum < a.attnum and not b.attisdropped)::int
 from unnest($1::text[], $2::text[]) as t(table_name, column_name)
 join pg_attribute a on a.attrelid = to_regclass(t.table_name) and a.attname = t.column_name
 where not a.attisdropped
@@ -51,15 +53,17 @@ async def byte_order(dsn: Dsn, timeout: float) -> bool:
     return provider == "c" and collate.lower() in BYTE_ORDER
 
 
-async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> dict[str, str]:
-    """``{table: type}`` for the ``{table: key column}`` that exist on the database at ``dsn``."""
+async def shard_key_types(dsn: Dsn, columns: dict[str, str], timeout: float) -> dict[str, tuple[str, int]]:
+    """``{table: (type, position)}`` for the ``{table: key column}`` that exist on the database
+    at ``dsn``; position: the key's place among the table's columns (0-based), where an INSERT
+    without a column list puts it."""
     conn = await connect(dsn, timeout)
     try:
         tables = list(columns)
         rows = await conn.fetch(_KEY_TYPES, tables, [columns[t] for t in tables], timeout=timeout)
     finally:
         await conn.close()
-    return {row[0]: row[1] for row in rows}
+    return {row[0]: (row[1], row[2]) for row in rows}
 
 
 _COLUMNS = """

@@ -101,7 +101,7 @@ from ..router.copyrows import CopyIn, CopyOutWriter, RowSplitter, copy_in, copy_
 from ..router.fanout import FanoutPlan
 from ..router.parse import split_insert
 from ..router.route import All, Analysis, Direct, Kind, Multi, Params, Route
-from ..router.router import SessionContext
+from ..router.router import SessionContext, UnknownTypes
 from ..wire import messages as m
 from .audited import AuditTrail
 from .backendlink import BackendLink
@@ -447,6 +447,12 @@ class Session:
             return handler(self, raw)
         except ProtocolViolation:
             raise
+        except UnknownTypes as exc:
+            if not self.fleet.may_learn_types(exc.tables):
+                self._refuse(exc, simple=kind == m.QUERY)  # read moments ago: why is in the message
+                return True
+            self._wait_for(self.fleet.learn_types(exc.tables))  # then this message again
+            return False
         except (ClientError, BackendError) as exc:
             self._refuse(exc, simple=kind == m.QUERY or kind == m.FUNCTION_CALL)
             return True

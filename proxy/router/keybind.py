@@ -113,6 +113,9 @@ class InsertKeys(msgspec.Struct, frozen=True):
     table: str
     rows: tuple[KeyValue | None, ...] | None  # None: not VALUES (INSERT ... SELECT, DEFAULT VALUES)
     values_lists: int = 0
+    # INSERT without a column list: each row's values by position (the key's position is the
+    # catalog's, known to the router); ``rows`` are then all None.
+    positional: tuple[tuple[KeyValue | None, ...], ...] | None = None
 
 
 def insert_keys(body: dict[str, Any], sharded: Mapping[str, str]) -> InsertKeys | None:
@@ -125,6 +128,9 @@ def insert_keys(body: dict[str, Any], sharded: Mapping[str, str]) -> InsertKeys 
     lists = select.get("valuesLists") if isinstance(select, dict) else None
     if not lists or any(key in select for key in ("withClause", "sortClause", "limitCount")):
         return InsertKeys(table, None)
+    if not columns:
+        positional = tuple(tuple(_value(item) for item in row.get("List", {}).get("items", ())) for row in lists)
+        return InsertKeys(table, tuple(None for _ in lists), len(lists), positional)
     if sharded[table] not in columns:
         return InsertKeys(table, tuple(None for _ in lists), len(lists))
     index = columns.index(sharded[table])

@@ -34,11 +34,21 @@ from ..errors import (
 )
 from ..wire.messages import counted_values
 from .fanout import FanoutPlan, Unmergeable
-from .keybind import KeyValue
+from .keybind import InsertKeys, KeyValue
 from .parse import analyze, fanout_plan, is_catalog
 from .policy import check as check_policy
 from .route import All, Analysis, Direct, Hints, Kind, Multi, Params, Route, Statement, Target
 from .shard import binary_key_value, int_shard_of, key_value, shard_of
+
+
+class UnknownTypes(ClientError):
+    """A statement needs the shard-key type of ``tables``, not known yet: the session reads
+    them from the catalog (``Fleet.learn_types``) and routes the statement again, or refuses
+    it with this error when that was tried moments ago."""
+
+    def __init__(self, tables: list[str], message: str, hint: str) -> None:
+        super().__init__(OBJECT_NOT_IN_PREREQUISITE_STATE, message, hint=hint)
+        self.tables = tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,12 @@ class Router:
         self.reference = frozenset(sharding.reference_tables) if self.shards else frozenset()
         # The shard key's type per sharded table: pinned in config, else learned from the catalog.
         self.key_types: dict[str, str] = {t: _type_name(v) for t, v in sharding.types.items()}
+        self.pinned_types = frozenset(self.key_types)
+        # Where each sharded table's key sits among its columns (INSERT without a column list).
+        self.key_positions: dict[str, int] = {}
+        # Why a type is still unknown after the catalog was last read (the shard's answer, or
+        # that the table is not there), and when: a short negative cache (Fleet.learn_types).
+        self.types_tried: dict[str, tuple[float, str]] = {}
         self.cache: OrderedDict[str, Analysis] = OrderedDict()
         # Routes (or key plans) by (text, key id, database, hints), in insertion order.
         self.routes: dict[tuple[object, ...], Route | _KeyPlan] = {}
@@ -81,6 +97,15 @@ class Router:
             except ValueError as exc:
                 problems.append(f"{table}.{self.sharded.get(table, '?')}: {exc}")
         return problems
+
+    def forget_types(self, tables: list[str]) -> None:
+        """DDL on these sharded tables goes through pgfleet: what it knows of them is read again
+        when a statement next needs it (config's sharding.types stay)."""
+        for table in tables:
+            if table not in self.pinned_types:
+                self.key_types.pop(table, None)
+            self.key_positions.pop(table, None)
+            self.types_tried.pop(table, None)
 
     @property
     def unknown_types(self) -> list[str]:
@@ -183,7 +208,8 @@ class Router:
         analysis = self.analysis(sql)
         route = self.route_analysis(analysis, ctx, hints, None)
         if not route.needs_params:
-            self._remember(cache_key, route)
+            if not any(stmt.kind is Kind.DDL for stmt in analysis.statements):  # DDL: forget_types each time
+                self._remember(cache_key, route)
             return route
         plan = self._key_plan(analysis, ctx, hints, route)
         if plan is None:
@@ -213,7 +239,7 @@ class Router:
         stmt = analysis.statements[0]
         bound: list[tuple[str, KeyValue]] = []
         if stmt.insert is not None and stmt.insert.rows is not None:
-            bound = [(stmt.insert.table, row) for row in stmt.insert.rows if row is not None]
+            bound = [(stmt.insert.table, row) for row in self._insert_rows(stmt.insert) or () if row is not None]
         elif stmt.insert is None and stmt.placement is not None:
             bound = [(o.table, v) for o in stmt.placement.occurrences for v in o.values or ()]
         params = {value.param for _, value in bound if value.param is not None}
@@ -339,7 +365,7 @@ class Router:
             keys: list[tuple[str, KeyValue | None]] = [(o.table, v) for o in stmt.placement.occurrences
                                                        for v in (o.values or (None,))]
             if stmt.insert is not None:
-                keys.extend((stmt.insert.table, v) for v in (stmt.insert.rows or (None,)))
+                keys.extend((stmt.insert.table, v) for v in (self._insert_rows(stmt.insert) or (None,)))
             for table, value in keys:
                 if value is None:
                     raise ClientError(INSUFFICIENT_PRIVILEGE, f"{bound}: this {stmt.command} on {table} does not "
@@ -420,12 +446,13 @@ class Router:
         pending = False
         rows: tuple[str, ...] | None = None
         if sharded_names:
-            self._need_types(sharded_names)
-            if stmt.moves_rows:
-                raise _moves_rows(stmt, self.sharded)
-            if stmt.kind is Kind.DDL:
+            if stmt.kind is Kind.DDL:  # needs no key type: every shard, and what pgfleet knows is read again
+                self.forget_types(sharded_names)
                 shards, reason = self.shards, f"DDL on sharded table {_names(sharded_names)} runs on every shard"
             else:
+                self._need_types(sharded_names)
+                if stmt.moves_rows:
+                    raise _moves_rows(stmt, self.sharded)
                 shards, reason, pending, rows = self._sharded(stmt, params)
         if reference and stmt.kind is not Kind.READ and sharded_names and stmt.target in self.reference:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"{stmt.command} on reference table {stmt.target} that reads sharded table "
@@ -462,18 +489,21 @@ class Router:
         if stmt.insert is not None:
             insert = stmt.insert
             column = self.sharded[insert.table]
-            if insert.rows is None:
+            rows = self._insert_rows(insert)
+            if rows is None:
                 raise ClientError(FEATURE_NOT_SUPPORTED, f"INSERT ... SELECT into sharded table {insert.table} is not "
                                   "supported: pgfleet cannot tell which shard each row belongs to",
                                   hint=f"insert VALUES rows, or add /* pgfleet: shard_key=... */ when "
                                        f"every row has the same {column}")
-            if any(row is None for row in insert.rows):
+            if any(row is None for row in rows):
                 raise ClientError(FEATURE_NOT_SUPPORTED, f"INSERT into sharded table {insert.table} must give its shard "
                                   f"key {column} in every row (as a constant or a parameter)",
-                                  hint=f"add {column} to the column list and to each VALUES row")
-            if params is None and any(row is not None and row.param is not None for row in insert.rows):
+                                  hint=f"give {column} a value in each VALUES row (not DEFAULT or an expression)"
+                                  if insert.positional is not None
+                                  else f"add {column} to the column list and to each VALUES row")
+            if params is None and any(row is not None and row.param is not None for row in rows):
                 return self.shards[:1], f"INSERT into {insert.table}: shards by parameter", True, None
-            row_shards = tuple(self._one_shard(insert.table, row, params) for row in insert.rows if row)
+            row_shards = tuple(self._one_shard(insert.table, row, params) for row in rows if row)
             shards = tuple(s for s in self.shards if s in row_shards)
             reason = (f"INSERT into {insert.table}: {column} of its rows on "
                       f"{'shard ' if len(shards) == 1 else 'shards '}{', '.join(shards)}")
@@ -523,13 +553,33 @@ class Router:
         if not self.shards:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"{how}: this fleet has no shards", hint="configure sharding.shards")
 
+    def _insert_rows(self, insert: InsertKeys) -> tuple[KeyValue | None, ...] | None:
+        """Each VALUES row's shard-key value; for an INSERT without a column list, at the
+        key's position among the table's columns (read from the catalog when first needed)."""
+        positional = insert.positional
+        if positional is None:
+            return insert.rows
+        table = insert.table
+        position = self.key_positions.get(table)
+        if position is None:
+            tried = self.types_tried.get(table)
+            raise UnknownTypes([table], f"the column order of sharded table {table} is not known"
+                               f"{': ' + tried[1] if tried is not None else ' yet'}",
+                               hint=f"name the columns of the INSERT, or create table {table} through pgfleet")
+        return tuple(row[position] if position < len(row) else None for row in positional)
+
     def _need_types(self, tables: list[str]) -> None:
-        for table in tables:
-            if table not in self.key_types:
-                raise ClientError(OBJECT_NOT_IN_PREREQUISITE_STATE, f"the type of shard key {table}.{self.sharded[table]} is not "
-                                  f"known yet (pgfleet reads it from shard {self.shards[0]}'s catalog)",
-                                  hint=f"check that {self.shards[0]} is up and has table {table}, or set "
-                                       f"sharding.types.{table} in the config")
+        missing = [table for table in tables if table not in self.key_types]
+        if not missing:
+            return
+        table = missing[0]
+        tried = self.types_tried.get(table)
+        why = f": {tried[1]}" if tried is not None else ""
+        raise UnknownTypes(missing, f"the type of shard key {table}.{self.sharded[table]} is not known"
+                           f"{why or ' yet'}", hint=f"create table {table} through pgfleet, or set "
+                           f"sharding.types.{table} in the config" if tried is not None and "does not" in tried[1]
+                           else f"pgfleet reads it from shard {self.shards[0]}'s catalog; or set "
+                           f"sharding.types.{table} in the config")
 
     def _type_of(self, table: str) -> str:
         self._need_types([table])

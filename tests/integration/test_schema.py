@@ -1,0 +1,91 @@
+"""Schema through pgfleet, from empty databases (issue 17, point 1): DDL on a configured
+sharded table goes to every shard without its key's type; the type is read from the catalog
+the first time a statement needs it, with a short negative cache; DDL through pgfleet makes it
+read again; an error never advises what is already true.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from proxy.embedded import Cluster
+from proxy.router.shard import shard_of
+
+from .conftest import Fleet
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def empty_shards(pg: Cluster) -> Iterator[tuple[str, str]]:
+    n = next(_names)
+    names = (f"empty_{os.getpid()}_{n}_a", f"empty_{os.getpid()}_{n}_b")
+    for name in names:
+        pg.create_database(name)
+    yield names
+    for name in names:
+        pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def on(pg: Cluster, dbname: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.dsn(dbname), autocommit=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_a_sharded_schema_is_created_and_used_through_pgfleet(pg: Cluster, empty_shards: tuple[str, str],
+                                                              make_fleet: Any) -> None:
+    a, b = empty_shards
+    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
+                              default_database="x0", tables={},
+                              sharding={"shards": ["x0", "x1"], "tables": {"users": "id", "notes": "user_id"}})
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
+        # Before the table exists: refused, and the message says why, once the catalog was read.
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute("INSERT INTO users (id, name) VALUES (1, 'a')")
+        assert "table users with column id does not exist on shard x0" in str(err.value)
+        assert "create table users through pgfleet" in (err.value.diag.message_hint or "")
+        conn.execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        conn.execute("CREATE TABLE notes (user_id bigint NOT NULL, body text)")
+        # At once after the DDL: the type is read again, not taken from the negative cache.
+        for i in range(1, 41):
+            conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (i, f"u{i}"))
+            conn.execute("INSERT INTO notes (user_id, body) VALUES (%s, 'n')", (i,))
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (40,)
+        # Without a column list: the key's position comes from the catalog.
+        conn.execute("INSERT INTO users VALUES (41, 'v41'), (42, 'v42'), (43, 'v43'), (44, 'v44')")
+        conn.execute("INSERT INTO users VALUES (%s, %s)", (45, "v45"))
+        conn.execute("INSERT INTO notes VALUES (45, 'n'), (44, 'n'), (43, 'n'), (42, 'n'), (41, 'n')")
+        assert conn.execute("SELECT count(*) FROM users").fetchone() == (45,)
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="give id a value in each VALUES row"):
+            conn.execute("INSERT INTO users VALUES (DEFAULT, 'x')")
+        conn.execute("ALTER TABLE users ADD COLUMN email text")
+        conn.execute("UPDATE users SET email = 'e' WHERE id = 7")
+        assert conn.execute("SELECT email FROM users WHERE id = 7").fetchone() == ("e",)
+    for index, dbname in enumerate((a, b)):
+        for (user_id,) in on(pg, dbname, "SELECT id FROM users"):
+            assert shard_of(user_id, "bigint", 2, "hash") == index
+        assert on(pg, dbname, "SELECT count(*) FROM users") == on(pg, dbname, "SELECT count(*) FROM notes")
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
+        conn.execute("DROP TABLE notes")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="does not exist on shard x0"):
+            conn.execute("SELECT * FROM notes WHERE user_id = 1")
+    assert "Traceback" not in fleet.log()
+
+
+def test_a_shard_that_does_not_answer_is_named_in_the_refusal(pg: Cluster, empty_shards: tuple[str, str],
+                                                              make_fleet: Any, refusing_port: int) -> None:
+    a, _ = empty_shards
+    fleet: Fleet = make_fleet(databases={"x0": {"dsn": f"postgresql://postgres:x@127.0.0.1:{refusing_port}/{a}"},
+                                         "x1": {"dsn": pg.dsn(a)}},
+                              default_database="x1", tables={},
+                              sharding={"shards": ["x0", "x1"], "tables": {"users": "id"}})
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute("SELECT * FROM users WHERE id = 1")
+        assert "shard x0 did not answer pgfleet's catalog read" in str(err.value)
