@@ -14,7 +14,9 @@ goes into that database's ``DatabaseHealth`` through ``DatabaseHealth.record``, 
 
 Down is the open circuit: ``Pool.open_circuit`` makes every acquire of that database fail at
 once with ``08006 database NAME is unavailable``, fails the clients queued for it, and closes
-its idle connections. The first check that answers closes it again (``Pool.close_circuit``).
+its idle connections. While down, the circuit is half-open: the database is probed with a
+short backoff (0.25 s, 0.5 s, then every second) rather than every ``health.interval``, and
+the first probe that answers closes it again (``Pool.close_circuit``).
 The checker alone decides the circuit; a pool only obeys. This module never touches a client
 nor a pooled backend connection, and the hot path never waits for it.
 """
@@ -38,6 +40,12 @@ from .pool import Pool
 log = logging.getLogger("pgfleet.health")
 
 APPLICATION_NAME = "pgfleet health"
+
+# While a database is down its circuit is half-open: it is probed after HALF_OPEN_FIRST
+# seconds, then twice as long each time up to HALF_OPEN_MAX (never past health.interval), so
+# that it takes statements again within a second of answering.
+HALF_OPEN_FIRST = 0.25
+HALF_OPEN_MAX = 1.0
 
 
 class Status(enum.StrEnum):
@@ -198,6 +206,7 @@ class HealthChecker:
             tasks = list(pending)
 
     async def _watch(self, name: str) -> None:
+        backoff = HALF_OPEN_FIRST
         while True:
             try:
                 await self.check(name)
@@ -205,7 +214,11 @@ class HealthChecker:
                 log.exception("internal error in the health check of database %s", name)
             if self._stopping:
                 return
-            await asyncio.sleep(self.policy.interval)
+            if self._health[name].status is Status.DOWN:  # half-open: probed again soon, with backoff
+                delay, backoff = min(backoff, self.policy.interval), min(backoff * 2, HALF_OPEN_MAX)
+            else:
+                delay, backoff = self.policy.interval, HALF_OPEN_FIRST
+            await asyncio.sleep(delay)
 
     # -- checking
 
@@ -226,15 +239,16 @@ class HealthChecker:
         change = health.record(result, now, policy)
         if health.status is Status.DOWN:
             hint = (f"its last {health.consecutive_failures} health checks failed ({health.last_error}); "
-                    f"pgfleet checks it every {policy.interval:g}s and lets statements through again "
-                    "once it answers (SHOW HEALTH in the admin console)")
+                    f"pgfleet probes it every {min(HALF_OPEN_MAX, policy.interval):g}s while it is down and "
+                    "lets statements through again as soon as it answers (SHOW HEALTH in the admin console)")
             drained = pool.open_circuit(hint)
             if change is Change.WENT_DOWN:
                 log.warning("database %s is down: %d health checks in a row failed (last: %s); statements "
-                            "routed there fail at once with 08006 until a check answers (every %gs); "
-                            "closed %d idle connection(s). Check that the server at %s:%d is up and "
+                            "routed there fail at once with 08006 until a probe answers (every %gs while "
+                            "down); closed %d idle connection(s). Check that the server at %s:%d is up and "
                             "the database's dsn in the config", name, health.consecutive_failures,
-                            health.last_error, policy.interval, drained, pool.dsn.host, pool.dsn.port)
+                            health.last_error, min(HALF_OPEN_MAX, policy.interval), drained, pool.dsn.host,
+                            pool.dsn.port)
             else:
                 log.debug("database %s is still down: %s", name, health.last_error)
             return health

@@ -14,6 +14,7 @@ circuit. Connections are counted on the cluster (``pg_stat_activity``), never th
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -233,3 +234,57 @@ def test_one_failed_check_is_not_down(pg: Cluster, proxy: FaultProxy, watched: F
         assert DOWN not in watched.log()
         assert one(conn, ON_SECONDARY) == "secondary"
     assert_no_traceback(watched)
+
+
+def test_a_database_back_takes_statements_within_seconds_whatever_the_interval(
+        pg: Cluster, proxy: FaultProxy, make_fleet: Any) -> None:
+    """The half-open circuit: with a 30 s health interval, a database that was down answers
+    again and a fan-out over it succeeds within 5 s (it is probed every second while down)."""
+    proxy.refuse(True)  # down from the start: the first check opens the circuit
+    fleet: Fleet = make_fleet(
+        health={"interval": "30s", "timeout": "0.5s", "failures_to_down": 1},
+        pool={"size": 4, "acquire_timeout": "3s", "connect_timeout": "1s"},
+        databases={"secondary": {"dsn": f"postgresql://pf_md5:md5pass@127.0.0.1:{proxy.port}/secondary"}},
+        sharding={"shards": ["primary", "secondary"], "tables": {"accounts": "user_id"},
+                  "types": {"accounts": "bigint"}})
+    wait_logged(fleet, DOWN)
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        refused_in(conn, FAN_OUT)
+        proxy.refuse(False)
+        back = time.monotonic()
+        assert wait_for(lambda: _answers(conn, FAN_OUT), 5.0), fleet.log()[-2000:]
+        took = time.monotonic() - back
+        assert one(conn, FAN_OUT) == accounts_everywhere(pg)
+    print(f"\nhalf-open circuit: a fan-out over the database succeeded {took:.2f}s after it answered again "
+          "(health interval 30s)")
+    assert_no_traceback(fleet)
+
+
+def _answers(conn: psycopg.Connection[Any], sql: str) -> bool:
+    try:
+        conn.execute(sql)
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_a_configured_database_created_through_pgfleet_is_usable_within_a_second(
+        pg: Cluster, make_fleet: Any) -> None:
+    dbname = f"created_{os.getpid()}"
+    pg.psql(f"DROP DATABASE IF EXISTS {dbname}")
+    fleet: Fleet = make_fleet(
+        health={"interval": "30s", "timeout": "0.5s", "failures_to_down": 1},
+        databases={"later": {"dsn": pg.dsn(dbname)}, "primary": {"dsn": pg.dsn("bank")}})  # may CREATE DATABASE
+    try:
+        wait_logged(fleet, "database later is down")
+        with psycopg.connect(fleet.dsn("pf_admin"), autocommit=True) as conn:
+            conn.execute(f"/* pgfleet: database=primary */ CREATE DATABASE {dbname}")
+            created = time.monotonic()
+            assert wait_for(lambda: _answers(conn, "/* pgfleet: database=later */ select 1"), 5.0), \
+                fleet.log()[-2000:]
+            took = time.monotonic() - created
+            assert one(conn, "/* pgfleet: database=later */ select current_database()") == dbname
+        assert took < 1.5, took
+    finally:
+        fleet.stop()
+        pg.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
