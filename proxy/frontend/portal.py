@@ -25,7 +25,7 @@ class Portal:
     """A bound statement for several databases, kept by pgfleet and run at its Execute:
     a write (one scatter) or, with a ``plan``, a federated SELECT (one gather)."""
 
-    __slots__ = ("databases", "describe", "describe_messages", "formats", "messages", "name", "plan",
+    __slots__ = ("databases", "describe", "describe_messages", "formats", "joined", "messages", "name", "plan",
                  "replicated", "rows", "text")
 
     def __init__(self, name: str, databases: tuple[str, ...], describe_messages: bytes, messages: bytes,
@@ -40,6 +40,7 @@ class Portal:
         self.rows: deque[bytes] | None = None  # a row-limited Execute's result, not yet handed out
         self.describe = False     # the client's Describe of it, not answered yet
         self.text = ""            # the client's statement (the audit log)
+        self.joined = False       # a write inside the client's transaction (two-phase commit)
 
     def next_rows(self, max_rows: int) -> bytes:
         """The next ``max_rows`` rows (all when 0), then PortalSuspended or CommandComplete."""

@@ -153,6 +153,27 @@ class Scatter:
         finally:
             self.give_back()
 
+    async def run_joined(self, pools: dict[str, Pool], statements: dict[str, bytes], begin: bytes,
+                         settings: dict[str, str], replicated: bool = False, describe: bool | None = None) -> bytes:
+        """Inside a client's transaction (two-phase commit): the adopted legs, and a backend of
+        each other database of ``statements`` with ``begin`` first, run ``statements``; no
+        COMMIT or ROLLBACK (the client's COMMIT ends them all). The legs stay linked here for
+        the caller to take back; a failure raises, the legs in their failed transaction."""
+        fresh = tuple(db for db in statements if db not in {leg.database for leg in self.legs.values()})
+        prelude = await self._take(pools, fresh, settings)
+        for database in fresh:
+            prelude.setdefault(database, []).append(begin)
+        skip = {leg.database: len(prelude.get(leg.database, ())) for leg in self.legs.values()}
+        await self._round({leg.database: [*prelude.get(leg.database, ()), statements[leg.database]]
+                           for leg in self.legs.values()})
+        answers = {leg.database: _responses(bytes(leg.answer))[skip[leg.database]:] for leg in self.legs.values()}
+        before = {leg.database: _responses(bytes(leg.answer))[:skip[leg.database]] for leg in self.legs.values()}
+        failed = self._first_failure(before) or self._first_failure(answers)
+        self._clear()
+        if failed is not None:
+            raise failed
+        return _combine(answers, replicated, describe)
+
     async def _take(self, pools: dict[str, Pool], databases: tuple[str, ...], settings: dict[str, str]
                     ) -> dict[str, list[bytes]]:
         """A backend of each database, in order, linked here; the SETs that each needs first."""

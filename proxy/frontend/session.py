@@ -1073,11 +1073,12 @@ class Session:
                               "must be a simple query: in the extended protocol each shard's part would leave "
                               "some parameters unused", hint="insert one row per statement (executemany "
                               "pipelines them), or send the INSERT without parameters")
-        self._may_scatter(target, statement.effect)
+        joined = self._may_scatter(target, statement.effect)
         name = raw[5:portal_end].decode(errors="replace")
         self._one_portal(name)
         bound = m.parse("", statement.query, statement.param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
         self.portal = Portal(name, target.databases, bound, bound, route.replicated)
+        self.portal.joined = joined
         self.portal.text = statement.query
         self._write(m.BIND_COMPLETE_MSG)
         return True
@@ -1112,8 +1113,10 @@ class Session:
                               f'still open: pgfleet keeps one such portal at a time, so "{name}" cannot be '
                               "bound beside it", hint="Execute the first portal (or Close it) before binding the next")
 
-    def _may_scatter(self, target: Multi | All, effect: Analysis | None, read: bool = False) -> None:
-        """A statement for several databases runs alone, outside transactions; refused otherwise.
+    def _may_scatter(self, target: Multi | All, effect: Analysis | None, read: bool = False) -> bool:
+        """A statement for several databases runs alone, outside transactions; or, a write
+        with two-phase commit, inside the client's transaction on every database it needs
+        (True: ``_scatter_joined`` runs it). Refused otherwise.
 
         A read may also run in a transaction that has not reached any database yet (drivers
         that BEGIN before every statement): in READ COMMITTED each statement has its own
@@ -1122,12 +1125,23 @@ class Session:
         backend = self.link.server
         deferred = self.tx.deferred_begin is not None and (backend is None or backend.tx_status == m.TX_IDLE) \
             and _SNAPSHOT_LEVELS.search(self.tx.deferred_begin) is None
+        joined = False
         if (self.tx.status != m.TX_IDLE and not (read and deferred)) \
                 or (backend is not None and backend.tx_status != m.TX_IDLE):
-            raise ClientError(FEATURE_NOT_SUPPORTED, f"a statement on several databases "
-                              f"({', '.join(target.databases)}) cannot run inside a transaction block",
-                              hint="run it outside BEGIN ... COMMIT (it then commits on all or none "
-                                   "of them), or bind the shard key")
+            names = ", ".join(target.databases)
+            if self.fleet.coordinator is None:
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"a statement on several databases ({names}) cannot run "
+                                  "inside a transaction block without two-phase commit",
+                                  hint="set two_phase_commit: true (it then joins the transaction on each "
+                                       "database), run it outside BEGIN ... COMMIT, or bind the shard key")
+            if read:
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"a read merged from several databases ({names}) cannot run "
+                                  "in a transaction that already reached a database: it would not see the "
+                                  "transaction's own writes", hint="read it before the transaction's first write, "
+                                  "or outside the transaction, or bind the shard key")
+            if self.tx.status == m.TX_FAILED:
+                raise in_failed_transaction()
+            joined = True
         if effect is not None and effect.touches_settings:
             raise ClientError(FEATURE_NOT_SUPPORTED, "a query string for several databases cannot also "
                               "change settings", hint="send SET separately")
@@ -1142,8 +1156,61 @@ class Session:
                 raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) cannot use "
                                   f"database {backend.database} and then several databases",
                                   hint="send a Sync before a statement for several databases")
+            if joined and backend.tx_status != m.TX_IDLE:
+                # In the transaction: it waits apart until the scatter adopts it (and the
+                # client's Describe and Execute of the portal are not a backend's to answer).
+                self.link.hand_over()
+                if backend.outbox:
+                    backend.flush()
+                self.tx.participants[backend.database] = backend
+                return True
             if not self.settings.pins:  # a pinned backend stays; the others are taken from the pools
                 self.link.release()  # parked here, or done with: the scatter takes its own
+        return joined
+
+    def _scatter_joined(self, statements: dict[str, bytes], replicated: bool, describe: bool | None) -> None:
+        """two_phase_commit: a write for several databases inside the client's transaction.
+
+        The transaction's backends of those databases (the attached one, those waiting apart)
+        run it in the transaction; a database the transaction has not reached yet gets a
+        backend from its pool and the transaction's BEGIN first. Afterwards every one waits
+        apart in the transaction, and COMMIT commits them all in two phases (``_end_across``)."""
+        current = self.link.hand_over()
+        participants = self.tx.participants
+        if current is not None:
+            if current.outbox:
+                current.flush()
+            participants[current.database] = current
+        adopted = [participants.pop(db) for db in statements if db in participants]
+        begin = self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
+        self._wait_for(self._run_joined(adopted, statements, begin, replicated, describe))
+
+    async def _run_joined(self, adopted: list[ServerConnection], statements: dict[str, bytes], begin: bytes,
+                          replicated: bool, describe: bool | None) -> None:
+        self.fleet.counted("cross_database_transaction")
+        started = time.monotonic()
+        scatter = Scatter.adopt(self.pools, adopted, self.fleet.coordinator)
+        status = m.TX_IN_TRANSACTION
+        try:
+            answer = await scatter.run_joined(self.pools, statements, begin, self.settings.values, replicated,
+                                              describe)
+        except ProxyError as exc:
+            answer, status = answer_of(exc), m.TX_FAILED
+            if describe is not None:
+                self._skip_to_sync()
+        for leg in scatter.legs.values():  # back to this client, each waiting apart in the transaction
+            server = leg.server
+            if leg.lost is not None or server.closed:
+                leg.pool.discard(server)
+                status = m.TX_FAILED  # a database's part is gone: the transaction can only roll back
+                continue
+            server.attach(self, self.write, parameters=self._parameter_changed,
+                          answers=self.audit.answer if self.audit is not None else None)
+            self.tx.participants[leg.database] = server
+        self.tx.status = status
+        if self.audit is not None:
+            self.audit.whole("scatter", tuple(statements), started, answer)
+        self._write(answer + m.ready_for_query(status) if describe is None else answer)
 
     def _execute(self, raw: bytes) -> bool:
         portal = self.portal
@@ -1186,8 +1253,11 @@ class Session:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"Execute with a row limit ({max_rows}) is not supported "
                               f"for a statement that writes on several databases ({', '.join(portal.databases)})",
                               hint="fetch all its rows at once (no fetch size)")
-        self._wait_for(self._run_scatter({db: statement for db in portal.databases}, portal.replicated,
-                                         describe=described))
+        statements = {db: statement for db in portal.databases}
+        if portal.joined:
+            self._scatter_joined(statements, portal.replicated, described)
+        else:
+            self._wait_for(self._run_scatter(statements, portal.replicated, describe=described))
         return True
 
     async def _describe_apart(self, query: str, param_types: bytes) -> None:
@@ -1302,13 +1372,16 @@ class Session:
             return True
         if not route.write:
             one_database(route)
-        self._may_scatter(target, analysis)
+        joined = self._may_scatter(target, analysis)
         if route.row_shards is not None:
             texts = split_insert(sql, route.row_shards)
             statements = {db: m.query(texts[db]) for db in target.databases}
         else:
             statements = {db: m.query(sql) for db in target.databases}
-        self._wait_for(self._run_scatter(statements, route.replicated))
+        if joined:
+            self._scatter_joined(statements, route.replicated, None)
+        else:
+            self._wait_for(self._run_scatter(statements, route.replicated))
         return True
 
     async def _begin_copy(self, spec: CopyIn, databases: tuple[str, ...], statement: bytes) -> None:

@@ -95,8 +95,9 @@ def proxy(pg: Cluster) -> Iterator[FaultProxy]:
 
 
 def twophase_config(pg: Cluster, proxy: FaultProxy, **overrides: Any) -> dict[str, Any]:
+    overrides.setdefault("two_phase_commit", True)
     return fleet_config(
-        pg, two_phase_commit=True,
+        pg,
         pool={"size": 4, "acquire_timeout": "3s", "connect_timeout": "2s"},
         databases={"primary": {"dsn": pg.dsn("bank", user="pf_trust")},
                    "secondary": {"dsn": f"postgresql://pf_trust@127.0.0.1:{proxy.port}/secondary"}},
@@ -373,3 +374,70 @@ def test_pgbench_transactions_across_databases_in_the_extended_protocol(
     assert a == b and 0 < len(a) <= 50
     assert prepared(pg) == []
     no_traceback(twophase)
+
+
+# -- statements on several databases inside a transaction (issue 17, point 3)
+
+
+def test_writes_on_several_shards_join_the_transaction_and_commit_in_two_phases(twophase: Fleet,
+                                                                                  pg: Cluster) -> None:
+    a, b = key_on("primary"), key_on("secondary")
+    with psycopg.connect(twophase.dsn()) as conn:  # psycopg's default: every statement in a transaction
+        conn.execute(f"insert into tpc_s (id, v) values ({a}, 1), ({b}, 1)")  # rows on both shards
+        conn.execute("insert into tpc_a (id, v) values (1, 'a')")  # and a mapped table
+        assert conn.execute("update tpc_s set v = v + 10").statusmessage == "UPDATE 2"  # every shard
+        # Its own writes, read back by key inside the transaction.
+        assert conn.execute("select v from tpc_s where id = %s", (b,)).fetchone() == (11,)
+        # In the extended protocol with a parameter, a write with no key bound: every shard.
+        assert conn.execute("update tpc_s set v = v + %s", (100,)).statusmessage == "UPDATE 2"
+        assert ids(pg, "bank", "tpc_s") == []  # nothing visible before COMMIT
+        conn.commit()
+    assert ids(pg, "bank", "tpc_s") == [a] and ids(pg, "secondary", "tpc_s") == [b]
+    with direct(pg, "secondary") as d:
+        assert d.execute("select v from tpc_s").fetchone() == (111,)
+    assert ids(pg, "bank", "tpc_a") == [1]
+    assert prepared(pg) == []
+    no_traceback(twophase)
+
+
+def test_a_joined_write_rolls_back_everywhere(twophase: Fleet, pg: Cluster) -> None:
+    a, b = key_on("primary"), key_on("secondary")
+    with psycopg.connect(twophase.dsn()) as conn:
+        conn.execute(f"insert into tpc_s (id, v) values ({a}, 1), ({b}, 1)")
+        conn.rollback()
+        conn.execute(f"insert into tpc_s (id, v) values ({a}, 1)")
+        with pytest.raises(psycopg.errors.UniqueViolation):  # fails on one shard: the whole transaction fails
+            conn.execute(f"insert into tpc_s (id, v) values ({a}, 2), ({b}, 2)")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("select 1")
+        conn.rollback()
+    assert ids(pg, "bank", "tpc_s") == [] and ids(pg, "secondary", "tpc_s") == []
+    assert prepared(pg) == []
+    no_traceback(twophase)
+
+
+def test_ddl_on_a_sharded_table_in_a_transaction_commits_on_every_shard(twophase: Fleet, pg: Cluster) -> None:
+    for db in ("bank", "secondary"):
+        with direct(pg, db) as d:
+            d.execute("alter table tpc_s owner to pf_trust")  # the dsn's user, as after a create through pgfleet
+    with psycopg.connect(twophase.dsn()) as conn:  # what an ORM's create_all / a migration does
+        conn.execute("alter table tpc_s add column note text")
+        conn.execute("create index tpc_s_note on tpc_s (note)")
+        conn.commit()
+    for db in ("bank", "secondary"):
+        with direct(pg, db) as d:
+            assert d.execute("select count(*) from pg_indexes where indexname = 'tpc_s_note'").fetchone() == (1,)
+    assert prepared(pg) == []
+
+
+def test_without_two_phase_commit_a_write_on_several_shards_in_a_transaction_says_how(
+        pg: Cluster, proxy: FaultProxy, tables: None, tmp_path: Any) -> None:
+    fleet = Fleet(twophase_config(pg, proxy, two_phase_commit=False), tmp_path).start()
+    try:
+        with psycopg.connect(fleet.dsn()) as conn:
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+                conn.execute("update tpc_s set v = 1")
+            assert "without two-phase commit" in str(err.value)
+            assert "two_phase_commit: true" in (err.value.diag.message_hint or "")
+    finally:
+        fleet.stop()
