@@ -135,7 +135,8 @@ KEY_ROLES = ("admin", "server", "client", "database")
 
 # Statement kinds a key's policy allows or denies (router/policy.py says what each covers).
 STATEMENT_KINDS = ("select", "insert", "update", "delete", "merge", "copy", "call", "ddl", "create_function",
-                   "do", "alter_system", "load", "copy_program", "copy_file", "set_role", "lock", "maintenance")
+                   "do", "alter_system", "load", "copy_program", "copy_file", "set_role", "set_parser", "lock",
+                   "maintenance")
 
 
 class Rules(_Struct, frozen=True):

@@ -71,8 +71,8 @@ class Server:
                 pool.reap()
             for name, pool in list(self.fleet.retired.items()):  # a reload removed its database
                 pool.reap()
-                if not pool.active:
-                    pool.close()
+                if not pool.active and not any(sibling.active for sibling in pool.siblings):
+                    pool.close()  # its backend roles' pools too: none still runs a client's statement
                     del self.fleet.retired[name]
             ticks += 1
             if self.fleet.router.unknown_types and ticks % TYPES_RETRY == 0:

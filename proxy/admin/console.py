@@ -107,7 +107,7 @@ def _databases(admin: Admin, _: str) -> Table:
         pool = fleet.pools[name]
         dsn = pool.dsn
         rows.append((name, dsn.host, dsn.port, dsn.dbname, dsn.user, pool.size, config.pool.mode,
-                     pool.total, pool.paused, fleet.health.status(name).circuit == "open", _role(config, name),
+                     pool.total + sum(sibling.total for sibling in pool.siblings), pool.paused, fleet.health.status(name).circuit == "open", _role(config, name),
                      len(db.replicas)))
     return Table(("name", "host", "port", "database", "force_user", "pool_size", "pool_mode",
                   "current_connections", "paused", "disabled", "role", "replicas"), rows)
@@ -164,7 +164,7 @@ def _stats(admin: Admin, _: str) -> Table:
     for name, pool in admin.fleet.pools.items():
         s = pool.stats
         rows.append((name, s.transactions, s.queries, s.received, s.sent, s.errors,
-                     sum(pool.disconnects.values())))
+                     sum(sum(p.disconnects.values()) for p in (pool, *pool.siblings))))
     return Table(("database", "total_xact_count", "total_query_count", "total_received", "total_sent",
                   "total_errors", "total_server_disconnects"), rows)
 

@@ -18,6 +18,7 @@ from ..backend.catalog import connect
 from ..config import Config
 
 TENANT_POLICY = "pgfleet_tenant"  # the policy of the database keys' roles
+TENANT_ROWS_POLICY = "pgfleet_tenant_rows"  # the permissive half of it
 OPEN_POLICY = "pgfleet_open"      # every row, for the other keys' roles
 TENANT_SETTING = "pgfleet.tenant"
 
@@ -61,10 +62,14 @@ def policy_sql(table: str, column: str, type_name: str, found: Roles) -> list[st
     """The statements that put ``table`` under row-level security (idempotent)."""
     t, c = quote_ident(table), quote_ident(column)
     mine = f"{c} = NULLIF(current_setting('{TENANT_SETTING}', true), '')::{type_name}"
+    tenants = ", ".join(map(quote_ident, found.tenant))
+    # Restrictive, so that no other (permissive) policy on the table can widen it; with a
+    # permissive one of its own, since a role needs one to see any row at all.
     out = [f"ALTER TABLE {t} ENABLE ROW LEVEL SECURITY;",
            f"DROP POLICY IF EXISTS {TENANT_POLICY} ON {t};",
-           (f"CREATE POLICY {TENANT_POLICY} ON {t} TO {', '.join(map(quote_ident, found.tenant))} "
-            f"USING ({mine}) WITH CHECK ({mine});"),
+           f"CREATE POLICY {TENANT_POLICY} ON {t} AS RESTRICTIVE TO {tenants} USING ({mine}) WITH CHECK ({mine});",
+           f"DROP POLICY IF EXISTS {TENANT_ROWS_POLICY} ON {t};",
+           f"CREATE POLICY {TENANT_ROWS_POLICY} ON {t} TO {tenants} USING (true) WITH CHECK (true);",
            f"DROP POLICY IF EXISTS {OPEN_POLICY} ON {t};"]
     if found.open:
         out.append(f"CREATE POLICY {OPEN_POLICY} ON {t} TO {', '.join(map(quote_ident, found.open))} "

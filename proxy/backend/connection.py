@@ -31,6 +31,7 @@ from ..config import Dsn
 from ..errors import CONNECTION_FAILURE, INTERNAL_ERROR, PROTOCOL_VIOLATION, BackendError
 from ..wire import messages as m
 from .expect import DROP_QUERY as DROP_QUERY_
+from .expect import TENANT_QUERY as TENANT_QUERY_
 from .expect import Answer, Expect, Fate
 
 log = logging.getLogger("pgfleet.backend")
@@ -114,6 +115,12 @@ class Stats:
         self.sent = 0
         self.errors = 0
         self.error_classes: dict[str, int] = {}  # ErrorResponses by SQLSTATE class ("23", "42", ...)
+
+
+# The settings of a backend that ran something pgfleet could not follow (SET ... FROM
+# CURRENT, set_config() with computed arguments, an error in a pipeline after a SET, a failed
+# replay of pgfleet's own): the next client it serves gets RESET ALL before its own settings.
+UNKNOWN_SETTINGS: dict[str, str] = {"": "unknown"}
 
 
 class ServerConnection(asyncio.Protocol):
@@ -426,10 +433,20 @@ class ServerConnection(asyncio.Protocol):
             head = expects[0]
             drop = False
             reply = None
-            if head is DROP_QUERY_ and kind != _Z:
+            if (head is DROP_QUERY_ or head is TENANT_QUERY_) and kind != _Z:
                 drop = True  # everything an injected query says, but its ReadyForQuery
                 if kind == _E:
                     self._error(head, data[pos + 5:end])
+                    if head is TENANT_QUERY_:  # fail closed: nothing after it is answered
+                        if parts is None:
+                            parts = []
+                        parts.append(data[start:pos])
+                        self.write_client(b"".join(parts))
+                        self.close_reason = (f"pgfleet could not set pgfleet.tenant on it "
+                                             f"({(self.injected_error or {}).get('M', '?')}), so it was closed "
+                                             "before running anything as another tenant")
+                        self.abort()
+                        return
                 elif kind == _S:
                     self._parameter(data[pos + 5:end])
             elif kind == _Z:
@@ -511,6 +528,7 @@ class ServerConnection(asyncio.Protocol):
                 return head.reply, True
             if head.fate is Fate.DROP:
                 self.injected_error = m.decode_fields(body)
+                self.settings = UNKNOWN_SETTINGS  # which of its settings held is unknown: reset for the next
                 log.warning("database %s: a statement pgfleet sent failed: %s", self.database,
                             self.injected_error.get("M", "?"))
                 return None, True

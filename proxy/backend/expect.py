@@ -50,3 +50,7 @@ FORWARD_SYNC = Expect(Answer.SYNC)
 FORWARD_QUERY = Expect(Answer.QUERY)
 FORWARD_PARSE_UNNAMED = Expect(Answer.PARSE)
 DROP_QUERY = Expect(Answer.QUERY, Fate.DROP)
+# pgfleet.tenant set for a database key: dropped like DROP_QUERY, but if it fails the
+# backend is closed at once, before anything sent after it is answered (it would run as the
+# backend's previous tenant).
+TENANT_QUERY = Expect(Answer.QUERY, Fate.DROP, statement="pgfleet.tenant")

@@ -69,6 +69,7 @@ from ..backend.expect import (
     FORWARD_PARSE_UNNAMED,
     FORWARD_QUERY,
     FORWARD_SYNC,
+    TENANT_QUERY,
     Answer,
     Expect,
     Fate,
@@ -100,7 +101,17 @@ from ..merge.merger import Merger
 from ..router.copyrows import CopyIn, CopyOutWriter, RowSplitter, copy_in, copy_out
 from ..router.fanout import FanoutPlan
 from ..router.parse import split_insert
-from ..router.route import All, Analysis, Direct, Kind, Multi, Params, Route
+from ..router.route import (
+    PARSER_SETTINGS,
+    All,
+    Analysis,
+    Direct,
+    Kind,
+    Multi,
+    Params,
+    Route,
+    parser_setting_safe,
+)
 from ..router.router import SessionContext, UnknownTypes
 from ..wire import messages as m
 from .audited import AuditTrail
@@ -647,6 +658,14 @@ class Session:
                                       "close idle ones, or raise it")
             self.fleet.key_clients[key.id] = self.fleet.key_clients.get(key.id, 0) + 1
             self.counted_key = key.id
+        if key.policy is not None:
+            for name in PARSER_SETTINGS:
+                value = self.settings.values.get(name)
+                if value is not None and not parser_setting_safe(name, value):
+                    raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} ({key.role.value}) may not connect with "
+                                      f"{name}={value}: pgfleet reads its SQL as UTF-8 with "
+                                      "standard_conforming_strings on", hint="connect with client_encoding=UTF8 "
+                                      "and without standard_conforming_strings=off")
         self.ctx = SessionContext(key, direct)
         self.fixed = self.fleet.router.fixed_database(self.ctx)
         # Statements need no parsing when the database is decided and the key may write
@@ -1688,10 +1707,11 @@ class Session:
         client's settings go first."""
         self.link.link(server, self, self.write, self._parameter_changed,
                        self.audit.answer if self.audit is not None else None)
+        server.injected_error = None  # a previous client's, if any: not this one's
         # Settings first, outside the transaction (a ROLLBACK must not undo them). Settings
         # dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings.values:
-            self._replay_settings(server)
+            self._replay_settings(server)  # and the tenant after it
         elif self.tenant_query is not None:
             self._send_tenant(server)
         if self.tx.deferred_begin is not None:
@@ -1700,7 +1720,7 @@ class Session:
     def _send_tenant(self, server: ServerConnection) -> None:
         """A database key's transaction starts: its pgfleet.tenant again, whatever SQL the
         policy could not see did to it since (docs/security.md), in the same write."""
-        server.push(DROP_QUERY)
+        server.push(TENANT_QUERY)
         server.send(self.tenant_query)  # type: ignore[arg-type]
 
     def _send_begin(self, server: ServerConnection) -> None:
@@ -1715,11 +1735,15 @@ class Session:
         return server.tx_status != m.TX_IDLE or self.batch_open or bool(server.expects) or bool(self.settings.pins)
 
     def _replay_settings(self, server: ServerConnection) -> None:
+        """The client's settings on ``server``; then a database key's tenant, apart (a setting
+        the backend refuses must not take it down too, and RESET ALL must not leave it unset)."""
         sql = self.settings.replay(server.settings)
         server.settings = self.settings.values
         if sql is not None:
             server.push(DROP_QUERY)
             server.send(m.query(sql))
+        if self.tenant_query is not None:
+            self._send_tenant(server)
 
     def _maybe_release(self, server: ServerConnection) -> None:
         """Between transactions (not pinned, no pipeline open): the pool decides whether this
@@ -1956,7 +1980,7 @@ class Session:
 
     def _bind_tenant(self, key: ApiKey) -> None:
         binding = key.binding if key.role is Role.DATABASE else None
-        self.settings.bind_tenant(binding)
+        self.settings.drop_tenant()
         self.tenant_query = m.query(set_statement({TENANT: str(binding)}, {})) if binding is not None else None
 
     def close(self, error: ProxyError) -> None:

@@ -10,6 +10,7 @@ sends anything itself: the session sends what ``replay`` returns.
 
 from __future__ import annotations
 
+from ..backend.connection import UNKNOWN_SETTINGS
 from ..errors import (
     FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
@@ -29,10 +30,9 @@ TENANT = "pgfleet.tenant"
 NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
 
 
-# The settings of a backend that ran something pgfleet could not follow (SET ... FROM
-# CURRENT, set_config() with computed arguments, an error in a pipeline after a SET): the
-# next client it serves gets RESET ALL before its own settings.
-DIRTY: dict[str, str] = {"": "unknown"}
+# The settings of a backend that ran something pgfleet could not follow: the next client it
+# serves gets RESET ALL before its own settings (backend/connection.py).
+DIRTY = UNKNOWN_SETTINGS
 
 
 def session_settings(params: dict[str, str]) -> dict[str, str]:
@@ -115,6 +115,10 @@ def _ident(name: str) -> str:
 
 
 def _literal(value: str) -> str:
+    """A string literal that reads the same whatever the backend's standard_conforming_strings
+    (a backslash in a plain literal would not): E'...' with its backslashes doubled."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -155,17 +159,12 @@ class SessionSettings:
         self.hint_values: dict[str, str] = {}
         self.hints: Hints | None = None
 
-    def bind_tenant(self, binding: int | str | None) -> None:
-        """A database key's session: ``pgfleet.tenant`` is its shard-key value on every backend
-        that serves it (row-level security policies read it), replayed with its other settings
-        in the same round trip as its statements; RESET ALL and DISCARD ALL come back to it."""
-        def bound(settings: dict[str, str]) -> dict[str, str]:
-            out = {name: value for name, value in settings.items() if name != TENANT}  # never the client's
-            if binding is not None:
-                out[TENANT] = str(binding)
-            return out
-
-        self.values, self.startup = bound(self.values), bound(self.startup)
+    def drop_tenant(self) -> None:
+        """``pgfleet.tenant`` is never the client's to set, from the startup packet either: the
+        session sets it apart on every transaction of a database key (``Session._send_tenant``)."""
+        if TENANT in self.values or TENANT in self.startup:
+            self.values = {name: value for name, value in self.values.items() if name != TENANT}
+            self.startup = {name: value for name, value in self.startup.items() if name != TENANT}
 
     def logged_in(self, read_only: bool) -> None:
         """The startup values are final: a read-only key's sessions default to read-only."""

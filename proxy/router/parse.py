@@ -35,6 +35,7 @@ from .keybind import const_text
 from .route import (
     HINT_NAMES,
     LIST_QUOTE,
+    PARSER_SETTINGS,
     Analysis,
     Hints,
     Kind,
@@ -42,6 +43,7 @@ from .route import (
     SettingChange,
     Statement,
     TransactionStatement,
+    parser_setting_safe,
 )
 
 _READ = {"SelectStmt": "SELECT", "ExplainStmt": "EXPLAIN", "VariableShowStmt": "SHOW",
@@ -163,6 +165,8 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
     acts = _acts(node)
     if any(_changes_identity(call.get("args", ())) for call in calls):
         acts = acts | {"set_role"}
+    if any(_changes_parser(call.get("args", ())) for call in calls):
+        acts = acts | {"set_parser"}
     if not (changes or opaque or rollback):
         return replace(stmt, acts=acts, functions=frozenset(f.lower() for f in functions))
     violation = stmt.read_only_violation or opaque or any(
@@ -180,6 +184,8 @@ _ACTS = {"SelectStmt": "select", "InsertStmt": "insert", "UpdateStmt": "update",
 _NOT_DDL = frozenset({*_ACTS, *_READ, *_SESSION, "CopyStmt", "TransactionStmt", "ExplainStmt", "PrepareStmt",
                       "ConstraintsSetStmt"})
 _IDENTITY = frozenset({"role", "session_authorization"})
+# Settings that hold for the current transaction only, never for a session.
+_TRANSACTION_SCOPED = frozenset({"transaction_isolation", "transaction_read_only", "transaction_deferrable"})
 _NAMED_STATEMENTS = frozenset({"PrepareStmt", "ExecuteStmt", "DeallocateStmt"})
 
 
@@ -208,6 +214,9 @@ def _acts(node: dict[str, Any]) -> frozenset[str]:
             name = (body.get("name") or "").lower()
             if name in _IDENTITY or name.startswith("pgfleet."):  # SET LOCAL pgfleet.tenant too
                 acts.add("set_role")
+            elif name in PARSER_SETTINGS and body.get("kind") not in ("VAR_RESET", "VAR_SET_DEFAULT") \
+                    and not parser_setting_safe(name, _set_value(name, body.get("args", ()))):
+                acts.add("set_parser")
         elif tag not in _NOT_DDL and tag.endswith("Stmt"):
             acts.add("ddl")
         if tag == "SelectStmt" and "intoClause" in body:
@@ -224,6 +233,15 @@ def _acts(node: dict[str, Any]) -> frozenset[str]:
             if arm in body:
                 stack.append({"SelectStmt": body[arm]})
     return frozenset(acts)
+
+
+def _changes_parser(args: Any) -> bool:
+    """set_config() of standard_conforming_strings or client_encoding to a value that would make
+    PostgreSQL read SQL text differently from pgfleet."""
+    name = const_text(args[0]) if args else None
+    if name is None or name.lower() not in PARSER_SETTINGS:
+        return False  # a computed name is set_role's already
+    return not parser_setting_safe(name.lower(), const_text(args[1]) if len(args) > 1 else None)
 
 
 def _changes_identity(args: Any) -> bool:
@@ -303,6 +321,8 @@ def _setting_changes(tag: str, body: dict[str, Any], calls: list[dict[str, Any]]
     """The session-level setting changes of one statement, and whether any is opaque."""
     changes: list[SettingChange] = []
     opaque = False
+    if tag == "VariableSetStmt" and (body.get("name") or "").lower() in _TRANSACTION_SCOPED:
+        return (), False  # only ever the current transaction's (outside one: a warning, no effect)
     if tag == "VariableSetStmt" and not body.get("is_local"):
         kind, name = body.get("kind"), body.get("name")
         name = name.lower() if name is not None else None  # setting names ignore case, quoted or not
@@ -324,7 +344,7 @@ def _setting_changes(tag: str, body: dict[str, Any], calls: list[dict[str, Any]]
         change = _set_config_change(call.get("args", ()))
         if change is None:
             opaque = True
-        elif change.name is not None:
+        elif change.name is not None and change.name not in _TRANSACTION_SCOPED:
             changes.append(change)
     return tuple(changes), opaque
 

@@ -23,8 +23,8 @@ from .route import Analysis, Relation, Statement
 
 # What the statements of database and client keys may not do unless their policy allows it.
 TENANT_DENIED_STATEMENTS = frozenset({
-    "ddl", "create_function", "do", "alter_system", "load", "copy_program", "copy_file", "set_role", "lock",
-    "maintenance",
+    "ddl", "create_function", "do", "alter_system", "load", "copy_program", "copy_file", "set_role", "set_parser",
+    "lock", "maintenance",
 })
 
 # The server's file, program, process, large-object, replication and remote-SQL functions,
@@ -39,6 +39,7 @@ TENANT_DENIED_FUNCTIONS = (
     "pg_logical_*", "pg_replication_origin_*", "pg_import_system_collations", "pg_stat_get_activity",
     "pg_stat_get_backend_*", "pg_stat_reset*", "pg_stat_statements*", "dblink*", "query_to_xml*",
     "table_to_xml*", "cursor_to_xml*", "schema_to_xml*", "database_to_xml*", "ts_stat", "ts_rewrite",
+    "crosstab*", "connectby*", "xpath_table", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids",
 )
 
 # Catalogs that show other roles' secrets, other sessions' statements or the server's files.
@@ -47,6 +48,10 @@ TENANT_DENIED_TABLES = frozenset({
     "pg_stat_statements_info", "pg_file_settings", "pg_hba_file_rules", "pg_ident_file_mappings",
     "pg_largeobject", "pg_largeobject_metadata", "pg_stat_replication", "pg_replication_slots",
     "pg_stat_ssl", "pg_stat_gssapi", "pg_stat_subscription", "pg_stat_wal_receiver",
+    # what the shared backends hold from other clients: their prepared statements, cursors, locks
+    "pg_prepared_statements", "pg_cursors", "pg_locks", "pg_stat_progress_vacuum", "pg_stat_progress_analyze",
+    "pg_stat_progress_create_index", "pg_stat_progress_cluster", "pg_stat_progress_basebackup",
+    "pg_stat_progress_copy",
 })
 
 _CATALOG_SCHEMAS = ("pg_catalog", "information_schema")
@@ -207,7 +212,8 @@ _DOING = {
     "create functions or procedures", "do": "run DO blocks", "alter_system": "run ALTER SYSTEM",
     "load": "LOAD libraries", "copy_program": "run COPY to or from a program", "copy_file":
     "run COPY to or from a server file", "set_role": "change its identity (SET ROLE, SET SESSION "
-    "AUTHORIZATION, set_config of role or pgfleet.*)", "lock": "run LOCK TABLE", "maintenance":
+    "AUTHORIZATION, set_config of role or pgfleet.*)", "set_parser": "change how SQL text is read "
+    "(standard_conforming_strings off, or a client_encoding such as SJIS or GBK)", "lock": "run LOCK TABLE", "maintenance":
     "run VACUUM, ANALYZE, CLUSTER, REINDEX or CHECKPOINT",
 }
 

@@ -52,6 +52,28 @@ class Relation(msgspec.Struct, frozen=True):
         return f"{self.schema}.{self.name}" if self.schema else self.name
 
 
+# The settings that change how PostgreSQL reads SQL text: pgfleet's parser reads it as UTF-8
+# with standard_conforming_strings on, so for a key with a policy they must stay so (else a
+# string to pgfleet could be SQL to the backend, past the router and the policy).
+PARSER_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding"})
+# Client-only encodings in which a multibyte character may end with the byte of a backslash.
+_BACKSLASH_TRAIL_ENCODINGS = frozenset({
+    "SJIS", "SHIFTJIS", "MSKANJI", "WIN932", "WINDOWS932", "SHIFTJIS2004", "BIG5", "WIN950", "WINDOWS950",
+    "GBK", "WIN936", "WINDOWS936", "CP936", "UHC", "WIN949", "WINDOWS949", "JOHAB", "GB18030",
+})
+_TRUE = frozenset({"on", "true", "yes", "1", "t", "y"})
+
+
+def parser_setting_safe(name: str, value: str | None) -> bool:
+    """Whether SET ``name`` (one of PARSER_SETTINGS) to ``value`` (None: computed at run time)
+    keeps SQL text reading the same to pgfleet and to PostgreSQL."""
+    if value is None:
+        return False
+    if name == "standard_conforming_strings":
+        return value.strip().lower() in _TRUE
+    return "".join(ch for ch in value.upper() if ch.isalnum()) not in _BACKSLASH_TRAIL_ENCODINGS
+
+
 # Settings that are lists of identifiers, each quoted by PostgreSQL (GUC_LIST_QUOTE).
 LIST_QUOTE = frozenset({"search_path", "temp_tablespaces", "local_preload_libraries",
                         "session_preload_libraries", "shared_preload_libraries",

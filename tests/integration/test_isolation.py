@@ -772,3 +772,92 @@ def test_show_keys_shows_each_keys_backend_role_and_policy(fleet: Fleet) -> None
     assert "do" not in denied("pf_iso_wide") and "ddl" in denied("pf_iso_wide")
     assert "delete" in denied("pf_iso_narrow") and "delete" not in denied("pf_iso_client")
     assert denied("pf_iso_server") == set() and denied("pf_iso_admin") == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# the second red team: SQL that pgfleet and PostgreSQL would read differently, and pgfleet's
+# own statements on a shared backend
+
+HIDDEN = (f"SELECT WHERE pg_catalog.num_nulls(pg_catalog.set_config($$pgfleet.tenant$$, $${NEIGHBOUR}$$, false)) < 0; "
+          "SELECT id FROM users")
+
+
+@pytest.mark.parametrize("sql", ["SET standard_conforming_strings = off", "SET LOCAL standard_conforming_strings = 0",
+                                 "SET client_encoding = 'SJIS'", "SET NAMES 'GBK'",
+                                 "SELECT set_config('standard_conforming_strings', 'off', false)"])
+@pytest.mark.parametrize("key", RED_TEAM_KEYS)
+def test_settings_that_change_how_sql_reads_are_refused(fleet: Fleet, key: str, sql: str) -> None:
+    """With standard_conforming_strings off, or a client encoding whose characters may end in a
+    backslash byte, a string to pgfleet's parser could be SQL to PostgreSQL: past the router and
+    the policy (found by the second red team)."""
+    with connect(fleet, key) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape("(statements: set_parser)")):
+            conn.execute(sql)
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+        assert ids(conn, "SELECT 'a\\' AS q, ' ; " + HIDDEN + " ; SELECT ' AS r --'") in (None, {"a\\"})
+
+
+@pytest.mark.parametrize("options", ["-c standard_conforming_strings=off", "-c client_encoding=SJIS"])
+def test_startup_settings_that_change_how_sql_reads_are_refused(fleet: Fleet, options: str) -> None:
+    with pytest.raises(psycopg.OperationalError, match="may not connect with"):
+        psycopg.connect(dsn(fleet, "pf_iso_tenant"), options=options)
+    with pytest.raises(psycopg.OperationalError, match="may not connect with"):
+        psycopg.connect(dsn(fleet, "pf_iso_tenant"), client_encoding="SJIS")
+
+
+def test_a_setting_that_cannot_be_replayed_does_not_lose_the_tenant(fresh_fleet: Fleet) -> None:
+    """SET transaction_isolation outside a transaction has no effect in PostgreSQL; pgfleet
+    once replayed it as a session setting, the replay failed on the next backend, and the
+    tenant set with it was lost: the statement ran as the backend's previous tenant."""
+    with connect(fresh_fleet) as me, connect(fresh_fleet, "pf_iso_neighbour") as neighbour:
+        me.execute("SET transaction_isolation = 'serializable'")
+        assert ids(neighbour, "SELECT id FROM all_users()") == {NEIGHBOUR}  # the backend's tenant is theirs now
+        assert ids(me, "SELECT id FROM all_users()") == {TENANT}
+        assert ids(me, "SELECT id FROM v_users_invoker") == {TENANT}
+    with connect(fresh_fleet, "pf_iso_client") as other:  # nothing left behind for the next login
+        assert other.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_settings_value_with_backslashes_cannot_inject_sql_into_the_replay(fresh_fleet: Fleet) -> None:
+    """pgfleet replays a client's settings as string literals; on a backend that another client
+    (a server key, which may) left with standard_conforming_strings off, a backslash in a value
+    once ended the literal early and the rest ran as SQL (found by the second red team)."""
+    payload = "\\', false)) < 0; CREATE TEMP TABLE pwned AS SELECT 1 AS x; --"
+    with connect(fresh_fleet, "pf_iso_server") as server, connect(fresh_fleet, "pf_iso_client") as client:
+        client.execute("SET a.b = $Q$" + payload + "$Q$")
+        server.execute("SET standard_conforming_strings = off")  # its backend, the app role's one (size 1)
+        assert server.execute("SHOW standard_conforming_strings").fetchone() == ("off",)
+        assert client.execute("SELECT current_setting('a.b')").fetchone() == (payload,)  # replayed as it was
+        assert client.execute("SELECT count(*) FROM pg_class WHERE relname = 'pwned'").fetchone() == (0,)
+        assert client.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+
+
+@pytest.mark.parametrize("table", ["pg_prepared_statements", "pg_cursors", "pg_locks"])
+def test_what_shared_backends_hold_from_other_clients_is_not_shown(fleet: Fleet, table: str) -> None:
+    with connect(fleet) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege, match=f"tables: {table}"):
+        conn.execute(f"SELECT * FROM {table}")
+
+
+@pytest.mark.parametrize("call", ["crosstab('select 1')", "connectby('t', 'a', 'b', '1', 0)",
+                                  "xpath_table('a', 'b', 'c', 'd', 'e')"])
+def test_contrib_functions_that_run_sql_text_are_refused(fleet: Fleet, call: str) -> None:
+    with connect(fleet) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege, match="refused by its policy"):
+        conn.execute(f"SELECT * FROM {call} AS t(a text)")
+
+
+def test_another_permissive_policy_does_not_widen_the_tenants_rows(pg: Cluster, fleet: Fleet) -> None:
+    """pgfleet's tenant policy is restrictive: a DBA's own permissive policy on the table (ORed
+    with permissive ones) cannot show the tenant role other tenants' rows."""
+    for shard in demo.SHARDS:
+        on_shard_exec(pg, "CREATE POLICY everyone ON users TO PUBLIC USING (true)", shard)
+    try:
+        with connect(fleet) as conn:
+            assert ids(conn, "SELECT id FROM all_users()") == {TENANT}
+    finally:
+        for shard in demo.SHARDS:
+            on_shard_exec(pg, "DROP POLICY everyone ON users", shard)
+
+
+def on_shard_exec(pg: Cluster, sql: str, shard: str) -> None:
+    with psycopg.connect(pg.dsn(SHARD_DBS[shard]), autocommit=True) as conn:
+        conn.execute(sql)

@@ -123,6 +123,13 @@ DENIED_STATEMENTS = [
     ("reset session authorization", "set_role"),
     ("set local role other", "set_role"),
     ("SET LOCAL pgfleet.tenant = '1'", "set_role"),
+    ("set standard_conforming_strings = off", "set_parser"),
+    ("set local standard_conforming_strings to false", "set_parser"),
+    ("set client_encoding = 'SJIS'", "set_parser"),
+    ("set names 'GBK'", "set_parser"),
+    ("set client_encoding to big5", "set_parser"),
+    ("select set_config('standard_conforming_strings', 'off', false)", "set_parser"),
+    ("select set_config('client_encoding', 'win932', false)", "set_parser"),
     ("set local pgfleet.tenant to default", "set_role"),
     ("select set_config('role', 'other', false)", "set_role"),
     ("select set_config('ROLE', 'other', true)", "set_role"),
@@ -158,7 +165,7 @@ DENIED_STATEMENTS = [
 
 def test_the_table_covers_every_default_statement_rule() -> None:
     assert TENANT_DENIED_STATEMENTS == {"ddl", "create_function", "do", "alter_system", "load", "copy_program",
-                                        "copy_file", "set_role", "lock", "maintenance"}
+                                        "copy_file", "set_role", "set_parser", "lock", "maintenance"}
     assert {rule for _, rule in DENIED_STATEMENTS} == TENANT_DENIED_STATEMENTS
 
 
@@ -270,6 +277,10 @@ ALLOWED = [
     "copy users to stdout",
     "copy (select * from users) to stdout with (format binary)",
     "set search_path to public",
+    "set client_encoding to 'UTF8'",  # what drivers send: the parser's own encoding
+    "set names 'utf-8'",
+    "set standard_conforming_strings = on",
+    "reset client_encoding",
     "set local search_path to public",
     "reset search_path",
     "set statement_timeout = '5s'",
