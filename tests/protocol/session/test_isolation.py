@@ -122,6 +122,15 @@ CASES = [
          Backend("primary", settings_replay(**{"pgfleet.tenant": "42"}), ("Q", "select id from users where id = 42")),
          Answer("primary", NO_ROWS, ReadyForQuery("I"), result(["id"], [["42"]])),
          Got(result(["id"], [["42"]]))),
+    Case("tenant_statement_that_fails_closes_the_backend_before_the_next_answer",
+         # Fail closed: the statement after it ran as the backend's previous tenant; its rows
+         # never reach the client, which hears that the connection was lost instead.
+         *tenant_login("pf_tenant", "primary", "42"),
+         Send(Query("select id from users where id = 42")),
+         Backend("primary", settings_replay(**{"pgfleet.tenant": "42"}), ("Q", "select id from users where id = 42")),
+         Answer("primary", ErrorResponse("57014", "canceling statement due to user request"), ReadyForQuery("I"),
+                result(["id"], [["7"]])),
+         Got(Err("08006", "could not set pgfleet.tenant", severity="FATAL"))),
     Case("tenant_cannot_set_its_tenant",
          *tenant_login("pf_tenant", "primary", "42"),
          Send(Query("SET pgfleet.tenant = '3'")),
