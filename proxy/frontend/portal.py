@@ -17,6 +17,7 @@ from ..errors import (
     ClientError,
 )
 from ..router.fanout import FanoutPlan
+from ..router.parse import split_insert_params
 from ..router.route import All, Analysis, Direct, Multi, Route
 from ..wire import messages as m
 
@@ -25,8 +26,21 @@ class Portal:
     """A bound statement for several databases, kept by pgfleet and run at its Execute:
     a write (one scatter) or, with a ``plan``, a federated SELECT (one gather)."""
 
-    __slots__ = ("databases", "describe", "describe_messages", "formats", "joined", "messages", "name", "plan",
-                 "replicated", "rows", "text")
+    __slots__ = (
+        "databases",
+        "describe",
+        "describe_messages",
+        "formats",
+        "joined",
+        "messages",
+        "name",
+        "per_database",
+        "plan",
+        "replicated",
+        "row_order",
+        "rows",
+        "text",
+    )
 
     def __init__(self, name: str, databases: tuple[str, ...], describe_messages: bytes, messages: bytes,
                  replicated: bool, plan: FanoutPlan | None = None, formats: tuple[int, ...] = ()) -> None:
@@ -41,6 +55,8 @@ class Portal:
         self.describe = False     # the client's Describe of it, not answered yet
         self.text = ""            # the client's statement (the audit log)
         self.joined = False       # a write inside the client's transaction (two-phase commit)
+        self.row_order: tuple[str, ...] | None = None  # an INSERT split by shard: each row's database
+        self.per_database: dict[str, bytes] | None = None  # then each database's own Parse and Bind
 
     def next_rows(self, max_rows: int) -> bytes:
         """The next ``max_rows`` rows (all when 0), then PortalSuspended or CommandComplete."""
@@ -124,3 +140,25 @@ def no_copy(analysis: Analysis, target: Multi | All) -> None:
 def first_database(route: Route) -> str:
     target = route.target
     return target.database if isinstance(target, Direct) else target.databases[0]
+
+
+def split_bound(query: str, param_types: bytes, bind_rest: bytes, row_shards: tuple[str, ...]) -> dict[str, bytes]:
+    """A multi-row INSERT bound in the extended protocol, split by shard: per shard the unnamed
+    Parse of its rows (parameters renumbered, the client's declared types kept) and its Bind
+    (those parameters' values and format codes, the client's result formats)."""
+    formats, values = m.bind_parameters(bind_rest)
+    _, results = m.bind_results(bind_rest)
+    count = struct.unpack_from("!h", param_types, 0)[0] if len(param_types) >= 2 else 0
+    oids = struct.unpack_from(f"!{count}I", param_types, 2) if count > 0 else ()
+    out = {}
+    for database, (text, numbers) in split_insert_params(query, row_shards).items():
+        types = struct.pack("!h", len(numbers)) + b"".join(
+            struct.pack("!I", oids[n - 1] if n - 1 < len(oids) else 0) for n in numbers)
+        codes = [formats[n - 1] for n in numbers] if len(formats) > 1 else list(formats)
+        body = [struct.pack(f"!h{len(codes)}h", len(codes), *codes), struct.pack("!h", len(numbers))]
+        for n in numbers:
+            value = values[n - 1] if n - 1 < len(values) else None
+            body.append(struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value)
+        body.append(struct.pack(f"!h{len(results)}h", len(results), *results))
+        out[database] = m.parse("", text, types) + m.message(m.BIND, b"\0\0" + b"".join(body))
+    return out

@@ -120,7 +120,8 @@ class Scatter:
 
     async def run(self, pools: dict[str, Pool], statements: dict[str, bytes],
                   settings: dict[str, str], replicated: bool = False, describe: bool | None = None,
-                  keep: frozenset[int] | None = None) -> bytes:
+                  keep: frozenset[int] | None = None, after: dict[str, bytes] | None = None,
+                  row_order: tuple[str, ...] | None = None) -> bytes:
         """Run ``statements`` and return the client's answer bytes.
 
         ``statements`` maps each database to a Query message, or (``describe`` not None) to
@@ -128,17 +129,24 @@ class Scatter:
         portal: then the answer is an Execute's, with the portal's RowDescription or NoData
         first when ``describe`` is True. Each backend first takes the client's session
         ``settings``. ``keep``: return only those kinds of the first database's answer (a
-        Describe run apart). Raises ``ProxyError`` (``ScatterError`` with the backend's own
-        ErrorResponse when a database refused).
+        Describe run apart). ``after``: a Query message a database runs after the statement, in
+        its transaction (its answer is not the client's; an error fails the statement).
+        ``row_order``: the database of each row the client gave (an INSERT split by shard), so
+        that its RETURNING rows come back in that order. Raises ``ProxyError``
+        (``ScatterError`` with the backend's own ErrorResponse when a database refused).
         """
         try:
             prelude = await self._take(pools, tuple(statements), settings)
             skip = {leg.database: len(prelude.get(leg.database, ())) + 1 for leg in self.legs.values()}
             await self._round({leg.database: [*prelude.get(leg.database, ()), m.query("BEGIN"),
-                                              statements[leg.database]] for leg in self.legs.values()})
+                                              statements[leg.database],
+                                              *((after[leg.database],) if after and leg.database in after else ())]
+                               for leg in self.legs.values()})
             answers = {leg.database: _responses(bytes(leg.answer))[skip[leg.database]:]
                        for leg in self.legs.values()}
             failed = self._first_failure(answers)
+            if after:
+                answers = {database: answer[:1] for database, answer in answers.items()}
             for leg in self.legs.values():
                 leg.answer.clear()
             if failed is not None:
@@ -149,12 +157,13 @@ class Scatter:
             if keep is not None:  # only these messages of the first database's answer
                 first = next(iter(answers.values()))
                 return b"".join(m.message(kind, body) for kind, body in (first[0] if first else ()) if kind in keep)
-            return _combine(answers, replicated, describe)
+            return _combine(answers, replicated, describe, row_order)
         finally:
             self.give_back()
 
     async def run_joined(self, pools: dict[str, Pool], statements: dict[str, bytes], begin: bytes,
-                         settings: dict[str, str], replicated: bool = False, describe: bool | None = None) -> bytes:
+                         settings: dict[str, str], replicated: bool = False, describe: bool | None = None,
+                         after: dict[str, bytes] | None = None, row_order: tuple[str, ...] | None = None) -> bytes:
         """Inside a client's transaction (two-phase commit): the adopted legs, and a backend of
         each other database of ``statements`` with ``begin`` first, run ``statements``; no
         COMMIT or ROLLBACK (the client's COMMIT ends them all). The legs stay linked here for
@@ -164,7 +173,8 @@ class Scatter:
         for database in fresh:
             prelude.setdefault(database, []).append(begin)
         skip = {leg.database: len(prelude.get(leg.database, ())) for leg in self.legs.values()}
-        await self._round({leg.database: [*prelude.get(leg.database, ()), statements[leg.database]]
+        await self._round({leg.database: [*prelude.get(leg.database, ()), statements[leg.database],
+                                          *((after[leg.database],) if after and leg.database in after else ())]
                            for leg in self.legs.values()})
         answers = {leg.database: _responses(bytes(leg.answer))[skip[leg.database]:] for leg in self.legs.values()}
         before = {leg.database: _responses(bytes(leg.answer))[:skip[leg.database]] for leg in self.legs.values()}
@@ -172,7 +182,9 @@ class Scatter:
         self._clear()
         if failed is not None:
             raise failed
-        return _combine(answers, replicated, describe)
+        if after:
+            answers = {database: answer[:1] for database, answer in answers.items()}
+        return _combine(answers, replicated, describe, row_order)
 
     async def _take(self, pools: dict[str, Pool], databases: tuple[str, ...], settings: dict[str, str]
                     ) -> dict[str, list[bytes]]:
@@ -339,7 +351,7 @@ def _responses(data: bytes) -> list[list[tuple[int, bytes]]]:
 
 
 def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool = False,
-             describe: bool | None = None) -> bytes:
+             describe: bool | None = None, row_order: tuple[str, ...] | None = None) -> bytes:
     """Several databases' answers to the same statement(s) as one database's answer.
 
     ``replicated``: each database holds a copy of the same rows (a reference table), so the
@@ -376,10 +388,36 @@ def _combine(answers: dict[str, list[list[tuple[int, bytes]]]], replicated: bool
             elif describe:
                 parts.append(m.NO_DATA_MSG)
             if description is not None:
-                for other in groups[:1 if replicated else None]:
-                    parts.extend(m.message(m.DATA_ROW, row) for row in other[number]["D"])
+                if row_order is not None:  # an INSERT's RETURNING rows, in the order of the client's rows
+                    parts.extend(m.message(m.DATA_ROW, row)
+                                 for row in _in_row_order({db: groups[i][number]["D"] for i, db in enumerate(answers)},
+                                                          row_order))
+                else:
+                    for other in groups[:1 if replicated else None]:
+                        parts.extend(m.message(m.DATA_ROW, row) for row in other[number]["D"])
             parts.append(m.message(*tags[0]) if replicated else _sum_tags(tags))
     return b"".join(parts)
+
+
+def _in_row_order(rows: dict[str, list[bytes]], row_order: tuple[str, ...]) -> list[bytes]:
+    """Each database's RETURNING rows (in the order of its own rows of the INSERT) in the order
+    of the client's rows. When a database returned fewer rows than it was given (ON CONFLICT DO
+    NOTHING skipped some), which of its rows are missing is unknown: its rows keep their order
+    and come where its first rows would."""
+    if sum(len(found) for found in rows.values()) == len(row_order) and \
+            all(len(found) == row_order.count(db) for db, found in rows.items()):
+        taken = dict.fromkeys(rows, 0)
+        out = []
+        for db in row_order:
+            out.append(rows[db][taken[db]])
+            taken[db] += 1
+        return out
+    out, seen = [], set()
+    for db in row_order:
+        if db not in seen and db in rows:
+            seen.add(db)
+            out.extend(rows[db])
+    return out + [row for db, found in rows.items() if db not in seen for row in found]
 
 
 def _groups(response: list[tuple[int, bytes]]) -> list[dict]:  # type: ignore[type-arg]

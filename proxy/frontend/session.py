@@ -113,6 +113,7 @@ from ..router.route import (
     parser_setting_safe,
 )
 from ..router.router import SessionContext, UnknownTypes
+from ..router.shard import interleave_sequences
 from ..wire import messages as m
 from .audited import AuditTrail
 from .backendlink import BackendLink
@@ -126,6 +127,7 @@ from .portal import (
     limit_types,
     no_copy,
     one_database,
+    split_bound,
 )
 from .prepared import Prepared, PreparedStatements
 from .scatter import Scatter, answer_of
@@ -1087,17 +1089,17 @@ class Session:
         assert not isinstance(target, Direct)
         if route.fanout or not route.write:
             one_database(route)  # refused until the federated SELECT
-        if route.row_shards is not None and len(set(route.row_shards)) > 1:
-            raise ClientError(FEATURE_NOT_SUPPORTED, f"an INSERT whose rows go to several shards ({route.reason}) "
-                              "must be a simple query: in the extended protocol each shard's part would leave "
-                              "some parameters unused", hint="insert one row per statement (executemany "
-                              "pipelines them), or send the INSERT without parameters")
         joined = self._may_scatter(target, statement.effect)
         name = raw[5:portal_end].decode(errors="replace")
         self._one_portal(name)
         bound = m.parse("", statement.query, statement.param_types) + m.message(m.BIND, b"\0\0" + raw[name_end + 1:])
-        self.portal = Portal(name, target.databases, bound, bound, route.replicated)
-        self.portal.joined = joined
+        portal = self.portal = Portal(name, target.databases, bound, bound, route.replicated)
+        portal.joined = joined
+        if route.row_shards is not None and len(set(route.row_shards)) > 1:
+            # Each shard its own rows, its parameters renumbered from $1, the client's types kept.
+            portal.per_database = split_bound(statement.query, statement.param_types, raw[name_end + 1:],
+                                              route.row_shards)
+            portal.row_order = route.row_shards
         self.portal.text = statement.query
         self._write(m.BIND_COMPLETE_MSG)
         return True
@@ -1187,7 +1189,8 @@ class Session:
                 self.link.release()  # parked here, or done with: the scatter takes its own
         return joined
 
-    def _scatter_joined(self, statements: dict[str, bytes], replicated: bool, describe: bool | None) -> None:
+    def _scatter_joined(self, statements: dict[str, bytes], replicated: bool, describe: bool | None,
+                        after: dict[str, bytes] | None = None, row_order: tuple[str, ...] | None = None) -> None:
         """two_phase_commit: a write for several databases inside the client's transaction.
 
         The transaction's backends of those databases (the attached one, those waiting apart)
@@ -1202,17 +1205,18 @@ class Session:
             participants[current.database] = current
         adopted = [participants.pop(db) for db in statements if db in participants]
         begin = self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
-        self._wait_for(self._run_joined(adopted, statements, begin, replicated, describe))
+        self._wait_for(self._run_joined(adopted, statements, begin, replicated, describe, after, row_order))
 
     async def _run_joined(self, adopted: list[ServerConnection], statements: dict[str, bytes], begin: bytes,
-                          replicated: bool, describe: bool | None) -> None:
+                          replicated: bool, describe: bool | None, after: dict[str, bytes] | None,
+                          row_order: tuple[str, ...] | None) -> None:
         self.fleet.counted("cross_database_transaction")
         started = time.monotonic()
         scatter = Scatter.adopt(self.pools, adopted, self.fleet.coordinator)
         status = m.TX_IN_TRANSACTION
         try:
             answer = await scatter.run_joined(self.pools, statements, begin, self.settings.values, replicated,
-                                              describe)
+                                              describe, after, row_order)
         except ProxyError as exc:
             answer, status = answer_of(exc), m.TX_FAILED
             if describe is not None:
@@ -1259,7 +1263,8 @@ class Session:
                               "first in the same transaction")
         if self.audit is not None:
             self.audit.text = portal.text
-        statement = portal.messages + m.describe(m.TARGET_PORTAL, "") + m.execute("") + m.SYNC_MSG
+        run = m.describe(m.TARGET_PORTAL, "") + m.execute("") + m.SYNC_MSG
+        statement = portal.messages + run
         if portal.plan is not None:
             if portal.rows is not None:
                 self._write(portal.next_rows(max_rows))
@@ -1272,12 +1277,27 @@ class Session:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"Execute with a row limit ({max_rows}) is not supported "
                               f"for a statement that writes on several databases ({', '.join(portal.databases)})",
                               hint="fetch all its rows at once (no fetch size)")
-        statements = {db: statement for db in portal.databases}
+        per_database = portal.per_database
+        statements = {db: (per_database[db] + run if per_database is not None else statement) for db in portal.databases}
+        after = self._after(self.fleet.router.analysis(portal.text), portal.databases)
         if portal.joined:
-            self._scatter_joined(statements, portal.replicated, described)
+            self._scatter_joined(statements, portal.replicated, described, after, portal.row_order)
         else:
-            self._wait_for(self._run_scatter(statements, portal.replicated, describe=described))
+            self._wait_for(self._run_scatter(statements, portal.replicated, describe=described, after=after,
+                                             row_order=portal.row_order))
         return True
+
+    def _after(self, analysis: Analysis, databases: tuple[str, ...]) -> dict[str, bytes] | None:
+        """What each shard runs after a CREATE TABLE of sharded tables, in its transaction: the
+        tables' sequences interleaved, so that ids are unique across shards."""
+        router = self.fleet.router
+        created = [stmt.target for stmt in analysis.statements
+                   if stmt.command == "CREATE" and stmt.target is not None and stmt.target in router.sharded]
+        if not created:
+            return None
+        n = len(router.shards)
+        return {db: m.query("; ".join(interleave_sequences(table, router.shards.index(db), n) for table in created))
+                for db in databases if db in router.shards}
 
     async def _describe_apart(self, query: str, param_types: bytes) -> None:
         """Describe of a statement routed at Bind: ParameterDescription and RowDescription (or
@@ -1397,10 +1417,11 @@ class Session:
             statements = {db: m.query(texts[db]) for db in target.databases}
         else:
             statements = {db: m.query(sql) for db in target.databases}
+        after = self._after(analysis, target.databases)
         if joined:
-            self._scatter_joined(statements, route.replicated, None)
+            self._scatter_joined(statements, route.replicated, None, after, route.row_shards)
         else:
-            self._wait_for(self._run_scatter(statements, route.replicated))
+            self._wait_for(self._run_scatter(statements, route.replicated, after=after, row_order=route.row_shards))
         return True
 
     async def _begin_copy(self, spec: CopyIn, databases: tuple[str, ...], statement: bytes) -> None:
@@ -1435,8 +1456,8 @@ class Session:
             self.audit.whole("copy", tuple(leg.database for leg in copy.legs.values()), started, answer)
         self._write(answer + m.ready_for_query(self.tx.status))
 
-    async def _run_scatter(self, statements: dict[str, bytes], replicated: bool,
-                           describe: bool | None = None) -> None:
+    async def _run_scatter(self, statements: dict[str, bytes], replicated: bool, describe: bool | None = None,
+                           after: dict[str, bytes] | None = None, row_order: tuple[str, ...] | None = None) -> None:
         """``describe`` None: a simple query, answered up to ReadyForQuery. True or False: an
         Execute (with the client's Describe of the portal or without), answered up to its
         CommandComplete; an error skips the client's messages up to Sync, as PostgreSQL does."""
@@ -1444,7 +1465,8 @@ class Session:
         started = time.monotonic()
         try:
             answer = await Scatter(self.fleet.coordinator).run(self.pools, statements, self.settings.values,
-                                                               replicated, describe)
+                                                               replicated, describe, after=after,
+                                                               row_order=row_order)
         except ProxyError as exc:
             answer = answer_of(exc)
             if describe is not None:

@@ -28,6 +28,7 @@ from pglast import parse_sql
 from pglast.parser import ParseError, fingerprint, normalize, parse_sql_json
 from pglast.parser import scan as scan_tokens
 from pglast.stream import RawStream
+from pglast.visitors import Visitor
 
 from . import keybind
 from .fanout import FanoutPlan, Unmergeable, plan_fanout
@@ -151,7 +152,7 @@ def _statement(node: dict[str, Any], sharded: Mapping[str, str]) -> Statement:
         stmt = replace(stmt, closes_database=body.get("dbname") or body.get("subname"))
     changes, opaque = _setting_changes(tag, body, calls)
     rollback = tag == "TransactionStmt" and body.get("kind") == "TRANS_STMT_ROLLBACK"
-    if tag in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+    if tag in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "CreateStmt"):  # CreateStmt: CREATE TABLE
         stmt = replace(stmt, target=body.get("relation", {}).get("relname"))
     if sharded and stmt.kind is not Kind.SESSION and stmt.kind is not Kind.TRANSACTION \
             and any(r.name in sharded for r in stmt.relations):
@@ -497,6 +498,47 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
         values.valuesLists = tuple(row for row, p in zip(rows, row_places) if p == place)
         out[place] = RawStream()(raw)
     values.valuesLists = rows
+    return out
+
+
+class _Params(Visitor):
+    """The ParamRef nodes of a tree."""
+
+    def __init__(self) -> None:
+        self.found: list[pg.ParamRef] = []
+
+    def visit_ParamRef(self, ancestors: Any, node: pg.ParamRef) -> None:
+        self.found.append(node)
+
+
+def _param_refs(node: Any) -> list[pg.ParamRef]:
+    finder = _Params()
+    finder(node)
+    return finder.found
+
+
+def split_insert_params(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """An INSERT ... VALUES with parameters as one INSERT per place, each with its rows and its
+    parameters renumbered from $1: ``{place: (text, the client's parameter numbers, in the
+    order of the new ones)}``. Parameters outside the VALUES rows (ON CONFLICT, RETURNING) go
+    to every place. Rare (the extended protocol's multi-row INSERT spanning shards), so it
+    parses again and deparses per place."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for place in dict.fromkeys(row_places):
+        (raw,) = parse_sql(sql)
+        values = raw.stmt.selectStmt if isinstance(raw.stmt, pg.InsertStmt) else None
+        assert isinstance(values, pg.SelectStmt), "the router splits only INSERT ... VALUES"
+        rows = values.valuesLists or ()
+        values.valuesLists = ()
+        shared = _param_refs(raw)  # outside the rows
+        mine = tuple(row for row, p in zip(rows, row_places, strict=True) if p == place)
+        values.valuesLists = mine
+        refs = shared + [ref for row in mine for ref in _param_refs(row)]
+        numbers = tuple(sorted({int(ref.number or 0) for ref in refs}))
+        renumber = {old: new for new, old in enumerate(numbers, 1)}
+        for ref in refs:
+            ref.number = renumber[int(ref.number or 0)]
+        out[place] = (RawStream()(raw), numbers)
     return out
 
 

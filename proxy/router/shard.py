@@ -222,3 +222,22 @@ except ImportError:  # pragma: no cover - a machine without a compiler
     _native = None
 
 int_shard_of = _native.int_shard_of if _native is not None else python_int_shard_of
+
+
+def interleave_sequences(table: str, index: int, count: int) -> str:
+    """SQL for shard ``index`` of ``count`` that makes the sequences ``table``'s columns own
+    (serial, bigserial, identity) interleave with the other shards' (start ``index + 1``,
+    increment ``count``), so that no id is handed out on two shards. Sequences already used
+    (``pg_sequence_last_value`` not null) are left alone: a CREATE TABLE IF NOT EXISTS of a
+    table that has rows must not restart them."""
+    literal = "'" + table.replace("'", "''") + "'"
+    return (
+        "DO $pgfleet$ DECLARE s regclass; BEGIN "
+        "FOR s IN SELECT c.oid::regclass FROM pg_catalog.pg_depend d "
+        "JOIN pg_catalog.pg_class c ON c.oid = d.objid AND c.relkind = 'S' "
+        "WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        f"AND d.refobjid = pg_catalog.to_regclass({literal}) AND d.deptype IN ('a', 'i') LOOP "
+        "IF pg_catalog.pg_sequence_last_value(s) IS NULL THEN "
+        "EXECUTE pg_catalog.format('ALTER SEQUENCE %s INCREMENT BY %s START WITH %s RESTART WITH %s', "
+        f"s, {count}, {index + 1}, {index + 1}); END IF; END LOOP; END $pgfleet$"
+    )

@@ -89,3 +89,43 @@ def test_a_shard_that_does_not_answer_is_named_in_the_refusal(pg: Cluster, empty
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
             conn.execute("SELECT * FROM users WHERE id = 1")
         assert "shard x0 did not answer pgfleet's catalog read" in str(err.value)
+
+
+def test_serial_ids_interleave_across_shards_and_returning_keeps_the_clients_order(
+        pg: Cluster, empty_shards: tuple[str, str], make_fleet: Any) -> None:
+    a, b = empty_shards
+    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
+                              default_database="x0", tables={},
+                              sharding={"shards": ["x0", "x1"], "tables": {"orders": "user_id", "items": "user_id"}})
+    users = list(range(1, 21))  # on both shards
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL, note text)")
+        conn.execute("CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY, user_id bigint NOT NULL)")
+        # The simple protocol: rows split by shard, RETURNING in the order of the client's rows.
+        values = ", ".join(f"({u}, 'n{u}')" for u in users)
+        got = conn.execute(f"INSERT INTO orders (user_id, note) VALUES {values} RETURNING user_id, id").fetchall()
+        assert [row[0] for row in got] == users
+        # The extended protocol with parameters: the same, each shard its own renumbered ones.
+        placeholders = ", ".join(["(%s, %s)"] * len(users))
+        params = [x for u in users for x in (u, f"p{u}")]
+        got = conn.execute(f"INSERT INTO orders (user_id, note) VALUES {placeholders} RETURNING user_id, note",
+                           params).fetchall()
+        assert got == [(u, f"p{u}") for u in users]
+        binary = conn.cursor(binary=True).execute(
+            f"INSERT INTO items (user_id) VALUES {', '.join(['(%s)'] * len(users))} RETURNING user_id",
+            users).fetchall()
+        assert [row[0] for row in binary] == users
+        # CREATE TABLE IF NOT EXISTS of a table in use leaves its sequences alone.
+        conn.execute("CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL)")
+        conn.execute("INSERT INTO orders (user_id) VALUES (1), (2)")
+    ids = {index: [row[0] for row in on(pg, dbname, "SELECT id FROM orders")] for index, dbname in enumerate((a, b))}
+    everything = ids[0] + ids[1]
+    assert len(everything) == len(set(everything)) == 2 * len(users) + 2  # unique across shards
+    for index, found in ids.items():  # shard i of 2: i+1, i+3, ...
+        assert found and all(i % 2 == (index + 1) % 2 for i in found), (index, found)
+    item_ids = [row[0] for dbname in (a, b) for row in on(pg, dbname, "SELECT id FROM items")]
+    assert len(item_ids) == len(set(item_ids)) == len(users)
+    for index, dbname in enumerate((a, b)):
+        for (user_id,) in on(pg, dbname, "SELECT user_id FROM orders"):
+            assert shard_of(user_id, "bigint", 2, "hash") == index
+    assert "Traceback" not in fleet.log()

@@ -409,7 +409,7 @@ def test_extended_write_failing_on_one_shard_changes_no_shard(
             conn.execute("delete from currencies where code = 'XAU'")
 
 
-def test_extended_whole_fleet_writes_refused_where_they_cannot_be_exact(sharded: Fleet) -> None:
+def test_extended_whole_fleet_writes_outside_transactions_and_multi_row_inserts(sharded: Fleet) -> None:
     one = next(i for i in range(800, 900) if owner(i) == "primary")
     two = next(i for i in range(800, 900) if owner(i) == "secondary")
     with psycopg.connect(sharded.dsn()) as conn:
@@ -418,11 +418,12 @@ def test_extended_whole_fleet_writes_refused_where_they_cannot_be_exact(sharded:
             conn.execute("update accounts set balance = %s", (0,))
         assert "transaction block" in str(err.value)
         conn.rollback()
-    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
-            conn.execute("insert into users (user_id, name) values (%s, 'a'), (%s, 'b')", (one, two))
-        assert "one row per statement" in (err.value.diag.message_hint or "")
-        assert conn.execute("select count(*) from users where user_id in (%s, %s)", (one, one)).fetchone() == (0,)
+    with psycopg.connect(sharded.dsn(), autocommit=True) as conn:  # rows on two shards, parameters split
+        got = conn.execute("insert into users (user_id, name) values (%s, 'a'), (%s, 'b') returning user_id",
+                           (two, one)).fetchall()
+        assert got == [(two,), (one,)]
+        assert conn.execute("select count(*) from users where user_id in (%s, %s)", (one, two)).fetchone() == (2,)
+        conn.execute("delete from users where user_id in (%s, %s)", (one, two))
 
 
 def test_extended_portal_for_every_shard_raw_protocol(sharded: Fleet, clusters: dict[str, tuple[Cluster, str]]) -> None:

@@ -441,3 +441,18 @@ def test_without_two_phase_commit_a_write_on_several_shards_in_a_transaction_say
             assert "two_phase_commit: true" in (err.value.diag.message_hint or "")
     finally:
         fleet.stop()
+
+
+def test_a_multi_row_insert_with_parameters_in_a_transaction_returns_rows_in_order(twophase: Fleet,
+                                                                                  pg: Cluster) -> None:
+    """What SQLAlchemy's ORM sends for add_all(): one INSERT of many rows with parameters, in a
+    transaction, RETURNING in the order of its rows."""
+    keys = [key_on("secondary"), key_on("primary"), key_on("secondary", 100), key_on("primary", 100)]
+    with psycopg.connect(twophase.dsn()) as conn:
+        got = conn.execute("insert into tpc_s (id, v) values (%s, %s), (%s, %s), (%s, %s), (%s, %s) returning id, v",
+                           [x for i, k in enumerate(keys) for x in (k, i)]).fetchall()
+        assert got == [(k, i) for i, k in enumerate(keys)]
+        conn.commit()
+    assert sorted(ids(pg, "bank", "tpc_s") + ids(pg, "secondary", "tpc_s")) == sorted(keys)
+    assert prepared(pg) == []
+    no_traceback(twophase)

@@ -475,9 +475,7 @@ CASES = [
          Answer("primary", CommandComplete("COMMIT"), ReadyForQuery("I")),
          Answer("secondary", CommandComplete("COMMIT"), ReadyForQuery("I")),
          # PostgreSQL returns the rows of INSERT ... VALUES ... RETURNING in the VALUES order.
-         Got(result([("id", INT4)], [["3"], ["42"]], "INSERT 0 2")),
-         bug="INSERT ... RETURNING whose rows go to two shards returns them shard by shard (42, 3) rather "
-             "than in the order of the VALUES (3, 42), which PostgreSQL keeps and DESIGN promises"),
+         Got(result([("id", INT4)], [["3"], ["42"]], "INSERT 0 2"))),
     Case("scatter_error_rolls_back_everywhere",
          Login(),
          Send(Query("delete from users")),
