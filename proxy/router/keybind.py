@@ -126,6 +126,15 @@ def insert_keys(body: dict[str, Any], sharded: Mapping[str, str]) -> InsertKeys 
     columns = [target.get("ResTarget", {}).get("name") for target in body.get("cols", ())]
     select = body.get("selectStmt", {}).get("SelectStmt")
     lists = select.get("valuesLists") if isinstance(select, dict) else None
+    if not lists and isinstance(select, dict) and sharded[table] in columns:
+        # INSERT ... SELECT a, b FROM (VALUES ...) AS x(a, b) [ORDER BY ...] (SQLAlchemy's
+        # insertmanyvalues): the key is the VALUES column its select-list entry names.
+        found = _values_source(select, columns.index(sharded[table]))
+        if found is not None:
+            lists, index = found
+            rows = [_value(row.get("List", {}).get("items", ())[index])
+                    if index < len(row.get("List", {}).get("items", ())) else None for row in lists]
+            return InsertKeys(table, tuple(rows), len(lists))
     if not lists or any(key in select for key in ("withClause", "sortClause", "limitCount")):
         return InsertKeys(table, None)
     if not columns:
@@ -139,6 +148,36 @@ def insert_keys(body: dict[str, Any], sharded: Mapping[str, str]) -> InsertKeys 
         items = row.get("List", {}).get("items", ())
         rows.append(_value(items[index]) if index < len(items) else None)
     return InsertKeys(table, tuple(rows), len(lists))
+
+
+_NOT_PLAIN = ("whereClause", "groupClause", "havingClause", "limitCount", "limitOffset", "distinctClause",
+              "withClause", "windowClause", "valuesLists", "larg", "intoClause", "lockingClause")
+
+
+def _values_source(select: dict[str, Any], key_index: int) -> tuple[list[Any], int] | None:
+    """A SELECT of columns (maybe cast) of one VALUES list in FROM, each row once: the VALUES
+    rows and the place of the column the select list's ``key_index``-th entry names; None for
+    any other SELECT (a WHERE, a join, an expression of the key: which rows it writes is then
+    not the VALUES rows)."""
+    sources = select.get("fromClause", ())
+    targets = select.get("targetList", ())
+    if len(sources) != 1 or any(key in select for key in _NOT_PLAIN) or key_index >= len(targets):
+        return None
+    subselect = sources[0].get("RangeSubselect")
+    if subselect is None:
+        return None
+    inner = subselect.get("subquery", {}).get("SelectStmt", {})
+    lists = inner.get("valuesLists")
+    names = [item.get("String", {}).get("sval") for item in subselect.get("alias", {}).get("colnames", ())]
+    if not lists or not names:
+        return None
+    node = targets[key_index].get("ResTarget", {}).get("val", {})
+    while "TypeCast" in node:
+        node = node["TypeCast"].get("arg", {})
+    fields = _column(node)
+    if not fields or fields[-1] not in names:
+        return None
+    return lists, names.index(fields[-1])
 
 
 def updates_key(body: dict[str, Any], sharded: Mapping[str, str]) -> bool:

@@ -490,8 +490,7 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
     Rare (a multi-row INSERT that spans shards), so it uses pglast's AST and deparser.
     """
     (raw,) = parse_sql(sql)
-    values = raw.stmt.selectStmt if isinstance(raw.stmt, pg.InsertStmt) else None
-    assert isinstance(values, pg.SelectStmt), "the router splits only INSERT ... VALUES"
+    values = _values_of(raw)
     rows = values.valuesLists or ()
     out: dict[str, str] = {}
     for place in dict.fromkeys(row_places):
@@ -499,6 +498,18 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
         out[place] = RawStream()(raw)
     values.valuesLists = rows
     return out
+
+
+def _values_of(raw: Any) -> pg.SelectStmt:
+    """The VALUES list an INSERT writes: INSERT ... VALUES, or INSERT ... SELECT ... FROM
+    (VALUES ...) AS x(...) (keybind.insert_keys found the key there)."""
+    select = raw.stmt.selectStmt if isinstance(raw.stmt, pg.InsertStmt) else None
+    assert isinstance(select, pg.SelectStmt), "the router splits only INSERTs of VALUES rows"
+    if select.valuesLists:
+        return select
+    source = (select.fromClause or (None,))[0]
+    assert isinstance(source, pg.RangeSubselect) and isinstance(source.subquery, pg.SelectStmt)
+    return source.subquery
 
 
 class _Params(Visitor):
@@ -526,8 +537,7 @@ def split_insert_params(sql: str, row_places: tuple[str, ...]) -> dict[str, tupl
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for place in dict.fromkeys(row_places):
         (raw,) = parse_sql(sql)
-        values = raw.stmt.selectStmt if isinstance(raw.stmt, pg.InsertStmt) else None
-        assert isinstance(values, pg.SelectStmt), "the router splits only INSERT ... VALUES"
+        values = _values_of(raw)
         rows = values.valuesLists or ()
         values.valuesLists = ()
         shared = _param_refs(raw)  # outside the rows

@@ -456,3 +456,20 @@ def test_a_multi_row_insert_with_parameters_in_a_transaction_returns_rows_in_ord
     assert sorted(ids(pg, "bank", "tpc_s") + ids(pg, "secondary", "tpc_s")) == sorted(keys)
     assert prepared(pg) == []
     no_traceback(twophase)
+
+
+def test_sqlalchemy_insertmanyvalues_form_is_split_by_shard(twophase: Fleet, pg: Cluster) -> None:
+    """SQLAlchemy 2's insertmanyvalues with sort_by_parameter_order: INSERT ... SELECT of a
+    VALUES list with a sentinel counter, ORDER BY it, RETURNING in that order."""
+    keys = [key_on("secondary"), key_on("primary"), key_on("secondary", 100), key_on("primary", 100),
+            key_on("primary", 200)]
+    rows = ", ".join(f"(%s, %s, {n})" for n in range(len(keys)))
+    sql = (f"INSERT INTO tpc_s (id, v) SELECT p0::BIGINT, p1::INTEGER FROM (VALUES {rows}) "
+           "AS imp_sen(p0, p1, sen_counter) ORDER BY sen_counter RETURNING tpc_s.id, tpc_s.id AS id__1")
+    with psycopg.connect(twophase.dsn()) as conn:
+        got = conn.execute(sql, [x for i, k in enumerate(keys) for x in (k, i)]).fetchall()
+        assert got == [(k, k) for k in keys]
+        conn.commit()
+    for db, shard in (("bank", "primary"), ("secondary", "secondary")):
+        assert ids(pg, db, "tpc_s") == sorted(k for k in keys if SHARDS[shard_of(k, "int8", 2)] == shard)
+    no_traceback(twophase)
