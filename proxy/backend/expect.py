@@ -47,6 +47,7 @@ FORWARD_DESCRIBE_PORTAL = Expect(Answer.DESCRIBE_PORTAL)
 FORWARD_DESCRIBE_STATEMENT = Expect(Answer.DESCRIBE_STATEMENT)
 FORWARD_CLOSE = Expect(Answer.CLOSE)
 FORWARD_SYNC = Expect(Answer.SYNC)
+DROP_SYNC = Expect(Answer.SYNC, Fate.DROP)  # a pipeline cut by pgfleet between databases
 FORWARD_QUERY = Expect(Answer.QUERY)
 FORWARD_PARSE_UNNAMED = Expect(Answer.PARSE)
 DROP_QUERY = Expect(Answer.QUERY, Fate.DROP)

@@ -56,6 +56,7 @@ class Gather:
         self.merger = merger
         self.write = write
         self.shards: dict[ServerConnection, _Shard] = {}
+        self.kept: list[ServerConnection] = []  # in the client's transaction: its backends, to take back
         self.failure: bytes | None = None
         self.waiting = 0
         self.done: asyncio.Future[None] | None = None
@@ -99,15 +100,30 @@ class Gather:
     # -- running
 
     async def run(self, pools: dict[str, Pool], databases: tuple[str, ...], query: bytes,
-                  settings: dict[str, str]) -> bytes:
+                  settings: dict[str, str], adopted: dict[str, ServerConnection] | None = None,
+                  begin: bytes | None = None) -> bytes:
         """Run ``query`` (a Query message, or Parse/Bind/Describe/Execute/Sync) on every
         database; write the merged rows; return the last bytes (the rest and CommandComplete,
-        or the ErrorResponse)."""
+        or the ErrorResponse).
+
+        ``adopted`` (two-phase commit: the read is in the client's transaction): the
+        transaction's backends of some of the databases; the others get one from their pool and
+        ``begin`` first. None goes back to a pool then: ``kept`` has them all for the client."""
+        joined = adopted is not None
         try:
             for index, database in enumerate(databases):
                 pool = pools[database]
-                server = await pool.acquire()
+                server = adopted.pop(database, None) if adopted is not None else None
+                fresh = server is None
+                if server is None:
+                    server = await pool.acquire()
                 shard = _Shard(index, database, pool, server)
+                if joined:
+                    self.kept.append(server)
+                    if fresh and begin is not None:
+                        server.push(FORWARD_QUERY)
+                        server.send(begin)
+                        shard.replays += 1
                 self.shards[server] = shard
                 server.attach(self, functools.partial(self._received, shard))  # each shard to its inbox
                 server.unnamed_owner = 0  # its unnamed statement becomes the shard query's
@@ -123,7 +139,7 @@ class Gather:
                     if replay is not None:
                         server.push(FORWARD_QUERY)
                         server.send(m.query(replay))
-                        shard.replays = 1
+                        shard.replays += 1
                 server.push(FORWARD_QUERY)
                 server.send(query)
                 server.flush()
@@ -146,6 +162,8 @@ class Gather:
                 # paused after the last answer came would leave it deaf for the next one).
                 if (shard.paused or self.client_paused) and server.transport is not None and not server.closed:
                     server.transport.resume_reading()
+                if joined:
+                    continue  # the client's transaction keeps it (``kept``)
                 if server.closed or server.busy or server.tx_status != m.TX_IDLE:
                     shard.pool.discard(server)
                 else:

@@ -61,6 +61,7 @@ from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5,
 from ..backend.connection import ServerConnection, send_cancel
 from ..backend.expect import (
     DROP_QUERY,
+    DROP_SYNC,
     FORWARD_BIND,
     FORWARD_CLOSE,
     FORWARD_DESCRIBE_PORTAL,
@@ -146,6 +147,11 @@ from .transaction import (
 
 log = logging.getLogger("pgfleet.session")
 
+
+class _PipelineFailed(Exception):
+    """A part of a pipeline cut between databases failed: its error reached the client, and
+    the client's messages up to its Sync are skipped (``_join``)."""
+
 LOGIN_TIMEOUT = 60.0
 _STATEMENT_MESSAGES = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE))
 _REFUSED_SQL = m.query("pgfleet refused this statement")
@@ -207,6 +213,7 @@ class Session:
         self.unparsed: str | None = None  # ... and when its statements need no parsing either
         self.role: str | None = None  # the backend role its statements run as (None: the dsn's user)
         self.tenant_query: bytes | None = None  # a database key's: sets pgfleet.tenant, sent per transaction
+        self._cut: ServerConnection | None = None  # a pipeline's part on it ended with pgfleet's Sync (_join)
         self.pools: dict[str, Pool] = {}  # that role's pools, by database name (scatter, gather, COPY)
         self.pid = 0
         self.secret = 0
@@ -460,6 +467,9 @@ class Session:
             return handler(self, raw)
         except ProtocolViolation:
             raise
+        except _PipelineFailed:
+            self._skip_to_sync()
+            return True
         except UnknownTypes as exc:
             if not self.fleet.may_learn_types(exc.tables):
                 self._refuse(exc, simple=kind == m.QUERY)  # read moments ago: why is in the message
@@ -1114,7 +1124,7 @@ class Session:
         target = route.target
         assert not isinstance(target, Direct)
         plan = self.fleet.router.fanout_plan(query, self.fleet.router.analysis(query))
-        self._may_scatter(target, statement.effect, read=True)
+        joined = self._may_scatter(target, statement.effect, read=True)
         name = raw[5:portal_end].decode(errors="replace")
         self._one_portal(name)
         params, formats = m.bind_results(raw[name_end + 1:])
@@ -1124,6 +1134,7 @@ class Session:
         shard_query = m.parse("", plan.sql, param_types) + m.message(m.BIND, b"\0\0" + params + b"\0\0")
         self.portal = Portal(name, target.databases, original, shard_query, False, plan, formats)
         self.portal.text = query
+        self.portal.joined = joined
         self._write(m.BIND_COMPLETE_MSG)
         return True
 
@@ -1151,15 +1162,10 @@ class Session:
                 or (backend is not None and backend.tx_status != m.TX_IDLE):
             names = ", ".join(target.databases)
             if self.fleet.coordinator is None:
-                raise ClientError(FEATURE_NOT_SUPPORTED, f"a statement on several databases ({names}) cannot run "
-                                  "inside a transaction block without two-phase commit",
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"a {'read merged from' if read else 'statement on'} several "
+                                  f"databases ({names}) cannot run inside a transaction block without two-phase commit",
                                   hint="set two_phase_commit: true (it then joins the transaction on each "
                                        "database), run it outside BEGIN ... COMMIT, or bind the shard key")
-            if read:
-                raise ClientError(FEATURE_NOT_SUPPORTED, f"a read merged from several databases ({names}) cannot run "
-                                  "in a transaction that already reached a database: it would not see the "
-                                  "transaction's own writes", hint="read it before the transaction's first write, "
-                                  "or outside the transaction, or bind the shard key")
             if self.tx.status == m.TX_FAILED:
                 raise in_failed_transaction()
             joined = True
@@ -1188,6 +1194,32 @@ class Session:
             if not self.settings.pins:  # a pinned backend stays; the others are taken from the pools
                 self.link.release()  # parked here, or done with: the scatter takes its own
         return joined
+
+    def _join_all(self, databases: tuple[str, ...]) -> tuple[dict[str, ServerConnection], bytes]:
+        """A read merged from several databases inside the client's transaction (two-phase
+        commit): the transaction's backends of those databases, and the BEGIN for the others."""
+        current = self.link.hand_over()
+        participants = self.tx.participants
+        if current is not None:
+            if current.outbox:
+                current.flush()
+            participants[current.database] = current
+        adopted = {db: participants.pop(db) for db in databases if db in participants}
+        begin = self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
+        return adopted, begin
+
+    def _take_back(self, servers: list[ServerConnection], failed: bool) -> None:
+        """Backends a merged read used in the client's transaction: each waits apart again."""
+        for server in servers:
+            if server.closed:
+                server.pool.discard(server)
+                failed = True
+                continue
+            server.attach(self, self.write, parameters=self._parameter_changed,
+                          answers=self.audit.answer if self.audit is not None else None)
+            self.tx.participants[server.database] = server
+        if failed:
+            self.tx.status = m.TX_FAILED
 
     def _scatter_joined(self, statements: dict[str, bytes], replicated: bool, describe: bool | None,
                         after: dict[str, bytes] | None = None, row_order: tuple[str, ...] | None = None) -> None:
@@ -1269,7 +1301,8 @@ class Session:
             if portal.rows is not None:
                 self._write(portal.next_rows(max_rows))
                 return True
-            self._wait_for(self._run_gather(portal.plan, portal.databases, statement, portal, max_rows))
+            self._wait_for(self._run_gather(portal.plan, portal.databases, statement, portal, max_rows,
+                                            joined=portal.joined))
             return True
         described, portal.describe = portal.describe, False
         self.portal = None
@@ -1406,8 +1439,8 @@ class Session:
         no_copy(analysis, target)
         if route.fanout or analysis.statements[0].command == "SELECT":  # FOR UPDATE, INTO: refused there
             plan = self.fleet.router.fanout_plan(sql, analysis)
-            self._may_scatter(target, analysis, read=True)
-            self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql)))
+            joined = self._may_scatter(target, analysis, read=True)
+            self._wait_for(self._run_gather(plan, target.databases, m.query(plan.sql), joined=joined))
             return True
         if not route.write:
             one_database(route)
@@ -1477,7 +1510,7 @@ class Session:
 
     async def _run_gather(self, plan: FanoutPlan, databases: tuple[str, ...], query: bytes,
                           portal: Portal | None = None, max_rows: int = 0,
-                          copy: CopyOutWriter | None = None) -> None:
+                          copy: CopyOutWriter | None = None, joined: bool = False) -> None:
         """A federated SELECT: merged rows to the client as they come.
 
         A simple query (no ``portal``) ends with ReadyForQuery. An Execute ends with its
@@ -1507,10 +1540,13 @@ class Session:
         if self.link.client_slow:
             gather.pause()
         started = time.monotonic()
+        adopted, begin = self._join_all(databases) if joined else (None, None)
         try:
-            last = await gather.run(self.pools, databases, query, settings)
+            last = await gather.run(self.pools, databases, query, settings, adopted, begin)
         finally:
             self.gather = None
+            if joined:
+                self._take_back(gather.kept, failed=gather.failure is not None)
         if self.audit is not None:
             self.audit.whole("copy" if copy is not None else "fanout", databases, started, last)
         failed = gather.failure is not None or last[:1] == b"E"
@@ -1590,7 +1626,9 @@ class Session:
                                   f"state there); a statement for database {database} needs another connection",
                                   hint="use a separate connection for the other database, or release the "
                                        "state first (DISCARD ALL)")
-            if backend.tx_status != m.TX_IDLE:
+            # In the client's transaction: the backend's status may not show it yet (its BEGIN
+            # is on the way, in the same pipeline).
+            if backend.tx_status != m.TX_IDLE or (self.tx.status != m.TX_IDLE and self.tx.deferred_begin is None):
                 if self.fleet.coordinator is not None:
                     return self._join(backend, database)
                 raise ClientError(FEATURE_NOT_SUPPORTED, f"this transaction runs on database {backend.database}; "
@@ -1598,9 +1636,11 @@ class Session:
                                   hint="commit first, keep a transaction on one database, or set "
                                        "two_phase_commit: true")
             if self.batch_open:
-                raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) cannot use databases "
-                                  f"{backend.database} and {database}",
-                                  hint="send a Sync between statements for different databases")
+                raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) outside a transaction "
+                                  f"cannot use databases {backend.database} and {database}: PostgreSQL commits a "
+                                  "pipeline's statements together, which pgfleet cannot do on two databases",
+                                  hint="run it in a transaction (BEGIN ... COMMIT) with two_phase_commit: true, or "
+                                       "send a Sync between statements for different databases")
             if backend.busy:
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
@@ -1641,14 +1681,25 @@ class Session:
 
         The backend it leaves waits in the transaction's participants, idle in the
         transaction, until a statement for its database comes back to it or the transaction
-        ends (``_end_across``).
+        ends (``_end_across``). A pipeline (messages up to the client's Sync) is cut there:
+        the part sent to ``backend`` ends with a Sync of pgfleet's (inside the transaction it
+        commits nothing) and is answered before the rest goes to ``database``, so the client
+        hears its answers in its own order; if that part failed, the rest is skipped up to the
+        client's Sync, as PostgreSQL does.
         """
+        if self.batch_open:
+            if backend is not self._cut:
+                backend.push(DROP_SYNC)
+                backend.send(m.SYNC_MSG)
+                self._cut = backend
+            if backend.expects:
+                self.waiting = True  # its part's answers first: resumes when it is idle (backend_idle)
+                return None
+            self._cut = None
+            if backend.tx_status == m.TX_FAILED:
+                raise _PipelineFailed  # its error went to the client; the rest up to Sync is skipped
         if backend.tx_status == m.TX_FAILED:
             raise in_failed_transaction()
-        if self.batch_open:
-            raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) cannot use databases "
-                              f"{backend.database} and {database}",
-                              hint="send a Sync between statements for different databases")
         if self.settings.pending is not None or self.tx.sets:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"this transaction changed settings on database "
                               f"{backend.database}, so it cannot go on on database {database} too",
