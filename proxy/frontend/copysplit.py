@@ -18,7 +18,7 @@ from ..backend.expect import FORWARD_QUERY
 from ..backend.pool import Pool
 from ..backend.twophase import Coordinator
 from ..errors import NOT_NULL_VIOLATION, QUERY_CANCELED, BackendError, ClientError, ProxyError
-from ..router.copyrows import RowSplitter
+from ..router.copyrows import BinaryRowSplitter, RowSplitter
 from ..router.router import Router
 from ..wire import messages as m
 from .scatter import Scatter, _Leg, _responses, answer_of
@@ -27,7 +27,7 @@ _BATCH = 64 * 1024  # bytes of rows gathered per shard before a CopyData goes ou
 
 
 class CopySplit(Scatter):
-    def __init__(self, router: Router, table: str, splitter: RowSplitter,
+    def __init__(self, router: Router, table: str, splitter: RowSplitter | BinaryRowSplitter,
                  coordinator: Coordinator | None = None) -> None:
         super().__init__(coordinator)
         self.router = router

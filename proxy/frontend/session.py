@@ -99,7 +99,14 @@ from ..errors import (
 )
 from ..fleet import Fleet
 from ..merge.merger import Merger
-from ..router.copyrows import CopyIn, CopyOutWriter, RowSplitter, copy_in, copy_out
+from ..router.copyrows import (
+    BinaryRowSplitter,
+    CopyIn,
+    CopyOutWriter,
+    RowSplitter,
+    copy_in,
+    copy_out,
+)
 from ..router.fanout import FanoutPlan
 from ..router.parse import split_insert
 from ..router.route import (
@@ -1198,15 +1205,23 @@ class Session:
     def _join_all(self, databases: tuple[str, ...]) -> tuple[dict[str, ServerConnection], bytes]:
         """A read merged from several databases inside the client's transaction (two-phase
         commit): the transaction's backends of those databases, and the BEGIN for the others."""
+        participants = self._all_apart()
+        adopted = {db: participants.pop(db) for db in databases if db in participants}
+        return adopted, self._transaction_begin()
+
+    def _all_apart(self) -> dict[str, ServerConnection]:
+        """The attached backend joins the transaction's participants waiting apart; all of them."""
         current = self.link.hand_over()
         participants = self.tx.participants
         if current is not None:
             if current.outbox:
                 current.flush()
             participants[current.database] = current
-        adopted = {db: participants.pop(db) for db in databases if db in participants}
-        begin = self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
-        return adopted, begin
+        return participants
+
+    def _transaction_begin(self) -> bytes:
+        """The BEGIN a database the transaction reaches now starts with (the held-back one first)."""
+        return self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
 
     def _take_back(self, servers: list[ServerConnection], failed: bool) -> None:
         """Backends a merged read used in the client's transaction: each waits apart again."""
@@ -1229,14 +1244,9 @@ class Session:
         run it in the transaction; a database the transaction has not reached yet gets a
         backend from its pool and the transaction's BEGIN first. Afterwards every one waits
         apart in the transaction, and COMMIT commits them all in two phases (``_end_across``)."""
-        current = self.link.hand_over()
-        participants = self.tx.participants
-        if current is not None:
-            if current.outbox:
-                current.flush()
-            participants[current.database] = current
+        participants = self._all_apart()
         adopted = [participants.pop(db) for db in statements if db in participants]
-        begin = self.tx.sent_begin() if self.tx.deferred_begin is not None else (self.tx.begin or m.query("BEGIN"))
+        begin = self._transaction_begin()
         self._wait_for(self._run_joined(adopted, statements, begin, replicated, describe, after, row_order))
 
     async def _run_joined(self, adopted: list[ServerConnection], statements: dict[str, bytes], begin: bytes,
@@ -1470,7 +1480,9 @@ class Session:
                 raise ClientError(FEATURE_NOT_SUPPORTED, f'COPY into sharded table "{spec.table}" must include '
                                   f'its shard key "{key}": pgfleet sends each row to the shard of its key',
                                   hint=f"add {key} to the COPY column list")
-            copy = CopySplit(router, spec.table, RowSplitter(spec.format, columns.index(key)), self.fleet.coordinator)
+            splitter = BinaryRowSplitter(columns.index(key)) if spec.format.binary \
+                else RowSplitter(spec.format, columns.index(key))
+            copy = CopySplit(router, spec.table, splitter, self.fleet.coordinator)
             await copy.open(self.pools, databases, statement, self.settings.values)
         except ProxyError as exc:
             self._write(answer_of(exc) + m.ready_for_query(self.tx.status))

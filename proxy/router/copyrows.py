@@ -26,16 +26,18 @@ class CopyFormat:
     quote: bytes
     escape: bytes
     header: bool
+    binary: bool = False
 
 
 def copy_format(options: dict[str, str | bool]) -> CopyFormat:
     """A COPY's format from its options (already checked to be text or csv)."""
-    csv = str(options.get("format", "text")).lower() == "csv"
+    fmt = str(options.get("format", "text")).lower()
+    csv = fmt == "csv"
     quote = str(options.get("quote", '"')).encode()
     return CopyFormat(csv=csv, delimiter=str(options.get("delimiter", "," if csv else "\t")).encode(),
                       null=str(options.get("null", "" if csv else "\\N")).encode(), quote=quote,
                       escape=str(options.get("escape", quote.decode())).encode(),
-                      header=options.get("header", False) not in (False, "false", "off", "0"))
+                      header=options.get("header", False) not in (False, "false", "off", "0"), binary=fmt == "binary")
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,84 @@ def copy_in(sql: str) -> CopyIn | None:
         return None
     table, columns, options = found
     fmt = str(options.get("format", "text")).lower()
-    if fmt not in ("text", "csv"):
+    if fmt not in ("text", "csv", "binary"):
         raise ClientError(FEATURE_NOT_SUPPORTED, f"COPY {fmt.upper()} into a sharded table is not supported: "
-                          "pgfleet reads each row's shard key", hint="use FORMAT text or csv")
+                          "pgfleet reads each row's shard key", hint="use FORMAT text, csv or binary")
     return CopyIn(table=table, columns=columns, format=copy_format(options))
+
+
+_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+class BinaryRowSplitter:
+    """Cuts binary COPY data (PostgreSQL's file format) into tuples as it arrives and reads
+    each tuple's field ``key_index``: ``(tuple bytes, key bytes or None for NULL, broadcast)``;
+    the header and the trailer are broadcast, every shard's COPY needs its own."""
+
+    binary = True
+
+    def __init__(self, key_index: int) -> None:
+        self.key_index = key_index
+        self.rest = b""
+        self.started = False  # the header was read
+        self.ended = False    # the trailer (-1) was read
+
+    def feed(self, data: bytes, final: bool = False) -> list[tuple[bytes, bytes | None, bool]]:
+        buffer = self.rest + data
+        out: list[tuple[bytes, bytes | None, bool]] = []
+        pos = 0
+        n = len(buffer)
+        if not self.started:
+            if n < 19:
+                return self._keep(buffer, 0, final, out)
+            if buffer[:11] != _SIGNATURE:
+                raise ClientError(BAD_COPY_FILE_FORMAT, "COPY file signature not recognized")
+            end = 19 + int.from_bytes(buffer[15:19], "big")
+            if n < end:
+                return self._keep(buffer, 0, final, out)
+            out.append((buffer[:end], None, True))
+            self.started = True
+            pos = end
+        while not self.ended and n - pos >= 2:
+            count = int.from_bytes(buffer[pos:pos + 2], "big", signed=True)
+            if count == -1:
+                out.append((buffer[pos:pos + 2], None, True))
+                self.ended = True
+                pos += 2
+                break
+            if count <= self.key_index:
+                raise ClientError(BAD_COPY_FILE_FORMAT, f"row field count is {count}, expected more than "
+                                  f"{self.key_index} (the shard key's place)")
+            at = pos + 2
+            key: bytes | None = None
+            complete = True
+            for field in range(count):
+                if n - at < 4:
+                    complete = False
+                    break
+                length = int.from_bytes(buffer[at:at + 4], "big", signed=True)
+                at += 4
+                if length > 0:
+                    if n - at < length:
+                        complete = False
+                        break
+                    if field == self.key_index:
+                        key = buffer[at:at + length]
+                    at += length
+                elif length == 0 and field == self.key_index:
+                    key = b""
+            if not complete:
+                break
+            out.append((buffer[pos:at], key, False))
+            pos = at
+        return self._keep(buffer, pos, final, out)
+
+    def _keep(self, buffer: bytes, pos: int, final: bool, out: list[tuple[bytes, bytes | None, bool]]
+              ) -> list[tuple[bytes, bytes | None, bool]]:
+        self.rest = buffer[pos:]
+        if final and self.rest and not self.ended:
+            raise ClientError(BAD_COPY_FILE_FORMAT, "unexpected EOF in COPY data")
+        return out
 
 
 class RowSplitter:

@@ -628,10 +628,11 @@ class Router:
             found.add(0)
         return tuple(self.shards[i] for i in sorted(found))
 
-    def copy_shard(self, table: str, text: str) -> str:
-        """The shard of a COPY row whose shard key reads ``text``."""
+    def copy_shard(self, table: str, text: str | bytes) -> str:
+        """The shard of a COPY row whose shard key reads ``text`` (bytes: binary COPY's field)."""
         type_name = self._type_of(table)
-        return self.shards[shard_of(key_value(text, type_name), type_name, len(self.shards), self.function)]
+        value = binary_key_value(text, type_name) if isinstance(text, bytes) else key_value(text, type_name)
+        return self.shards[shard_of(value, type_name, len(self.shards), self.function)]
 
     def _one_shard(self, table: str, value: KeyValue, params: Params | None) -> str:
         items = self._values(table, value, params)

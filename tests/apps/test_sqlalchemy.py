@@ -5,12 +5,10 @@ PostgreSQL's own PARTITION BY HASH placement, and every id for uniqueness across
 
 from __future__ import annotations
 
-import itertools
-import os
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import (
     BigInteger,
@@ -23,14 +21,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from proxy.embedded import Cluster
 from proxy.router.shard import shard_of
-from tests.integration.conftest import KEYS, Fleet
-
-_names = itertools.count(1)
+from tests.integration.conftest import KEYS, Fleet, sharded_on
+from tests.integration.conftest import rows_on as on
 
 
 class Base(DeclarativeBase):
@@ -50,29 +48,25 @@ class Order(Base):
     note: Mapped[str] = mapped_column(String(50))
 
 
-@pytest.fixture
-def shards(pg: Cluster) -> Iterator[tuple[str, str]]:
-    n = next(_names)
-    names = (f"orm_{os.getpid()}_{n}_a", f"orm_{os.getpid()}_{n}_b")
-    for name in names:
-        pg.create_database(name)
-    yield names
-    for name in names:
-        pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+TABLES = {"app_users": "id", "app_orders": "user_id"}
 
 
-def on(pg: Cluster, dbname: str, sql: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(pg.dsn(dbname), autocommit=True) as conn:
-        return conn.execute(sql).fetchall()
-
-
-def test_the_orm_from_an_empty_fleet(pg: Cluster, shards: tuple[str, str], make_fleet: Any) -> None:
-    a, b = shards
-    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
-                              default_database="x0", tables={}, two_phase_commit=True,
-                              sharding={"shards": ["x0", "x1"], "tables": {"app_users": "id", "app_orders": "user_id"}})
+@contextlib.contextmanager
+def orm_fleet(pg: Cluster, shards: tuple[str, str], make_fleet: Any) -> Iterator[tuple[Fleet, Engine]]:
+    """A pgfleet with two-phase commit on two empty shards, and an engine on it as an
+    application would make one (only DATABASE_URL points at pgfleet)."""
+    fleet: Fleet = make_fleet(**sharded_on(pg, shards, TABLES, two_phase_commit=True))
     engine = create_engine(f"postgresql+psycopg://pf_server:{KEYS['pf_server'][0]}@127.0.0.1:{fleet.port}/app")
     try:
+        yield fleet, engine
+    finally:
+        engine.dispose()
+    assert "Traceback" not in fleet.log()
+
+
+def test_the_orm_from_an_empty_fleet(pg: Cluster, empty_shards: tuple[str, str], make_fleet: Any) -> None:
+    a, b = empty_shards
+    with orm_fleet(pg, empty_shards, make_fleet) as (_, engine):
         Base.metadata.create_all(engine)
         with Session(engine) as session:
             session.add_all([User(id=i, name=f"user {i}") for i in range(1, 1001)])
@@ -108,8 +102,6 @@ def test_the_orm_from_an_empty_fleet(pg: Cluster, shards: tuple[str, str], make_
             session.execute(delete(Order).where(Order.user_id > 390))
             session.commit()
             assert session.scalar(select(func.count()).select_from(Order)) == 390
-    finally:
-        engine.dispose()
     for index, dbname in enumerate((a, b)):
         for (user_id,) in on(pg, dbname, "SELECT id FROM app_users"):
             assert shard_of(user_id, "bigint", 2, "hash") == index
@@ -117,21 +109,16 @@ def test_the_orm_from_an_empty_fleet(pg: Cluster, shards: tuple[str, str], make_
             assert shard_of(user_id, "bigint", 2, "hash") == index
     ids = [row[0] for dbname in (a, b) for row in on(pg, dbname, "SELECT id FROM app_orders")]
     assert len(ids) == len(set(ids))
-    assert "Traceback" not in fleet.log()
 
 
-def test_alembic_operations_through_pgfleet(pg: Cluster, shards: tuple[str, str], make_fleet: Any) -> None:
+def test_alembic_operations_through_pgfleet(pg: Cluster, empty_shards: tuple[str, str], make_fleet: Any) -> None:
     """A migration's operations on a sharded table, in one transaction: on every shard or none."""
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
     from sqlalchemy import Column, Text
 
-    a, b = shards
-    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
-                              default_database="x0", tables={}, two_phase_commit=True,
-                              sharding={"shards": ["x0", "x1"], "tables": {"app_users": "id", "app_orders": "user_id"}})
-    engine = create_engine(f"postgresql+psycopg://pf_server:{KEYS['pf_server'][0]}@127.0.0.1:{fleet.port}/app")
-    try:
+    a, b = empty_shards
+    with orm_fleet(pg, empty_shards, make_fleet) as (_, engine):
         Base.metadata.create_all(engine)
 
         def columns_and_indexes() -> list[tuple[Any, ...]]:
@@ -150,6 +137,3 @@ def test_alembic_operations_through_pgfleet(pg: Cluster, shards: tuple[str, str]
             op.drop_index("ix_app_users_email", table_name="app_users")
             op.drop_column("app_users", "email")
         assert columns_and_indexes() == [(0, 0), (0, 0)]
-    finally:
-        engine.dispose()
-    assert "Traceback" not in fleet.log()

@@ -259,3 +259,32 @@ def make_fleet(pg: Cluster, tmp_path: Path) -> Iterator[Any]:
     yield make
     for proc in started:
         proc.stop()
+
+
+_empty = itertools.count(1)
+
+
+@pytest.fixture
+def empty_shards(pg: Cluster) -> Iterator[tuple[str, str]]:
+    """Two empty databases of the session cluster (dropped at the end): a fleet that starts
+    from nothing, its schema created through pgfleet."""
+    n = next(_empty)
+    names = (f"empty_{os.getpid()}_{n}_a", f"empty_{os.getpid()}_{n}_b")
+    for name in names:
+        pg.create_database(name)
+    yield names
+    for name in names:
+        pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def sharded_on(pg: Cluster, shards: tuple[str, str], tables: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    """Config overrides for a fleet of two shards x0, x1 on ``shards``, sharding ``tables``."""
+    return {"databases": {"x0": {"dsn": pg.dsn(shards[0])}, "x1": {"dsn": pg.dsn(shards[1])}},
+            "default_database": "x0", "tables": {}, "sharding": {"shards": ["x0", "x1"], "tables": tables},
+            **overrides}
+
+
+def rows_on(pg: Cluster, dbname: str, sql: str) -> list[tuple[Any, ...]]:
+    """What the superuser reads straight from a database."""
+    with psycopg.connect(pg.dsn(dbname), autocommit=True) as conn:
+        return conn.execute(sql).fetchall()

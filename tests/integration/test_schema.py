@@ -6,9 +6,6 @@ read again; an error never advises what is already true.
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,33 +14,14 @@ import pytest
 from proxy.embedded import Cluster
 from proxy.router.shard import shard_of
 
-from .conftest import Fleet
-
-_names = itertools.count(1)
-
-
-@pytest.fixture
-def empty_shards(pg: Cluster) -> Iterator[tuple[str, str]]:
-    n = next(_names)
-    names = (f"empty_{os.getpid()}_{n}_a", f"empty_{os.getpid()}_{n}_b")
-    for name in names:
-        pg.create_database(name)
-    yield names
-    for name in names:
-        pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def on(pg: Cluster, dbname: str, sql: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(pg.dsn(dbname), autocommit=True) as conn:
-        return conn.execute(sql).fetchall()
+from .conftest import Fleet, sharded_on
+from .conftest import rows_on as on
 
 
 def test_a_sharded_schema_is_created_and_used_through_pgfleet(pg: Cluster, empty_shards: tuple[str, str],
                                                               make_fleet: Any) -> None:
     a, b = empty_shards
-    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
-                              default_database="x0", tables={},
-                              sharding={"shards": ["x0", "x1"], "tables": {"users": "id", "notes": "user_id"}})
+    fleet: Fleet = make_fleet(**sharded_on(pg, empty_shards, {"users": "id", "notes": "user_id"}))
     with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
         # Before the table exists: refused, and the message says why, once the catalog was read.
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
@@ -94,9 +72,7 @@ def test_a_shard_that_does_not_answer_is_named_in_the_refusal(pg: Cluster, empty
 def test_serial_ids_interleave_across_shards_and_returning_keeps_the_clients_order(
         pg: Cluster, empty_shards: tuple[str, str], make_fleet: Any) -> None:
     a, b = empty_shards
-    fleet: Fleet = make_fleet(databases={"x0": {"dsn": pg.dsn(a)}, "x1": {"dsn": pg.dsn(b)}},
-                              default_database="x0", tables={},
-                              sharding={"shards": ["x0", "x1"], "tables": {"orders": "user_id", "items": "user_id"}})
+    fleet: Fleet = make_fleet(**sharded_on(pg, empty_shards, {"orders": "user_id", "items": "user_id"}))
     users = list(range(1, 21))  # on both shards
     with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL, note text)")

@@ -738,7 +738,7 @@ def test_copy_into_a_sharded_table_splits_rows_by_shard_key(
     ("copy users (name) from stdin", b"x\n", "0A000"),                             # no key column
     ("copy users from stdin", b"6000\tok\n6001\n", "22P04"),                        # a short row (pgfleet or the shard)
     ("copy users from stdin", b"6000\tok\n6000\tdup\n", "23505"),                   # a shard refuses a row
-    ("copy users from stdin (format binary)", b"", "0A000"),
+    ("copy users from stdin (format binary)", b"PGCOPY-not-binary-copy", "22P04"),   # not binary COPY data
 ])
 def test_a_failed_copy_into_a_sharded_table_loads_nothing_on_any_shard(
         sharded: Fleet, clusters: dict[str, tuple[Cluster, str]], statement: str, data: bytes, sqlstate: str) -> None:
