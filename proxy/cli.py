@@ -56,8 +56,17 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(config))
             if not args.offline:
                 from .admin.rls import role_warnings
+                from .admin.sequences import read as read_sequences
                 for line in asyncio.run(role_warnings(config)):
                     print(line)
+                sequences, problems = asyncio.run(read_sequences(config))
+                for database, why in problems:
+                    print(f"note: cannot read the sequences of database {database}: {why}")
+                for seq in sequences:
+                    if seq.fix:
+                        print(f"warning: sequence {seq.sequence} of sharded table {seq.table} on {seq.database} "
+                              f"overlaps the other shards' ids (increment {seq.increment}, start {seq.start}): "
+                              f"run there: {seq.fix}")
             return 0
         if args.command == "rls":
             return _rls(config, args.apply)

@@ -44,6 +44,7 @@ from ..errors import (
 from ..router.route import All, Direct
 from ..router.router import SessionContext
 from ..wire import messages as m
+from .sequences import read as read_sequences
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
@@ -240,6 +241,14 @@ async def _schema(admin: Admin, database: str) -> Table:
     return Table(("schema", "table", "column", "type", "nullable"), [tuple(r) for r in rows])
 
 
+async def _sequences(admin: Admin, _: str) -> Table:
+    found, problems = await read_sequences(admin.fleet.config)
+    rows = [(seq.table, seq.sequence, seq.database, seq.increment, seq.start, seq.last_value,
+             "overlaps" if seq.fix else "interleaved", seq.fix) for seq in found]
+    rows += [(None, None, database, None, None, None, f"unavailable: {why}", None) for database, why in problems]
+    return Table(("table", "sequence", "database", "increment", "start", "last_value", "status", "fix"), rows)
+
+
 async def _sizes(admin: Admin, _: str) -> Table:
     names = list(admin.fleet.config.databases)
     found = await asyncio.gather(*(_ask(admin, name, """
@@ -301,6 +310,8 @@ COMMANDS: tuple[Command, ...] = (
     Command(("SHOW", "VERSION"), None, _version, "pgfleet's version"),
     Command(("SHOW", "SCHEMA"), "database", _schema, "a database's tables and columns"),
     Command(("SHOW", "SIZES"), None, _sizes, "per database: table count and size"),
+    Command(("SHOW", "SEQUENCES"), None, _sequences, "the sharded tables' sequences on each shard: whether "
+            "they interleave (ids unique across shards), else the ALTER SEQUENCE that fixes them"),
     Command(("SHOW", "PLAN"), "statement", _plan, "the route the router picks for a statement, and why"),
     Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused"),
     Command(("PAUSE",), "database", _pause, "new statements for a database wait; running ones finish"),

@@ -105,3 +105,43 @@ def test_serial_ids_interleave_across_shards_and_returning_keeps_the_clients_ord
         for (user_id,) in on(pg, dbname, "SELECT user_id FROM orders"):
             assert shard_of(user_id, "bigint", 2, "hash") == index
     assert "Traceback" not in fleet.log()
+
+
+def test_overlapping_sequences_are_found_and_the_fix_printed(pg: Cluster, empty_shards: tuple[str, str],
+                                                             make_fleet: Any, tmp_path: Any) -> None:
+    """A sharded table created on each shard directly (not through pgfleet): its ids overlap.
+    SHOW SEQUENCES and pgfleet check say so and print the ALTER SEQUENCE; after it, none do."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .conftest import ROOT
+
+    a, b = empty_shards
+    for dbname in (a, b):
+        with psycopg.connect(pg.dsn(dbname), autocommit=True) as direct:
+            direct.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint)")
+            direct.execute("INSERT INTO orders (user_id) VALUES (1), (2), (3)")
+    fleet: Fleet = make_fleet(**sharded_on(pg, empty_shards, {"orders": "user_id"}))
+    with psycopg.connect(fleet.dsn("pf_admin", "pgfleet"), autocommit=True) as admin:
+        rows = admin.execute("SHOW SEQUENCES").fetchall()
+    assert [(r[2], r[6]) for r in rows] == [("x0", "overlaps"), ("x1", "overlaps")]
+    fixes = {r[2]: r[7] for r in rows}
+    assert fixes["x0"] == "ALTER SEQUENCE orders_id_seq INCREMENT BY 2 START WITH 5 RESTART WITH 5"
+    assert fixes["x1"] == "ALTER SEQUENCE orders_id_seq INCREMENT BY 2 START WITH 4 RESTART WITH 4"
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump(fleet.config))
+    check = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(path)], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, check=False)
+    assert "warning: sequence orders_id_seq of sharded table orders on x1 overlaps" in check.stdout, check.stdout
+    for dbname, shard in ((a, "x0"), (b, "x1")):
+        with psycopg.connect(pg.dsn(dbname), autocommit=True) as direct:
+            direct.execute(fixes[shard])
+    with psycopg.connect(fleet.dsn("pf_admin", "pgfleet"), autocommit=True) as admin:
+        assert {r[6] for r in admin.execute("SHOW SEQUENCES").fetchall()} == {"interleaved"}
+    with psycopg.connect(fleet.dsn("pf_server"), autocommit=True) as conn:
+        for user_id in range(1, 9):
+            conn.execute("INSERT INTO orders (user_id) VALUES (%s)", (user_id,))
+    ids = [row[0] for dbname in (a, b) for row in on(pg, dbname, "SELECT id FROM orders WHERE id > 3")]
+    assert len(ids) == len(set(ids)) == 8
