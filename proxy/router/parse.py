@@ -16,6 +16,7 @@ path).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from collections.abc import Mapping
@@ -487,17 +488,8 @@ def split_insert(sql: str, row_places: tuple[str, ...]) -> dict[str, str]:
     """An INSERT ... VALUES as one INSERT per place, each with its rows (in order).
 
     ``row_places`` names the place of each VALUES row. ON CONFLICT and RETURNING are kept.
-    Rare (a multi-row INSERT that spans shards), so it uses pglast's AST and deparser.
     """
-    (raw,) = parse_sql(sql)
-    values = _values_of(raw)
-    rows = values.valuesLists or ()
-    out: dict[str, str] = {}
-    for place in dict.fromkeys(row_places):
-        values.valuesLists = tuple(row for row, p in zip(rows, row_places) if p == place)
-        out[place] = RawStream()(raw)
-    values.valuesLists = rows
-    return out
+    return {place: text for place, (text, _) in split_insert_params(sql, row_places).items()}
 
 
 def _values_of(raw: Any) -> pg.SelectStmt:
@@ -532,8 +524,64 @@ def split_insert_params(sql: str, row_places: tuple[str, ...]) -> dict[str, tupl
     """An INSERT ... VALUES with parameters as one INSERT per place, each with its rows and its
     parameters renumbered from $1: ``{place: (text, the client's parameter numbers, in the
     order of the new ones)}``. Parameters outside the VALUES rows (ON CONFLICT, RETURNING) go
-    to every place. Rare (the extended protocol's multi-row INSERT spanning shards), so it
-    parses again and deparses per place."""
+    to every place. The client's own text is cut at its rows (PostgreSQL's scanner finds them);
+    where that does not find exactly the rows the router counted, pglast's AST and deparser."""
+    found = _split_by_tokens(sql, row_places)
+    return found if found is not None else _split_by_tree(sql, row_places)
+
+
+def _split_by_tokens(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    tokens = scan_tokens(sql)
+    spans: list[tuple[int, int]] = []  # each VALUES row's text: from its "(" to its ")"
+    for at, token in enumerate(tokens):
+        if token.name == "VALUES" and at + 1 < len(tokens) and tokens[at + 1].name == "ASCII_40":
+            depth, start = 0, -1
+            for item in tokens[at + 1:]:
+                if item.name == "ASCII_40":
+                    if depth == 0:
+                        start = item.start
+                    depth += 1
+                elif item.name == "ASCII_41":
+                    depth -= 1
+                    if depth == 0:
+                        spans.append((start, item.end + 1))
+                    elif depth < 0:
+                        break
+                elif depth == 0 and item.name not in ("ASCII_44", "C_COMMENT", "SQL_COMMENT"):
+                    break
+            break
+    if len(spans) != len(row_places) or not spans:
+        return None
+    params = [(token.start, token.end + 1, int(sql[token.start + 1:token.end + 1]))
+              for token in tokens if token.name == "PARAM"]
+    starts = [a for a, _, _ in params]
+
+    def numbers_in(begin: int, end: int) -> list[tuple[int, int, int]]:
+        return params[bisect.bisect_left(starts, begin):bisect.bisect_left(starts, end)]
+
+    first, last = spans[0][0], spans[-1][1]
+    shared = numbers_in(0, first) + numbers_in(last, len(sql))
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for place in dict.fromkeys(row_places):
+        mine = [span for span, p in zip(spans, row_places, strict=True) if p == place]
+        numbers = tuple(sorted({n for _, _, n in shared} | {n for a, b in mine for _, _, n in numbers_in(a, b)}))
+        renumber = {old: new for new, old in enumerate(numbers, 1)}
+
+        def text(begin: int, end: int, renumber: dict[int, int]) -> str:
+            parts, at = [], begin
+            for a, b, n in numbers_in(begin, end):
+                parts.append(sql[at:a])
+                parts.append(f"${renumber[n]}")
+                at = b
+            parts.append(sql[at:end])
+            return "".join(parts)
+
+        body = ", ".join(text(a, b, renumber) for a, b in mine)
+        out[place] = (text(0, first, renumber) + body + text(last, len(sql), renumber), numbers)
+    return out
+
+
+def _split_by_tree(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for place in dict.fromkeys(row_places):
         (raw,) = parse_sql(sql)
