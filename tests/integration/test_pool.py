@@ -344,3 +344,28 @@ def test_idle_timeout_retires_backends_parked_with_idle_clients(
         assert backends(pg, own_role) == 1
         assert wait_for(lambda: backends(pg, own_role) == 0, 8), backends(pg, own_role)
         assert conn.execute("select 2").fetchone() == (2,)  # the client goes on with a new one
+
+
+def test_session_mode_gives_the_client_its_backends_pid(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    """In session mode pgfleet is close to invisible: the client is told its backend's own
+    process id, so pg_backend_pid(), its NotificationResponses and pg_terminate_backend agree
+    with what the driver knows; a cancel still goes through pgfleet (issue 17, psycopg's suite)."""
+    fleet: Fleet = make_fleet(pool={"mode": "session", "size": 2}, databases=own_primary(pg, own_role))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn, \
+            psycopg.connect(fleet.dsn(), autocommit=True) as other:
+        assert conn.execute("select pg_backend_pid()").fetchone() == (conn.info.backend_pid,)
+        conn.execute("listen pf_pid_channel")
+        conn.execute("notify pf_pid_channel, 'x'")
+        notice = next(conn.notifies(timeout=5, stop_after=1))
+        assert notice.pid == conn.info.backend_pid
+        other.execute("select pg_sleep(0)")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            threading.Timer(0.3, conn.cancel).start()
+            conn.execute("select pg_sleep(10)")
+        assert time.monotonic() - started < 5
+        assert conn.execute("select 1").fetchone() == (1,)
+        victim = other.info.backend_pid
+        conn.execute("select pg_terminate_backend(%s)", (victim,))
+        with pytest.raises(psycopg.OperationalError):
+            other.execute("select 1")
