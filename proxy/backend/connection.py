@@ -53,6 +53,7 @@ _SIMPLE_DONE = frozenset((m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE))
 _DESCRIBE_END = frozenset((m.ROW_DESCRIPTION, m.NO_DATA))
 _C = m.COMMAND_COMPLETE
 _S = m.PARAMETER_STATUS
+_A = m.NOTIFICATION
 # Enum members as module globals: one dictionary lookup fewer per message on the hot path.
 _DROP = Fate.DROP
 _MADE_UP = Fate.MADE_UP
@@ -129,6 +130,10 @@ class ServerConnection(asyncio.Protocol):
         self.database = database
         self.pool: Any = None  # the Pool it belongs to (set by the pool; typed loosely: pool imports us)
         self.credentials = "the database's dsn"  # where its user and password come from, for errors
+        # Transaction mode: (host, port, backend pid) -> the pgfleet pid of the client that last
+        # ran statements on that backend (Fleet.backend_owner), to tell a NotificationResponse's
+        # listener which pgfleet client notified; None: pids go to the client as they came.
+        self.pid_owners: dict[tuple[str, int, int], int] | None = None
         self.stats = stats if stats is not None else Stats()
         self.dsn = dsn
         self.startup = startup
@@ -418,6 +423,15 @@ class ServerConnection(asyncio.Protocol):
                 continue
             if end > n:
                 break  # other messages are small: wait for the whole of it
+            if kind == _A and self.pid_owners is not None:
+                renamed = self._notifier(data[pos + 5:end])
+                if renamed is not None:
+                    if parts is None:
+                        parts = []
+                    parts.append(data[start:pos])
+                    parts.append(renamed)
+                    start = pos = end
+                    continue
             if kind == _E and self._server_fatal(data[pos + 5:end]):
                 # The backend is going away: its client hears 08006 from pgfleet instead.
                 if parts is None:
@@ -516,6 +530,15 @@ class ServerConnection(asyncio.Protocol):
         if ready and not expects and not self.skipping and self.link is not None:
             self.link.backend_idle(self)
 
+    def _notifier(self, body: bytes) -> bytes | None:
+        """A NotificationResponse with the notifying backend's pid replaced by its pgfleet
+        client's, when a pgfleet client ran statements on that backend last; else None."""
+        assert self.pid_owners is not None
+        owner = self.pid_owners.get((self.dsn.host, self.dsn.port, _U32(body, 0)[0]))
+        if owner is None:
+            return None
+        return m.message(_A, struct.pack("!I", owner) + body[4:])
+
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
         """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""
         self.errors += 1
@@ -580,6 +603,8 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.pid_owners is not None:
+            self.pid_owners.pop((self.dsn.host, self.dsn.port, self.pid), None)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(BackendError(
                 CONNECTION_FAILURE, f"database {self.database} closed the connection while pgfleet logged in"))

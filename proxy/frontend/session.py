@@ -1800,6 +1800,9 @@ class Session:
         self.link.link(server, self, self.write, self._parameter_changed,
                        self.audit.answer if self.audit is not None else None)
         server.injected_error = None  # a previous client's, if any: not this one's
+        if not self.session_mode:  # the notifier a listener hears of is this client, for now
+            self.fleet.backend_owner[(server.dsn.host, server.dsn.port, server.pid)] = self.pid
+            server.pid_owners = self.fleet.backend_owner
         # Settings first, outside the transaction (a ROLLBACK must not undo them). Settings
         # dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings.values:

@@ -140,3 +140,25 @@ def test_a_pinned_client_is_refused_another_database_with_what_to_do(
             assert a.execute("select count(*) from pf_elsewhere").fetchone() == (0,)
     finally:
         pg.psql("drop database if exists pin_other with (force)")
+
+
+def test_a_notification_names_the_notifying_pgfleet_client(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    """Transaction mode: a NotificationResponse carries the pid the notifier knows itself by
+    (pgfleet's BackendKeyData), not that of whichever pooled backend ran its NOTIFY; the
+    listener's own notifications carry its own (issue 17, psycopg's suite)."""
+    fleet: Fleet = make_fleet(pool={"size": 3, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as a, psycopg.connect(fleet.dsn(), autocommit=True) as b:
+        a.execute("listen pf_who")
+        b.execute("notify pf_who, 'from b'")
+        a.execute("notify pf_who, 'from a'")
+        got: dict[str, int] = {}
+
+        def heard() -> bool:
+            a.execute("select 1")
+            for n in a.notifies(timeout=0.2, stop_after=2):
+                got[n.payload] = n.pid
+            return len(got) == 2
+
+        assert wait_for(heard, timeout=5), got
+        assert got == {"from b": b.info.backend_pid, "from a": a.info.backend_pid}
+        assert b.info.backend_pid != b.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
