@@ -1899,8 +1899,11 @@ class Session:
                 self._fatal(error)
             return
         self.link.lost()
-        if not server.expects and server.tx_status == m.TX_IDLE and not self.batch_open:
+        if not server.expects and server.tx_status == m.TX_IDLE and not self.batch_open \
+                and not self.session_mode and not self.settings.pins:
             # Parked between transactions: the client lost nothing, its next statement gets another.
+            # (In session mode, or pinned, its session state went with it: it is told, as
+            # PostgreSQL would tell it.)
             log.info("client %s (key %s): its idle backend went away: %s", self.peer, self.user,
                      error.message)
             return

@@ -162,3 +162,16 @@ def test_a_notification_names_the_notifying_pgfleet_client(make_fleet: Any, pg: 
         assert wait_for(heard, timeout=5), got
         assert got == {"from b": b.info.backend_pid, "from a": a.info.backend_pid}
         assert b.info.backend_pid != b.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+
+
+def test_a_pinned_backend_that_dies_is_not_replaced_silently(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    """Its LISTEN (the session state that pinned it) went with it: the client is told, as
+    PostgreSQL would tell it, rather than carrying on without its notifications."""
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as a:
+        a.execute("listen pf_lost")
+        backend = a.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        with psycopg.connect(pg.dsn("bank"), autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (backend,))
+        with pytest.raises(psycopg.OperationalError):
+            wait_for(lambda: a.execute("select 1") is None, timeout=5)
