@@ -118,6 +118,8 @@ class Stats:
         self.error_classes: dict[str, int] = {}  # ErrorResponses by SQLSTATE class ("23", "42", ...)
 
 
+DROP_CLOSE = Expect(Answer.CLOSE, Fate.DROP)  # a stale statement closed before its new Parse
+
 # The settings of a backend that ran something pgfleet could not follow (SET ... FROM
 # CURRENT, set_config() with computed arguments, an error in a pipeline after a SET, a failed
 # replay of pgfleet's own): the next client it serves gets RESET ALL before its own settings.
@@ -147,6 +149,10 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = self.created
         self.tx_status = m.TX_IDLE
         self.prepared: set[str] = set()  # backend-side statement names that exist here
+        # Names that exist here with a plan PostgreSQL will not run any more ("cached plan must
+        # not change result type" after DDL): closed before they are prepared again.
+        self.stale: set[str] = set()
+        self.last_bound = ""  # the backend-side name of the last named statement a Bind ran
         self.errors = 0  # ErrorResponses seen: sessions compare counts to know a SET failed
         self.expects: deque[Expect] = deque()
         self.skipping = False  # an error in the extended protocol: the server skips to the next Sync
@@ -542,6 +548,12 @@ class ServerConnection(asyncio.Protocol):
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
         """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""
         self.errors += 1
+        if self.last_bound and b"RRevalidateCachedQuery\0" in body and self.last_bound in self.prepared:
+            # "cached plan must not change result type": the client's driver prepares the
+            # statement again (asyncpg does), and pgfleet's shared name for it is prepared again
+            # here too. (Other backends keep theirs until it fails there, as a client's would.)
+            self.prepared.discard(self.last_bound)
+            self.stale.add(self.last_bound)
         stats = self.stats
         stats.errors += 1
         sqlclass = m.decode_fields(body).get("C", INTERNAL_ERROR)[:2]
@@ -592,6 +604,13 @@ class ServerConnection(asyncio.Protocol):
         self.params[name] = value
         if self.on_parameter is not None:
             self.on_parameter(name, value)
+
+    def close_stale(self, name: str) -> None:
+        """Before ``name`` is parsed here again: its stale statement closed (answer dropped)."""
+        if name in self.stale:
+            self.stale.discard(name)
+            self.push(DROP_CLOSE)
+            self.send(m.close(m.TARGET_STATEMENT, name))
 
     def _maybe_forget_statements(self, tag: bytes) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):

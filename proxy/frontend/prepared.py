@@ -107,6 +107,7 @@ class Prepared:
         """Make sure ``backend`` holds this statement: send its Parse (answer dropped) if not."""
         if self.backend_name:
             if self.backend_name not in backend.prepared:
+                backend.close_stale(self.backend_name)
                 backend.prepared.add(self.backend_name)
                 backend.push(Expect(Answer.PARSE, Fate.DROP, statement=self.backend_name))
                 backend.send(self.parse)

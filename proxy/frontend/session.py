@@ -1023,6 +1023,7 @@ class Session:
         if name in backend.prepared:
             backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=m.PARSE_COMPLETE_MSG))
         else:
+            backend.close_stale(name)
             backend.prepared.add(name)
             backend.push(Expect(Answer.PARSE, statement=name, client=key))
             backend.send(prepared.parse)
@@ -1098,6 +1099,7 @@ class Session:
             self.audit.portals[raw[5:portal_end].decode(errors="replace")] = prepared.query
         self.batch_open = True
         backend.push(FORWARD_BIND)
+        backend.last_bound = prepared.backend_name
         # Only the statement's name is rewritten (the unnamed one keeps its own).
         backend.send(m.message(m.BIND, raw[5:portal_end + 1] + prepared.wire_name + raw[name_end + 1:])
                      if prepared.backend_name else raw)

@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -22,7 +23,7 @@ from psycopg import errors as pgerrors
 
 from proxy.embedded import Cluster
 
-from .conftest import Fleet, fleet_config
+from .conftest import KEYS, Fleet, fleet_config
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -486,3 +487,25 @@ def test_pgbench(bench: Fleet, script: str, mode: str) -> None:
     processed = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
     assert processed and int(processed.group(1)) > 50, result.stdout
     assert "ERROR" not in result.stderr.upper().replace("ERRORS", ""), result.stderr[-2000:]
+
+
+def test_asyncpg_recovers_when_a_cached_plan_must_change_its_result_type(make_fleet: Any, pg: Cluster) -> None:
+    """After DDL changes a prepared SELECT's columns PostgreSQL refuses the old plan ("cached
+    plan must not change result type"); asyncpg prepares the statement again, and pgfleet must
+    prepare its shared name again too (issue 17, asyncpg's suite)."""
+    fleet: Fleet = make_fleet(databases={"primary": {"dsn": pg.dsn("bank")}})
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(host="127.0.0.1", port=fleet.port, user="pf_server",
+                                     password=KEYS["pf_server"][0], database="primary")
+        try:
+            await conn.execute("create table pf_plan (a int)")
+            await conn.execute("insert into pf_plan values (1)")
+            assert [tuple(r) for r in await conn.fetch("select * from pf_plan")] == [(1,)]
+            await conn.execute("alter table pf_plan add column b int")
+            return [tuple(r) for r in await conn.fetch("select * from pf_plan")]
+        finally:
+            await conn.execute("drop table if exists pf_plan")
+            await conn.close()
+
+    assert asyncio.run(run()) == [(1, None)]
