@@ -988,7 +988,7 @@ class Session:
             # A statement whose database depends on its parameters: each Bind prepares it
             # there. pglast has parsed both already, so the client's ParseComplete comes at once.
             if parse.name:
-                name = self.fleet.statement_name(parse.query, parse.param_types)
+                name = self._backend_name(parse)
                 prepared = Prepared.named(name, parse.query, parse.param_types, database, effect,
                                           routed=routed, control=control)
             else:
@@ -997,11 +997,11 @@ class Session:
             statements.add(key, prepared)
             self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
             return True
-        if parse.name and self.link.server is None:
+        if parse.name and self.link.server is None and not self.session_mode:
             # A statement some backend already parsed needs no backend now: it is prepared
             # lazily where it is bound. This also spares a pooled backend for clients (like
             # pgbench) that prepare synchronously while others of theirs hold transactions.
-            name = self.fleet.statement_name(parse.query, parse.param_types)
+            name = self._backend_name(parse)
             if name in self.fleet.pool_of(database, self.role).parsed_ok:
                 statements.add(key, Prepared.named(name, parse.query, parse.param_types, database, effect))
                 self._write(m.PARSE_COMPLETE_MSG)
@@ -1017,7 +1017,7 @@ class Session:
             backend.push(FORWARD_PARSE_UNNAMED)
             backend.send(raw)
             return True
-        name = self.fleet.statement_name(parse.query, parse.param_types)
+        name = self._backend_name(parse)
         prepared = Prepared.named(name, parse.query, parse.param_types, database, effect)
         statements.add(key, prepared)
         if name in backend.prepared:
@@ -1028,6 +1028,14 @@ class Session:
             backend.push(Expect(Answer.PARSE, statement=name, client=key))
             backend.send(prepared.parse)
         return True
+
+    def _backend_name(self, parse: m.Parse) -> str:
+        """The name a client's statement has on the backends: in session mode its own (the
+        backend is the client's: SQL EXECUTE of a protocol-level statement finds it); in
+        transaction mode the name shared by every client that prepares the same text."""
+        if self.session_mode:
+            return parse.name
+        return self.fleet.statement_name(parse.query, parse.param_types)
 
     def _prepared_on(self, prepared: Prepared, bound: str | None = None) -> ServerConnection | None:
         """The backend that runs a client's statement, with the statement prepared on it.
@@ -1418,6 +1426,13 @@ class Session:
         backend = self.link.server
         if kind == m.TARGET_STATEMENT:
             self.statements.close(name.encode())
+            if self.session_mode and backend is not None and name in backend.prepared:
+                # Its own name on its own backend: closed there too, so that a Parse of the
+                # same name prepares the new text.
+                backend.prepared.discard(name)
+                backend.push(FORWARD_CLOSE)
+                backend.send(raw)
+                return True
         elif self.portal is not None and name == self.portal.name:
             self.portal = None
         elif backend is not None:

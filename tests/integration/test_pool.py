@@ -369,3 +369,25 @@ def test_session_mode_gives_the_client_its_backends_pid(make_fleet: Any, pg: Clu
         conn.execute("select pg_terminate_backend(%s)", (victim,))
         with pytest.raises(psycopg.OperationalError):
             other.execute("select 1")
+
+
+def test_session_mode_keeps_the_clients_statement_names(make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    """In session mode a protocol-level statement has the client's own name on its backend:
+    SQL EXECUTE finds it, and after the client closes it the same name prepares a new text
+    (issue 17, psycopg's suite)."""
+    from proxy.wire import messages as m
+
+    from .rawclient import Raw
+
+    fleet: Fleet = make_fleet(pool={"mode": "session", "size": 2}, databases=own_primary(pg, own_role))
+    with Raw(fleet.port) as raw:
+        raw.login("pf_server", "server-secret")
+        raw.send(m.parse("foobar", "select $1::int * 2") + m.SYNC_MSG)
+        assert [msg.kind for msg in raw.until("Z")] == ["1", "Z"]
+        rows = [msg for msg in raw.query("execute foobar(21)") if msg.kind == "D"]
+        assert rows and rows[0].body.endswith(b"42")
+        raw.send(m.close(m.TARGET_STATEMENT, "foobar") + m.parse("foobar", "select $1::int + 1")
+                 + m.bind("", "foobar", b"\0\0\0\x01\0\0\0\x0221\0\0") + m.execute("") + m.SYNC_MSG)
+        answer = raw.until("Z")
+        assert [msg.kind for msg in answer] == ["3", "1", "2", "D", "C", "Z"], answer
+        assert answer[3].body.endswith(b"22")
