@@ -366,7 +366,13 @@ def test_session_mode_gives_the_client_its_backends_pid(make_fleet: Any, pg: Clu
         assert time.monotonic() - started < 5
         assert conn.execute("select 1").fetchone() == (1,)
         victim = other.info.backend_pid
+        # pg_terminate_backend only signals: wait until that backend is gone (a query that
+        # reaches it first would still be answered, directly as through pgfleet).
         conn.execute("select pg_terminate_backend(%s)", (victim,))
+        deadline = time.monotonic() + 10
+        while conn.execute("select count(*) from pg_stat_activity where pid = %s", (victim,)).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the terminated backend did not go away"
+            time.sleep(0.02)
         with pytest.raises(psycopg.OperationalError):
             other.execute("select 1")
 
