@@ -615,8 +615,12 @@ class ServerConnection(asyncio.Protocol):
     def _maybe_forget_statements(self, tag: bytes) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
             self.prepared.clear()
+            self.stale.clear()
         elif tag == b"DEALLOCATE":
-            self.prepared.clear()  # which one is unknown here: re-prepare lazily
+            # Which one is unknown here: each is closed (if it is still there) and prepared
+            # again when next needed (a Parse of a name that still exists would fail, 42P05).
+            self.stale |= self.prepared
+            self.prepared.clear()
 
     # -- closing
 

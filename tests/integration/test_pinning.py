@@ -175,3 +175,19 @@ def test_a_pinned_backend_that_dies_is_not_replaced_silently(make_fleet: Any, pg
             admin.execute("select pg_terminate_backend(%s)", (backend,))
         with pytest.raises(psycopg.OperationalError):
             wait_for(lambda: a.execute("select 1") is None, timeout=5)
+
+
+def test_deallocate_of_a_sql_statement_leaves_the_drivers_statements_working(
+        make_fleet: Any, pg: Cluster, own_role: str) -> None:
+    """SQL DEALLOCATE name does not say which statement went: pgfleet once forgot all it had
+    prepared on that backend and prepared them again, and PostgreSQL answered 42P05 (already
+    exists). Each is now closed first, then prepared again."""
+    fleet: Fleet = make_fleet(pool={"size": 2, "acquire_timeout": "2s"}, databases=own_primary(pg, own_role))
+    with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+        conn.execute("prepare pf_mine as select 1")  # SQL PREPARE: the client keeps this backend
+        assert conn.execute("select %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+        conn.execute("deallocate pf_mine")
+        assert conn.execute("select %s::int + 1", (2,), prepare=True).fetchone() == (3,)
+        assert conn.execute("select %s::int * 3", (2,), prepare=True).fetchone() == (6,)
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            conn.execute("execute pf_mine")
