@@ -14,7 +14,8 @@ their ratio. The script imports ``proxy`` from whichever checkout runs it, and w
 trees from before ``Fleet`` moved from ``proxy.frontend.fleet`` to ``proxy.fleet`` and before
 the client's socket moved from ``Session`` into ``proxy.frontend.seam.ClientConnection``
 (fed through it, as the server does). It sets a few of the session's and the backend's
-attributes by hand (``state``, ``fixed``, ``unparsed``, ``settings``, ``_ready``, ``pool.idle``):
+attributes by hand (``state``, ``fixed``, ``unparsed``, ``settings``, ``_ready``, ``pool.idle``,
+``server.pool``):
 a refactoring that renames them must change this script too.
 """
 
@@ -91,6 +92,7 @@ def measure(n: int, only: str = "") -> dict[str, float]:
         server._ready = asyncio.get_running_loop().create_future()
         server._ready.set_result(None)
         server.transport = Sink()  # type: ignore[assignment]
+        server.pool = pool  # the pool sets it when it opens one (older trees: a plain attribute)
         pool.idle.append(server)
         if ClientConnection is not None:
             client = ClientConnection(fleet)

@@ -107,9 +107,9 @@ class Fleet:
         # federated query first needs it).
         self.byte_order: dict[str, bool] = {}
         self._statement_names: dict[tuple[str, bytes], str] = {}
-        # Transaction mode: (host, port, backend pid) -> the pgfleet pid of the client that last
-        # had that backend (a NotificationResponse names its notifier by it).
-        self.backend_owner: dict[tuple[str, int, int], int] = {}
+        # Transaction mode: the backends clients had, by (host, port, pid): a NotificationResponse
+        # names its notifier by the pgfleet pid of the client that last had it.
+        self.backend_owner: dict[tuple[str, int, int], ServerConnection] = {}
         self._tokens = 0
 
     def _pool(self, config: Config, name: str, dsn: Dsn | None = None, size: int | None = None) -> Pool:

@@ -132,10 +132,11 @@ class ServerConnection(asyncio.Protocol):
         self.database = database
         self.pool: Any = None  # the Pool it belongs to (set by the pool; typed loosely: pool imports us)
         self.credentials = "the database's dsn"  # where its user and password come from, for errors
-        # Transaction mode: (host, port, backend pid) -> the pgfleet pid of the client that last
-        # ran statements on that backend (Fleet.backend_owner), to tell a NotificationResponse's
+        # Transaction mode: the backends by (host, port, pid) (Fleet.backend_owner), each with
+        # the pgfleet pid of the client that last had it, to tell a NotificationResponse's
         # listener which pgfleet client notified; None: pids go to the client as they came.
-        self.pid_owners: dict[tuple[str, int, int], int] | None = None
+        self.pid_owners: dict[tuple[str, int, int], ServerConnection] | None = None
+        self.client_pid = 0
         self.stats = stats if stats is not None else Stats()
         self.dsn = dsn
         self.startup = startup
@@ -540,10 +541,10 @@ class ServerConnection(asyncio.Protocol):
         """A NotificationResponse with the notifying backend's pid replaced by its pgfleet
         client's, when a pgfleet client ran statements on that backend last; else None."""
         assert self.pid_owners is not None
-        owner = self.pid_owners.get((self.dsn.host, self.dsn.port, _U32(body, 0)[0]))
-        if owner is None:
+        notifier = self.pid_owners.get((self.dsn.host, self.dsn.port, _U32(body, 0)[0]))
+        if notifier is None or not notifier.client_pid:
             return None
-        return m.message(_A, struct.pack("!I", owner) + body[4:])
+        return m.message(_A, struct.pack("!I", notifier.client_pid) + body[4:])
 
     def _error(self, head: Expect, body: bytes) -> tuple[bytes | None, bool]:
         """An ErrorResponse: in the extended protocol the backend now skips to the next Sync."""

@@ -1818,8 +1818,10 @@ class Session:
                        self.audit.answer if self.audit is not None else None)
         server.injected_error = None  # a previous client's, if any: not this one's
         if not self.session_mode:  # the notifier a listener hears of is this client, for now
-            self.fleet.backend_owner[(server.dsn.host, server.dsn.port, server.pid)] = self.pid
-            server.pid_owners = self.fleet.backend_owner
+            server.client_pid = self.pid
+            if server.pid_owners is None:  # its first client: found by its pid from now on
+                server.pid_owners = self.fleet.backend_owner
+                server.pid_owners[(server.dsn.host, server.dsn.port, server.pid)] = server
         # Settings first, outside the transaction (a ROLLBACK must not undo them). Settings
         # dicts are never changed in place, so "is" is the common, cheap answer.
         if server.settings is not self.settings.values:
