@@ -57,6 +57,7 @@ _A = m.NOTIFICATION
 # Enum members as module globals: one dictionary lookup fewer per message on the hot path.
 _DROP = Fate.DROP
 _MADE_UP = Fate.MADE_UP
+_CUT = Fate.CUT
 _QUERY = Answer.QUERY
 _SYNC = Answer.SYNC
 _EXECUTE = Answer.EXECUTE
@@ -73,6 +74,8 @@ class Link(Protocol):
 
     def backend_idle(self, server: ServerConnection) -> None: ...  # ReadyForQuery, nothing due
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None: ...
+    # The ReadyForQuery of a CUT_SYNC (only a client session sends one; a janitor ignores it).
+    def part_answered(self, server: ServerConnection) -> None: ...
 
 
 # How a backend connection reaches its server: TCP (``tcp_connect``) in pgfleet; the protocol
@@ -475,14 +478,26 @@ class ServerConnection(asyncio.Protocol):
                     head = self._skipped_to_sync()  # what was sent after an error got no answer
                 self.skipping = False
                 expects.popleft()
-                if self.on_answer is not None and head.fate is not _DROP:
+                fate = head.fate
+                if self.on_answer is not None and fate is not _DROP and fate is not _CUT:
                     # A simple query's end, or a Sync's ("S"): the audit tells them apart.
                     self.on_answer(kind if head.answer is Answer.QUERY else m.SYNC, data[pos + 5:end])
                 self.tx_status = status = data[pos + 5]
                 stats.queries += 1
                 if status == _TX_IDLE:
                     stats.transactions += 1
-                drop = head.fate is _DROP
+                if fate is _CUT:
+                    # One part of a pipeline cut between databases is answered: what came
+                    # before goes out first, and the link decides where what follows goes.
+                    if parts is None:
+                        parts = []
+                    parts.append(data[start:pos])
+                    self.write_client(b"".join(parts))
+                    parts = None
+                    start = end
+                    if self.link is not None:
+                        self.link.part_answered(self)
+                drop = fate is _DROP
                 ready = True
             elif kind in _SIMPLE_DONE:
                 if head.answer is not _QUERY:

@@ -29,6 +29,8 @@ class Fate(enum.Enum):
     DROP = "drop"         # pgfleet injected it: swallow the answer
     MADE_UP = "made_up"   # never sent: emit ``reply`` when its turn comes
     REFUSE = "refuse"     # an injected failing statement: replace its error with ``reply``
+    CUT = "cut"           # pgfleet's Sync ending one database's part of a pipeline: swallowed,
+                          # and the link is told (``part_answered``; frontend/split.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,8 @@ FORWARD_DESCRIBE_PORTAL = Expect(Answer.DESCRIBE_PORTAL)
 FORWARD_DESCRIBE_STATEMENT = Expect(Answer.DESCRIBE_STATEMENT)
 FORWARD_CLOSE = Expect(Answer.CLOSE)
 FORWARD_SYNC = Expect(Answer.SYNC)
-DROP_SYNC = Expect(Answer.SYNC, Fate.DROP)  # a pipeline cut by pgfleet between databases
+DROP_SYNC = Expect(Answer.SYNC, Fate.DROP)
+CUT_SYNC = Expect(Answer.SYNC, Fate.CUT)  # a pipeline cut by pgfleet between databases
 FORWARD_QUERY = Expect(Answer.QUERY)
 FORWARD_PARSE_UNNAMED = Expect(Answer.PARSE)
 DROP_QUERY = Expect(Answer.QUERY, Fate.DROP)

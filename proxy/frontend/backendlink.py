@@ -159,6 +159,9 @@ class Janitor:
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
         self.pool.discard(server)
 
+    def part_answered(self, server: ServerConnection) -> None:
+        pass  # a part of its client's pipeline: the client left, nobody needs it
+
 
 def _nowhere(data: bytes) -> None:
     """Where a janitor's backend answers go: its client has left."""

@@ -64,6 +64,9 @@ class Gather:
 
     # -- Link
 
+    def part_answered(self, server: ServerConnection) -> None:
+        pass  # only a client session cuts a pipeline (split.py); an adopted backend has no part due
+
     def backend_idle(self, server: ServerConnection) -> None:
         shard = self.shards.get(server)
         if shard is not None and not shard.done:

@@ -102,6 +102,9 @@ class Scatter:
 
     # -- Link
 
+    def part_answered(self, server: ServerConnection) -> None:
+        pass  # only a client session cuts a pipeline (split.py); an adopted backend has no part due
+
     def backend_idle(self, server: ServerConnection) -> None:
         self._arrived()
 

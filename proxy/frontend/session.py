@@ -60,8 +60,8 @@ from typing import Any, Protocol
 from ..auth.keys import ApiKey, Role, ScramExchange, check_cleartext, check_md5, failed
 from ..backend.connection import ServerConnection, send_cancel
 from ..backend.expect import (
+    CUT_SYNC,
     DROP_QUERY,
-    DROP_SYNC,
     FORWARD_BIND,
     FORWARD_CLOSE,
     FORWARD_DESCRIBE_PORTAL,
@@ -140,6 +140,7 @@ from .portal import (
 from .prepared import Prepared, PreparedStatements
 from .scatter import Scatter, answer_of
 from .settings import DIRTY, TENANT, SessionSettings, session_settings, set_statement
+from .split import SplitPipeline
 from .transaction import (
     STARTS,
     TRANSACTION_ENDS,
@@ -220,7 +221,6 @@ class Session:
         self.unparsed: str | None = None  # ... and when its statements need no parsing either
         self.role: str | None = None  # the backend role its statements run as (None: the dsn's user)
         self.tenant_query: bytes | None = None  # a database key's: sets pgfleet.tenant, sent per transaction
-        self._cut: ServerConnection | None = None  # a pipeline's part on it ended with pgfleet's Sync (_join)
         self.pools: dict[str, Pool] = {}  # that role's pools, by database name (scatter, gather, COPY)
         self.pid = 0
         self.secret = 0
@@ -237,6 +237,8 @@ class Session:
         self.link = BackendLink(fleet, self.session_mode)  # the backend it holds, if any
         self.portal: Portal | None = None  # a portal bound for several databases, not yet run
         self.gather: Gather | None = None  # a federated SELECT running
+        self.split: SplitPipeline | None = None  # a pipeline run on several databases at once (_join)
+        self.unflushed: list[ServerConnection] = []  # backends its parts wait in (written after _messages)
         self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table (State.COPY_IN)
         self.audit: AuditTrail | None = None  # when the audit log is on (admin/audit.py)
         self.console: Any = None  # the admin console's conversation (admin/console.py), State.CONSOLE
@@ -427,6 +429,8 @@ class Session:
                                 if unnamed is not None and unnamed.effect is None \
                                         and backend.unnamed_owner == unnamed.token:
                                     expect = FORWARD_BIND
+                    elif kind == _SYNC and self.split is not None:
+                        expect = _NOT_VERBATIM  # the end of a pipeline on several databases (_sync)
                     if expect is not _NOT_VERBATIM:
                         if expect is not None:
                             backend.expects.append(expect)  # never made up: push() inlined
@@ -451,6 +455,10 @@ class Session:
                 if run >= 0:
                     backend.send(bytes(inbox[run:pos]))
                 backend.flush()
+            if self.unflushed:  # the parts of a pipeline on several databases: one write each
+                for server in self.unflushed:
+                    server.flush()
+                self.unflushed.clear()
             del inbox[:pos]
 
     def _statement(self, kind: int, raw: bytes) -> bool:
@@ -499,6 +507,9 @@ class Session:
 
     def _sync_after_error(self, raw: bytes) -> bool:
         self.state = State.READY
+        if self.split is not None:
+            self._end_split()
+            return True
         backend = self.link.server
         if backend is not None and self.tx.deferred_begin is None:  # it skipped to this Sync too: it answers
             self.batch_open = False
@@ -786,6 +797,8 @@ class Session:
                 return True
         else:
             sql = m.decode_query(raw[5:])
+            if self.tx.implicit:
+                raise _implicit_control(sql)
             if (self.link.server is None or not self._engaged(self.link.server)) and self._transaction_control(sql, raw):
                 return True
             analysis = self.fleet.router.analysis(sql)
@@ -885,13 +898,9 @@ class Session:
 
     def _end_across(self, word: str, simple: bool) -> bool:
         """COMMIT (in two phases) or ROLLBACK of a transaction on several databases."""
+        if not self._answered_first():
+            return False  # then this again
         backend = self.link.server
-        if backend is not None and backend.expects:
-            if self.batch_open:
-                raise ClientError(FEATURE_NOT_SUPPORTED, "the end of a transaction on several databases must "
-                                  "follow a Sync", hint="send Sync before COMMIT")
-            self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
-            return False
         self.tx.control_portal = None
         self.link.hand_over()  # the scatter that ends the transaction adopts it
         servers = ([backend] if backend is not None else []) + list(self.tx.participants.values())
@@ -899,7 +908,8 @@ class Session:
         self._wait_for(self._finish_across(servers, word, simple))
         return True
 
-    async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool) -> None:
+    async def _finish_across(self, servers: list[ServerConnection], word: str, simple: bool,
+                             implicit: bool = False) -> None:
         self.fleet.counted("cross_database_transaction")
         started = time.monotonic()
         scatter = Scatter.adopt(self.pools, servers, self.fleet.coordinator)
@@ -913,7 +923,7 @@ class Session:
                 await scatter.rollback()
         except ProxyError as exc:
             reply = answer_of(exc)
-            if not simple:
+            if not simple and not implicit:
                 self._skip_to_sync()
         finally:
             for server in servers:
@@ -925,6 +935,9 @@ class Session:
             self.audit.text = word
             self.audit.whole("two_phase_commit" if tag == "COMMIT" else "rollback",
                              tuple(server.database for server in servers), started, reply)
+        if implicit:  # a pipeline's: its Sync's answer, after an error if the commit failed
+            self._write((reply if reply[0] == m.ERROR_RESPONSE else b"") + m.ready_for_query(m.TX_IDLE))
+            return
         self._write(reply + m.ready_for_query(m.TX_IDLE) if simple else reply)
 
     def _function_call(self, raw: bytes) -> bool:
@@ -995,6 +1008,8 @@ class Session:
                 prepared = Prepared(raw, database, query=parse.query, param_types=parse.param_types,
                                     effect=effect, routed=routed, control=control, token=self.fleet.next_token())
             statements.add(key, prepared)
+            if self.split is not None:
+                self.split.note_statement(key)
             self._made_up(Answer.PARSE, m.PARSE_COMPLETE_MSG)
             return True
         if parse.name and self.link.server is None and not self.session_mode:
@@ -1020,6 +1035,8 @@ class Session:
         name = self._backend_name(parse)
         prepared = Prepared.named(name, parse.query, parse.param_types, database, effect)
         statements.add(key, prepared)
+        if self.split is not None:
+            self.split.note_statement(key)
         if name in backend.prepared:
             backend.push(Expect(Answer.PARSE, Fate.MADE_UP, reply=m.PARSE_COMPLETE_MSG))
         else:
@@ -1061,18 +1078,16 @@ class Session:
         prepared = self.statements.find(client_name)
         word = prepared.control
         if word is not None:
+            if self.tx.implicit:
+                raise _implicit_control(prepared.query)
             text = prepared.query
             backend = self.link.server
             portal = ControlPortal(raw[5:portal_end].decode(errors="replace"), text, word)
             if self.tx.participants and word in TRANSACTION_ENDS:  # ended everywhere at Execute (_end_across)
                 across(text, self.fleet.router.analysis(text), self.tx.databases(backend))
+                if not self._answered_first():
+                    return False  # then this again
                 if backend is not None:
-                    if backend.expects:
-                        if self.batch_open:
-                            raise ClientError(FEATURE_NOT_SUPPORTED, "the end of a transaction on several "
-                                              "databases must follow a Sync", hint="send Sync before COMMIT")
-                        self.waiting = True  # its answers first: resumes when it is idle
-                        return False
                     # Every participant waits apart, so that the portal's Describe and Execute
                     # come here rather than going on to a backend.
                     self.tx.participants[backend.database] = backend
@@ -1202,11 +1217,12 @@ class Session:
                               f"({', '.join(target.databases)}) cannot leave session state "
                               f"({', '.join(sorted(set(pins)))}) on each: one client keeps at most one backend",
                               hint="bind the shard key, or run it on one database (/* pgfleet: database=NAME */)")
+        if self.split is not None or (backend is not None and backend.expects):
+            # Its answers would come after the scatter's: out of order.
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) cannot use "
+                              f"database {backend.database if backend is not None else '?'} and then several "
+                              "databases", hint="send a Sync before a statement for several databases")
         if backend is not None:
-            if backend.expects:  # its answers would come after the scatter's: out of order
-                raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) cannot use "
-                                  f"database {backend.database} and then several databases",
-                                  hint="send a Sync before a statement for several databases")
             if joined and backend.tx_status != m.TX_IDLE:
                 # In the transaction: it waits apart until the scatter adopts it (and the
                 # client's Describe and Execute of the portal are not a backend's to answer).
@@ -1443,7 +1459,11 @@ class Session:
         return True
 
     def _sync(self, raw: bytes) -> bool:
-        """A Sync with no backend attached: pgfleet answered everything since the last one."""
+        """A Sync with no backend attached: pgfleet answered everything since the last one.
+        Or the end of a pipeline run on several databases at once (``_end_split``)."""
+        if self.split is not None:
+            self._end_split()
+            return True
         self.tx.control_portal = None
         self.portal = None  # the implicit transaction ends, and its portals with it
         self.batch_open = False
@@ -1672,11 +1692,13 @@ class Session:
                                   hint="commit first, keep a transaction on one database, or set "
                                        "two_phase_commit: true")
             if self.batch_open:
+                if self.fleet.coordinator is not None:
+                    return self._implicit_across(backend, database)
                 raise ClientError(FEATURE_NOT_SUPPORTED, f"one pipeline (messages up to Sync) outside a transaction "
                                   f"cannot use databases {backend.database} and {database}: PostgreSQL commits a "
-                                  "pipeline's statements together, which pgfleet cannot do on two databases",
-                                  hint="run it in a transaction (BEGIN ... COMMIT) with two_phase_commit: true, or "
-                                       "send a Sync between statements for different databases")
+                                  "pipeline's statements together, which pgfleet does on several databases only "
+                                  "with two-phase commit", hint="set two_phase_commit: true, or send a Sync "
+                                  "between statements for different databases")
             if backend.busy:
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
@@ -1717,33 +1739,54 @@ class Session:
 
         The backend it leaves waits in the transaction's participants, idle in the
         transaction, until a statement for its database comes back to it or the transaction
-        ends (``_end_across``). A pipeline (messages up to the client's Sync) is cut there:
-        the part sent to ``backend`` ends with a Sync of pgfleet's (inside the transaction it
-        commits nothing) and is answered before the rest goes to ``database``, so the client
-        hears its answers in its own order; if that part failed, the rest is skipped up to the
-        client's Sync, as PostgreSQL does.
+        ends (``_end_across``). A pipeline (messages up to the client's Sync) is cut there
+        (``split.py``): the part sent to ``backend`` ends with a Sync of pgfleet's (inside the
+        transaction it commits nothing), and the rest goes to ``database`` at once; the
+        client hears the answers in its own order, and after an error in one part the rest is
+        skipped up to the client's Sync, as PostgreSQL does.
         """
-        if self.batch_open:
-            if backend is not self._cut:
-                backend.push(DROP_SYNC)
-                backend.send(m.SYNC_MSG)
-                self._cut = backend
-            if backend.expects:
-                self.waiting = True  # its part's answers first: resumes when it is idle (backend_idle)
-                return None
-            self._cut = None
-            if backend.tx_status == m.TX_FAILED:
-                raise _PipelineFailed  # its error went to the client; the rest up to Sync is skipped
         if backend.tx_status == m.TX_FAILED:
             raise in_failed_transaction()
         if self.settings.pending is not None or self.tx.sets:
             raise ClientError(FEATURE_NOT_SUPPORTED, f"this transaction changed settings on database "
                               f"{backend.database}, so it cannot go on on database {database} too",
                               hint="SET before BEGIN, or keep a transaction that sets on one database")
-        if backend.expects:
+        if self.batch_open:
+            split = self.split
+            if split is None:
+                split = self.split = SplitPipeline(self.write, self._split_failed, self.port.later)
+                split.part(backend)  # what it owes so far is the first part
+            elif split.failed:
+                raise _PipelineFailed  # its error went to the client; the rest up to Sync is skipped
+            split.part(backend)  # (a refusal may have reopened it)
+            backend.push(CUT_SYNC)
+            backend.send(m.SYNC_MSG)
+            split.cut(backend)
+        elif backend.expects:
             self.waiting = True  # its answers first: resumes when it is idle (backend_idle)
             return None
         return self._participant(database)
+
+    def _implicit_across(self, backend: ServerConnection, database: str) -> ServerConnection | None:
+        """A pipeline outside a transaction block reaches a second database (two-phase commit).
+
+        PostgreSQL runs a pipeline's statements in one implicit transaction, committed at its
+        Sync. pgfleet keeps that promise on several databases: a BEGIN on the first database
+        makes what the pipeline ran there part of a transaction block (PostgreSQL's rule for a
+        BEGIN inside a pipeline), the pipeline goes on as in a transaction on several
+        databases (``_join``), and the client's Sync commits it in two phases, or rolls it
+        back after an error, and answers ReadyForQuery idle (``_end_split``).
+        """
+        if self.settings.pins:
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"this connection keeps its backend of database "
+                              f"{backend.database}; a statement for database {database} needs another connection",
+                              hint="send a Sync between statements for different databases")
+        backend.push(DROP_QUERY)
+        backend.send(_BEGIN_QUERY)
+        self.tx.status = m.TX_IN_TRANSACTION
+        self.tx.implicit = True
+        self.tx.begin = None  # the other databases' BEGIN: a plain one
+        return self._join(backend, database)
 
     def _rejoin(self, database: str) -> ServerConnection | None:
         """A statement of a transaction on several databases whose backends all wait apart
@@ -1773,16 +1816,22 @@ class Session:
         participants = self.tx.participants
         if current is not None:
             if current.outbox:
-                current.flush()
+                if self.split is not None:
+                    if current not in self.unflushed:
+                        self.unflushed.append(current)  # its part, written once the messages are handled
+                else:
+                    current.flush()
             participants[current.database] = current
         if not fresh:
             self.link.take_up(server)  # linked to this client all along
-            return
-        if len(participants) == 1:
-            log.debug("client %s (key %s): a transaction on databases %s and %s (two-phase commit)",
-                      self.peer, self.user, next(iter(participants)), server.database)
-        self.tx.deferred_begin = self.tx.begin or m.query("BEGIN")
-        self._attach(server)
+        else:
+            if len(participants) == 1:
+                log.debug("client %s (key %s): a transaction on databases %s and %s (two-phase commit)",
+                          self.peer, self.user, next(iter(participants)), server.database)
+            self.tx.deferred_begin = self.tx.begin or m.query("BEGIN")
+            self._attach(server)
+        if self.split is not None:
+            self.split.part(server)
 
     def _drop_pending_message(self, exc: ProxyError) -> None:
         found = m.frame(self.inbox, 0, self.max_message)
@@ -1884,7 +1933,16 @@ class Session:
             self._send(data)
 
     def backend_idle(self, server: ServerConnection) -> None:
-        if self.tx.deferred_begin is None:  # else no backend has the transaction: its status is pgfleet's
+        if server.unprepared:  # the client's Parse failed (or was skipped): PostgreSQL made nothing
+            for name in server.unprepared:
+                self.statements.close(name)
+            server.unprepared.clear()
+        split = self.split
+        if split is not None:
+            if not split.complete:
+                return  # a part of a pipeline on several databases: the others are still due
+            self._split_done(split)
+        elif self.tx.deferred_begin is None:  # else no backend has the transaction: its status is pgfleet's
             self.tx.status = server.tx_status
         idle = server.tx_status == m.TX_IDLE
         if self.tx.sets and idle:
@@ -1895,10 +1953,6 @@ class Session:
             self._settle(server)
         if idle and self.settings.unpinning is not None:
             self.settings.unpinned(server.errors)
-        if server.unprepared:  # the client's Parse failed (or was skipped): PostgreSQL made nothing
-            for name in server.unprepared:
-                self.statements.close(name)
-            server.unprepared.clear()
         if self.state is State.SETTING_UP:
             self._setup_done(server)
             return
@@ -1908,6 +1962,69 @@ class Session:
         self._maybe_release(server)
         if self.waiting and self.wait_task is None:
             self._resume()
+
+    def part_answered(self, server: ServerConnection) -> None:
+        if self.split is not None:
+            self.split.part_answered(server)
+
+    def _answered_first(self) -> bool:
+        """Whether everything sent for the client is answered, as the end of a transaction on
+        several databases needs. If not, the session waits until it is: inside a pipeline, by
+        cutting what the current backend owes as one more part (``_end_split``)."""
+        backend = self.link.server
+        if self.split is None and backend is not None and backend.expects:
+            if not self.batch_open:
+                self.waiting = True  # resumes when it is idle (backend_idle)
+                return False
+            self.split = SplitPipeline(self.write, self._split_failed, self.port.later)
+            self.split.part(backend)
+        return self.split is None or self._end_split(sync=False)
+
+    def _end_split(self, sync: bool = True) -> bool:
+        """The client's Sync (``sync``) ends a pipeline run on several databases, or COMMIT
+        or ROLLBACK in it needs every part answered first: the current part is cut too, and
+        the session waits until every part is answered (``backend_idle``). True: they are."""
+        split = self.split
+        assert split is not None
+        if sync:
+            self.tx.control_portal = None
+            self.batch_open = False
+        split.commit = sync and self.tx.implicit  # then its ReadyForQuery comes after the commit
+        split.close(ready=sync and not split.commit)
+        backend = self.link.server
+        if backend is not None and split.open is not None:
+            backend.push(CUT_SYNC)
+            backend.send(m.SYNC_MSG)
+            split.cut(backend)
+        if split.order:
+            self.waiting = True
+            return False
+        split.finish()  # every part was answered already
+        self._split_done(split)
+        return True
+
+    def _split_failed(self, names: list[bytes]) -> None:
+        """A part of a pipeline on several databases failed: the rest is skipped, as after an
+        error on one database; the client's Parses sent after it count as never made."""
+        self.tx.status = m.TX_FAILED
+        for name in names:
+            self.statements.close(name)
+        if self.batch_open:
+            self._skip_to_sync()
+
+    def _split_done(self, split: SplitPipeline) -> None:
+        self.split = None
+        split.flush()  # before anything the session writes next
+        for server in split.servers:
+            if server.link is self:
+                server.write_client = self.write
+        self.tx.status = m.TX_FAILED if split.failed else m.TX_IN_TRANSACTION
+        if split.commit:  # the pipeline's implicit transaction, on several databases
+            self.link.hand_over()  # the scatter that ends it adopts it
+            servers = list(split.servers)
+            servers += [server for server in self.tx.participants.values() if server not in servers]
+            self.tx.participants = {}
+            self._wait_for(self._finish_across(servers, "COMMIT", simple=False, implicit=True))
 
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
         if server is not self.link.server:
@@ -1993,6 +2110,8 @@ class Session:
         if self.audit is not None:  # refused on the backend: its answer to that is not the client's
             self.audit.refused(exc, backend is not None, simple)
         if backend is not None:
+            if self.split is not None:
+                self.split.part(backend)  # in the client's order with the other databases' answers
             # Fail it on the backend too, so that its transaction fails as PostgreSQL's would.
             if simple:
                 backend.push(Expect(Answer.QUERY, Fate.REFUSE, reply=error))
@@ -2040,6 +2159,9 @@ class Session:
 
     def _close_backend(self) -> None:
         """The client is gone: give its backend back clean, or drop it."""
+        if self.split is not None:  # its answers have nobody to go to
+            self.split.out.clear()
+            self.split = None
         participants, self.tx.participants = self.tx.participants, {}
         self.link.abandon(list(participants.values()))  # a transaction on several databases: rolled back
         self.link.close(bool(self.settings.pins))
@@ -2057,6 +2179,8 @@ class Session:
         servers = [self.link.server] if self.link.server is not None else []
         if self.gather is not None:  # a federated SELECT: every shard still answering
             servers += [shard.server for shard in self.gather.shards.values() if not shard.done]
+        if self.split is not None:  # a pipeline on several databases: each part still answering
+            servers += [server for server in self.split.servers if server not in servers]
         busy = [server for server in servers if server.busy]
         for server in busy:
             self.port.spawn(send_cancel(server, self.fleet.connect))
@@ -2109,12 +2233,22 @@ class Session:
         ``statement_only``, a transaction) short."""
         if self.wait_task is not None or self.state is State.SETTING_UP:
             return True
-        if self.tx.participants and not statement_only:
+        if (self.tx.participants and not statement_only) or self.split is not None:
             return True
         backend = self.link.server
         if backend is None:
             return False
         return bool(backend.expects) or (not statement_only and backend.tx_status != m.TX_IDLE)
+
+
+def _implicit_control(sql: str) -> ClientError:
+    """A simple query, or BEGIN/COMMIT/..., in a pipeline outside a transaction block that
+    pgfleet runs on several databases (``_implicit_across``): refused rather than committing
+    at another point than PostgreSQL would."""
+    return ClientError(FEATURE_NOT_SUPPORTED, f"{first_word(sql) or 'this statement'} cannot run inside a "
+                       "pipeline (messages up to Sync) that pgfleet runs on several databases outside a "
+                       "transaction block: pgfleet commits that pipeline at its Sync",
+                       hint="send a Sync before it, or open the transaction with BEGIN before the pipeline")
 
 
 async def _finish_copy(copy: CopySplit) -> None:
@@ -2139,6 +2273,7 @@ _VERBATIM: dict[int, Expect | None] = {
     m.COPY_FAIL: None,
 }
 _NOT_VERBATIM = Expect(Answer.QUERY, Fate.DROP, reply=b"not verbatim")  # a sentinel
+_BEGIN_QUERY = m.query("BEGIN")
 _KNOWN = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                     m.TERMINATE, m.PASSWORD, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.FUNCTION_CALL))
 _LOGGING_IN = frozenset((State.STARTUP, State.SASL_INITIAL, State.SASL_RESPONSE, State.PASSWORD, State.SETTING_UP))

@@ -36,7 +36,7 @@ class Transaction:
     """The client's transaction. Invariant: ``deferred_begin`` is set only while ``status``
     is in a transaction and no backend has received the BEGIN yet."""
 
-    __slots__ = ("begin", "control_portal", "deferred_begin", "participants", "sets", "status")
+    __slots__ = ("begin", "control_portal", "deferred_begin", "implicit", "participants", "sets", "status")
 
     def __init__(self) -> None:
         self.status = m.TX_IDLE  # the ReadyForQuery status the client last got, or will get
@@ -46,6 +46,9 @@ class Transaction:
         # two_phase_commit: the other databases' backends, each idle in the transaction.
         self.participants: dict[str, ServerConnection] = {}
         self.control_portal: ControlPortal | None = None
+        # A pipeline outside a transaction block that reached a second database: pgfleet made
+        # its implicit transaction one on several, committed in two phases at the client's Sync.
+        self.implicit = False
 
     @property
     def idle(self) -> bool:
@@ -80,6 +83,7 @@ class Transaction:
         """A transaction on several databases ended everywhere."""
         self.participants = {}
         self.sets = False
+        self.implicit = False
         self.status = m.TX_IDLE
 
 

@@ -1,5 +1,5 @@
 """asyncpg through pgfleet on a sharded fleet that starts empty: executemany (one pipeline of
-many rows, atomic, as asyncpg makes it) and copy_records_to_table (binary COPY), every row
+many rows, atomic, as asyncpg makes it, in and outside a transaction) and copy_records_to_table (binary COPY), every row
 checked on the shard PostgreSQL's own PARTITION BY HASH would give it."""
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ def test_executemany_and_copy_records(pg: Cluster, empty_shards: tuple[str, str]
             await conn.execute("CREATE TABLE ledger (user_id bigint NOT NULL, amount int NOT NULL)")
             insert = "INSERT INTO ledger (user_id, amount) VALUES ($1, $2)"
             # asyncpg's executemany is atomic: one pipeline, one implicit transaction. Over two
-            # shards that needs a transaction of the client's (two-phase commit): refused whole
-            # outside one, nothing written.
-            with pytest.raises(asyncpg.FeatureNotSupportedError, match="outside a transaction"):
-                await conn.executemany(insert, ROWS)
+            # shards pgfleet makes it one transaction on both, committed in two phases.
+            await conn.executemany(insert, ROWS)
+            assert await conn.fetchval("SELECT count(*) FROM ledger") == len(ROWS)
+            await conn.execute("DELETE FROM ledger")
+            # A row that fails in the middle: nothing is written on either shard.
+            with pytest.raises(asyncpg.NotNullViolationError):
+                await conn.executemany(insert, [*ROWS[:100], (1000, None), *ROWS[100:]])
             assert await conn.fetchval("SELECT count(*) FROM ledger") == 0
             async with conn.transaction():
                 await conn.executemany(insert, ROWS)
