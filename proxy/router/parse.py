@@ -531,8 +531,48 @@ def split_insert_params(sql: str, row_places: tuple[str, ...]) -> dict[str, tupl
 
 
 def _split_by_tokens(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    layout = _insert_layout(sql)
+    if layout is None or len(layout.rows) != len(row_places):
+        return None
+    rows, head, tail = layout.rows, layout.head, layout.tail
+    shared = {n for _, _, n in head[1]} | {n for _, _, n in tail[1]}
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for place in dict.fromkeys(row_places):
+        mine = [row for row, p in zip(rows, row_places, strict=True) if p == place]
+        numbers = tuple(sorted(shared.union(*({n for _, _, n in row[1]} for row in mine))))
+        renumber = {old: new for new, old in enumerate(numbers, 1)}
+
+        def text(piece: tuple[tuple[int, int], list[tuple[int, int, int]]], renumber: dict[int, int]) -> str:
+            (begin, end), params = piece
+            parts, at = [], begin
+            for a, b, n in params:
+                parts.append(sql[at:a])
+                parts.append(f"${renumber[n]}")
+                at = b
+            parts.append(sql[at:end])
+            return "".join(parts)
+
+        body = ", ".join(text(row, renumber) for row in mine)
+        out[place] = (text(head, renumber) + body + text(tail, renumber), numbers)
+    return out
+
+
+class _Layout(msgspec.Struct, frozen=True):
+    """An INSERT's text cut at its VALUES rows: each piece is its (start, end) in the text and
+    its parameters there, as (start, end, number)."""
+
+    head: tuple[tuple[int, int], list[tuple[int, int, int]]]  # up to the first row
+    rows: list[tuple[tuple[int, int], list[tuple[int, int, int]]]]  # each row, "(" to ")"
+    tail: tuple[tuple[int, int], list[tuple[int, int, int]]]  # after the last row
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_layout(sql: str) -> _Layout | None:
+    """Where an INSERT's VALUES rows and its parameters are in its text, by PostgreSQL's
+    scanner. Kept per text: a driver binds one text many times (SQLAlchemy's
+    insertmanyvalues sends each batch with the same text)."""
     tokens = scan_tokens(sql)
-    spans: list[tuple[int, int]] = []  # each VALUES row's text: from its "(" to its ")"
+    spans: list[tuple[int, int]] = []
     for at, token in enumerate(tokens):
         if token.name == "VALUES" and at + 1 < len(tokens) and tokens[at + 1].name == "ASCII_40":
             depth, start = 0, -1
@@ -550,35 +590,16 @@ def _split_by_tokens(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[s
                 elif depth == 0 and item.name not in ("ASCII_44", "C_COMMENT", "SQL_COMMENT"):
                     break
             break
-    if len(spans) != len(row_places) or not spans:
+    if not spans:
         return None
     params = [(token.start, token.end + 1, int(sql[token.start + 1:token.end + 1]))
               for token in tokens if token.name == "PARAM"]
     starts = [a for a, _, _ in params]
 
-    def numbers_in(begin: int, end: int) -> list[tuple[int, int, int]]:
-        return params[bisect.bisect_left(starts, begin):bisect.bisect_left(starts, end)]
+    def piece(begin: int, end: int) -> tuple[tuple[int, int], list[tuple[int, int, int]]]:
+        return (begin, end), params[bisect.bisect_left(starts, begin):bisect.bisect_left(starts, end)]
 
-    first, last = spans[0][0], spans[-1][1]
-    shared = numbers_in(0, first) + numbers_in(last, len(sql))
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for place in dict.fromkeys(row_places):
-        mine = [span for span, p in zip(spans, row_places, strict=True) if p == place]
-        numbers = tuple(sorted({n for _, _, n in shared} | {n for a, b in mine for _, _, n in numbers_in(a, b)}))
-        renumber = {old: new for new, old in enumerate(numbers, 1)}
-
-        def text(begin: int, end: int, renumber: dict[int, int]) -> str:
-            parts, at = [], begin
-            for a, b, n in numbers_in(begin, end):
-                parts.append(sql[at:a])
-                parts.append(f"${renumber[n]}")
-                at = b
-            parts.append(sql[at:end])
-            return "".join(parts)
-
-        body = ", ".join(text(a, b, renumber) for a, b in mine)
-        out[place] = (text(0, first, renumber) + body + text(last, len(sql), renumber), numbers)
-    return out
+    return _Layout(piece(0, spans[0][0]), [piece(a, b) for a, b in spans], piece(spans[-1][1], len(sql)))
 
 
 def _split_by_tree(sql: str, row_places: tuple[str, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
