@@ -62,6 +62,9 @@ log = logging.getLogger("pgfleet.fleet")
 
 # How long a shard-key type that the catalog did not have is not asked for again.
 TYPES_NEGATIVE_TTL = 1.0
+# Backend-side names kept for clients' prepared statements (distinct texts), least recently
+# used out first: a client that prepares ever new texts does not grow pgfleet without bound.
+STATEMENT_NAMES = 10_000
 
 
 class _RolePools(dict[str, Pool]):
@@ -106,7 +109,8 @@ class Fleet:
         # Whether each database sorts text in byte order (read from its catalog when a
         # federated query first needs it).
         self.byte_order: dict[str, bool] = {}
-        self._statement_names: dict[tuple[str, bytes], str] = {}
+        self._statement_names: dict[tuple[str, bytes], str] = {}  # least recently used first
+        self._named = 0
         # Transaction mode: the backends clients had, by (host, port, pid): a NotificationResponse
         # names its notifier by the pgfleet pid of the client that last had it.
         self.backend_owner: dict[tuple[str, int, int], ServerConnection] = {}
@@ -318,11 +322,18 @@ class Fleet:
         return sum(1 for session in self.sessions.values() if session.pins)
 
     def statement_name(self, query: str, param_types: bytes) -> str:
+        """The backend-side name of a client's prepared statement: one per (text, parameter
+        types), kept for the last ``STATEMENT_NAMES`` of them. A name is never given to
+        another text (the count goes on), so a backend that prepared it keeps it right."""
         key = (query, param_types)
-        name = self._statement_names.get(key)
+        names = self._statement_names
+        name = names.pop(key, None)
         if name is None:
-            name = f"pgfleet_{len(self._statement_names) + 1}"
-            self._statement_names[key] = name
+            self._named += 1
+            name = f"pgfleet_{self._named}"
+            if len(names) >= STATEMENT_NAMES:
+                del names[next(iter(names))]  # the least recently used
+        names[key] = name  # (last: the most recently used)
         return name
 
     def next_token(self) -> int:

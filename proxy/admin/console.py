@@ -123,7 +123,7 @@ def _pools(admin: Admin, _: str) -> Table:
                    and (s.key.backend_role if s.key is not None else None) == pool.role]
         active = sum(1 for s in clients if s.backend is not None and s.backend.pool is pool)
         parked = len(pool.between)
-        rows.append((name, pool.dsn.user, active, len(pool.waiters), len(pool.active) - parked, len(pool.idle), parked,
+        rows.append((name, pool.dsn.user, active, pool.waiting, len(pool.active) - parked, len(pool.idle), parked,
                      pool.opening, sum(1 for s in clients if s.pins), fleet.config.pool.mode))
     return Table(("database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked",
                   "sv_login", "cl_pinned", "pool_mode"), rows)

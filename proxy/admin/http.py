@@ -67,7 +67,7 @@ class FleetCollector(Collector):
             family = [pool, *pool.siblings]  # its backend roles' pools count with it (their stats are its)
             clients_active.add_metric([name], sum(1 for s in fleet.sessions.values()
                                                   if s.backend is not None and s.backend.database == name))
-            clients_waiting.add_metric([name], sum(len(p.waiters) for p in family))
+            clients_waiting.add_metric([name], sum(p.waiting for p in family))
             parked = sum(len(p.between) for p in family)
             servers.add_metric([name, "active"], sum(len(p.active) for p in family) - parked)
             servers.add_metric([name, "parked"], parked)
@@ -134,7 +134,7 @@ def database_info(fleet: Fleet) -> dict[str, dict[str, Any]]:
             "response_ms": status.response_ms,
             "last_error": status.last_error,
             "optional": fleet.config.databases[name].optional,
-            "connections": {"active": len(pool.active), "idle": len(pool.idle), "waiting": len(pool.waiters),
+            "connections": {"active": len(pool.active), "idle": len(pool.idle), "waiting": pool.waiting,
                             "size": pool.size},
         }
     return out

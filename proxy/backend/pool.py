@@ -1,11 +1,12 @@
 """A pool of raw backend connections for one database.
 
 Each connection state is a container (PgBouncer's lists): ``idle`` (a LIFO deque), ``active``
-(a set), ``opening`` (a count of logins in flight), and ``waiters`` — one future per queued
-client that the pool hands a connection to. ``parked`` is the part of ``active`` that stays
-with its client between transactions while nobody else needs it (affinity: the next
-transaction skips the pool); when a connection is needed and none is idle, a parked one that
-is idle is taken back from its client. Counts for ``SHOW POOLS`` and metrics are their
+(a set), ``opening`` (a count of logins in flight), and ``waiters`` — one ``Waiter`` per queued
+client, which ``release`` hands a connection to by calling it back (no task, no future, no
+timer per waiter: one timer per pool fails the waiters past ``acquire_timeout``, oldest first).
+``parked`` is the part of ``active`` that stays with its client between transactions while
+nobody else needs it (affinity: the next transaction skips the pool); when a connection is
+needed and none is idle, a parked one that is idle is taken back from its client. Counts for ``SHOW POOLS`` and metrics are their
 lengths. A ``generation`` number, bumped on reload, retires old connections as they come back.
 The circuit (``outage``) is opened and closed by the health checker (backend/health.py) only:
 while it is open every acquire fails at once with 08006, and connections coming back are
@@ -15,10 +16,13 @@ closed instead of kept. The pool never touches a client socket.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
+import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from ..config import Dsn
@@ -43,6 +47,24 @@ class Holder(Protocol):
     """A client that keeps a parked connection between its transactions (see ``Pool.park``)."""
 
     def give_back(self, server: ServerConnection) -> bool: ...  # True: taken back from it, now
+
+
+class Waiter:
+    """A client queued for a connection: ``grant`` gets one, or ``fail`` the error (timeout,
+    the circuit opening, shutdown). ``cancel`` takes it out of the queue (its client left)."""
+
+    __slots__ = ("deadline", "done", "fail", "grant", "queued")
+
+    def __init__(self, grant: Callable[[ServerConnection], None], fail: Callable[[BaseException], None],
+                 queued: float, deadline: float) -> None:
+        self.grant = grant
+        self.fail = fail
+        self.queued = queued
+        self.deadline = deadline
+        self.done = False
+
+    def cancel(self) -> None:
+        self.done = True
 
 
 class DisconnectReason(enum.Enum):
@@ -73,7 +95,8 @@ class Pool:
         self.idle: deque[ServerConnection] = deque()
         self.active: set[ServerConnection] = set()
         self.opening = 0
-        self.waiters: deque[asyncio.Future[ServerConnection]] = deque()
+        self.waiters: deque[Waiter] = deque()
+        self._expiry: asyncio.TimerHandle | None = None  # fails the oldest waiter at its deadline
         # Connections their client keeps between transactions (insertion-ordered, oldest first),
         # each with that client and the time it was last parked.
         self.parked: dict[ServerConnection, tuple[Holder, float]] = {}
@@ -94,7 +117,9 @@ class Pool:
         self.stats = Stats()  # shared by its connections: SHOW STATS, /metrics
         self.waits = 0  # acquires that found no idle connection, and the seconds they took
         self.wait_seconds = 0.0
-        self.wait_buckets = [0] * len(WAIT_BUCKETS)  # how many of them took at most each bound
+        # How many of them took longer than the bound before and at most this one (the last:
+        # longer than all); ``wait_buckets`` sums them up.
+        self.wait_counts = [0] * (len(WAIT_BUCKETS) + 1)
         self.disconnects: dict[DisconnectReason, int] = {reason: 0 for reason in DisconnectReason}
 
     @property
@@ -102,6 +127,11 @@ class Pool:
         """The parked connections whose client is between transactions now (a client that
         uses its parked connection again leaves it marked parked: see ``parked``)."""
         return [server for server in self.parked if server.tx_status == m.TX_IDLE and not server.expects]
+
+    @property
+    def waiting(self) -> int:
+        """Clients queued for a connection now (not those that left or timed out)."""
+        return sum(1 for waiter in self.waiters if not waiter.done)
 
     @property
     def total(self) -> int:
@@ -130,10 +160,14 @@ class Pool:
     def park(self, server: ServerConnection, holder: Holder) -> bool:
         """Affinity: ``holder``'s client, between transactions, keeps ``server`` for its next one
         until another client needs it (then ``take`` asks for it back). False when the pool
-        wants it back now (clients wait, or it is of an old generation or past its lifetime):
-        the caller releases it."""
+        wants it back now (clients wait, or the pool is full with none idle, or it is of an old
+        generation or past its lifetime): the caller releases it."""
+        if self.waiters or (not self.idle and self.total >= self.size):
+            # Clients wait, or the next one to come would have to take it back from this one
+            # (``_take_parked``): a full pool hands connections round instead.
+            return False
         now = time.monotonic()
-        if self.waiters or server.generation != self.generation or now - server.created >= self.lifetime:
+        if server.generation != self.generation or now - server.created >= self.lifetime:
             return False
         self.parked[server] = (holder, now)
         return True
@@ -163,31 +197,84 @@ class Pool:
                     return server
             return await self._acquire_slow()
         finally:
-            waited = time.monotonic() - started
-            self.waits += 1
-            self.wait_seconds += waited
-            for i, bound in enumerate(WAIT_BUCKETS):
-                if waited <= bound:
-                    self.wait_buckets[i] += 1
+            self._waited(time.monotonic() - started)
+
+    def _waited(self, seconds: float) -> None:
+        self.waits += 1
+        self.wait_seconds += seconds
+        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+
+    @property
+    def wait_buckets(self) -> list[int]:
+        """How many waits took at most each bound of ``WAIT_BUCKETS`` (cumulative)."""
+        return list(itertools.accumulate(self.wait_counts[:len(WAIT_BUCKETS)]))
 
     async def _acquire_slow(self) -> ServerConnection:
         if self.closed:
             raise BackendError(CONNECTION_FAILURE, f"database {self.name} is shutting down")
         if self.total < self.size:
             return await self._open()
-        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+        got: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+
+        def grant(server: ServerConnection) -> None:
+            if got.done():  # the acquiring task was cancelled meanwhile
+                self.release(server)
+            else:
+                got.set_result(server)
+
+        def fail(error: BaseException) -> None:
+            if not got.done():
+                got.set_exception(error)
+
+        waiter = self._queue(grant, fail)
         try:
-            return await asyncio.wait_for(waiter, self.acquire_timeout)
-        except TimeoutError:
-            raise ClientError(
-                TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
-                f"{self.acquire_timeout:g}s (pool size {self.size})",
-                hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"
-            ) from None
+            return await got
         finally:
-            if waiter in self.waiters:
-                self.waiters.remove(waiter)
+            waiter.cancel()  # (cancelled while queued: it is skipped)
+
+    def queue(self, grant: Callable[[ServerConnection], None],
+              fail: Callable[[BaseException], None]) -> Waiter | None:
+        """The cheap wait of a client session: ``grant`` is called with a connection as soon as
+        one comes back, or ``fail`` with the error. None when this pool cannot simply queue
+        (paused, closed, its circuit open, or it may open a connection): ``acquire`` then."""
+        if self.paused or self.closed or self.outage is not None or self.total < self.size:
+            return None
+        return self._queue(grant, fail)
+
+    def _queue(self, grant: Callable[[ServerConnection], None], fail: Callable[[BaseException], None]) -> Waiter:
+        now = time.monotonic()
+        waiter = Waiter(grant, fail, now, now + self.acquire_timeout)
+        self.waiters.append(waiter)
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + self.acquire_timeout, self._expire)
+        return waiter
+
+    def _expire(self) -> None:
+        """The oldest waiters past their deadline fail (``TOO_MANY_CONNECTIONS``)."""
+        self._expiry = None
+        now = time.monotonic()
+        waiters = self.waiters
+        while waiters and (waiters[0].done or waiters[0].deadline <= now):
+            waiter = waiters.popleft()
+            if not waiter.done:
+                waiter.done = True
+                self._waited(now - waiter.queued)
+                waiter.fail(ClientError(
+                    TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
+                    f"{self.acquire_timeout:g}s (pool size {self.size})",
+                    hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"))
+        if waiters:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_at(loop.time() + max(0.0, waiters[0].deadline - now), self._expire)
+
+    def _fail_waiters(self, error: Callable[[], BaseException]) -> None:
+        """Every queued client gets the error (a new one each: a raised exception grows)."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done:
+                waiter.done = True
+                waiter.fail(error())
 
     async def _open(self) -> ServerConnection:
         self.opening += 1
@@ -223,11 +310,14 @@ class Pool:
         if self.outage is not None:
             self._retire(server, DisconnectReason.DOWN)
             return
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done:
+                waiter.done = True
                 self.active.add(server)
-                waiter.set_result(server)
+                self._waited(time.monotonic() - waiter.queued)
+                waiter.grant(server)
                 return
         self.idle.append(server)
 
@@ -250,8 +340,9 @@ class Pool:
         except BackendError as exc:
             while self.waiters:
                 waiter = self.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_exception(exc)
+                if not waiter.done:
+                    waiter.done = True
+                    waiter.fail(exc)
                     return
             return
         self.release(server)
@@ -338,10 +429,7 @@ class Pool:
         if self._resumed is not None:  # clients waiting out a PAUSE get the error now too
             self._resumed.set()
             self._resumed = asyncio.Event()
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(self.unavailable())
+        self._fail_waiters(self.unavailable)
         return self.close_idle(DisconnectReason.DOWN)
 
     def close_circuit(self) -> None:
@@ -376,7 +464,7 @@ class Pool:
         self.idle.clear()
         self.parked.clear()
         self.active.clear()
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_exception(BackendError(ADMIN_SHUTDOWN, f"database {self.name} is shutting down"))
-        self.waiters.clear()
+        self._fail_waiters(lambda: BackendError(ADMIN_SHUTDOWN, f"database {self.name} is shutting down"))
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None

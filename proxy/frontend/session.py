@@ -75,7 +75,7 @@ from ..backend.expect import (
     Expect,
     Fate,
 )
-from ..backend.pool import DisconnectReason, Pool
+from ..backend.pool import DisconnectReason, Pool, Waiter
 from ..config import ADMIN_DATABASE
 from ..errors import (
     FEATURE_NOT_SUPPORTED,
@@ -167,7 +167,10 @@ _MISSING_STATEMENT = "pgfleet_refused_statement"
 # Text that may change session settings (SET, RESET, set_config(), DISCARD ALL) or pin the
 # backend: statements on a decided database are parsed only when it holds one of these words.
 # It is searched in the lower-cased text: a case-insensitive alternation is 5x slower in re.
-_MAYBE_SETTINGS = re.compile(rb"set|discard|listen|advisory|temp|prepare|hold|deallocate|close|database")
+# Words of statements that may change session state (SET, RESET, set_config, DISCARD, ...):
+# their text is analysed. "set" only at the start of a word, so that OFFSET and a table
+# called dataset keep the fast path.
+_MAYBE_SETTINGS = re.compile(rb"\b(?:re)?set|discard|listen|advisory|temp|prepare|hold|deallocate|close|database")
 _SNAPSHOT_LEVELS = re.compile(rb"(?i)repeatable|serializable")
 _STATEMENT_DESCRIPTION = frozenset((m.PARAMETER_DESCRIPTION, m.ROW_DESCRIPTION, m.NO_DATA))
 
@@ -238,6 +241,9 @@ class Session:
         self.portal: Portal | None = None  # a portal bound for several databases, not yet run
         self.gather: Gather | None = None  # a federated SELECT running
         self.split: SplitPipeline | None = None  # a pipeline run on several databases at once (_join)
+        self.queued: Waiter | None = None  # in its pool's queue for a backend (_backend_for)
+        self.queued_for = ""  # ... of that database
+        self.reading_paused = False
         self.unflushed: list[ServerConnection] = []  # backends its parts wait in (written after _messages)
         self.copy: CopySplit | None = None  # COPY FROM STDIN into a sharded table (State.COPY_IN)
         self.audit: AuditTrail | None = None  # when the audit log is on (admin/audit.py)
@@ -281,6 +287,9 @@ class Session:
         self.inbox += data
         if not self.waiting:
             self._process()
+        elif len(self.inbox) > _INBOX_WHILE_WAITING and not self.reading_paused:
+            self.reading_paused = True  # a client that keeps sending while it waits: bounded
+            self.port.pause_reading()
 
     def lost(self) -> None:
         """The client's connection is gone."""
@@ -296,6 +305,9 @@ class Session:
             copy, self.copy = self.copy, None
             self.port.spawn(_finish_copy(copy))
         self.state = State.CLOSED
+        if self.queued is not None:
+            self.queued.cancel()
+            self.queued = None
         if self.wait_task is not None:
             self.wait_task.cancel()
         if self.login_timer is not None:
@@ -397,6 +409,13 @@ class Session:
                 if end > n:
                     break
                 backend = self.link.server
+                if backend is None and self.unparsed is not None and (kind == _QUERY or kind == _PARSE) \
+                        and self.tx.deferred_begin is None and self.portal is None:
+                    # A decided database's next transaction: its backend first, so that the
+                    # statement takes the hot path (what _backend_for would do for it).
+                    backend = self._from_pool(self.unparsed)
+                    if backend is None:
+                        break  # waiting for one: the message stays in the inbox
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
@@ -1703,13 +1722,48 @@ class Session:
                 self.waiting = True  # resumes when the backend goes idle and is released
                 return None
             self.link.release()
+        return self._from_pool(database)
+
+    def _from_pool(self, database: str) -> ServerConnection | None:
+        """A backend of ``database`` attached from its pool; None: the session waits for one."""
         pool = self.fleet.pool_of(database, self.role)
         server = pool.try_acquire()
         if server is None:
-            self._wait_for(self._acquire(database))
+            # Queued in the pool, called back with a backend (_granted): no task, no timer of
+            # its own. Otherwise (the pool may open one, is paused, ...) a wait of its own.
+            self.queued = pool.queue(self._granted, self._not_granted)
+            if self.queued is None:
+                self._wait_for(self._acquire(database))
+            else:
+                self.queued_for = database
+                self.waiting = True
             return None
         self._attach(server)
         return server
+
+    def _granted(self, server: ServerConnection) -> None:
+        """The pool hands over a backend the session queued for (``_backend_for``)."""
+        self.queued = None
+        if self.state is State.CLOSED:
+            server.pool.release(server)
+            return
+        self._attach(server)
+        self._unguard()
+        self._resume()
+
+    def _not_granted(self, error: BaseException) -> None:
+        """The queue's wait ended without a backend: past ``acquire_timeout`` the statement is
+        refused; the circuit opening or a shutdown goes the long way (replicas, the error)."""
+        self.queued = None
+        if self.state is State.CLOSED:
+            return
+        if isinstance(error, BackendError):
+            self._wait_for(self._acquire(self.queued_for))
+            return
+        self._unguard()
+        if isinstance(error, ProxyError):
+            self._drop_pending_message(error)
+        self._resume()
 
     async def _acquire(self, database: str, join: bool = False) -> None:
         pool = self.fleet.pool_of(database, self.role)
@@ -1842,7 +1896,9 @@ class Session:
 
     def _wait_for(self, work: Coroutine[Any, Any, None]) -> None:
         self.waiting = True
-        self.port.pause_reading()
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.port.pause_reading()
         self.wait_task = self.port.spawn(self._waiting(work))
 
     async def _waiting(self, work: Coroutine[Any, Any, None]) -> None:
@@ -1857,7 +1913,9 @@ class Session:
         if self.state is State.CLOSED or self.state is State.SETTING_UP:
             return
         self.waiting = False
-        self.port.resume_reading()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.port.resume_reading()
         self._process()  # also flushes what was queued for the backend meanwhile
 
     def _attach(self, server: ServerConnection) -> None:
@@ -1960,7 +2018,7 @@ class Session:
             self.close(SHUTTING_DOWN)
             return
         self._maybe_release(server)
-        if self.waiting and self.wait_task is None:
+        if self.waiting and self.wait_task is None and self.queued is None:
             self._resume()
 
     def part_answered(self, server: ServerConnection) -> None:
@@ -2188,7 +2246,8 @@ class Session:
 
     def _running(self) -> bool:
         backend = self.link.server
-        return self.wait_task is not None or (backend is not None and bool(backend.expects))
+        return self.wait_task is not None or self.queued is not None or (backend is not None
+                                                                         and bool(backend.expects))
 
     def _unguard(self) -> None:
         if self.guard is not None:
@@ -2231,7 +2290,7 @@ class Session:
     def busy(self, statement_only: bool = False) -> bool:
         """Whether closing the client now would cut a statement (or, unless
         ``statement_only``, a transaction) short."""
-        if self.wait_task is not None or self.state is State.SETTING_UP:
+        if self.wait_task is not None or self.queued is not None or self.state is State.SETTING_UP:
             return True
         if (self.tx.participants and not statement_only) or self.split is not None:
             return True
@@ -2274,6 +2333,9 @@ _VERBATIM: dict[int, Expect | None] = {
 }
 _NOT_VERBATIM = Expect(Answer.QUERY, Fate.DROP, reply=b"not verbatim")  # a sentinel
 _BEGIN_QUERY = m.query("BEGIN")
+# A waiting client's bytes kept before pgfleet stops reading it (a client that waits for a
+# backend usually sends nothing more).
+_INBOX_WHILE_WAITING = 1 << 20
 _KNOWN = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                     m.TERMINATE, m.PASSWORD, m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.FUNCTION_CALL))
 _LOGGING_IN = frozenset((State.STARTUP, State.SASL_INITIAL, State.SASL_RESPONSE, State.PASSWORD, State.SETTING_UP))

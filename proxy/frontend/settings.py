@@ -122,6 +122,23 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+# Equal settings, one dict: clients with the same settings share their ``values`` object, so a
+# backend handed from one to another needs neither a replay nor a comparison (``is``).
+_SHARED: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+_SHARED_MAX = 4096
+
+
+def shared(values: dict[str, str]) -> dict[str, str]:
+    """The one dict of these settings (never changed in place: see ``SessionSettings``)."""
+    key = frozenset(values.items())
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()  # many distinct settings: sharing starts over (only a cost, never wrong)
+        _SHARED[key] = found = values
+    return found
+
+
 class SessionSettings:
     """The settings one client has, wherever its statements run.
 
@@ -144,8 +161,8 @@ class SessionSettings:
     )
 
     def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-        self.startup = values  # what RESET returns to
+        self.values = shared(values)
+        self.startup = self.values  # what RESET returns to
         # Session-level SETs sent in the current transaction, kept once it ends without error;
         # whether one of them cannot be replayed; the backend's error count when the first went.
         self.pending: list[SettingChange] | None = None
@@ -163,13 +180,13 @@ class SessionSettings:
         """``pgfleet.tenant`` is never the client's to set, from the startup packet either: the
         session sets it apart on every transaction of a database key (``Session._send_tenant``)."""
         if TENANT in self.values or TENANT in self.startup:
-            self.values = {name: value for name, value in self.values.items() if name != TENANT}
+            self.values = shared({name: value for name, value in self.values.items() if name != TENANT})
             self.startup = {name: value for name, value in self.startup.items() if name != TENANT}
 
     def logged_in(self, read_only: bool) -> None:
         """The startup values are final: a read-only key's sessions default to read-only."""
-        if read_only:
-            self.values.setdefault("default_transaction_read_only", "on")
+        if read_only and "default_transaction_read_only" not in self.values:
+            self.values = shared({**self.values, "default_transaction_read_only": "on"})
         self.startup = self.values
 
     def follow(self, effect: Analysis, errors: int) -> tuple[str, ...]:
@@ -236,7 +253,7 @@ class SessionSettings:
                         values.pop(change.name, None)
                 else:
                     values[change.name] = change.value
-            self.values = values
+            self.values = values = shared(values)
             if self.opaque:
                 applied = DIRTY  # the client keeps it while it keeps this backend
             elif reset:

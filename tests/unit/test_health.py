@@ -150,13 +150,17 @@ def test_a_new_checker_closes_a_circuit_it_finds_open() -> None:
 
 async def test_clients_queued_for_a_connection_get_the_error_at_once() -> None:
     health, pool = checker()
-    waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
-    pool.waiters.append(waiter)
+    granted: list[ServerConnection] = []
+    failed: list[BaseException] = []
+    pool.size = 0  # full: a client queues
+    assert pool.queue(granted.append, failed.append) is not None
     for second in range(2):
         health.record("secondary", TIMEOUT, 1000.0 + second)
     assert not pool.waiters
-    with pytest.raises(BackendError, match="database secondary is unavailable"):
-        waiter.result()
+    assert not granted
+    assert len(failed) == 1
+    assert isinstance(failed[0], BackendError)
+    assert "database secondary is unavailable" in failed[0].message
     assert pool.disconnects[DisconnectReason.DOWN] == 0  # nothing was idle
 
 
