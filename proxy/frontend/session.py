@@ -409,10 +409,12 @@ class Session:
                 if end > n:
                     break
                 backend = self.link.server
-                if backend is None and self.unparsed is not None and (kind == _QUERY or kind == _PARSE) \
-                        and self.tx.deferred_begin is None and self.portal is None:
+                if backend is None and self.unparsed is not None and self.tx.deferred_begin is None \
+                        and (kind == _QUERY or kind == _PARSE or (kind == _BIND and not self.fleet.replicas.sets)) \
+                        and self.portal is None:
                     # A decided database's next transaction: its backend first, so that the
-                    # statement takes the hot path (what _backend_for would do for it).
+                    # statement takes the hot path (what _backend_for would do for it). A Bind
+                    # goes there too, unless the database has replicas (_replica_bind decides).
                     backend = self._from_pool(self.unparsed)
                     if backend is None:
                         break  # waiting for one: the message stays in the inbox
