@@ -31,8 +31,8 @@ from ..config import Dsn
 from ..errors import CONNECTION_FAILURE, INTERNAL_ERROR, PROTOCOL_VIOLATION, BackendError
 from ..wire import messages as m
 from .expect import DROP_QUERY as DROP_QUERY_
+from .expect import IMPLICIT_BEGIN, Answer, Expect, Fate
 from .expect import TENANT_QUERY as TENANT_QUERY_
-from .expect import Answer, Expect, Fate
 
 log = logging.getLogger("pgfleet.backend")
 
@@ -158,6 +158,7 @@ class ServerConnection(asyncio.Protocol):
         self.stale: set[str] = set()
         self.last_bound = ""  # the backend-side name of the last named statement a Bind ran
         self.errors = 0  # ErrorResponses seen: sessions compare counts to know a SET failed
+        self.skipped_begin = False  # an IMPLICIT_BEGIN the server skipped after an error
         self.expects: deque[Expect] = deque()
         self.skipping = False  # an error in the extended protocol: the server skips to the next Sync
         # The client's names of statements whose Parse failed or was skipped, for the linked
@@ -386,6 +387,10 @@ class ServerConnection(asyncio.Protocol):
     def _never_answered(self, expect: Expect) -> None:
         """A Parse that failed, or any message the server skipped after an error: a Parse in
         it prepared nothing (and the client's name for it, if it was the client's, is free)."""
+        if expect.answer is Answer.QUERY:
+            if expect is IMPLICIT_BEGIN:
+                self.skipped_begin = True
+            return
         if expect.answer is Answer.PARSE:
             if expect.statement is not None:
                 self.prepared.discard(expect.statement)
@@ -457,7 +462,7 @@ class ServerConnection(asyncio.Protocol):
             head = expects[0]
             drop = False
             reply = None
-            if (head is DROP_QUERY_ or head is TENANT_QUERY_) and kind != _Z:
+            if (head is DROP_QUERY_ or head is TENANT_QUERY_ or head is IMPLICIT_BEGIN) and kind != _Z:
                 drop = True  # everything an injected query says, but its ReadyForQuery
                 if kind == _E:
                     self._error(head, data[pos + 5:end])

@@ -58,3 +58,7 @@ DROP_QUERY = Expect(Answer.QUERY, Fate.DROP)
 # backend is closed at once, before anything sent after it is answered (it would run as the
 # backend's previous tenant).
 TENANT_QUERY = Expect(Answer.QUERY, Fate.DROP, statement="pgfleet.tenant")
+# The BEGIN pgfleet sends inside a client's pipeline outside a transaction block that reached a
+# second database (Session._implicit_across): dropped like DROP_QUERY; if the server skipped it
+# (an error came first), the backend notes it (``skipped_begin``): that part failed.
+IMPLICIT_BEGIN = Expect(Answer.QUERY, Fate.DROP, statement="pgfleet.begin")

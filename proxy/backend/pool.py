@@ -53,14 +53,15 @@ class Waiter:
     """A client queued for a connection: ``grant`` gets one, or ``fail`` the error (timeout,
     the circuit opening, shutdown). ``cancel`` takes it out of the queue (its client left)."""
 
-    __slots__ = ("deadline", "done", "fail", "grant", "queued")
+    __slots__ = ("counted", "deadline", "done", "fail", "grant", "queued")
 
     def __init__(self, grant: Callable[[ServerConnection], None], fail: Callable[[BaseException], None],
-                 queued: float, deadline: float) -> None:
+                 queued: float, deadline: float, counted: bool) -> None:
         self.grant = grant
         self.fail = fail
         self.queued = queued
         self.deadline = deadline
+        self.counted = counted  # its wait goes into the pool's wait statistics when it ends
         self.done = False
 
     def cancel(self) -> None:
@@ -226,7 +227,7 @@ class Pool:
             if not got.done():
                 got.set_exception(error)
 
-        waiter = self._queue(grant, fail)
+        waiter = self._queue(grant, fail, counted=False)  # (acquire counts its whole wait)
         try:
             return await got
         finally:
@@ -241,9 +242,10 @@ class Pool:
             return None
         return self._queue(grant, fail)
 
-    def _queue(self, grant: Callable[[ServerConnection], None], fail: Callable[[BaseException], None]) -> Waiter:
+    def _queue(self, grant: Callable[[ServerConnection], None], fail: Callable[[BaseException], None],
+               counted: bool = True) -> Waiter:
         now = time.monotonic()
-        waiter = Waiter(grant, fail, now, now + self.acquire_timeout)
+        waiter = Waiter(grant, fail, now, now + self.acquire_timeout, counted)
         self.waiters.append(waiter)
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_at(
@@ -259,7 +261,8 @@ class Pool:
             waiter = waiters.popleft()
             if not waiter.done:
                 waiter.done = True
-                self._waited(now - waiter.queued)
+                if waiter.counted:
+                    self._waited(now - waiter.queued)
                 waiter.fail(ClientError(
                     TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
                     f"{self.acquire_timeout:g}s (pool size {self.size})",
@@ -316,7 +319,8 @@ class Pool:
             if not waiter.done:
                 waiter.done = True
                 self.active.add(server)
-                self._waited(time.monotonic() - waiter.queued)
+                if waiter.counted:
+                    self._waited(time.monotonic() - waiter.queued)
                 waiter.grant(server)
                 return
         self.idle.append(server)

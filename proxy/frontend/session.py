@@ -70,6 +70,7 @@ from ..backend.expect import (
     FORWARD_PARSE_UNNAMED,
     FORWARD_QUERY,
     FORWARD_SYNC,
+    IMPLICIT_BEGIN,
     TENANT_QUERY,
     Answer,
     Expect,
@@ -410,14 +411,22 @@ class Session:
                     break
                 backend = self.link.server
                 if backend is None and self.unparsed is not None and self.tx.deferred_begin is None \
-                        and (kind == _QUERY or kind == _PARSE or (kind == _BIND and not self.fleet.replicas.sets)) \
-                        and self.portal is None:
+                        and self.portal is None and self.settings.pending is None and (
+                            (kind == _BIND and not self.fleet.replicas.sets)
+                            or ((kind == _QUERY or (kind == _PARSE and inbox[pos + 5] == 0))
+                                and _MAYBE_SETTINGS.search(inbox[pos + 5:end].lower()) is None)):
                     # A decided database's next transaction: its backend first, so that the
-                    # statement takes the hot path (what _backend_for would do for it). A Bind
-                    # goes there too, unless the database has replicas (_replica_bind decides).
-                    backend = self._from_pool(self.unparsed)
-                    if backend is None:
-                        break  # waiting for one: the message stays in the inbox
+                    # statement takes the hot path (what _backend_for would do for it): a query
+                    # or an unnamed Parse that sets nothing (SET pgfleet.* is answered here,
+                    # with no backend), or a Bind, unless the database has replicas
+                    # (_replica_bind decides). A pool that refuses: the handler says why.
+                    try:
+                        backend = self._from_pool(self.unparsed)
+                    except ProxyError:
+                        backend = None
+                    else:
+                        if backend is None:
+                            break  # waiting for one: the message stays in the inbox
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
@@ -1801,12 +1810,7 @@ class Session:
         client hears the answers in its own order, and after an error in one part the rest is
         skipped up to the client's Sync, as PostgreSQL does.
         """
-        if backend.tx_status == m.TX_FAILED:
-            raise in_failed_transaction()
-        if self.settings.pending is not None or self.tx.sets:
-            raise ClientError(FEATURE_NOT_SUPPORTED, f"this transaction changed settings on database "
-                              f"{backend.database}, so it cannot go on on database {database} too",
-                              hint="SET before BEGIN, or keep a transaction that sets on one database")
+        self._may_join(backend, database)
         if self.batch_open:
             split = self.split
             if split is None:
@@ -1823,6 +1827,15 @@ class Session:
             return None
         return self._participant(database)
 
+    def _may_join(self, backend: ServerConnection, database: str) -> None:
+        """What refuses a transaction going on from ``backend`` to ``database``."""
+        if backend.tx_status == m.TX_FAILED:
+            raise in_failed_transaction()
+        if self.settings.pending is not None or self.tx.sets:
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"this transaction changed settings on database "
+                              f"{backend.database}, so it cannot go on on database {database} too",
+                              hint="SET before BEGIN, or keep a transaction that sets on one database")
+
     def _implicit_across(self, backend: ServerConnection, database: str) -> ServerConnection | None:
         """A pipeline outside a transaction block reaches a second database (two-phase commit).
 
@@ -1833,16 +1846,25 @@ class Session:
         databases (``_join``), and the client's Sync commits it in two phases, or rolls it
         back after an error, and answers ReadyForQuery idle (``_end_split``).
         """
-        if self.settings.pins:
-            raise ClientError(FEATURE_NOT_SUPPORTED, f"this connection keeps its backend of database "
-                              f"{backend.database}; a statement for database {database} needs another connection",
-                              hint="send a Sync between statements for different databases")
-        backend.push(DROP_QUERY)
-        backend.send(_BEGIN_QUERY)
+        self._may_join(backend, database)  # refused before anything is sent
+        if "~" in backend.database:
+            raise ClientError(FEATURE_NOT_SUPPORTED, f"this pipeline read from replica {backend.database}, so it "
+                              f"cannot go on on database {database}: a replica cannot take part in a two-phase "
+                              "commit", hint="send a Sync between the read and the statement for the other database")
+        self._inject(backend, IMPLICIT_BEGIN, _BEGIN_QUERY)
         self.tx.status = m.TX_IN_TRANSACTION
         self.tx.implicit = True
+        self.tx.implicit_first = backend
         self.tx.begin = None  # the other databases' BEGIN: a plain one
         return self._join(backend, database)
+
+    def _inject(self, server: ServerConnection, expect: Expect, query: bytes) -> None:
+        """A simple query of pgfleet's for ``server``, its answer dropped. PostgreSQL drops the
+        unnamed prepared statement at every simple query: the next Bind of the client's unnamed
+        statement there parses it again (``_prepared_on``)."""
+        server.push(expect)
+        server.send(query)
+        server.unnamed_owner = 0
 
     def _rejoin(self, database: str) -> ServerConnection | None:
         """A statement of a transaction on several databases whose backends all wait apart
@@ -1880,6 +1902,11 @@ class Session:
             participants[current.database] = current
         if not fresh:
             self.link.take_up(server)  # linked to this client all along
+            if self.tx.implicit and server is self.tx.implicit_first:
+                # If an error came before its BEGIN, PostgreSQL skipped the BEGIN and this
+                # part would commit by itself at its Sync: a BEGIN again (a no-op when the
+                # first one held) keeps it in a transaction that the pipeline's end rolls back.
+                self._inject(server, IMPLICIT_BEGIN, _BEGIN_QUERY)
         else:
             if len(participants) == 1:
                 log.debug("client %s (key %s): a transaction on databases %s and %s (two-phase commit)",
@@ -1943,12 +1970,10 @@ class Session:
     def _send_tenant(self, server: ServerConnection) -> None:
         """A database key's transaction starts: its pgfleet.tenant again, whatever SQL the
         policy could not see did to it since (docs/security.md), in the same write."""
-        server.push(TENANT_QUERY)
-        server.send(self.tenant_query)  # type: ignore[arg-type]
+        self._inject(server, TENANT_QUERY, self.tenant_query)  # type: ignore[arg-type]
 
     def _send_begin(self, server: ServerConnection) -> None:
-        server.push(DROP_QUERY)
-        server.send(self.tx.sent_begin())
+        self._inject(server, DROP_QUERY, self.tx.sent_begin())
 
     def _engaged(self, server: ServerConnection) -> bool:
         """Whether the attached backend is in use: a transaction, a pipeline or answers due.
@@ -1963,8 +1988,7 @@ class Session:
         sql = self.settings.replay(server.settings)
         server.settings = self.settings.values
         if sql is not None:
-            server.push(DROP_QUERY)
-            server.send(m.query(sql))
+            self._inject(server, DROP_QUERY, m.query(sql))
         if self.tenant_query is not None:
             self._send_tenant(server)
 
@@ -2084,7 +2108,8 @@ class Session:
             servers = list(split.servers)
             servers += [server for server in self.tx.participants.values() if server not in servers]
             self.tx.participants = {}
-            self._wait_for(self._finish_across(servers, "COMMIT", simple=False, implicit=True))
+            word = "ROLLBACK" if split.failed else "COMMIT"
+            self._wait_for(self._finish_across(servers, word, simple=False, implicit=True))
 
     def backend_lost(self, server: ServerConnection, error: BackendError) -> None:
         if server is not self.link.server:
@@ -2174,8 +2199,7 @@ class Session:
                 self.split.part(backend)  # in the client's order with the other databases' answers
             # Fail it on the backend too, so that its transaction fails as PostgreSQL's would.
             if simple:
-                backend.push(Expect(Answer.QUERY, Fate.REFUSE, reply=error))
-                backend.send(_REFUSED_SQL)
+                self._inject(backend, Expect(Answer.QUERY, Fate.REFUSE, reply=error), _REFUSED_SQL)
             else:
                 backend.push(Expect(Answer.BIND, Fate.REFUSE, reply=error))
                 backend.send(m.bind("", _MISSING_STATEMENT, b"\0\0\0\0\0\0"))
@@ -2220,7 +2244,7 @@ class Session:
     def _close_backend(self) -> None:
         """The client is gone: give its backend back clean, or drop it."""
         if self.split is not None:  # its answers have nobody to go to
-            self.split.out.clear()
+            self.split.abandon()
             self.split = None
         participants, self.tx.participants = self.tx.participants, {}
         self.link.abandon(list(participants.values()))  # a transaction on several databases: rolled back

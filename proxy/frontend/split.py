@@ -129,7 +129,10 @@ class SplitPipeline:
         """The ReadyForQuery of pgfleet's Sync ending ``server``'s oldest part."""
         part = self.pending[server].popleft()
         part.done = True
-        part.failed = server.tx_status == m.TX_FAILED
+        # Failed: its transaction did, or the BEGIN pgfleet sent in it was skipped after an
+        # error (outside a transaction block, the Sync then answers idle).
+        part.failed = server.tx_status == m.TX_FAILED or server.skipped_begin
+        server.skipped_begin = False
         order = self.order
         while order and order[0].done:
             given = order.popleft()
@@ -159,6 +162,14 @@ class SplitPipeline:
         if part.held:
             part.held = False
             if part.server.transport is not None:
+                part.server.transport.resume_reading()
+
+    def abandon(self) -> None:
+        """The client left: nothing more is written, and no backend stays unread."""
+        self.out.clear()
+        for part in self.order:
+            if part.held and part.server.transport is not None:
+                part.held = False
                 part.server.transport.resume_reading()
 
     def close(self, ready: bool) -> None:

@@ -36,7 +36,8 @@ class Transaction:
     """The client's transaction. Invariant: ``deferred_begin`` is set only while ``status``
     is in a transaction and no backend has received the BEGIN yet."""
 
-    __slots__ = ("begin", "control_portal", "deferred_begin", "implicit", "participants", "sets", "status")
+    __slots__ = ("begin", "control_portal", "deferred_begin", "implicit", "implicit_first", "participants", "sets",
+                 "status")
 
     def __init__(self) -> None:
         self.status = m.TX_IDLE  # the ReadyForQuery status the client last got, or will get
@@ -49,6 +50,7 @@ class Transaction:
         # A pipeline outside a transaction block that reached a second database: pgfleet made
         # its implicit transaction one on several, committed in two phases at the client's Sync.
         self.implicit = False
+        self.implicit_first: ServerConnection | None = None  # the database that got pgfleet's BEGIN
 
     @property
     def idle(self) -> bool:
@@ -84,6 +86,7 @@ class Transaction:
         self.participants = {}
         self.sets = False
         self.implicit = False
+        self.implicit_first = None
         self.status = m.TX_IDLE
 
 

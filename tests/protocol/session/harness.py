@@ -1159,6 +1159,25 @@ class Disconnect(Step):
         h.client(self.c).disconnect()
 
 
+class PoolState(Step):
+    """The state of database ``database``'s pool now: clients queued (not cancelled), and the
+    connections idle in it, parked with a client between transactions and (if given) active."""
+
+    def __init__(self, database: str = "primary", *, waiting: int, idle: int, parked: int,
+                 active: int | None = None) -> None:
+        self.database, self.want = database, {"waiting": waiting, "idle": idle, "parked": parked}
+        if active is not None:
+            self.want["active"] = active
+
+    async def run(self, h: Harness) -> None:
+        pool = h.fleet.pools[self.database]
+        got = {"waiting": pool.waiting, "idle": len(pool.idle), "parked": len(pool.parked)}
+        if "active" in self.want:
+            got["active"] = len(pool.active)
+        h.transcript.append(f"pool {self.database}: {got}")
+        assert got == self.want, f"pool {self.database}: {got}, expected {self.want}"
+
+
 class Opened(Step):
     """The backend connections pgfleet opened so far, in order."""
 

@@ -19,6 +19,7 @@ from tests.protocol.session.harness import (
     CommandComplete,
     DataRow,
     Describe,
+    Disconnect,
     Err,
     ErrorResponse,
     Execute,
@@ -26,6 +27,7 @@ from tests.protocol.session.harness import (
     Login,
     Parse,
     ParseComplete,
+    PoolState,
     PortalSuspended,
     Query,
     ReadyForQuery,
@@ -37,6 +39,7 @@ from tests.protocol.session.harness import (
 
 TWO_PHASE = {"two_phase_commit": True}
 INSERT = "insert into users (id, name) values ($1, $2)"
+SELECT = "select name from users where id = $1"
 
 BEGIN_T = (CommandComplete("BEGIN"), ReadyForQuery("T"))
 ROLLBACK_BOTH = (
@@ -51,6 +54,15 @@ ROLLBACK_BOTH = (
 # A backend's answers to its first part of TWO_PARTS_SENT; the client's answers to two rows.
 FIRST_INSERT = (*BEGIN_T, ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"), ReadyForQuery("T"))
 TWO_INSERTED = (BindComplete(), CommandComplete("INSERT 0 1"), BindComplete(), CommandComplete("INSERT 0 1"))
+# A pipeline outside a transaction block that failed on two databases: pgfleet rolls both
+# back, and answers the client's Sync idle.
+IMPLICIT_ROLLED_BACK = (
+    Backend("primary", ("Q", "ROLLBACK")),
+    Backend("secondary", ("Q", "ROLLBACK")),
+    Answer("primary", CommandComplete("ROLLBACK"), ReadyForQuery("I")),
+    Answer("secondary", CommandComplete("ROLLBACK"), ReadyForQuery("I")),
+    Got(ReadyForQuery("I")),
+)
 IN_A_TRANSACTION = (Login(), Send(Query("BEGIN")), Got(*BEGIN_T))
 # In a transaction: 42 and 43 are on primary, 3 on secondary. Each part ends with pgfleet's
 # Sync, and every part is sent at once.
@@ -197,16 +209,71 @@ CASES = [
                 ErrorResponse("23505", 'duplicate key value violates unique constraint "users_pkey"'),
                 ReadyForQuery("E")),
          Got(BindComplete(), Err("23505")),
-         Backend("primary", ("Q", "ROLLBACK")),
-         Backend("secondary", ("Q", "ROLLBACK")),
-         Answer("primary", CommandComplete("ROLLBACK"), ReadyForQuery("I")),
-         Answer("secondary", CommandComplete("ROLLBACK"), ReadyForQuery("I")),
-         Got(ReadyForQuery("I")),
+         *IMPLICIT_ROLLED_BACK,
          # The next pipeline starts afresh, on one database.
          Send(Bind("", "", ["3", "b"]), Execute(), Sync()),
          Backend("secondary", ("B", "", "", ("3", "b")), ("E", "", 0), ("S",)),
          Answer("secondary", BindComplete(), CommandComplete("INSERT 0 1"), ReadyForQuery("I")),
          Got(BindComplete(), CommandComplete("INSERT 0 1"), ReadyForQuery("I")),
+         config=TWO_PHASE),
+    Case("pipeline_outside_a_transaction_error_before_pgfleets_begin_rolls_back_every_part",
+         # 42 fails on primary before pgfleet's BEGIN, which PostgreSQL then skips (its Sync
+         # answers idle): the part is failed all the same, and primary's next part runs after
+         # a BEGIN of its own, so the ROLLBACK at the end undoes 43 too. The client hears the
+         # one error and an idle ReadyForQuery, as from one database.
+         Login(),
+         Send(Parse("", INSERT), Bind("", "", ["42", "a"]), Execute(), Bind("", "", ["3", "b"]), Execute(),
+              Bind("", "", ["43", "c"]), Execute(), Sync()),
+         Got(ParseComplete()),
+         # (pgfleet's BEGIN, a simple query, drops the unnamed statement: parsed again.)
+         Backend("primary", ("P", "", INSERT), ("B", "", "", ("42", "a")), ("E", "", 0), ("Q", "BEGIN"), ("S",),
+                 ("Q", "BEGIN"), ("P", "", INSERT), ("B", "", "", ("43", "c")), ("E", "", 0), ("S",)),
+         Backend("secondary", ("Q", "BEGIN"), ("P", "", INSERT), ("B", "", "", ("3", "b")), ("E", "", 0), ("S",)),
+         Answer("primary", ParseComplete(), BindComplete(),
+                ErrorResponse("23505", 'duplicate key value violates unique constraint "users_pkey"'),
+                ReadyForQuery("I"), *BEGIN_T, ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"),
+                ReadyForQuery("T")),
+         Answer("secondary", *FIRST_INSERT),
+         Got(BindComplete(), Err("23505")),
+         *IMPLICIT_ROLLED_BACK,
+         config=TWO_PHASE),
+    Case("pipeline_outside_a_transaction_refused_before_anything_is_sent_for_it",
+         # A SET earlier in the pipeline: it cannot go on to a second database. Refused
+         # before pgfleet sends its BEGIN, so the pipeline fails as on one database and the
+         # session goes on outside any transaction.
+         Login(),
+         Send(Parse("", "set search_path = public"), Bind("", ""), Execute(),
+              Parse("", INSERT), Bind("", "", ["3", "b"]), Execute(), Sync()),
+         Backend("primary", ("P", "", "set search_path = public"), ("B", "", ""), ("E", "", 0),
+                 ("B", "", "pgfleet_refused_statement"), ("S",)),
+         Answer("primary", ParseComplete(), BindComplete(), CommandComplete("SET"),
+                ErrorResponse("26000", 'prepared statement "pgfleet_refused_statement" does not exist'),
+                ReadyForQuery("I")),
+         Got(ParseComplete(), BindComplete(), CommandComplete("SET"), ParseComplete(),
+             Err("0A000", "changed settings"), ReadyForQuery("I")),
+         Send(Query("select * from users where id = 3")),
+         Backend("secondary", ("Q", "select * from users where id = 3")),
+         Answer("secondary", CommandComplete("SELECT 0"), ReadyForQuery("I")),
+         Got(CommandComplete("SELECT 0"), ReadyForQuery("I")),
+         config=TWO_PHASE),
+    Case("pipeline_part_held_when_the_client_leaves_gives_its_backend_back",
+         # secondary's part (over 1 MiB) is held behind primary's, its backend not read; the
+         # client leaves: secondary is read again, rolled back and back in its pool.
+         *IN_A_TRANSACTION,
+         Send(Parse("", SELECT), Bind("", "", ["42"]), Execute(), Bind("", "", ["3"]), Execute(),
+              Bind("", "", ["43"]), Execute(), Sync()),
+         Got(ParseComplete()),
+         Backend("primary", ("Q", "BEGIN"), ("P", "", SELECT), ("B", "", "", ("42",)), ("E", "", 0), ("S",),
+                 ("B", "", "", ("43",)), ("E", "", 0), ("S",)),
+         Backend("secondary", ("Q", "BEGIN"), ("P", "", SELECT), ("B", "", "", ("3",)), ("E", "", 0), ("S",)),
+         Answer("secondary", *BEGIN_T, ParseComplete(), BindComplete(), *[DataRow("x" * 1000)] * 1500,
+                CommandComplete("SELECT 1500"), ReadyForQuery("T")),
+         Got(),
+         Disconnect(),
+         Backend("primary", ("X",)),  # answers still due: closed
+         Backend("secondary", ("Q", "ROLLBACK")),
+         Answer("secondary", CommandComplete("ROLLBACK"), ReadyForQuery("I")),
+         PoolState("secondary", waiting=0, idle=1, parked=0, active=0),
          config=TWO_PHASE),
     Case("pipeline_outside_a_transaction_on_two_shards_refuses_a_simple_query_in_it",
          # pgfleet commits such a pipeline at its Sync; a simple query in it would commit

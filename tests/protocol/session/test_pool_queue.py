@@ -29,6 +29,7 @@ from tests.protocol.session.harness import (
     Harness,
     Login,
     Opened,
+    PoolState,
     Query,
     ReadyForQuery,
     Send,
@@ -50,20 +51,6 @@ NO_FREE = r"^database primary: no backend connection became free within 0\.2s \(
 
 def pool(size: int, timeout: str = "5s") -> dict[str, Any]:
     return {"pool": {"mode": "transaction", "size": size, "acquire_timeout": timeout}}
-
-
-class PoolState(Step):
-    """The state of database ``database``'s pool now: clients queued (not cancelled), and the
-    connections idle in it and parked with a client between transactions."""
-
-    def __init__(self, database: str = "primary", *, waiting: int, idle: int, parked: int) -> None:
-        self.database, self.want = database, {"waiting": waiting, "idle": idle, "parked": parked}
-
-    async def run(self, h: Harness) -> None:
-        pool = h.fleet.pools[self.database]
-        got = {"waiting": pool.waiting, "idle": len(pool.idle), "parked": len(pool.parked)}
-        h.transcript.append(f"pool {self.database}: {got}")
-        assert got == self.want, f"pool {self.database}: {got}, expected {self.want}"
 
 
 def a_in_a_transaction(key: str) -> list[Step]:
@@ -266,7 +253,43 @@ def cases(key: str) -> list[Case]:
     ]
 
 
-CASES = [*cases("pf_server"), *cases("pf_client")]
+class OpenCircuit(Step):
+    def __init__(self, database: str) -> None:
+        self.database = database
+
+    async def run(self, h: Harness) -> None:
+        h.fleet.pools[self.database].open_circuit("the database is down")
+
+
+EARLY_ATTACH = [
+    # A decided database (a server key connecting to one by name) takes its backend before the hot path only for what goes
+    # on to it: a SET pgfleet.* answered here leaves the pool's one backend free for others.
+    Case("decided_database_answering_set_pgfleet_holds_no_backend",
+         Login("a", database="secondary"), Login("b", database="secondary"),
+         Opened("secondary#1"),
+         PoolState("secondary", waiting=0, idle=1, parked=0),
+         Send(Query("set pgfleet.shard_key = '3'"), c="a"),
+         Got(CommandComplete("SET"), ReadyForQuery("I"), c="a"),
+         Backend("secondary"),
+         PoolState("secondary", waiting=0, idle=1, parked=0),
+         Send(Query("select 2"), c="b"),
+         Backend("secondary", ("Q", "select 2")),
+         Answer("secondary", one("2")),
+         Got(one("2"), c="b"),
+         config=pool(1)),
+    # ... and a pool whose circuit is open refuses the statement (08006), as the handler
+    # would: the client is not closed.
+    Case("decided_database_with_its_circuit_open_refuses_the_statement",
+         Login("a", database="secondary"),
+         OpenCircuit("secondary"),
+         Send(Query("select 1"), c="a"),
+         Got(Err("08006", "database secondary is unavailable"), ReadyForQuery("I"), c="a"),
+         Send(Query("select 1"), c="a"),  # and the session goes on
+         Got(Err("08006", "database secondary is unavailable"), ReadyForQuery("I"), c="a"),
+         strict_end=False),  # (the circuit closed the idle backend: its Terminate is not read)
+]
+
+CASES = [*cases("pf_server"), *cases("pf_client"), *EARLY_ATTACH]
 
 
 @pytest.mark.parametrize("case", [case.param() for case in CASES])
