@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 
 import msgspec
+from msgspec.structs import force_setattr
 
 from .keybind import InsertKeys, Placement
 
@@ -156,6 +157,14 @@ class Params(msgspec.Struct, frozen=True):
         return self.formats[index] if index < len(self.formats) else 0
 
 
+def _binds_key(stmt: Statement) -> bool:
+    """Whether a statement's shard key is a parameter."""
+    if stmt.placement is not None and any(
+            v.param is not None for o in stmt.placement.occurrences for v in (o.values or ())):
+        return True
+    return stmt.insert is not None and any(v is not None and v.param is not None for v in (stmt.insert.rows or ()))
+
+
 class Analysis(msgspec.Struct, frozen=True):
     """Everything the router needs from the parser, cached by exact statement text."""
 
@@ -165,34 +174,25 @@ class Analysis(msgspec.Struct, frozen=True):
     hint_error: str | None = None    # a pgfleet comment that could not be read
     primary: bool = False            # /* pgfleet: primary */: never a replica
 
-    @property
-    def replica_safe(self) -> bool:
-        """Whether a replica may answer it (outside a transaction): one plain SELECT that
-        writes nothing, locks nothing and calls only functions known not to write."""
-        return len(self.statements) == 1 and self.statements[0].replica_safe and not self.primary
+    # Computed once from the statements (``__post_init__``): read on every statement of a
+    # cached text, so not rebuilt from generators each time.
+    replica_safe: bool = False     # a replica may answer it (outside a transaction): one plain
+                                   # SELECT that writes nothing, locks nothing and calls only
+                                   # functions known not to write
+    needs_params: bool = False     # a shard key is bound to a parameter: the route is known at Bind
+    touches_settings: bool = False  # pgfleet must follow this text to keep the client's settings
+    touches_session: bool = False  # ... or state that pins a backend
 
-    @property
-    def needs_params(self) -> bool:
-        """Whether a shard key is bound to a parameter: the route is known only at Bind."""
-        for stmt in self.statements:
-            if stmt.placement is not None and any(
-                    v.param is not None for o in stmt.placement.occurrences for v in (o.values or ())):
-                return True
-            if stmt.insert is not None and any(v is not None and v.param is not None
-                                               for v in (stmt.insert.rows or ())):
-                return True
-        return False
-
-    @property
-    def touches_settings(self) -> bool:
-        """Whether pgfleet must follow this text to keep the client's settings."""
-        return any(stmt.settings or stmt.opaque_settings or stmt.rollback for stmt in self.statements)
-
-    @property
-    def touches_session(self) -> bool:
-        """Whether pgfleet must follow this text: settings, or state that pins a backend."""
-        return any(stmt.settings or stmt.opaque_settings or stmt.rollback or stmt.pins or stmt.unpins
-                   or stmt.closes_database or stmt.command == "SET" for stmt in self.statements)
+    def __post_init__(self) -> None:
+        statements = self.statements
+        force_setattr(self, "replica_safe",
+                      len(statements) == 1 and statements[0].replica_safe and not self.primary)
+        force_setattr(self, "needs_params", any(_binds_key(stmt) for stmt in statements))
+        force_setattr(self, "touches_settings",
+                      any(stmt.settings or stmt.opaque_settings or stmt.rollback for stmt in statements))
+        force_setattr(self, "touches_session", any(
+            stmt.settings or stmt.opaque_settings or stmt.rollback or stmt.pins or stmt.unpins
+            or stmt.closes_database or stmt.command == "SET" for stmt in statements))
 
     @property
     def writes(self) -> Statement | None:

@@ -192,8 +192,7 @@ class Router:
         """
         cache_key = (sql, ctx.key.id, ctx.database, hints)
         found = self.routes.get(cache_key)
-        if found is not None:
-            self.hits += 1
+        if found is not None:  # (the plan cache's hits and misses are the analysis's: not counted here)
             if type(found) is Route:
                 return found
             assert isinstance(found, _KeyPlan)
@@ -205,7 +204,9 @@ class Router:
             route = Route(Direct(fixed), write=True, reason=_why_fixed(ctx, fixed))
             self._remember(cache_key, route)
             return route
-        analysis = self.analysis(sql)
+        # The session has looked the text up already for this statement: a hit is not counted
+        # twice (a text never seen is parsed, and counted a miss, here).
+        analysis = self.cache.get(sql) or self.analysis(sql)
         route = self.route_analysis(analysis, ctx, hints, None)
         if not route.needs_params:
             if not any(stmt.kind is Kind.DDL for stmt in analysis.statements):  # DDL: forget_types each time
