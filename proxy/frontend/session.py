@@ -79,6 +79,7 @@ from ..backend.expect import (
 from ..backend.pool import DisconnectReason, Pool, Waiter
 from ..config import ADMIN_DATABASE
 from ..errors import (
+    CONNECTION_FAILURE,
     FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
     INTERNAL_ERROR,
@@ -169,9 +170,26 @@ _MISSING_STATEMENT = "pgfleet_refused_statement"
 # backend: statements on a decided database are parsed only when it holds one of these words.
 # It is searched in the lower-cased text: a case-insensitive alternation is 5x slower in re.
 # Words of statements that may change session state (SET, RESET, set_config, DISCARD, ...):
-# their text is analysed. "set" only at the start of a word, so that OFFSET and a table
-# called dataset keep the fast path.
-_MAYBE_SETTINGS = re.compile(rb"\b(?:re)?set|discard|listen|advisory|temp|prepare|hold|deallocate|close|database")
+# their text is analysed (``_may_set``). Plain literals: a regular expression with word
+# boundaries costs twice as much on every statement.
+_MAYBE_SETTINGS = re.compile(rb"set|discard|listen|advisory|temp|prepare|hold|deallocate|close|database")
+_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_$")
+
+
+def _may_set(text: bytes | bytearray) -> bool:
+    """Whether a lower-cased statement may change session state: a word of ``_MAYBE_SETTINGS``
+    in it, "set" only at the start of a word or of "reset" (OFFSET, a table called dataset,
+    keep the fast path)."""
+    found = _MAYBE_SETTINGS.search(text)
+    while found is not None:
+        at = found.start()
+        if found.end() - at != 3 or at == 0 or text[at - 1] not in _WORD or (
+                text[at - 2:at] == b"re" and (at == 2 or text[at - 3] not in _WORD)):
+            return True
+        found = _MAYBE_SETTINGS.search(text, at + 3)
+    return False
+
+
 _SNAPSHOT_LEVELS = re.compile(rb"(?i)repeatable|serializable")
 _STATEMENT_DESCRIPTION = frozenset((m.PARAMETER_DESCRIPTION, m.ROW_DESCRIPTION, m.NO_DATA))
 
@@ -410,11 +428,12 @@ class Session:
                 if end > n:
                     break
                 backend = self.link.server
+                sets_nothing = False  # its text was searched for words that may set: none
                 if backend is None and self.unparsed is not None and self.tx.deferred_begin is None \
                         and self.portal is None and self.settings.pending is None and (
                             (kind == _BIND and not self.fleet.replicas.sets)
                             or ((kind == _QUERY or (kind == _PARSE and inbox[pos + 5] == 0))
-                                and _MAYBE_SETTINGS.search(inbox[pos + 5:end].lower()) is None)):
+                                and not _may_set(inbox[pos + 5:end].lower()))):
                     # A decided database's next transaction: its backend first, so that the
                     # statement takes the hot path (what _backend_for would do for it): a query
                     # or an unnamed Parse that sets nothing (SET pgfleet.* is answered here,
@@ -427,6 +446,7 @@ class Session:
                     else:
                         if backend is None:
                             break  # waiting for one: the message stays in the inbox
+                        sets_nothing = kind != _BIND
                 # The hot path: messages that go to the attached backend unchanged.
                 if backend is not None:
                     expect = _VERBATIM.get(kind, _NOT_VERBATIM)
@@ -437,7 +457,7 @@ class Session:
                             # A simple query on a decided database that sets nothing: as it came.
                             if (self.unparsed is not None and self.settings.pending is None and self.audit is None
                                     and inbox.find(0, pos + 5, end) == end - 1
-                                    and _MAYBE_SETTINGS.search(inbox[pos + 5:end].lower()) is None):
+                                    and (sets_nothing or not _may_set(inbox[pos + 5:end].lower()))):
                                 backend.expects.append(FORWARD_QUERY)
                                 if run < 0:
                                     run = pos
@@ -448,8 +468,8 @@ class Session:
                         elif self.unparsed is not None and inbox[pos + 5] == 0:
                             # The unnamed statement on a decided database: no rewriting either.
                             if kind == _PARSE:
-                                if self.settings.pending is None \
-                                        and _MAYBE_SETTINGS.search(inbox[pos + 5:end].lower()) is None:
+                                if self.settings.pending is None and (
+                                        sets_nothing or not _may_set(inbox[pos + 5:end].lower())):
                                     token = backend.unnamed_owner = self.fleet.next_token()
                                     self.statements.unnamed = Prepared.forwarded(bytes(inbox[pos:end]),
                                                                                  self.unparsed, token)
@@ -872,7 +892,7 @@ class Session:
 
     def _effect(self, raw: bytes, start: int) -> Analysis | None:
         """The analysis of a statement on a decided database, if it may change settings."""
-        if self.settings.pending is None and _MAYBE_SETTINGS.search(raw[start:].lower()) is None:
+        if self.settings.pending is None and not _may_set(raw[start:].lower()):
             return None
         end = raw.find(0, start)
         analysis = self.fleet.router.analysis(raw[start:end].decode(errors="replace"))
@@ -1697,6 +1717,11 @@ class Session:
         if backend is not None and backend.gone and not self._engaged(backend):
             # Parked, and already known dead (its connection_lost is still to come): another one.
             self.link.lost()
+            if self.session_mode or self.settings.pins:
+                # Its session state went with it: the client is told, as backend_lost tells it.
+                reason = backend.close_reason or "the server closed the connection"
+                raise ProxyError(CONNECTION_FAILURE, f"the connection to database {backend.database} was lost: "
+                                 f"{reason}", hint="its session state went with it: reconnect")
             backend = None
         if backend is not None:
             if backend.database == database:
