@@ -26,7 +26,10 @@ PINS = {
     "advisory lock": ("select pg_advisory_lock(4242)",
                       "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()"),
     "temporary table": ("create temp table pf_scratch (a int); insert into pf_scratch values (1)",
-                        "select count(*) from pg_class where relname = 'pf_scratch' and relpersistence = 't'"),
+                        # (this backend's own temporary schema: pg_class shows every session's, and the
+                        # pinned client's is dropped by its reset only a moment after it leaves)
+                        ("select count(*) from pg_class where relname = 'pf_scratch' "
+                         "and relnamespace = pg_my_temp_schema()")),
     "PREPARE": ("prepare pf_plan as select 41 + 1",
                 "select count(*) from pg_prepared_statements where name = 'pf_plan'"),
     "WITH HOLD cursor": ("begin; declare pf_cur cursor with hold for select 1; commit",
