@@ -6,11 +6,12 @@ client, which ``release`` hands a connection to by calling it back (no task, no 
 timer per waiter: one timer per pool fails the waiters past ``acquire_timeout``, oldest first).
 ``parked`` is the part of ``active`` that stays with its client between transactions while
 nobody else needs it (affinity: the next transaction skips the pool); when a connection is
-needed and none is idle, a parked one that is idle is taken back from its client. Counts for ``SHOW POOLS`` and metrics are their
-lengths. A ``generation`` number, bumped on reload, retires old connections as they come back.
-The circuit (``outage``) is opened and closed by the health checker (backend/health.py) only:
-while it is open every acquire fails at once with 08006, and connections coming back are
-closed instead of kept. The pool never touches a client socket.
+needed and none is idle, a parked one that is idle is taken back from its client. Counts for
+``SHOW POOLS`` and metrics are their lengths. A ``generation`` number, bumped on reload,
+retires old connections as they come back. The circuit (``outage``) is opened and closed by
+the health checker (backend/health.py) only: while it is open every acquire fails at once
+with 08006, and connections coming back are closed instead of kept. The pool never touches a
+client socket.
 """
 
 from __future__ import annotations
@@ -248,8 +249,7 @@ class Pool:
         waiter = Waiter(grant, fail, now, now + self.acquire_timeout, counted)
         self.waiters.append(waiter)
         if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_at(
-                asyncio.get_running_loop().time() + self.acquire_timeout, self._expire)
+            self._expiry = asyncio.get_running_loop().call_later(self.acquire_timeout, self._expire)
         return waiter
 
     def _expire(self) -> None:
@@ -268,8 +268,7 @@ class Pool:
                     f"{self.acquire_timeout:g}s (pool size {self.size})",
                     hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"))
         if waiters:
-            loop = asyncio.get_running_loop()
-            self._expiry = loop.call_at(loop.time() + max(0.0, waiters[0].deadline - now), self._expire)
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, waiters[0].deadline - now), self._expire)
 
     def _fail_waiters(self, error: Callable[[], BaseException]) -> None:
         """Every queued client gets the error (a new one each: a raised exception grows)."""
