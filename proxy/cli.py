@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 
 from . import __version__
@@ -23,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="serve the fleet")
     run.add_argument("--config", help="YAML config file (default: the DB_* environment variables)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--workers", type=int, default=1,
+                     help="worker processes sharing the port (SO_REUSEPORT), each with its share of every "
+                          "pool; default 1: one process, no supervisor (docs/workers.md)")
+    # Set by the supervisor on the workers it starts (pgfleet run --workers N).
+    run.add_argument("--worker", help=argparse.SUPPRESS)
+    run.add_argument("--group", help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("check", help="validate a config and print the routing map")
     check.add_argument("--config", help="YAML config file")
     check.add_argument("--offline", action="store_true",
@@ -73,12 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
         return 2
+    group = None
+    if args.worker is not None:
+        from .admin.group import Group
+        worker, workers = (int(n) for n in args.worker.split("/"))
+        group = Group(args.group, worker, workers)
+    where = f"[worker {group.worker}]" if group is not None else ""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+    if args.workers != 1 and group is None:
+        return _supervise(config, args)
     from .server import install_loop, serve
     install_loop()
     try:
-        asyncio.run(serve(config, args.config))
+        asyncio.run(serve(config, args.config, group, args.supervisor_fd))
     except OSError as exc:
         print(f"pgfleet: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror}",
               file=sys.stderr)
@@ -89,6 +105,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _supervise(config: Config, args: argparse.Namespace) -> int:
+    """pgfleet run --workers N: the supervisor (supervisor.py)."""
+    from .admin.group import MAX_WORKERS
+    from .supervisor import run
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"pgfleet: --workers must be between 1 and {MAX_WORKERS}, not {args.workers}", file=sys.stderr)
+        return 2
+    # The workers bind with SO_REUSEPORT, which another process of this user with the same
+    # option would share silently: the port must be free before they start.
+    ports = [(config.listen.host, config.listen.port)]
+    if config.http is not None:
+        ports.append((config.http.host, config.http.port))
+    for host, port in ports:
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as exc:
+            print(f"pgfleet: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return 1
+    arguments = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
+    try:
+        return run(args.workers, arguments, f"{config.listen.host}:{config.listen.port}")
+    except KeyboardInterrupt:
+        return 0
 
 
 def _rls(config: Config, apply: bool) -> int:

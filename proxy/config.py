@@ -535,6 +535,33 @@ def _validate_audit(audit: Audit, names: set[str]) -> None:
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+def share_of(total: int, worker: int, workers: int) -> int:
+    """Worker ``worker``'s share of a limit of ``total`` split over ``workers`` processes: the
+    total divided evenly, the remainder to the first workers, at least 1 each (so the shares
+    add up to the total whenever it is at least ``workers``)."""
+    return max(1, total // workers + (1 if worker < total % workers else 0))
+
+
+def share(config: Config, worker: int, workers: int) -> Config:
+    """The config one of ``workers`` processes (``pgfleet run --workers N``) runs with: every
+    pool size and client limit split over the workers by ``share_of``, so the process group
+    together opens no more backend connections, and takes no more clients, than the config
+    says. Nothing else changes."""
+    if workers <= 1:
+        return config
+
+    def part(total: int | None) -> int | None:
+        return None if total is None else share_of(total, worker, workers)
+
+    replace = msgspec.structs.replace
+    return replace(
+        config,
+        pool=replace(config.pool, size=share_of(config.pool.size, worker, workers)),
+        listen=replace(config.listen, max_client_connections=part(config.listen.max_client_connections)),
+        databases={name: replace(db, pool_size=part(db.pool_size)) for name, db in config.databases.items()},
+        keys=tuple(replace(key, max_connections=part(key.max_connections)) for key in config.keys))
+
+
 def server_tls(tls: Tls) -> ssl.SSLContext:
     """The TLS context pgfleet offers clients (listen.tls)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

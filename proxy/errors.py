@@ -65,6 +65,8 @@ class InternalError(ProxyError):
 # The SQLSTATEs pgfleet uses, named as PostgreSQL's errcodes.txt names them (its last column,
 # upper case), by code and grouped by class. Code outside this module spells them by these
 # names, never as literals (tests/unit/test_sourcecode.py holds that).
+# Class 01 - warning
+WARNING = "01000"
 # Class 08 - connection exception
 CONNECTION_EXCEPTION = "08000"
 CONNECTION_FAILURE = "08006"

@@ -65,6 +65,8 @@ TYPES_NEGATIVE_TTL = 1.0
 # Backend-side names kept for clients' prepared statements (distinct texts), least recently
 # used out first: a client that prepares ever new texts does not grow pgfleet without bound.
 STATEMENT_NAMES = 10_000
+# A client's pid carries its worker's number from this bit up (admin/group.py reads it back).
+WORKER_SHIFT = 24
 
 
 class _RolePools(dict[str, Pool]):
@@ -81,8 +83,13 @@ class _RolePools(dict[str, Pool]):
 
 
 class Fleet:
-    def __init__(self, config: Config, connect: Connector = tcp_connect) -> None:
+    def __init__(self, config: Config, connect: Connector = tcp_connect, worker: int = 0) -> None:
         self.config = config
+        # pgfleet run --workers N: this worker's number, carried in every client's pid from
+        # WORKER_SHIFT up, and how a cancel for another worker's client reaches it (set by the
+        # server); None: a single process.
+        self.worker = worker
+        self.forward_cancel: Callable[[int, int], None] | None = None
         self.connect = connect  # how pools reach their servers (the protocol tests script them)
         self.router = Router(config)
         self.keys: dict[str, ApiKey] = load_keys(config)
@@ -104,7 +111,7 @@ class Fleet:
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
         self.shutting_down = False
         # two_phase_commit: the commit log and recovery (started by the server).
-        self.coordinator = Coordinator(config) if config.two_phase_commit else None
+        self.coordinator = Coordinator(config, leader=worker == 0) if config.two_phase_commit else None
         self.tls = server_tls(config.listen.tls) if config.listen.tls is not None else None
         # Whether each database sorts text in byte order (read from its catalog when a
         # federated query first needs it).
@@ -341,7 +348,23 @@ class Fleet:
         return self._tokens
 
     def new_backend_key(self) -> tuple[int, int]:
+        """A new client's BackendKeyData: a pid that names this worker (random below that) and
+        a random secret."""
         while True:
-            pid = secrets.randbelow(2**31 - 1) + 1
+            pid = (self.worker << WORKER_SHIFT) | (secrets.randbelow((1 << WORKER_SHIFT) - 1) + 1)
             if pid not in self.sessions:
                 return pid, secrets.randbits(31)
+
+    def cancel(self, pid: int, secret: int) -> bool:
+        """A CancelRequest for client ``pid``: its running statement is cancelled when the secret
+        is right. A pid of another worker's client goes to that worker. Whether it was sent on."""
+        target = self.sessions.get(pid)
+        if target is None:
+            if self.forward_cancel is not None and pid >> WORKER_SHIFT != self.worker:
+                self.forward_cancel(pid, secret)
+                return True
+            return False
+        if secrets.compare_digest(target.secret.to_bytes(4, "big"), secret.to_bytes(4, "big", signed=True)):
+            target.cancel_running()
+            return True
+        return False

@@ -3,22 +3,33 @@
 Owns the event loop's top level: the listening socket, the periodic pool reaper, signal
 handling (SIGTERM/SIGINT: stop accepting, let clients finish up to a timeout, close). It
 builds one ``Fleet`` from a config snapshot; it never parses statements or messages.
+
+As one worker of ``pgfleet run --workers N`` (supervisor.py starts them) it listens with
+SO_REUSEPORT, runs its share of every pool (config.share), answers the other workers
+(admin/group.py), and only the leader, worker 0, runs the health checks and the two-phase
+recovery; the others take the leader's health results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from .admin.audit import AuditLog
-from .admin.console import Admin, Console
-from .admin.http import HttpServer
+from .admin.console import Admin, Console, local_answer
+from .admin.group import Group, PeerError, worker_of
+from .admin.http import HttpServer, database_info, families
 from .auth.keys import load_keys
-from .backend.health import HealthChecker
+from .backend.health import HealthChecker, Outcome, Probe
 from .backend.pool import DisconnectReason
-from .config import Config, load
-from .errors import CONFIG_FILE_ERROR, SHUTTING_DOWN, ClientError, ConfigError
+from .config import Config, load, share
+from .errors import CONFIG_FILE_ERROR, PROTOCOL_VIOLATION, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
 from .frontend.seam import ClientConnection
 
@@ -28,39 +39,120 @@ REAP_INTERVAL = 1.0
 TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types
 
 
+class _Echo(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A follower's health log: what the leader already logged, at debug only."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
 class Server:
-    def __init__(self, config: Config, source: str | None = None) -> None:
+    def __init__(self, config: Config, source: str | None = None, group: Group | None = None) -> None:
+        self.group = group  # pgfleet run --workers N: this worker's place; None: the only process
+        self.configured = config  # as the file says (a worker runs its share: config.share)
+        config = self._share(config)
         self.config = config
         self.source = source  # the config file RELOAD reads again (None: the environment)
-        self.fleet = Fleet(config)
-        self.admin = Admin(self.fleet, reload=self.reload)
+        self.fleet = Fleet(config, worker=group.worker if group is not None else 0)
+        self.admin = Admin(self.fleet, reload=self.reload, group=group, configured=lambda: self.configured)
         self.fleet.console = lambda: Console(self.admin)
         self.listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._fast = False
         self._reaper: asyncio.Task[None] | None = None
-        self.http = HttpServer(self.fleet) if config.http is not None else None
-        audit = AuditLog(config.audit, dsn_of=lambda database: self.config.dsn(database))
+        self.http = HttpServer(self.fleet, group) if config.http is not None else None
+        audit_config = config.audit
+        if group is not None and audit_config.path is not None:  # one file per worker (docs/workers.md)
+            path = Path(audit_config.path)
+            audit_config = msgspec.structs.replace(
+                audit_config, path=str(path.with_name(f"{path.stem}.w{group.worker}{path.suffix}")))
+        audit = AuditLog(audit_config, dsn_of=lambda database: self.config.dsn(database))
         self.fleet.audit = audit if audit.enabled else None
+        if group is not None:
+            self.fleet.forward_cancel = self._forward_cancel
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process runs the health checks (a single process, or worker 0)."""
+        return self.group is None or self.group.leader
+
+    def _share(self, config: Config) -> Config:
+        return share(config, self.group.worker, self.group.workers) if self.group is not None else config
+
+    def _start_health(self) -> None:
+        health = self.fleet.health
+        if not self.leader:
+            health.log = _Echo(logging.getLogger("pgfleet.health"), {})
+            return  # the leader's results come in as "probe" requests
+        if self.group is not None:
+            group = self.group
+            health.recorded = lambda name, probe, now: group.tell(group.others, {
+                "op": "probe", "name": name, "outcome": probe.outcome.value, "seconds": probe.seconds,
+                "error": probe.error, "now": now})
+        health.start()
+
+    # -- the other workers' requests (admin/group.py)
+
+    async def _peer(self, request: dict[str, Any]) -> Any:
+        op = request.get("op")
+        fleet = self.fleet
+        if op == "cancel":
+            return fleet.cancel(int(request["pid"]), int(request["secret"]))
+        if op == "console":
+            return await local_answer(self.admin, str(request["text"]))
+        if op == "metrics":
+            return families(fleet)
+        if op == "databases":
+            return database_info(fleet)
+        if op == "health":
+            return fleet.health.states()
+        if op == "probe":
+            name = str(request["name"])
+            if name in fleet.pools:  # (not a database a reload removed here)
+                fleet.health.record(name, Probe(Outcome(request["outcome"]), float(request["seconds"]),
+                                                request["error"]), float(request["now"]))
+            return None
+        raise ClientError(PROTOCOL_VIOLATION, f"unknown worker request {op!r}",
+                          hint="the workers of one group run the same pgfleet version")
+
+    def _forward_cancel(self, pid: int, secret: int) -> None:
+        group = self.group
+        worker = worker_of(pid)
+        if group is not None and worker < group.workers:
+            log.debug("cancel for client pid %d passed on to worker %d", pid, worker)
+            group.tell([worker], {"op": "cancel", "pid": pid, "secret": secret})
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
+        group = self.group
+        if group is not None:  # first: a cancel or a console question may come at once
+            await group.serve(self._peer)
         # Types first: a statement on a sharded table that came before them would be refused.
         await self.learn_shard_key_types()
         if self.fleet.coordinator is not None:  # what a dead pgfleet left in doubt is finished first
             await self.fleet.coordinator.start()
+        if group is not None and not group.leader:  # the circuits as the leader sees them now
+            try:
+                self.fleet.health.adopt(await group.ask(0, {"op": "health"}))
+            except (PeerError, ClientError) as exc:
+                log.info("worker %d: no health results from the leader yet (%s); they come with its next "
+                         "checks", group.worker, exc)
         self.listener = await loop.create_server(
-            lambda: ClientConnection(self.fleet), listen.host, listen.port, reuse_address=True, backlog=1024)
+            lambda: ClientConnection(self.fleet), listen.host, listen.port, reuse_address=True,
+            reuse_port=group is not None, backlog=1024)
         self._reaper = loop.create_task(self._reap())
         if self.fleet.audit is not None:
             await self.fleet.audit.start()
         self.fleet.replicas.start()
         if self.http is not None and self.config.http is not None:
-            await self.http.start(self.config.http.host, self.config.http.port)
-        self.fleet.health.start()  # the first round runs in the background
-        log.info("pgfleet listening on %s:%d (fleet database %r, %d databases, pool mode %s)",
-                 listen.host, listen.port, listen.database, len(self.config.databases),
+            await self.http.start(self.config.http.host, self.config.http.port, reuse_port=group is not None)
+        self._start_health()  # the first round runs in the background
+        if group is not None:
+            group.ready()
+        where = f"worker {group.worker} of {group.workers} (pid {os.getpid()}) " if group is not None else ""
+        log.info("pgfleet %slistening on %s:%d (fleet database %r, %d databases, pool mode %s)",
+                 where, listen.host, listen.port, listen.database, len(self.config.databases),
                  self.config.pool.mode)
 
     async def _reap(self) -> None:
@@ -95,6 +187,7 @@ class Server:
             raise ClientError(CONFIG_FILE_ERROR, f"invalid config, nothing changed: {exc}",
                               hint="fix the file and RELOAD again") from None
         old = self.config
+        self.configured, config = config, self._share(config)
         changes = self.fleet.apply(config)
         self.config = config
         fleet = self.fleet
@@ -102,7 +195,7 @@ class Server:
                 any(config.dsn(n) != old.dsn(n) for n in config.databases if n in old.databases):
             await fleet.health.stop()  # the checks follow the new databases and addresses
             fleet.health = HealthChecker(config, fleet.pools)
-            fleet.health.start()
+            self._start_health()
         if {n: (d.replicas, d.max_replica_lag) for n, d in config.databases.items()} != \
                 {n: (d.replicas, d.max_replica_lag) for n, d in old.databases.items()}:
             await fleet.replicas.stop(close=False)
@@ -179,17 +272,31 @@ class Server:
             await self.http.stop()
         if self.fleet.audit is not None:
             await self.fleet.audit.stop()
+        if self.group is not None:
+            await self.group.close()
         if self.listener is not None:
             await self.listener.wait_closed()
 
 
-async def serve(config: Config, source: str | None = None) -> None:
-    server = Server(config, source)
+async def serve(config: Config, source: str | None = None, group: Group | None = None,
+                supervisor: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT; ``supervisor``: a pipe's read end whose end of file says
+    the supervisor is gone (a worker then stops as on SIGTERM)."""
+    server = Server(config, source, group)
     await server.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.stop)
     loop.add_signal_handler(signal.SIGINT, server.stop, True)
     loop.add_signal_handler(signal.SIGHUP, server._sighup)
+    if supervisor is not None:
+        def orphaned() -> None:
+            if os.read(supervisor, 1):
+                return
+            loop.remove_reader(supervisor)
+            log.error("worker %d: the supervisor process is gone; stopping as on SIGTERM",
+                      group.worker if group is not None else 0)
+            server.stop()
+        loop.add_reader(supervisor, orphaned)
     await server.serve_until_stopped()
     log.info("pgfleet stopped")
 

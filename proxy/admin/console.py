@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
+import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -38,12 +40,14 @@ from ..errors import (
     INVALID_SQL_STATEMENT_NAME,
     SYNTAX_ERROR,
     UNDEFINED_OBJECT,
+    WARNING,
     ClientError,
     ProxyError,
 )
 from ..router.route import All, Direct
 from ..router.router import SessionContext
 from ..wire import messages as m
+from .group import Group, PeerError, unreachable, worker_of
 from .sequences import read as read_sequences
 
 if TYPE_CHECKING:
@@ -59,16 +63,25 @@ class Table:
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     tag: str = "SHOW"
+    notices: tuple[str, ...] = ()  # warnings sent before the rows (a worker that did not answer)
 
     def messages(self, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
         types = self.types()
-        out = [row_description(self.columns, types, formats)] if describe else []
+        out = [_notices(self.notices)]
+        if describe:
+            out.append(row_description(self.columns, types, formats))
         out += [data_row(row, types, formats) for row in self.rows]
         out.append(m.command_complete(self.tag))
         return b"".join(out)
 
     def types(self) -> list[int]:
         return [_type_of(row[i] for row in self.rows) for i in range(len(self.columns))]
+
+
+class Tag(str):
+    """A command tag (RELOAD, PAUSE, ...) with warnings sent before it."""
+
+    notices: tuple[str, ...] = ()
 
 
 Result = Table | str  # a table, or a command tag (RELOAD, PAUSE, ...)
@@ -81,6 +94,22 @@ class Admin:
     fleet: Fleet
     reload: Callable[[], Awaitable[list[str]]] | None = None  # what changed, or raises ClientError
     started: float = field(default_factory=time.time)
+    group: Group | None = None  # pgfleet run --workers N: the other workers (admin/group.py)
+    configured: Callable[[], Config] | None = None  # the config as the file says (a worker runs a share)
+
+    @property
+    def worker(self) -> int:
+        return self.group.worker if self.group is not None else 0
+
+
+class Spread(enum.Enum):
+    """How a command answers for a process group (``--workers N``)."""
+
+    LOCAL = "local"  # this worker's answer is the group's: the config, the routing map, health
+    SUM = "sum"      # every worker's rows, its ``sums`` columns added up over rows alike otherwise
+    EACH = "each"    # every worker's rows, one after the other (they carry a worker column)
+    EVERY = "every"  # done by every worker (RELOAD, PAUSE, RESUME)
+    OWNER = "owner"  # done by the worker that owns the client named (KILL)
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,8 @@ class Command:
     argument: str | None  # its name in SHOW HELP, or None: takes none
     run: Callable[[Admin, str], Result | Awaitable[Result]]
     help: str
+    spread: Spread = Spread.LOCAL
+    sums: tuple[str, ...] = ()  # Spread.SUM: the columns added up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +168,10 @@ def _clients(admin: Admin, _: str) -> Table:
         rows.append(("C", session.user, session.database, _client_state(session), addr, _int(port),
                      _time(session.connected), session.pid, chr(session.tx_status),
                      backend.database if backend is not None else None,
-                     backend.pid if backend is not None else None, session.tls, ",".join(sorted(session.pins))))
+                     backend.pid if backend is not None else None, session.tls, ",".join(sorted(session.pins)),
+                     admin.worker))
     return Table(("type", "user", "database", "state", "addr", "port", "connect_time", "pid", "tx",
-                  "server_database", "server_pid", "tls", "pinned"), rows)
+                  "server_database", "server_pid", "tls", "pinned", "worker"), rows)
 
 
 def _servers(admin: Admin, _: str) -> Table:
@@ -155,9 +187,17 @@ def _servers(admin: Admin, _: str) -> Table:
             client = clients.get(id(server))
             rows.append(("S", server.dsn.user, name, state, server.dsn.host, server.dsn.port,
                          _time(now_wall - (now - server.created)), server.pid, chr(server.tx_status),
-                         client.pid if client is not None else None, server.generation))
+                         client.pid if client is not None else None, server.generation, admin.worker))
     return Table(("type", "user", "database", "state", "addr", "port", "connect_time", "pid", "tx",
-                  "client_pid", "generation"), rows)
+                  "client_pid", "generation", "worker"), rows)
+
+
+def _workers(admin: Admin, _: str) -> Table:
+    fleet = admin.fleet
+    backends = sum(len(pool.active) + len(pool.idle) for pool in fleet.all_pools())
+    role = "leader" if admin.worker == 0 else "worker"
+    return Table(("worker", "pid", "role", "started", "clients", "backends"),
+                 [(admin.worker, os.getpid(), role, _time(admin.started), fleet.clients, backends)])
 
 
 def _stats(admin: Admin, _: str) -> Table:
@@ -207,7 +247,8 @@ def _tables(admin: Admin, _: str) -> Table:
 
 
 def _config(admin: Admin, _: str) -> Table:
-    return Table(("key", "value"), list(_flatten(_redacted(admin.fleet.config))))
+    config = admin.configured() if admin.configured is not None else admin.fleet.config
+    return Table(("key", "value"), list(_flatten(_redacted(config))))
 
 
 def _version(admin: Admin, _: str) -> Table:
@@ -298,13 +339,22 @@ def _kill(admin: Admin, client: str) -> str:
 
 COMMANDS: tuple[Command, ...] = (
     Command(("SHOW", "HELP"), None, _help, "this list"),
-    Command(("SHOW", "DATABASES"), None, _databases, "each database: address, pool size, connections, paused"),
-    Command(("SHOW", "POOLS"), None, _pools, "each pool: clients active and waiting, servers active, idle, parked"),
-    Command(("SHOW", "CLIENTS"), None, _clients, "each client connection: key, state, backend, pid (for KILL)"),
-    Command(("SHOW", "SERVERS"), None, _servers, "each backend connection: database, state, its client"),
-    Command(("SHOW", "STATS"), None, _stats, "per database: transactions, queries, bytes, errors since start"),
+    Command(("SHOW", "DATABASES"), None, _databases, "each database: address, pool size, connections, paused",
+            Spread.SUM, ("pool_size", "current_connections")),
+    Command(("SHOW", "POOLS"), None, _pools, "each pool: clients active and waiting, servers active, idle, parked",
+            Spread.SUM, ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked", "sv_login", "cl_pinned")),
+    Command(("SHOW", "CLIENTS"), None, _clients, "each client connection: key, state, backend, pid (for KILL)",
+            Spread.EACH),
+    Command(("SHOW", "SERVERS"), None, _servers, "each backend connection: database, state, its client",
+            Spread.EACH),
+    Command(("SHOW", "STATS"), None, _stats, "per database: transactions, queries, bytes, errors since start",
+            Spread.SUM, ("total_xact_count", "total_query_count", "total_received", "total_sent", "total_errors",
+                         "total_server_disconnects")),
     Command(("SHOW", "HEALTH"), None, _health_table, "per database: status, last check, response time, circuit"),
-    Command(("SHOW", "KEYS"), None, _keys, "API keys: role, databases, limits, clients (never secrets)"),
+    Command(("SHOW", "KEYS"), None, _keys, "API keys: role, databases, limits, clients (never secrets)",
+            Spread.SUM, ("max_connections", "clients")),
+    Command(("SHOW", "WORKERS"), None, _workers, "each worker process (pgfleet run --workers N): pid, clients, "
+            "backends", Spread.EACH),
     Command(("SHOW", "TABLES"), None, _tables, "the routing map: sharded, reference and mapped tables"),
     Command(("SHOW", "CONFIG"), None, _config, "the running configuration (secrets hidden)"),
     Command(("SHOW", "VERSION"), None, _version, "pgfleet's version"),
@@ -313,11 +363,92 @@ COMMANDS: tuple[Command, ...] = (
     Command(("SHOW", "SEQUENCES"), None, _sequences, "the sharded tables' sequences on each shard: whether "
             "they interleave (ids unique across shards), else the ALTER SEQUENCE that fixes them"),
     Command(("SHOW", "PLAN"), "statement", _plan, "the route the router picks for a statement, and why"),
-    Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused"),
-    Command(("PAUSE",), "database", _pause, "new statements for a database wait; running ones finish"),
-    Command(("RESUME",), "database", _resume, "end a PAUSE"),
-    Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)"),
+    Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused", Spread.EVERY),
+    Command(("PAUSE",), "database", _pause, "new statements for a database wait; running ones finish",
+            Spread.EVERY),
+    Command(("RESUME",), "database", _resume, "end a PAUSE", Spread.EVERY),
+    Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)", Spread.OWNER),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# A process group (pgfleet run --workers N): one answer from every worker
+
+
+def answer(admin: Admin, command: Command, argument: str) -> Result | Awaitable[Result]:
+    """The console's answer to a command: this process's, or the whole group's."""
+    if admin.group is None or command.spread is Spread.LOCAL:
+        return command.run(admin, argument)
+    return _across(admin, admin.group, command, argument)
+
+
+async def local_answer(admin: Admin, text: str) -> dict[str, Any]:
+    """Another worker's console asks this one (op "console"): this worker's own answer."""
+    command, argument = find(text)
+    result = command.run(admin, argument)
+    if not isinstance(result, Table | str):
+        result = await result
+    if isinstance(result, str):
+        return {"tag": str(result)}
+    return {"columns": result.columns, "rows": result.rows, "tag": result.tag}
+
+
+async def _across(admin: Admin, group: Group, command: Command, argument: str) -> Result:
+    request = {"op": "console", "text": " ".join((*command.words, argument)).strip()}
+    if command.spread is Spread.OWNER:
+        pid = _int(argument)
+        worker = worker_of(pid) if pid is not None else group.worker
+        if worker >= group.workers:  # not a pid pgfleet gave out: this worker's own answer says so
+            worker = group.worker
+        try:
+            return _result(await group.ask(worker, request))
+        except PeerError as exc:
+            raise unreachable(worker, exc) from None
+    answers = await group.ask_all(request)
+    notices = tuple(f"worker {w} did not answer, so it is not counted here: {a}"
+                    for w, a in answers.items() if isinstance(a, PeerError))
+    for value in answers.values():
+        if isinstance(value, ClientError):
+            raise value  # the same for every worker (they run the same config), or a real refusal
+    results = [_result(value) for value in answers.values() if not isinstance(value, PeerError)]
+    if not results:
+        raise unreachable(group.worker, PeerError("no worker answered"))
+    first = results[0]
+    if isinstance(first, str):
+        tag = Tag(first)
+        tag.notices = notices
+        return tag
+    tables = [r for r in results if isinstance(r, Table)]
+    if command.spread is Spread.EACH:
+        rows = [row for table in tables for row in table.rows]
+    else:
+        rows = _summed(tables, [first.columns.index(c) for c in command.sums])
+    return Table(first.columns, rows, first.tag, notices)
+
+
+def _result(answer: dict[str, Any]) -> Result:
+    if "columns" not in answer:
+        return str(answer["tag"])
+    return Table(tuple(answer["columns"]), [tuple(row) for row in answer["rows"]], answer["tag"])
+
+
+def _summed(tables: list[Table], added: list[int]) -> list[tuple[Any, ...]]:
+    """Rows alike but for the ``added`` columns become one, those columns added up (None, no
+    limit, stays None)."""
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for table in tables:
+        for row in table.rows:
+            key = tuple(v for i, v in enumerate(row) if i not in added)
+            have = merged.get(key)
+            if have is None:
+                merged[key] = list(row)
+                continue
+            for i in added:
+                if have[i] is not None and row[i] is not None:
+                    have[i] += row[i]
+                elif row[i] is not None:
+                    have[i] = row[i]
+    return [tuple(row) for row in merged.values()]
 
 
 def find(text: str) -> tuple[Command, str]:
@@ -422,7 +553,7 @@ class Console:
 
     def _answer(self, text: str, wrap: Callable[[Result], bytes], simple: bool = False) -> bytes | Awaitable[bytes]:
         command, argument = find(text)
-        result = command.run(self.admin, argument)
+        result = answer(self.admin, command, argument)
         if isinstance(result, (Table, str)):
             return wrap(result)
 
@@ -446,8 +577,12 @@ class Console:
 
 def _messages(result: Result, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
     if isinstance(result, str):
-        return m.command_complete(result)
+        return _notices(getattr(result, "notices", ())) + m.command_complete(result)
     return result.messages(describe, formats)
+
+
+def _notices(notices: Iterable[str]) -> bytes:
+    return b"".join(m.notice_response(WARNING, text, severity="WARNING") for text in notices)
 
 
 def _description(result: Result, formats: tuple[int, ...] = ()) -> bytes:

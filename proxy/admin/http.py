@@ -8,7 +8,10 @@
 - ``/health`` and ``/databases``: JSON per database, as the seeds' services showed it
   (status, last check, response time, connections).
 
-aiohttp runs on pgfleet's own event loop.
+aiohttp runs on pgfleet's own event loop. In a process group (``--workers N``) every worker
+listens on the HTTP port too (SO_REUSEPORT), and whichever answers asks the others
+(admin/group.py): ``/metrics`` carries every worker's samples with a ``worker`` label, and
+the connection counts of ``/health`` and ``/databases`` are the group's totals.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..backend.pool import WAIT_BUCKETS
+from .group import Group
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
@@ -118,6 +122,38 @@ class FleetCollector(Collector):
             yield CounterMetricFamily("pgfleet_audit_written", "Audit lines written", value=audit.written)
 
 
+def families(fleet: Fleet) -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
+    """This worker's metrics as plain values: (name, help, type, samples) per family."""
+    return [(metric.name, metric.documentation, metric.type,
+             [(sample.name, sample.labels, sample.value) for sample in metric.samples])
+            for metric in FleetCollector(fleet).collect()]
+
+
+class GroupCollector(Collector):
+    """The metrics of every worker of a process group, each sample labelled with its worker."""
+
+    def __init__(self, answers: dict[int, Any]) -> None:
+        self.answers = answers
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for worker, answer in self.answers.items():
+            if isinstance(answer, Exception):
+                continue
+            for name, documentation, kind, samples in answer:
+                metric = merged.get(name)
+                if metric is None:
+                    metric = merged[name] = Metric(name, documentation, kind)
+                for sample_name, labels, value in samples:
+                    metric.add_sample(sample_name, {**labels, "worker": str(worker)}, value)
+        up = GaugeMetricFamily("pgfleet_worker_up", "1 for each worker that answered this scrape, 0 for one "
+                               "that did not (restarting)", labels=["worker"])
+        for worker, answer in self.answers.items():
+            up.add_metric([str(worker)], 0 if isinstance(answer, Exception) else 1)
+        yield from merged.values()
+        yield up
+
+
 def database_info(fleet: Fleet) -> dict[str, dict[str, Any]]:
     """Per database, the seeds' info view: status, last check, response time, connections."""
     out: dict[str, dict[str, Any]] = {}
@@ -145,8 +181,9 @@ def _iso(wall: float) -> str:
 
 
 class HttpServer:
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, group: Group | None = None) -> None:
         self.fleet = fleet
+        self.group = group
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FleetCollector(fleet))
         self.runner: web.AppRunner | None = None
@@ -158,10 +195,10 @@ class HttpServer:
         app.router.add_get("/databases", self.databases)
         self.app = app
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
+        await web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None).start()
         log.info("HTTP on %s:%d: /metrics, /health, /health/live, /health/ready, /databases", host, port)
 
     async def stop(self) -> None:
@@ -169,13 +206,32 @@ class HttpServer:
             await self.runner.cleanup()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        registry = self.registry
+        if self.group is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(GroupCollector(await self.group.ask_all({"op": "metrics"})))
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _info(self) -> dict[str, dict[str, Any]]:
+        """database_info, with the group's connection counts when there is a group."""
+        info = database_info(self.fleet)
+        if self.group is None:
+            return info
+        for worker, answer in (await self.group.ask_all({"op": "databases"})).items():
+            if worker == self.group.worker or isinstance(answer, Exception):
+                continue  # (a worker restarting: its clients are gone with it)
+            for name, theirs in answer.items():
+                ours = info.get(name)
+                if ours is not None:
+                    for field, count in theirs["connections"].items():
+                        ours["connections"][field] += count
+        return info
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        info = database_info(self.fleet)
+        info = database_info(self.fleet)  # health is the same in every worker: no need to ask
         missing = sorted(name for name, db in info.items()
                          if not db["optional"] and (db["status"] not in ("healthy", "degraded")
                                                     or db["circuit"] == "open"))
@@ -185,10 +241,10 @@ class HttpServer:
         return web.json_response({"status": "ready"})
 
     async def health(self, request: web.Request) -> web.Response:
-        info = database_info(self.fleet)
+        info = await self._info()
         overall = "healthy" if all(d["status"] == "healthy" for d in info.values()) else \
             "down" if all(d["status"] == "down" for d in info.values()) else "degraded"
         return web.json_response({"status": overall, "databases": info})
 
     async def databases(self, request: web.Request) -> web.Response:
-        return web.json_response(database_info(self.fleet))
+        return web.json_response(await self._info())

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -175,6 +176,10 @@ class HealthChecker:
         self._locks = {name: asyncio.Lock() for name in config.databases}  # one check at a time
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Each check's result as it is recorded: the leader of a process group tells the other
+        # workers (admin/group.py), whose checkers never probe and only record.
+        self.recorded: Callable[[str, Probe, float], None] | None = None
+        self.log = log  # a follower's checker logs what the leader already said at debug only
 
     # -- what others read
 
@@ -184,6 +189,27 @@ class HealthChecker:
     def statuses(self) -> Iterator[DatabaseHealth]:
         """Every database's health, in the config's order."""
         return iter(self._health.values())
+
+    def states(self) -> list[dict[str, object]]:
+        """Every database's health as plain values (the leader of a process group hands them
+        to a worker that starts)."""
+        return [dataclasses.asdict(health) for health in self._health.values()]
+
+    def adopt(self, states: list[dict[str, object]]) -> None:
+        """Take the leader's view (``states``) as this checker's, circuits included."""
+        for state in states:
+            name = state["name"]
+            if not isinstance(name, str) or name not in self._health:
+                continue  # a database the leader's config has and this one's not (a reload between)
+            health = DatabaseHealth(**state)  # type: ignore[arg-type]
+            health.status = Status(health.status)
+            self._health[name] = health
+            pool = self.pools[name]
+            if health.status is Status.DOWN:
+                pool.open_circuit(f"its health checks failed ({health.last_error}); statements go through "
+                                  "again as soon as one answers (SHOW HEALTH in the admin console)")
+            elif pool.outage is not None:
+                pool.close_circuit()
 
     # -- lifecycle
 
@@ -229,7 +255,12 @@ class HealthChecker:
     async def check(self, name: str) -> DatabaseHealth:
         """Check one database now, and open or close its circuit as the result says."""
         async with self._locks[name]:
-            return self.record(name, await probe(self._dsns[name], self.policy.timeout), time.time())
+            result = await probe(self._dsns[name], self.policy.timeout)
+            now = time.time()
+            health = self.record(name, result, now)
+            if self.recorded is not None:
+                self.recorded(name, result, now)
+            return health
 
     def record(self, name: str, result: Probe, now: float) -> DatabaseHealth:
         """Take one check's result (``now``: wall clock) and set the pool's circuit to match
@@ -243,27 +274,27 @@ class HealthChecker:
                     "lets statements through again as soon as it answers (SHOW HEALTH in the admin console)")
             drained = pool.open_circuit(hint)
             if change is Change.WENT_DOWN:
-                log.warning("database %s is down: %d health checks in a row failed (last: %s); statements "
+                self.log.warning("database %s is down: %d health checks in a row failed (last: %s); statements "
                             "routed there fail at once with 08006 until a probe answers (every %gs while "
                             "down); closed %d idle connection(s). Check that the server at %s:%d is up and "
                             "the database's dsn in the config", name, health.consecutive_failures,
                             health.last_error, min(HALF_OPEN_MAX, policy.interval), drained, pool.dsn.host,
                             pool.dsn.port)
             else:
-                log.debug("database %s is still down: %s", name, health.last_error)
+                self.log.debug("database %s is still down: %s", name, health.last_error)
             return health
         if change is Change.CAME_BACK or pool.outage is not None:
             # Back; or open since before this checker existed (RELOAD starts a new one).
             pool.close_circuit()
             away = f" after {now - down_since:.1f}s" if down_since is not None else ""
-            log.info("database %s is back%s (health check answered in %.0f ms): statements go through "
+            self.log.info("database %s is back%s (health check answered in %.0f ms): statements go through "
                      "again", name, away, health.response_ms or 0.0)
             return health
         if health.status is Status.DEGRADED and health.consecutive_failures:
-            log.warning("health check of database %s failed (%d of %d in a row before it counts as "
+            self.log.warning("health check of database %s failed (%d of %d in a row before it counts as "
                         "down): %s", name, health.consecutive_failures, policy.failures_to_down,
                         health.last_error)
         elif health.status is not before:
-            log.info("database %s is %s%s", name, health.status,
+            self.log.info("database %s is %s%s", name, health.status,
                      f": {health.last_error}" if health.last_error else "")
         return health

@@ -19,6 +19,11 @@ Recovery runs at start and every RECOVERY_INTERVAL: it reads each database's
 ``pg_prepared_xacts`` and finishes every ``pgfleet_`` id whose owner is dead (or is this
 process, when the transaction is no longer in flight here), as its row says.
 
+In a process group (``pgfleet run --workers N``) each worker is an owner of its own, and only
+the leader (worker 0) recovers what dead owners left, once for the group. Another worker
+scans only when a transaction of its own ended with a participant unfinished, and then only
+for its own ids.
+
 The control plane speaks through asyncpg, like ``catalog``; the participants' PREPARE and
 COMMIT PREPARED run on the clients' own backends.
 """
@@ -71,8 +76,10 @@ def _lock_key(owner: str) -> int:
 class Coordinator:
     """This process's side of two-phase commit: ids, the decision log, recovery."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, leader: bool = True) -> None:
         self.config = config
+        self.leader = leader  # recovers dead owners' transactions (else only this process's own)
+        self.left = 0  # transactions of this process that ended with a participant unfinished
         self.owner = ""
         self.inflight: set[str] = set()  # gids of this process between PREPARE and the end
         self._seq = 0
@@ -90,7 +97,7 @@ class Coordinator:
     async def start(self) -> None:
         """Take an owner id and recover what dead pgfleets left prepared; then keep doing it."""
         await self._connect()
-        if self.ready:
+        if self.ready and self.leader:
             await self.recover()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -146,7 +153,8 @@ class Coordinator:
                     await self._connect()
                 continue
             await self._forget()
-            if ticks % every == 0:
+            if ticks % every == 0 and (self.leader or self.left):
+                self.left = 0
                 await self.recover()
 
     # -- the commit path
@@ -163,6 +171,8 @@ class Coordinator:
         self.inflight.discard(gid)
         if finished:
             self._finished.append(gid)
+        else:
+            self.left += 1
 
     async def decide(self, gid: str, databases: list[str]) -> None:
         """Write the commit decision. Raises NotDecided or Unknown."""
@@ -208,7 +218,8 @@ class Coordinator:
             try:
                 rows = await self._log.fetch("SELECT gid, owner FROM pgfleet.twophase")
                 done = [row["gid"] for row in rows if row["gid"] not in seen and row["gid"] not in self.inflight
-                        and (row["owner"] == self.owner or not await self._alive(row["owner"], alive))]
+                        and (row["owner"] == self.owner
+                             or (self.leader and not await self._alive(row["owner"], alive)))]
                 if done:
                     await self._log.execute("DELETE FROM pgfleet.twophase WHERE gid = ANY($1)", done)
             except _CONTROL_ERRORS as exc:
@@ -225,7 +236,7 @@ class Coordinator:
                 if found is None:
                     continue
                 base, owner = found.group(1), found.group(2)
-                if base in self.inflight or (owner != self.owner and await self._alive(owner, alive)):
+                if base in self.inflight or (owner != self.owner and (not self.leader or await self._alive(owner, alive))):
                     seen.add(base)  # this process is finishing it, or another live pgfleet is
                     continue
                 decided = await self._log.fetchval("SELECT true FROM pgfleet.twophase WHERE gid = $1", base)

@@ -2276,10 +2276,7 @@ class Session:
         self.link.close(bool(self.settings.pins))
 
     def _cancel(self, request: m.CancelRequest) -> None:
-        target = self.fleet.sessions.get(request.pid)
-        if target is not None and secrets.compare_digest(
-                target.secret.to_bytes(4, "big"), request.secret.to_bytes(4, "big", signed=True)):
-            target.cancel_running()
+        self.fleet.cancel(request.pid, request.secret)
         self.state = State.CLOSED
         self.port.close()
 

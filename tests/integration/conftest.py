@@ -114,8 +114,9 @@ KEYS = {
 class Fleet:
     """A running pgfleet process."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, workers: int = 1) -> None:
         self.config = config
+        self.workers = workers  # pgfleet run --workers N (1: one process, no supervisor)
         self.port = config["listen"]["port"]
         self.workdir = workdir
         self.config_path = workdir / "pgfleet.yaml"
@@ -147,7 +148,8 @@ class Fleet:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(self.config_path),
-                                          "--log-level", "debug"], stdout=log, stderr=log, env=env, cwd=ROOT)
+                                          "--log-level", "debug", "--workers", str(self.workers)],
+                                         stdout=log, stderr=log, env=env, cwd=ROOT)
         listening = f"pgfleet listening on {self.config['listen']['host']}:{self.port} "
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

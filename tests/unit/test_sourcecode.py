@@ -35,7 +35,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"wire", "auth", "router", "merge"}),
     frozenset({"backend", "fleet"}),
     frozenset({"frontend", "admin", "api", "replication", "directory"}),
-    frozenset({"server"}),
+    frozenset({"server", "supervisor"}),
     # The commands, at the top. __main__ is ``python -m proxy``, the same entry as the
     # ``pgfleet`` script (cli). demo is the ``pgfleet demo`` command: it starts clusters and a
     # pgfleet process and only reads the router's shard function to show where rows went.

@@ -1,0 +1,163 @@
+"""``pgfleet run --workers N``: a supervisor process and N workers sharing the client port.
+
+Theory of operation. One Python process uses one core; PgBouncer's answer is to run several
+processes on one port with ``so_reuseport`` and leave them strangers. pgfleet's supervisor
+starts N workers (each ``python -m proxy run`` with ``--worker i/N``) that listen on the same
+port with SO_REUSEPORT, each with its share of every pool (config.share), and ties them into
+one group (admin/group.py): cancels reach the worker that owns the client, the console and
+``/metrics`` show the whole group, RELOAD reaches every worker, and the health checks and
+two-phase recovery run once, in worker 0.
+
+The supervisor itself serves nothing and holds no connection. It:
+
+- starts the workers and waits until each answers on its group socket;
+- restarts a worker that dies (its clients lose their connection, the others do not notice),
+  at most once per ``RESTART_BACKOFF`` seconds per worker so that a worker that cannot start
+  does not spin;
+- passes SIGTERM, SIGINT and SIGHUP on to every worker, and exits when they have all ended;
+- gives up, stopping the others, when a worker cannot start at all (a port in use, a config
+  error found at start): the exit code is that worker's.
+
+Each worker holds the read end of a pipe whose write end only the supervisor has: when the
+supervisor dies, even by SIGKILL, the workers see the end of file and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from .admin.group import MAX_WORKERS, Group
+
+log = logging.getLogger("pgfleet.supervisor")
+
+START_TIMEOUT = 60.0  # a worker's first start: listening and answering within this long
+RESTART_BACKOFF = 1.0  # a worker that died is started again no sooner than this after its last start
+
+
+class Supervisor:
+    def __init__(self, workers: int, arguments: list[str], where: str = "") -> None:
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}")
+        self.workers = workers
+        self.arguments = arguments  # passed to every worker's ``run`` (--config, --log-level)
+        self.where = where  # host:port, for the log
+        self.directory = tempfile.mkdtemp(prefix="pgfleet-group-")  # mode 0700: only this user
+        self.group = Group(self.directory, -1, workers)  # only its paths: the supervisor answers nothing
+        self.processes: dict[int, asyncio.subprocess.Process] = {}
+        self.started: dict[int, float] = {}
+        self.restarts = 0
+        self._pipes: dict[int, int] = {}  # worker -> the write end of its orphan pipe
+        self._stopping = False
+        self._failed: int | None = None  # a worker's exit code when one could not start at all
+        self._up: set[int] = set()  # workers that have served (a death then means a restart)
+        self._done = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._signal, signal.SIGINT)
+        loop.add_signal_handler(signal.SIGHUP, self._signal, signal.SIGHUP)
+        try:
+            # The leader first, so that the others find its health results when they start.
+            await self._start(0)
+            if await self._ready(0):
+                for worker in range(1, self.workers):
+                    await self._start(worker)
+                for worker in range(1, self.workers):
+                    if not await self._ready(worker):
+                        break
+            if self._failed is None and not self._stopping:
+                log.info("pgfleet listening on %s with %d workers (supervisor pid %d, worker pids %s)", self.where,
+                         self.workers, os.getpid(), ", ".join(str(p.pid) for p in self.processes.values()))
+            await self._done.wait()
+        finally:
+            for fd in self._pipes.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return self._failed or 0
+
+    async def _start(self, worker: int) -> None:
+        read, write = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "run", *self.arguments, "--worker", f"{worker}/{self.workers}",
+                "--group", self.directory, "--supervisor-fd", str(read), pass_fds=(read,))
+        finally:
+            os.close(read)
+        old = self._pipes.pop(worker, None)
+        if old is not None:
+            os.close(old)
+        self._pipes[worker] = write
+        self.processes[worker] = process
+        self.started[worker] = time.monotonic()
+        asyncio.get_running_loop().create_task(self._watch(worker, process))
+
+    async def _ready(self, worker: int) -> bool:
+        """Wait until the worker says it serves (its ``.ready`` file); False if it ended first."""
+        deadline = time.monotonic() + START_TIMEOUT
+        path = self.group.ready_path(worker)
+        while time.monotonic() < deadline:
+            process = self.processes[worker]
+            if process.returncode is not None or self._failed is not None or self._stopping:
+                return False
+            if os.path.exists(path):
+                self._up.add(worker)
+                return True
+            await asyncio.sleep(0.05)
+        log.error("pgfleet supervisor: worker %d did not start within %gs; stopping", worker, START_TIMEOUT)
+        self._failed = 1
+        self._signal(signal.SIGTERM)
+        return False
+
+    async def _watch(self, worker: int, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if self.processes.get(worker) is not process:
+            return
+        if self._stopping:
+            if all(p.returncode is not None for p in self.processes.values()):
+                self._done.set()
+            return
+        if worker not in self._up:  # it never served: the next try would fail the same way
+            log.error("pgfleet supervisor: worker %d could not start (exit code %s); stopping the others",
+                      worker, code)
+            self._failed = code if code > 0 else 1
+            self._signal(signal.SIGTERM)
+            return
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        log.error("pgfleet supervisor: worker %d (pid %d) ended with %s; its clients lost their connections. "
+                  "Starting it again", worker, process.pid, how)
+        wait = self.started[worker] + RESTART_BACKOFF - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self._stopping:
+            return
+        self.restarts += 1
+        for path in (self.group.path(worker), self.group.ready_path(worker)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        await self._start(worker)
+
+    def _signal(self, signum: int) -> None:
+        """Pass a signal on to every worker; SIGTERM and SIGINT also end the supervisor once the
+        workers have ended."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+        for process in self.processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+        if self._stopping and all(p.returncode is not None for p in self.processes.values()):
+            self._done.set()
+
+
+def run(workers: int, arguments: list[str], where: str = "") -> int:
+    return asyncio.run(Supervisor(workers, arguments, where).run())
