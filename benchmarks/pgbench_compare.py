@@ -518,8 +518,10 @@ def start_pgbouncer(workdir: Path, pg_port: int, pool_size: int, exe: str, versi
 
 
 def start_pgfleet(workdir: Path, pg_dsn: str, pool_size: int, python: str, name: str = "pgfleet",
-                  tree: Path = ROOT) -> tuple[subprocess.Popen[bytes], Target, Path]:
-    """``python -m proxy run`` in checkout ``tree`` (its own ``proxy`` package), as target ``name``."""
+                  tree: Path = ROOT, workers: int = 1) -> tuple[subprocess.Popen[bytes], Target, Path]:
+    """``python -m proxy run`` in checkout ``tree`` (its own ``proxy`` package), as target ``name``;
+    ``workers`` > 1: ``--workers N`` (the supervisor and its workers share one session, whose CPU
+    time is counted)."""
     port = free_port()
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(
@@ -530,7 +532,8 @@ def start_pgfleet(workdir: Path, pg_dsn: str, pool_size: int, python: str, name:
     log = workdir / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # proxy from cwd = tree
     with open(log, "wb") as out:
-        proc = subprocess.Popen([python, "-m", "proxy", "run", "--config", str(cfg)], cwd=tree,
+        proc = subprocess.Popen([python, "-m", "proxy", "run", "--config", str(cfg),
+                                 *(["--workers", str(workers)] if workers > 1 else [])], cwd=tree,
                                 env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     target = Target(name, port, KEY_ID, KEY_SECRET, FLEET_DB, cpu_sid=proc.pid)
@@ -875,6 +878,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", type=Path, metavar="DIR",
                    help="also measure the pgfleet of checkout DIR (run with DIR/.venv/bin/python)"
                         " as target 'baseline', alternating with the others: before vs after")
+    p.add_argument("--workers", type=int, default=1, help="pgfleet run --workers N for target pgfleet")
+    p.add_argument("--baseline-workers", type=int, default=1,
+                   help="--workers for target baseline (with --baseline . and a different --workers: "
+                        "this checkout with N workers against itself with M)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (cluster, logs) and print its path")
     p.add_argument("--output", type=Path, default=RESULTS, help="results directory")
@@ -900,8 +907,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.baseline_python.exists():
             p.error(f"--baseline: no {args.baseline_python}: cd {args.baseline} && python3 -m "
                     "venv .venv && .venv/bin/pip install -q -e '.[test]'")
-        if args.baseline == ROOT:
-            p.error("--baseline: that is this checkout")
+        if args.baseline == ROOT and args.workers == args.baseline_workers:
+            p.error("--baseline: that is this checkout (give it other --baseline-workers to compare those)")
     return args
 
 
@@ -941,18 +948,18 @@ def main(argv: list[str] | None = None) -> int:
         targets: list[Target] = [direct]
 
         # -- pgfleet, and the baseline's pgfleet ---------------------------------------------
-        fleets = [("pgfleet", python, ROOT)]
+        fleets = [("pgfleet", python, ROOT, args.workers)]
         if args.baseline:
-            fleets.append(("baseline", str(args.baseline_python), args.baseline))
-        for name, py, tree in fleets:
+            fleets.append(("baseline", str(args.baseline_python), args.baseline, args.baseline_workers))
+        for name, py, tree, workers in fleets:
             fleet_logs[name] = workdir / f"{name}.log"
             try:
                 proc, fleet_target, _ = start_pgfleet(
-                    workdir, cluster.dsn(BENCH_DB), args.pool_size, py, name, tree)
+                    workdir, cluster.dsn(BENCH_DB), args.pool_size, py, name, tree, workers)
                 fleet_procs[name] = proc
                 targets.append(fleet_target)
                 say(f"{LABEL[name]} ({tree}) on {HOST}:{fleet_target.port} "
-                    f"(pool {args.pool_size}, transaction)")
+                    f"(pool {args.pool_size}, transaction, {workers} worker(s))")
             except BenchError as exc:
                 warn(f"{LABEL[name]} not measured: {exc}")
                 for m in args.mode_list:
@@ -1007,6 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
             at = keys.index("pgfleet") + 1
             info = {k: info[k] for k in keys[:at]} | {
                 "baseline": f"{base}, {tree_info(args.baseline)}"} | {k: info[k] for k in keys[at:]}
+        if args.workers > 1 or args.baseline_workers > 1:
+            info["workers"] = f"pgfleet: {args.workers}" + (f", baseline: {args.baseline_workers}"
+                                                           if args.baseline else "")
         cells = [(m, c) for m in args.mode_list for c in args.client_list]
         info.update({
             "date": started.strftime("%Y-%m-%d %H:%M"),

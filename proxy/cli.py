@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
 import sys
 
 from . import __version__
-from .config import Config, describe, load
+from .config import Config, describe, load, load_text, read_config, unsplittable
 from .errors import ConfigError
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--role", required=True, choices=["admin", "server", "client", "database"])
     sub.add_parser("demo", help="start three embedded clusters and pgfleet on them")
     args, rest = parser.parse_known_args(argv)
+    group = None  # run --worker i/N: this worker's place in its group (admin/group.py)
     if args.command == "demo":
         from . import demo
         return demo.main(rest)
@@ -57,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f'config:   - {{id: {key_id}, secret: "{verifier}", role: {args.role}}}')
         return 0
     try:
-        config = load(args.config)
+        if args.command == "run" and args.group is not None:
+            # A worker of a group runs the config its group runs (supervisor.py), which a
+            # restarted worker must share even if the file was edited and not reloaded since.
+            from .admin.group import Group
+            worker, workers = (int(n) for n in args.worker.split("/"))
+            group = Group(args.group, worker, workers)
+            config = load_text(group.running_config(), source=args.config or "environment")
+        else:
+            config = load(args.config)
         if args.command == "check":
             from .auth.keys import load_keys
             load_keys(config)  # verifiers must parse too
@@ -81,20 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
         return 2
-    group = None
-    if args.worker is not None:
-        from .admin.group import Group
-        worker, workers = (int(n) for n in args.worker.split("/"))
-        group = Group(args.group, worker, workers)
     where = f"[worker {group.worker}]" if group is not None else ""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
     if args.workers != 1 and group is None:
         return _supervise(config, args)
+    from .admin.group import GroupError
     from .server import install_loop, serve
     install_loop()
+    if group is not None:
+        # Until it serves, a worker ignores SIGHUP: it starts with the group's newest config anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         asyncio.run(serve(config, args.config, group, args.supervisor_fd))
+    except GroupError as exc:
+        print(f"pgfleet: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"pgfleet: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror}",
               file=sys.stderr)
@@ -114,6 +126,12 @@ def _supervise(config: Config, args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= MAX_WORKERS:
         print(f"pgfleet: --workers must be between 1 and {MAX_WORKERS}, not {args.workers}", file=sys.stderr)
         return 2
+    small = unsplittable(config, args.workers)
+    if small:
+        print(f"pgfleet: --workers {args.workers} splits every pool size and client limit over the workers, "
+              f"each taking at least 1, and these are smaller: {'; '.join(small)}. Raise them to at least "
+              f"{args.workers} or run fewer workers", file=sys.stderr)
+        return 2
     # The workers bind with SO_REUSEPORT, which another process of this user with the same
     # option would share silently: the port must be free before they start.
     ports = [(config.listen.host, config.listen.port)]
@@ -128,7 +146,7 @@ def _supervise(config: Config, args: argparse.Namespace) -> int:
             return 1
     arguments = ["--log-level", args.log_level] + (["--config", args.config] if args.config else [])
     try:
-        return run(args.workers, arguments, f"{config.listen.host}:{config.listen.port}")
+        return run(args.workers, arguments, read_config(args.config), f"{config.listen.host}:{config.listen.port}")
     except KeyboardInterrupt:
         return 0
 

@@ -328,14 +328,18 @@ def _convert(raw: Any, type_: type[Any], path: str) -> Any:
 
 def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
     """Load the config file at ``path``; with no path, build it from the environment."""
+    return load_text(read_config(path), env, source=str(path) if path is not None else "environment")
+
+
+def read_config(path: str | os.PathLike[str] | None) -> str:
+    """The text of the config file at ``path``; "" (all from the environment) with no path."""
     if path is None:
-        return load_text("", env, source="environment")
+        return ""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from None
-    return load_text(text, env, source=str(path))
 
 
 def databases_from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -538,8 +542,26 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 def share_of(total: int, worker: int, workers: int) -> int:
     """Worker ``worker``'s share of a limit of ``total`` split over ``workers`` processes: the
     total divided evenly, the remainder to the first workers, at least 1 each (so the shares
-    add up to the total whenever it is at least ``workers``)."""
+    add up to the total whenever it is at least ``workers``, which ``unsplittable`` holds)."""
     return max(1, total // workers + (1 if worker < total % workers else 0))
+
+
+def unsplittable(config: Config, workers: int) -> list[str]:
+    """The limits of ``config`` too small to split over ``workers`` processes (each needs at
+    least 1, so the group would go over them), as "path value"."""
+    found = []
+    if config.pool.size < workers:
+        found.append(f"pool.size {config.pool.size}")
+    for name, db in config.databases.items():
+        if db.pool_size is not None and db.pool_size < workers:
+            found.append(f"databases.{name}.pool_size {db.pool_size}")
+    limit = config.listen.max_client_connections
+    if limit is not None and limit < workers:
+        found.append(f"listen.max_client_connections {limit}")
+    for i, key in enumerate(config.keys):
+        if key.max_connections is not None and key.max_connections < workers:
+            found.append(f"keys[{i}].max_connections {key.max_connections} (key {key.id})")
+    return found
 
 
 def share(config: Config, worker: int, workers: int) -> Config:

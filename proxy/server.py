@@ -28,7 +28,7 @@ from .admin.http import HttpServer, database_info, families
 from .auth.keys import load_keys
 from .backend.health import HealthChecker, Outcome, Probe
 from .backend.pool import DisconnectReason
-from .config import Config, load, share
+from .config import Config, load_text, read_config, share, unsplittable
 from .errors import CONFIG_FILE_ERROR, PROTOCOL_VIOLATION, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
 from .frontend.seam import ClientConnection
@@ -36,6 +36,8 @@ from .frontend.seam import ClientConnection
 log = logging.getLogger("pgfleet")
 
 REAP_INTERVAL = 1.0
+RELOAD_TIMEOUT = 60.0  # a worker's reload may read the catalog (shard-key types)
+STOP_GRACE = 1.0  # a second SIGTERM sooner than this is the same one (a process group's signal, passed on)
 TYPES_RETRY = 5  # reaper ticks between tries to read unknown shard-key types
 
 
@@ -54,11 +56,14 @@ class Server:
         self.config = config
         self.source = source  # the config file RELOAD reads again (None: the environment)
         self.fleet = Fleet(config, worker=group.worker if group is not None else 0)
-        self.admin = Admin(self.fleet, reload=self.reload, group=group, configured=lambda: self.configured)
+        self.admin = Admin(self.fleet, reload=self._reload_for_console, group=group,
+                           configured=lambda: self.configured)
+        self.missed: list[str] = []  # workers the last reload did not reach
         self.fleet.console = lambda: Console(self.admin)
         self.listener: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._fast = False
+        self._stop_time = 0.0
         self._reaper: asyncio.Task[None] | None = None
         self.http = HttpServer(self.fleet, group) if config.http is not None else None
         audit_config = config.audit
@@ -104,8 +109,10 @@ class Server:
             return families(fleet)
         if op == "databases":
             return database_info(fleet)
-        if op == "health":
-            return fleet.health.states()
+        if op == "state":  # a worker that starts (again) takes the group's state
+            return {"health": fleet.health.states(), "paused": [n for n, p in fleet.pools.items() if p.paused]}
+        if op == "reload":
+            return await self.take(str(request["text"]))
         if op == "probe":
             name = str(request["name"])
             if name in fleet.pools:  # (not a database a reload removed here)
@@ -115,10 +122,29 @@ class Server:
         raise ClientError(PROTOCOL_VIOLATION, f"unknown worker request {op!r}",
                           hint="the workers of one group run the same pgfleet version")
 
+    async def _join(self, group: Group) -> None:
+        """A worker that starts while others serve (it was restarted) takes their state: what
+        is paused, and (but the leader, which checks itself) the circuits as the leader sees
+        them. The first worker that answers gives it, the leader first."""
+        for worker in group.others:
+            try:
+                state = await group.ask(worker, {"op": "state"})
+            except (PeerError, ClientError):
+                continue  # not up (the group's first start), or restarting too
+            for name in state["paused"]:
+                pool = self.fleet.pools.get(name)
+                if pool is not None:
+                    pool.pause()
+            if not group.leader and worker == 0:
+                self.fleet.health.adopt(state["health"])
+            if state["paused"]:
+                log.info("worker %d: paused like the rest of the group: %s", group.worker, ", ".join(state["paused"]))
+            return
+
     def _forward_cancel(self, pid: int, secret: int) -> None:
         group = self.group
         worker = worker_of(pid)
-        if group is not None and worker < group.workers:
+        if group is not None and 0 <= worker < group.workers:
             log.debug("cancel for client pid %d passed on to worker %d", pid, worker)
             group.tell([worker], {"op": "cancel", "pid": pid, "secret": secret})
 
@@ -132,12 +158,8 @@ class Server:
         await self.learn_shard_key_types()
         if self.fleet.coordinator is not None:  # what a dead pgfleet left in doubt is finished first
             await self.fleet.coordinator.start()
-        if group is not None and not group.leader:  # the circuits as the leader sees them now
-            try:
-                self.fleet.health.adopt(await group.ask(0, {"op": "health"}))
-            except (PeerError, ClientError) as exc:
-                log.info("worker %d: no health results from the leader yet (%s); they come with its next "
-                         "checks", group.worker, exc)
+        if group is not None:
+            await self._join(group)
         self.listener = await loop.create_server(
             lambda: ClientConnection(self.fleet), listen.host, listen.port, reuse_address=True,
             reuse_port=group is not None, backlog=1024)
@@ -178,10 +200,44 @@ class Server:
 
     async def reload(self) -> list[str]:
         """RELOAD / SIGHUP: read the config again; a valid one takes over, an invalid one is
-        refused (ConfigError, with the path of the bad key) and the running one stays."""
+        refused (ConfigError, with the path of the bad key) and the running one stays. In a
+        process group the text read here goes to every other worker too, and becomes the one a
+        restarted worker starts with; what changed here is returned, and each worker that did
+        not take it is logged and kept in ``missed``."""
         try:
-            config = load(self.source)
+            text = read_config(self.source)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            raise ClientError(CONFIG_FILE_ERROR, f"invalid config, nothing changed: {exc}",
+                              hint="fix the file and RELOAD again") from None
+        changes = await self.take(text)
+        group = self.group
+        self.missed = []
+        if group is not None:
+            group.keep_config(text)
+            answers = await asyncio.gather(*(group.ask(w, {"op": "reload", "text": text}, RELOAD_TIMEOUT)
+                                             for w in group.others), return_exceptions=True)
+            for worker, answer in zip(group.others, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    self.missed.append(f"worker {worker} did not take the new config: {answer} (it takes it "
+                                       "when it starts again; RELOAD again to retry)")
+                    log.warning("reload: %s", self.missed[-1])
+        return changes
+
+    async def _reload_for_console(self) -> list[str]:
+        await self.reload()
+        return self.missed
+
+    async def take(self, text: str) -> list[str]:
+        """A config text takes over in this process (a worker's part of a group's reload)."""
+        try:
+            config = load_text(text, source=self.source or "environment")
             load_keys(config)  # verifiers must parse too
+            workers = self.group.workers if self.group is not None else 1
+            small = unsplittable(config, workers)
+            if small:
+                raise ConfigError("pool", f"{'; '.join(small)}: below the {workers} workers these "
+                                  "limits are split over (each takes at least 1)")
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc)
             raise ClientError(CONFIG_FILE_ERROR, f"invalid config, nothing changed: {exc}",
@@ -228,8 +284,11 @@ class Server:
         """SIGTERM: let open transactions finish (up to shutdown_timeout); SIGINT (``fast``):
         only the statements running now."""
         self._fast = self._fast or fast
-        if self._stopped.is_set():
+        now = asyncio.get_running_loop().time()
+        if self._stopped.is_set() and now - self._stop_time > STOP_GRACE:
             self._fast = True  # a second signal: do not wait any more
+        elif not self._stopped.is_set():
+            self._stop_time = now
         self._stopped.set()
 
     async def serve_until_stopped(self) -> None:

@@ -12,9 +12,12 @@ The supervisor itself serves nothing and holds no connection. It:
 
 - starts the workers and waits until each answers on its group socket;
 - restarts a worker that dies (its clients lose their connection, the others do not notice),
-  at most once per ``RESTART_BACKOFF`` seconds per worker so that a worker that cannot start
-  does not spin;
-- passes SIGTERM, SIGINT and SIGHUP on to every worker, and exits when they have all ended;
+  at most once per ``RESTART_BACKOFF`` seconds, and later and later (up to ``RESTART_MAX``)
+  for one that keeps dying soon after it starts;
+- passes SIGTERM and SIGINT on to every worker, and exits when they have all ended; SIGHUP
+  to the leader, whose reload hands the new config to the others;
+- keeps the config text the group runs (``Group.config_path``), so that a restarted worker runs
+  what the others run, not an edit of the file that nobody reloaded;
 - gives up, stopping the others, when a worker cannot start at all (a port in use, a config
   error found at start): the exit code is that worker's.
 
@@ -40,10 +43,11 @@ log = logging.getLogger("pgfleet.supervisor")
 
 START_TIMEOUT = 60.0  # a worker's first start: listening and answering within this long
 RESTART_BACKOFF = 1.0  # a worker that died is started again no sooner than this after its last start
+RESTART_MAX = 30.0  # ... and one that keeps dying soon after it starts, up to this much later
 
 
 class Supervisor:
-    def __init__(self, workers: int, arguments: list[str], where: str = "") -> None:
+    def __init__(self, workers: int, arguments: list[str], config: str = "", where: str = "") -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}")
         self.workers = workers
@@ -51,10 +55,13 @@ class Supervisor:
         self.where = where  # host:port, for the log
         self.directory = tempfile.mkdtemp(prefix="pgfleet-group-")  # mode 0700: only this user
         self.group = Group(self.directory, -1, workers)  # only its paths: the supervisor answers nothing
+        self.group.keep_config(config)  # what every worker starts with (RELOAD replaces it)
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.started: dict[int, float] = {}
         self.restarts = 0
+        self._backoff: dict[int, float] = {}  # worker -> how long before its next start
         self._pipes: dict[int, int] = {}  # worker -> the write end of its orphan pipe
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._failed: int | None = None  # a worker's exit code when one could not start at all
         self._up: set[int] = set()  # workers that have served (a death then means a restart)
@@ -70,6 +77,8 @@ class Supervisor:
             await self._start(0)
             if await self._ready(0):
                 for worker in range(1, self.workers):
+                    if self._stopping:
+                        break
                     await self._start(worker)
                 for worker in range(1, self.workers):
                     if not await self._ready(worker):
@@ -86,11 +95,16 @@ class Supervisor:
         return self._failed or 0
 
     async def _start(self, worker: int) -> None:
+        """Start worker ``worker`` (again). A worker in a process group of its own: a signal to the
+        supervisor's process group (Ctrl-C) reaches the workers once, passed on from here."""
         read, write = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy", "run", *self.arguments, "--worker", f"{worker}/{self.workers}",
-                "--group", self.directory, "--supervisor-fd", str(read), pass_fds=(read,))
+                "--group", self.directory, "--supervisor-fd", str(read), pass_fds=(read,), process_group=0)
+        except BaseException:
+            os.close(write)
+            raise
         finally:
             os.close(read)
         old = self._pipes.pop(worker, None)
@@ -99,7 +113,11 @@ class Supervisor:
         self._pipes[worker] = write
         self.processes[worker] = process
         self.started[worker] = time.monotonic()
-        asyncio.get_running_loop().create_task(self._watch(worker, process))
+        if self._stopping:  # a SIGTERM came while it was being started
+            process.send_signal(signal.SIGTERM)
+        task = asyncio.get_running_loop().create_task(self._watch(worker, process))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _ready(self, worker: int) -> bool:
         """Wait until the worker says it serves (its ``.ready`` file); False if it ended first."""
@@ -123,8 +141,7 @@ class Supervisor:
         if self.processes.get(worker) is not process:
             return
         if self._stopping:
-            if all(p.returncode is not None for p in self.processes.values()):
-                self._done.set()
+            self._check_done()
             return
         if worker not in self._up:  # it never served: the next try would fail the same way
             log.error("pgfleet supervisor: worker %d could not start (exit code %s); stopping the others",
@@ -133,31 +150,54 @@ class Supervisor:
             self._signal(signal.SIGTERM)
             return
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        lived = time.monotonic() - self.started[worker]
+        # A worker that dies soon after it started waits twice as long each time (up to
+        # RESTART_MAX), so that one that cannot serve does not spin.
+        backoff = RESTART_BACKOFF if lived > RESTART_MAX else min(self._backoff.get(worker, 0.5) * 2, RESTART_MAX)
+        self._backoff[worker] = backoff
         log.error("pgfleet supervisor: worker %d (pid %d) ended with %s; its clients lost their connections. "
-                  "Starting it again", worker, process.pid, how)
-        wait = self.started[worker] + RESTART_BACKOFF - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if self._stopping:
-            return
-        self.restarts += 1
-        for path in (self.group.path(worker), self.group.ready_path(worker)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        await self._start(worker)
+                  "Starting it again in %gs", worker, process.pid, how, backoff)
+        while not self._stopping:
+            await asyncio.sleep(max(0.0, self.started[worker] + backoff - time.monotonic()))
+            if self._stopping:
+                break
+            self.restarts += 1
+            for path in (self.group.path(worker), self.group.ready_path(worker)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            try:
+                await self._start(worker)
+                return
+            except OSError as exc:  # no process could be made (EAGAIN, ENOMEM): try again
+                log.error("pgfleet supervisor: cannot start worker %d again (%s); trying again in %gs",
+                          worker, exc, RESTART_MAX)
+                self.started[worker], backoff = time.monotonic(), RESTART_MAX
+        self._check_done()
 
-    def _signal(self, signum: int) -> None:
-        """Pass a signal on to every worker; SIGTERM and SIGINT also end the supervisor once the
-        workers have ended."""
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            self._stopping = True
-        for process in self.processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signum)
+    def _check_done(self) -> None:
         if self._stopping and all(p.returncode is not None for p in self.processes.values()):
             self._done.set()
 
+    def _signal(self, signum: int) -> None:
+        """Pass SIGTERM or SIGINT on to every worker and end once they have ended. SIGHUP (reload)
+        goes to the leader only (the first worker serving, if it is not): the worker that reloads
+        hands the new config to the others."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+            targets = list(self.processes.values())
+        else:
+            serving = [w for w in sorted(self.processes) if w in self._up
+                       and self.processes[w].returncode is None and os.path.exists(self.group.ready_path(w))]
+            targets = [self.processes[serving[0]]] if serving else []
+            if not targets:
+                log.warning("pgfleet supervisor: SIGHUP while no worker serves: nothing reloaded (the workers "
+                            "that start read the file as the group last took it; send SIGHUP again)")
+        for process in targets:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+        self._check_done()
 
-def run(workers: int, arguments: list[str], where: str = "") -> int:
-    return asyncio.run(Supervisor(workers, arguments, where).run())
+
+def run(workers: int, arguments: list[str], config: str = "", where: str = "") -> int:
+    return asyncio.run(Supervisor(workers, arguments, config, where).run())

@@ -92,7 +92,8 @@ class Admin:
     """What the console sees and may do: the fleet, and the server's own operations."""
 
     fleet: Fleet
-    reload: Callable[[], Awaitable[list[str]]] | None = None  # what changed, or raises ClientError
+    # RELOAD (every worker of a group): warnings for the operator, or raises ClientError
+    reload: Callable[[], Awaitable[list[str]]] | None = None
     started: float = field(default_factory=time.time)
     group: Group | None = None  # pgfleet run --workers N: the other workers (admin/group.py)
     configured: Callable[[], Config] | None = None  # the config as the file says (a worker runs a share)
@@ -119,7 +120,10 @@ class Command:
     run: Callable[[Admin, str], Result | Awaitable[Result]]
     help: str
     spread: Spread = Spread.LOCAL
-    sums: tuple[str, ...] = ()  # Spread.SUM: the columns added up
+    sums: tuple[str, ...] = ()  # Spread.SUM: the columns added up ...
+    key: tuple[str, ...] = ()   # ... over the rows with the same values here (any other column:
+    #                             true if true in any worker, else the first worker's value)
+    acts: bool = False  # it does something (a tag, no rows): Describe answers NoData, never runs it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +313,9 @@ async def _sizes(admin: Admin, _: str) -> Table:
 async def _reload(admin: Admin, _: str) -> str:
     if admin.reload is None:
         raise ClientError(FEATURE_NOT_SUPPORTED, "RELOAD is not available here", hint="send SIGHUP to the pgfleet process")
-    await admin.reload()
-    return "RELOAD"
+    tag = Tag("RELOAD")
+    tag.notices = tuple(await admin.reload())  # (workers of a group that did not take it)
+    return tag
 
 
 def _pause(admin: Admin, database: str) -> str:
@@ -340,19 +345,20 @@ def _kill(admin: Admin, client: str) -> str:
 COMMANDS: tuple[Command, ...] = (
     Command(("SHOW", "HELP"), None, _help, "this list"),
     Command(("SHOW", "DATABASES"), None, _databases, "each database: address, pool size, connections, paused",
-            Spread.SUM, ("pool_size", "current_connections")),
+            Spread.SUM, ("pool_size", "current_connections"), ("name",)),
     Command(("SHOW", "POOLS"), None, _pools, "each pool: clients active and waiting, servers active, idle, parked",
-            Spread.SUM, ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked", "sv_login", "cl_pinned")),
+            Spread.SUM, ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked", "sv_login", "cl_pinned"),
+            ("database", "user")),
     Command(("SHOW", "CLIENTS"), None, _clients, "each client connection: key, state, backend, pid (for KILL)",
             Spread.EACH),
     Command(("SHOW", "SERVERS"), None, _servers, "each backend connection: database, state, its client",
             Spread.EACH),
     Command(("SHOW", "STATS"), None, _stats, "per database: transactions, queries, bytes, errors since start",
             Spread.SUM, ("total_xact_count", "total_query_count", "total_received", "total_sent", "total_errors",
-                         "total_server_disconnects")),
+                         "total_server_disconnects"), ("database",)),
     Command(("SHOW", "HEALTH"), None, _health_table, "per database: status, last check, response time, circuit"),
     Command(("SHOW", "KEYS"), None, _keys, "API keys: role, databases, limits, clients (never secrets)",
-            Spread.SUM, ("max_connections", "clients")),
+            Spread.SUM, ("max_connections", "clients"), ("id",)),
     Command(("SHOW", "WORKERS"), None, _workers, "each worker process (pgfleet run --workers N): pid, clients, "
             "backends", Spread.EACH),
     Command(("SHOW", "TABLES"), None, _tables, "the routing map: sharded, reference and mapped tables"),
@@ -363,11 +369,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(("SHOW", "SEQUENCES"), None, _sequences, "the sharded tables' sequences on each shard: whether "
             "they interleave (ids unique across shards), else the ALTER SEQUENCE that fixes them"),
     Command(("SHOW", "PLAN"), "statement", _plan, "the route the router picks for a statement, and why"),
-    Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused", Spread.EVERY),
+    # RELOAD is LOCAL: in a group, the worker asked reads the file and hands its text to the
+    # others (server.py), so that they all take the same config.
+    Command(("RELOAD",), None, _reload, "read the config file again; an invalid one is refused", acts=True),
     Command(("PAUSE",), "database", _pause, "new statements for a database wait; running ones finish",
-            Spread.EVERY),
-    Command(("RESUME",), "database", _resume, "end a PAUSE", Spread.EVERY),
-    Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)", Spread.OWNER),
+            Spread.EVERY, acts=True),
+    Command(("RESUME",), "database", _resume, "end a PAUSE", Spread.EVERY, acts=True),
+    Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)", Spread.OWNER,
+            acts=True),
 )
 
 
@@ -422,7 +431,8 @@ async def _across(admin: Admin, group: Group, command: Command, argument: str) -
     if command.spread is Spread.EACH:
         rows = [row for table in tables for row in table.rows]
     else:
-        rows = _summed(tables, [first.columns.index(c) for c in command.sums])
+        rows = _summed(tables, [first.columns.index(c) for c in command.sums],
+                       [first.columns.index(c) for c in command.key])
     return Table(first.columns, rows, first.tag, notices)
 
 
@@ -432,22 +442,25 @@ def _result(answer: dict[str, Any]) -> Result:
     return Table(tuple(answer["columns"]), [tuple(row) for row in answer["rows"]], answer["tag"])
 
 
-def _summed(tables: list[Table], added: list[int]) -> list[tuple[Any, ...]]:
-    """Rows alike but for the ``added`` columns become one, those columns added up (None, no
-    limit, stays None)."""
+def _summed(tables: list[Table], added: list[int], key: list[int]) -> list[tuple[Any, ...]]:
+    """Rows with the same ``key`` columns become one: the ``added`` columns added up (None, no
+    limit, stays None), a flag true if it is true in any (PAUSE missed by a worker shows as
+    paused), any other column as the first worker has it."""
     merged: dict[tuple[Any, ...], list[Any]] = {}
     for table in tables:
         for row in table.rows:
-            key = tuple(v for i, v in enumerate(row) if i not in added)
-            have = merged.get(key)
+            have = merged.get(tuple(row[i] for i in key))
             if have is None:
-                merged[key] = list(row)
+                merged[tuple(row[i] for i in key)] = list(row)
                 continue
-            for i in added:
-                if have[i] is not None and row[i] is not None:
-                    have[i] += row[i]
-                elif row[i] is not None:
-                    have[i] = row[i]
+            for i, value in enumerate(row):
+                if i in added:
+                    if have[i] is not None and value is not None:
+                        have[i] += value
+                    elif value is not None:
+                        have[i] = value
+                elif value is True:
+                    have[i] = True
     return [tuple(row) for row in merged.values()]
 
 
@@ -517,6 +530,8 @@ class Console:
                     if name not in self.statements:
                         raise ClientError(INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
                     text = self.statements[name]
+                    if find(text)[0].acts:  # (Execute does it; describing it must not)
+                        return b"\x74\0\0\0\x06\0\0" + m.NO_DATA_MSG
                     return self._answer(text, lambda r: b"\x74\0\0\0\x06\0\0" + _description(r))
                 portal = self.portals.get(name)
                 if portal is None:

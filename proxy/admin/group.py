@@ -54,6 +54,10 @@ def worker_of(pid: int) -> int:
     return pid >> WORKER_SHIFT
 
 
+class GroupError(Exception):
+    """This worker cannot take its place in the group (its socket cannot be made)."""
+
+
 class PeerError(Exception):
     """A worker did not answer (it is starting or restarting), or its answer was cut."""
 
@@ -85,6 +89,23 @@ class Group:
         """A file the worker makes once it serves clients (the supervisor waits for it)."""
         return os.path.join(self.directory, f"worker-{worker}.ready")
 
+    @property
+    def config_path(self) -> str:
+        """The config text the group runs: written by the supervisor at start and by a worker
+        at each RELOAD the group took, read by every worker that starts (so that a restarted
+        one runs what the others run, not an edit of the file nobody reloaded yet)."""
+        return os.path.join(self.directory, "config.yaml")
+
+    def keep_config(self, text: str) -> None:
+        temporary = f"{self.config_path}.{self.worker}"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, self.config_path)
+
+    def running_config(self) -> str:
+        with open(self.config_path, encoding="utf-8") as f:
+            return f.read()
+
     def ready(self) -> None:
         with open(self.ready_path(self.worker), "w") as file:
             file.write(str(os.getpid()))
@@ -98,7 +119,11 @@ class Group:
         path = self.path(self.worker)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by this worker's previous life
-        self._server = await asyncio.start_unix_server(self._answer, path)
+        try:
+            self._server = await asyncio.start_unix_server(self._answer, path)
+        except OSError as exc:
+            raise GroupError(f"worker {self.worker} cannot open its group socket {path}: {exc.strerror or exc} "
+                             "(the supervisor's directory; is TMPDIR short enough and writable?)") from None
 
     async def close(self) -> None:
         if self._server is not None:

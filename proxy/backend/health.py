@@ -179,7 +179,8 @@ class HealthChecker:
         # Each check's result as it is recorded: the leader of a process group tells the other
         # workers (admin/group.py), whose checkers never probe and only record.
         self.recorded: Callable[[str, Probe, float], None] | None = None
-        self.log = log  # a follower's checker logs what the leader already said at debug only
+        # A follower's checker logs what the leader already said at debug only (server.py).
+        self.log: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
 
     # -- what others read
 

@@ -80,6 +80,7 @@ class Coordinator:
         self.config = config
         self.leader = leader  # recovers dead owners' transactions (else only this process's own)
         self.left = 0  # transactions of this process that ended with a participant unfinished
+        self.scanned_all = False  # the last recovery read every database (and cleaned the log)
         self.owner = ""
         self.inflight: set[str] = set()  # gids of this process between PREPARE and the end
         self._seq = 0
@@ -154,8 +155,10 @@ class Coordinator:
                 continue
             await self._forget()
             if ticks % every == 0 and (self.leader or self.left):
-                self.left = 0
+                left = self.left
                 await self.recover()
+                if self.scanned_all:  # else the next round tries again
+                    self.left -= left
 
     # -- the commit path
 
@@ -193,6 +196,7 @@ class Coordinator:
         try:
             await self._log.execute("DELETE FROM pgfleet.twophase WHERE gid = ANY($1)", gids)
         except _CONTROL_ERRORS as exc:
+            self.left += 1  # (a worker that is not the leader recovers only when it has something left)
             log.warning("two-phase commit: could not delete %d finished decision(s) (%s); recovery will", len(gids), exc)
 
     # -- recovery
@@ -206,6 +210,7 @@ class Coordinator:
         seen: set[str] = set()  # decisions that some live pgfleet still needs
         scanned = 0
         finished = 0
+        self.scanned_all = False
         for database in self.config.databases:
             try:
                 finished += await self._recover_database(database, alive, seen)
@@ -222,6 +227,7 @@ class Coordinator:
                              or (self.leader and not await self._alive(row["owner"], alive)))]
                 if done:
                     await self._log.execute("DELETE FROM pgfleet.twophase WHERE gid = ANY($1)", done)
+                self.scanned_all = True
             except _CONTROL_ERRORS as exc:
                 log.warning("two-phase commit recovery: could not clean pgfleet.twophase (%s)", exc)
         return finished

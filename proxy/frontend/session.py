@@ -809,10 +809,12 @@ class Session:
         # pgfleet's own connections carry "pgfleet"; the client is told its own, as PostgreSQL would.
         params = {**server.params, "application_name": self.settings.values.get("application_name", "")}
         out = [m.parameter_status(name, value) for name, value in params.items()]
-        if self.session_mode and server.pid and server.pid not in self.fleet.sessions:
+        if self.session_mode and server.pid and server.pid not in self.fleet.sessions and \
+                self.fleet.forward_cancel is None:
             # Session mode: the client's backend is its own, so it is told that backend's
             # process id (pg_backend_pid(), NotificationResponse and pg_terminate_backend
             # agree); the secret stays pgfleet's, which checks a CancelRequest before passing it on.
+            # Not in a process group (--workers N), whose pids name the worker that owns the client.
             del self.fleet.sessions[self.pid]
             self.pid = server.pid
             self.fleet.sessions[self.pid] = self

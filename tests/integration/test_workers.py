@@ -178,11 +178,15 @@ def test_health_is_checked_by_the_leader_alone_and_every_worker_obeys(pg: Cluste
 def test_twophase_recovery_runs_in_the_leader_only(pg: Cluster, tmp_path: Path) -> None:
     """A transaction a dead pgfleet left prepared is rolled back once, by worker 0."""
     gid = "pgfleet_0badcafe_7_0"
-    with psycopg.connect(pg.dsn("secondary", user="pf_md5", password="md5pass"), autocommit=True) as conn:
+    with psycopg.connect(pg.dsn("secondary", user="pf_trust"), autocommit=True) as conn:
         conn.execute("BEGIN")
         conn.execute("SELECT txid_current()")
         conn.execute(f"PREPARE TRANSACTION '{gid}'")
-    fleet = Fleet(fleet_config(pg, two_phase_commit=True), tmp_path, workers=WORKERS)
+    # pf_trust, as tests/integration/test_twophase.py: it owns the pgfleet schema of the commit log.
+    fleet = Fleet(fleet_config(pg, two_phase_commit=True, tables={},
+                               databases={"primary": {"dsn": pg.dsn("bank", user="pf_trust")},
+                                          "secondary": {"dsn": pg.dsn("secondary", user="pf_trust")}}),
+                  tmp_path, workers=WORKERS)
     try:
         fleet.start()
         with psycopg.connect(pg.dsn("secondary"), autocommit=True) as conn:
@@ -269,3 +273,59 @@ def test_a_dead_supervisor_takes_its_workers_with_it(pg: Cluster, tmp_path: Path
         return True
     assert wait_until(gone, 15), fleet.log()[-2000:]
     assert "the supervisor process is gone" in fleet.log()
+
+
+def test_a_restarted_worker_runs_what_the_group_runs(pg: Cluster, tmp_path: Path) -> None:
+    """Paused stays paused, and an edit of the file nobody reloaded is not taken by the worker
+    that starts again (it runs the config the others run)."""
+    fleet = Fleet(fleet_config(pg), tmp_path, workers=WORKERS).start()
+    try:
+        assert console(fleet, "PAUSE analytics") == "PAUSE"
+        config = yaml.safe_load(fleet.config_path.read_text())
+        config["pool"]["size"] = 4  # edited, not reloaded
+        fleet.config_path.write_text(yaml.safe_dump(config))
+        old = workers(fleet)[1]["pid"]
+        os.kill(old, signal.SIGKILL)
+        fleet.wait_logged("worker 1: paused like the rest of the group: analytics")
+        assert wait_until(lambda: workers(fleet).get(1, {}).get("pid") not in (None, old), 15)
+        pools = {r["name"]: r for r in columns(fleet, "SHOW DATABASES")}
+        assert pools["primary"]["pool_size"] == 10  # 5 + 5: the new worker 1 did not take the edit
+        assert pools["analytics"]["paused"] is True
+        assert console(fleet, "RESUME analytics") == "RESUME"
+        assert not any(r["paused"] for r in columns(fleet, "SHOW DATABASES"))
+        with client_on(fleet, 1) as conn:  # resumed on the new worker too
+            assert conn.execute("SELECT count(*) >= 0 FROM events").fetchone() == (True,)
+        assert console(fleet, "RELOAD") == "RELOAD"  # now the edit is taken, by both
+        assert {r["name"]: r for r in columns(fleet, "SHOW DATABASES")}["primary"]["pool_size"] == 4
+    finally:
+        assert fleet.stop() == 0
+
+
+def test_limits_smaller_than_the_workers_are_refused_at_start(pg: Cluster, tmp_path: Path) -> None:
+    config = fleet_config(pg)
+    config["databases"]["primary"]["pool_size"] = 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(tmp_path / "c.yaml"),
+                           "--workers", "3"], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2
+    assert "databases.primary.pool_size 2" in done.stderr and "run fewer workers" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_session_mode_pids_name_their_worker_and_cancel(pg: Cluster, tmp_path: Path) -> None:
+    fleet = Fleet(fleet_config(pg, pool={"mode": "session", "size": 10}), tmp_path, workers=WORKERS).start()
+    try:
+        for worker in (0, 1):
+            with client_on(fleet, worker) as conn:  # (client_on reads the worker from the pid)
+                timer = threading.Timer(0.3, conn.cancel)
+                timer.start()
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute("SELECT pg_sleep(20)")
+                timer.join()
+                with psycopg.connect(fleet.dsn("pf_admin", "pgfleet"), autocommit=True) as admin:
+                    assert admin.execute(f"KILL {conn.info.backend_pid}").statusmessage == "KILL"
+                with pytest.raises(psycopg.OperationalError):
+                    conn.execute("SELECT 1")
+    finally:
+        assert fleet.stop() == 0
