@@ -174,6 +174,10 @@ class Key(_Struct, frozen=True):
 
 
 class ReplicationJob(_Struct, frozen=True):
+    """A job of replication/jobs.py: ``watermark`` (``batch``, the seeds' word, is the same)
+    copies the rows changed since the last run every ``interval``; ``logical`` sets up
+    PostgreSQL's logical replication of the tables."""
+
     id: str
     source: str
     targets: tuple[str, ...]
@@ -181,7 +185,9 @@ class ReplicationJob(_Struct, frozen=True):
     sync_key: str = "updated_at"
     interval: Duration = Duration(900.0)
     enabled: bool = True
-    mode: Literal["batch", "logical"] = "batch"
+    mode: Literal["watermark", "batch", "logical"] = "watermark"
+    verify: bool = False  # VERIFY after each run
+    batch_size: int = 20_000  # rows per batch (each batch commits with its watermark)
 
 
 class Replication(_Struct, frozen=True):
@@ -483,10 +489,20 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{where}.secret",
                               f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
     _validate_audit(config.audit, names)
+    ids: set[str] = set()
     for i, job in enumerate(config.replication.jobs):
         for database in (job.source, *job.targets):
             if database not in names:
                 raise ConfigError(f"replication.jobs[{i}]", f"{database!r} is not one of databases")
+        if job.source in job.targets:
+            raise ConfigError(f"replication.jobs[{i}].targets", f"the source {job.source!r} cannot be a target")
+        if not job.targets or not job.tables:
+            raise ConfigError(f"replication.jobs[{i}]", "needs at least one target and one table")
+        if job.id in ids:
+            raise ConfigError(f"replication.jobs[{i}].id", f"{job.id!r} is the id of another job too")
+        ids.add(job.id)
+        if job.interval <= 0 or job.batch_size < 1:
+            raise ConfigError(f"replication.jobs[{i}]", "interval must be more than 0s and batch_size at least 1")
     return config
 
 

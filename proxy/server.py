@@ -32,6 +32,7 @@ from .config import Config, load_text, read_config, share, unsplittable
 from .errors import CONFIG_FILE_ERROR, PROTOCOL_VIOLATION, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
 from .frontend.seam import ClientConnection
+from .replication.jobs import Replicator
 
 log = logging.getLogger("pgfleet")
 
@@ -75,6 +76,11 @@ class Server:
         self.fleet.audit = audit if audit.enabled else None
         if group is not None:
             self.fleet.forward_cancel = self._forward_cancel
+        self.replicator = Replicator(config)
+        self.admin.replicator = self.replicator
+        self.fleet.replicator = self.replicator  # (for /metrics)
+        if self.http is not None:
+            self.http.replicator = self.replicator
 
     @property
     def leader(self) -> bool:
@@ -170,6 +176,7 @@ class Server:
         if self.http is not None and self.config.http is not None:
             await self.http.start(self.config.http.host, self.config.http.port, reuse_port=group is not None)
         self._start_health()  # the first round runs in the background
+        await self.replicator.start(schedule=self.leader)  # (the jobs' lock also keeps other hosts apart)
         if group is not None:
             group.ready()
         where = f"worker {group.worker} of {group.workers} (pid {os.getpid()}) " if group is not None else ""
@@ -267,6 +274,9 @@ class Server:
                 if name not in fleet.replicas.pools:
                     fleet.retired[name] = pool
             changes.append("replicas changed")
+        if config.replication != old.replication:
+            changes.append("replication jobs changed")
+        await self.replicator.reload(config)
         log.info("reloaded %s: %s", self.source or "the environment's config", "; ".join(changes) or "no change")
         if self.fleet.router.unknown_types:
             await self.learn_shard_key_types()
@@ -326,6 +336,7 @@ class Server:
             self._reaper.cancel()
         if self.fleet.coordinator is not None:
             await self.fleet.coordinator.stop()
+        await self.replicator.stop()
         await self.fleet.replicas.stop()
         if self.http is not None:
             await self.http.stop()

@@ -7,6 +7,9 @@
   database that is not ``optional`` is healthy (its circuit closed), else 503 naming them.
 - ``/health`` and ``/databases``: JSON per database, as the seeds' services showed it
   (status, last check, response time, connections).
+- ``/api/database/replication/jobs`` (GET, POST), ``.../jobs/{id}/run`` and
+  ``/api/database/replication/table``: the seeds' replication endpoints (replication/jobs.py),
+  for an admin key in ``X-API-Key``/``X-API-Secret`` (or ``Authorization: Bearer id:secret``).
 
 aiohttp runs on pgfleet's own event loop. In a process group (``--workers N``) every worker
 listens on the HTTP port too (SO_REUSEPORT), and whichever answers asks the others
@@ -31,7 +34,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ..auth.keys import Role, check_secret
 from ..backend.pool import WAIT_BUCKETS
+from ..replication.jobs import JobError, Replicator, Run, ad_hoc
+from ..replication.watermark import ReplicationError
 from .group import Group
 
 if TYPE_CHECKING:
@@ -115,11 +121,40 @@ class FleetCollector(Collector):
             circuit.add_metric([name], 1 if info["circuit"] == "open" else 0)
         yield health
         yield circuit
+        replicator = fleet.replicator
+        if replicator is not None and replicator.scheduling:  # (the process that schedules the jobs)
+            yield from _job_metrics(replicator)
         audit = fleet.audit
         if audit is not None:
             yield CounterMetricFamily("pgfleet_audit_dropped", "Audit lines dropped: the writer could not keep up",
                                       value=audit.dropped)
             yield CounterMetricFamily("pgfleet_audit_written", "Audit lines written", value=audit.written)
+
+
+def _job_metrics(replicator: Replicator) -> Iterator[Metric]:
+    labels = ["job"]
+    success = GaugeMetricFamily("pgfleet_replication_last_success_timestamp_seconds", "When the last good run "
+                                "of the replication job started (its snapshot)", labels=labels)
+    lag = GaugeMetricFamily("pgfleet_replication_lag_seconds", "Seconds since the last good run's snapshot: "
+                            "how old the newest copied change may be", labels=labels)
+    rows = GaugeMetricFamily("pgfleet_replication_last_run_rows", "Rows the job's last run copied", labels=labels)
+    copied = CounterMetricFamily("pgfleet_replication_rows_copied", "Rows this process's runs of the job "
+                                 "copied since it started", labels=labels)
+    verified = GaugeMetricFamily("pgfleet_replication_verified", "1 if the job's last verification found no "
+                                 "difference, 0 if it found one", labels=labels)
+    running = GaugeMetricFamily("pgfleet_replication_running", "1 while the job runs here", labels=labels)
+    now = time.time()
+    for job, started, last_rows, ok, busy in replicator.metrics():
+        if started is not None:
+            success.add_metric([job], started)
+            lag.add_metric([job], now - started)
+        if last_rows is not None:
+            rows.add_metric([job], last_rows)
+        copied.add_metric([job], replicator.copied.get(job, 0))
+        if ok is not None:
+            verified.add_metric([job], 1 if ok else 0)
+        running.add_metric([job], 1 if busy else 0)
+    yield from (success, lag, rows, copied, verified, running)
 
 
 def families(fleet: Fleet) -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
@@ -193,6 +228,12 @@ class HttpServer:
         app.router.add_get("/health/ready", self.ready)
         app.router.add_get("/health", self.health)
         app.router.add_get("/databases", self.databases)
+        # The seeds' replication endpoints (replication/jobs.py), for admin keys.
+        app.router.add_get("/api/database/replication/jobs", self.list_jobs)
+        app.router.add_post("/api/database/replication/jobs", self.create_job)
+        app.router.add_post("/api/database/replication/jobs/{job_id}/run", self.run_job)
+        app.router.add_post("/api/database/replication/table", self.replicate_table)
+        self.replicator: Replicator | None = None  # set by the server
         self.app = app
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
@@ -227,6 +268,104 @@ class HttpServer:
                         ours["connections"][field] += count
         return info
 
+    # -- the seeds' replication endpoints
+
+    def _admin(self, request: web.Request) -> web.Response | None:
+        """None when the request carries an admin key and its secret (``X-API-Key`` and
+        ``X-API-Secret``, or ``Authorization: Bearer <id>:<secret>``), else the 401 or 403."""
+        key_id, secret = request.headers.get("X-API-Key"), request.headers.get("X-API-Secret")
+        bearer = request.headers.get("Authorization", "")
+        if key_id is None and bearer.lower().startswith("bearer ") and ":" in bearer:
+            key_id, secret = bearer[7:].strip().split(":", 1)
+        if not key_id or secret is None:
+            return _error(401, "authentication required: send X-API-Key and X-API-Secret (or Authorization: "
+                               "Bearer <id>:<secret>)")
+        key = self.fleet.keys.get(key_id)
+        if not check_secret(key, secret) or key is None:
+            return _error(401, "invalid API key or secret")
+        if key.role is not Role.ADMIN:
+            return _error(403, f"key {key_id} is a {key.role.value} key: replication jobs need an admin key")
+        return None
+
+    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body must be a JSON object")
+        return body if isinstance(body, dict) else _error(400, "the body must be a JSON object")
+
+    async def _jobs(self, request: web.Request) -> Replicator | web.Response:
+        """The jobs, for a request with an admin key; else the answer that refuses it."""
+        refused = self._admin(request)
+        if refused is not None:
+            return refused
+        if self.replicator is None:
+            return _error(503, "replication jobs do not run here")
+        await self.replicator.wait_loaded()
+        return self.replicator
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        replicator = await self._jobs(request)
+        if isinstance(replicator, web.Response):
+            return replicator
+        last = await replicator.last_runs()
+        jobs = []
+        for job in replicator.jobs().values():
+            done = last.get(job.id, {})
+            jobs.append({**job.spec(), "lastRun": done["started"].isoformat() if done.get("started") else None,
+                         "lastStatus": done.get("status"), "lastRows": done.get("rows"),
+                         "lastError": done.get("error"), "running": job.id in replicator.running})
+        return web.json_response({"jobs": jobs})
+
+    async def create_job(self, request: web.Request) -> web.Response:
+        replicator = await self._jobs(request)
+        if isinstance(replicator, web.Response):
+            return replicator
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            job = await replicator.create(body)
+        except (JobError, ReplicationError) as exc:
+            return _error(409 if "exists already" in str(exc) else 400, str(exc), getattr(exc, "hint", None))
+        return web.json_response(job.spec(), status=201)
+
+    async def run_job(self, request: web.Request) -> web.Response:
+        replicator = await self._jobs(request)
+        if isinstance(replicator, web.Response):
+            return replicator
+        try:
+            job = replicator.job(request.match_info["job_id"])
+            if request.query.get("nowait", "").lower() in ("1", "true", "yes"):
+                replicator.start_run(job)
+                return web.json_response({"jobId": job.id, "status": "started"}, status=202)
+            return web.json_response(_run_json(await replicator.run(job)))
+        except JobError as exc:
+            return _error(404 if exc.missing else 409, str(exc), exc.hint)
+        except ReplicationError as exc:
+            return _error(400, str(exc))
+
+    async def replicate_table(self, request: web.Request) -> web.Response:
+        replicator = await self._jobs(request)
+        if isinstance(replicator, web.Response):
+            return replicator
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        table, source, targets = body.get("table"), body.get("sourceDatabase"), body.get("targetDatabases")
+        if not isinstance(table, str) or not isinstance(source, str) or not isinstance(targets, list) or not targets:
+            return _error(400, "needs table, sourceDatabase and targetDatabases (a list)",
+                          'e.g. {"sourceDatabase": "primary", "targetDatabases": ["secondary"], '
+                          '"table": "transactions", "syncKey": "created_at"}')
+        try:
+            job = ad_hoc(table, source, [str(t) for t in targets], str(body.get("syncKey", "updated_at")),
+                         replicator.config)
+            return web.json_response(_run_json(await replicator.run(job)))
+        except JobError as exc:
+            return _error(409 if "running" in str(exc) else 400, str(exc), exc.hint)
+        except ReplicationError as exc:
+            return _error(400, str(exc))
+
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
 
@@ -248,3 +387,18 @@ class HttpServer:
 
     async def databases(self, request: web.Request) -> web.Response:
         return web.json_response(await self._info())
+
+
+def _error(status: int, message: str, hint: str | None = None) -> web.Response:
+    return web.json_response({"error": message, **({"hint": hint} if hint else {})}, status=status)
+
+
+def _run_json(run: Run) -> dict[str, Any]:
+    """A run, with the seeds' field names."""
+    return {"jobId": run.job, "status": run.status, "rows": run.rows,
+            "duration": round(((run.finished or time.time()) - run.started) * 1000, 1),
+            "results": [{"table": p.table, "targetDatabase": p.target, "rows": p.rows,
+                         "duration": round(p.seconds * 1000, 1),
+                         "status": "ok" if (p.table, p.target) not in run.errors else "failed",
+                         "error": run.errors.get((p.table, p.target)), "watermark": p.watermark}
+                        for p in run.parts]}

@@ -207,6 +207,17 @@ def check_md5(key: ApiKey | None, user: str, salt: bytes, response: str) -> None
         raise failed(user)
 
 
+def check_secret(key: ApiKey | None, secret: str) -> bool:
+    """Whether ``secret`` is the key's (HTTP's X-API-Secret): SCRAM's StoredKey computed from it
+    (RFC 5802: H(HMAC(PBKDF2(secret, salt, i), "Client Key"))) is the verifier's. An unknown key
+    costs the same time and fails."""
+    verifier = key.verifier if key is not None else _decoy_verifier("?")
+    salted = hashlib.pbkdf2_hmac("sha256", secret.encode(), verifier.salt, verifier.iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored = hashlib.sha256(client_key).digest()
+    return hmac.compare_digest(stored, verifier.stored_key) and key is not None
+
+
 def check_cleartext(key: ApiKey | None, user: str, response: str) -> None:
     plain = key.plain if key is not None else secrets.token_hex(16)
     if plain is None or not hmac.compare_digest(plain.encode(), response.encode()) or key is None:

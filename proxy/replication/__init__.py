@@ -1,0 +1,1 @@
+"""Replication jobs between the fleet's databases (DESIGN "Replication jobs")."""
