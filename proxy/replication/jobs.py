@@ -138,6 +138,7 @@ class Replicator:
         self.verified: dict[str, bool] = {}  # job -> whether its last verification found no difference
         self._loaded = asyncio.Event()
         self.scheduling = False
+        self._unindexed: set[tuple[str, str]] = set()  # (job, table) warned about: no index on the sync key
 
     # -- the jobs
 
@@ -379,6 +380,12 @@ class Replicator:
                     if source.is_closed():
                         source = await connect(self._dsn(job.source), timeout, APPLICATION_NAME)
                     continue
+                if not shape.indexed and (job.id, table) not in self._unindexed:
+                    self._unindexed.add((job.id, table))
+                    log.warning("replication job %s: table %s has no index that starts with its sync key %s on "
+                                "the source %s, so every run reads the whole table to find what changed: "
+                                "CREATE INDEX ON %s (%s, %s) there", job.id, shape.table, job.sync_key, job.source,
+                                shape.table, job.sync_key, ", ".join(shape.pk))
                 for target in job.targets:
                     progress = Progress(table, target)
                     run.parts.append(progress)

@@ -36,15 +36,19 @@ columns, types, NOT NULL and the primary key.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import io
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 BATCH = 20_000
+# A horizon further back than this (a transaction open that long on the source) and a run also
+# copies the rows past it, without moving the watermark: data keeps flowing past a transaction
+# that stays open.
+HELD_BACK = 5.0
 # The sync key types that are times: a run's horizon bounds them.
 TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
 
@@ -84,6 +88,7 @@ class Shape:
     pk: tuple[str, ...]
     sync_key: str
     sync_type: str
+    indexed: bool = True       # an index on the source leads with the sync key (else each run scans the table)
 
     @property
     def timed(self) -> bool:
@@ -148,7 +153,7 @@ WHERE c.oid = $1::oid"""
 # The horizon, read before the snapshot: the start of the oldest transaction open on this
 # database (another session's), else the clock.
 _HORIZON = """
-SELECT least(clock_timestamp(), min(xact_start)), count(xact_start),
+SELECT least(clock_timestamp(), min(xact_start)), clock_timestamp(), count(xact_start),
        count(*) FILTER (WHERE state IS NULL AND backend_type = 'client backend'), current_user
 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid()"""
@@ -170,7 +175,10 @@ async def shape_of(conn: asyncpg.Connection, table: str, sync_key: str) -> Shape
         raise ReplicationError(f"table {table} has no column {sync_key} (the job's sync_key); "
                                f"its columns: {', '.join(names)}")
     sync_type = next(c.type for c in columns if c.name == sync_key)
-    return Shape(qualified, columns, pk, sync_key, sync_type)
+    indexed = bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND "
+        "a.attnum = i.indkey[0] WHERE i.indrelid = $1::oid AND a.attname = $2)", oid, sync_key))
+    return Shape(qualified, columns, pk, sync_key, sync_type, indexed)
 
 
 async def prepare_target(conn: asyncpg.Connection, shape: Shape) -> None:
@@ -194,94 +202,156 @@ async def watermark(conn: asyncpg.Connection, job: str, shape: Shape) -> tuple[s
 
 
 async def copy_table(source: asyncpg.Connection, target: asyncpg.Connection, job: str, source_name: str,
-                     shape: Shape, progress: Progress, batch: int = BATCH, binary: bool = True) -> Progress:
-    """Copy the rows of ``shape.table`` past the target's watermark, batch by batch, each batch
-    committed on the target together with its watermark. ``source`` must be outside a
-    transaction: this opens the run's REPEATABLE READ snapshot itself."""
+                     shape: Shape, progress: Progress, batch: int = BATCH) -> Progress:
+    """Copy the rows of ``shape.table`` past the target's watermark. ``source`` must be outside
+    a transaction: this opens the run's REPEATABLE READ snapshot itself.
+
+    The rows come in one ``COPY (SELECT ... ORDER BY sync_key, pk) TO STDOUT`` per part, cut
+    into batches of about ``batch`` whole lines; each batch is one transaction on the target.
+    The first part, the rows below the horizon, moves the watermark with each batch to its last
+    row. The second, the rows at or past it, is copied without moving it (the next run reads
+    them again), when the horizon is more than HELD_BACK seconds old. A target table that was empty, with no watermark, takes the rows by COPY
+    straight in (nothing there to conflict with); else they go through a staging table and an
+    upsert."""
     progress.started = time.monotonic()
     await prepare_target(target, shape)
-    horizon, open_transactions, hidden, user = await source.fetchrow(_HORIZON)
+    horizon, clock, open_transactions, hidden, user = await source.fetchrow(_HORIZON)
     if hidden:
         raise ReplicationError(f"the source's user {user} cannot see the transactions of other roles' sessions "
                                f"(pg_stat_activity hides {hidden}), so a late commit could be missed: GRANT "
                                f"pg_read_all_stats TO {user} on the source")
-    # The watermark may move only below the horizon (a time), or not at all while another
-    # transaction is open and the sync key is not a time.
-    frozen = not shape.timed and open_transactions > 0
-    stage = "pgfleet_stage"
-    await target.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {shape.table}) ON COMMIT DELETE ROWS")
+    position = await watermark(target, job, shape)  # where the last committed batch left off
+    direct = position is None and not await target.fetchval(f"SELECT EXISTS (SELECT 1 FROM {shape.table})")
+    if not direct:
+        await target.execute(f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {shape.table}) ON COMMIT DELETE ROWS")
+    writer = _Writer(target, job, source_name, shape, progress, direct)
     await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        position = await watermark(target, job, shape)  # where the last committed batch left off
-        while True:
-            where, args = _after(shape, position)
-            query = (f"SELECT {shape.column_list()} FROM {shape.table}{where} "
-                     f"ORDER BY {shape.order()} LIMIT {int(batch)}")
-            async with target.transaction():
-                try:
-                    copied = await _pipe(source, target, query, args, stage, shape, binary)
-                except (asyncpg.DataError, asyncpg.FeatureNotSupportedError, asyncpg.InvalidBinaryRepresentationError):
-                    if not binary:
-                        raise
-                    raise _Retry() from None  # the target's types differ from the source's: text it is
-                if copied == 0:
-                    break
-                last = await target.fetchrow(
-                    f"SELECT {_as_text(shape)} FROM {stage} ORDER BY {shape.order(descending=True)} LIMIT 1")
-                below = None if frozen else await _last_below(target, stage, shape, horizon)
-                await _upsert(target, stage, shape)
-                if below is not None:
-                    await target.execute(
-                        "INSERT INTO pgfleet.replication_state AS s (job, table_name, source, sync_value, pk_values, "
-                        "rows_copied) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job, table_name) DO UPDATE SET "
-                        "sync_value = EXCLUDED.sync_value, pk_values = EXCLUDED.pk_values, "
-                        "rows_copied = s.rows_copied + EXCLUDED.rows_copied, updated_at = now()",
-                        job, shape.table, source_name, below[0], list(below[1:]), copied)
-                    progress.watermark = below[0]
-                if below is None or tuple(below) != tuple(last):
-                    progress.held = True
-            progress.rows += copied
-            progress.batches += 1
-            position = (last[0], list(last[1:]))
-            if copied < batch:
-                break
-    except _Retry:
-        await source.execute("ROLLBACK")
-        return await copy_table(source, target, job, source_name, shape, progress, batch, binary=False)
+        where, args = _after(shape, position)
+        sync = quote(shape.sync_key)
+        if shape.timed:
+            # Below the horizon: each batch moves the watermark. At or past it: copied, not moved,
+            # and only when a transaction has been open for a while (else they are the last
+            # instant's rows, which the next run copies anyway: a second scan saved).
+            bound = "$" + str(len(args) + 1) + f"::timestamptz::{shape.sync_type}"
+            await _stream(source, shape, f"{where} AND {sync} < {bound}", [*args, horizon], writer, batch, True)
+            if (clock - horizon).total_seconds() > HELD_BACK:
+                await _stream(source, shape, f"{where} AND {sync} >= {bound}", [*args, horizon], writer, batch,
+                              False)
+        else:
+            # No time to bound it: the watermark moves only if no other transaction was open.
+            await _stream(source, shape, where, args, writer, batch, advance=not open_transactions)
     finally:
-        if source.is_in_transaction():
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await source.execute("ROLLBACK")
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await source.execute("ROLLBACK")
     progress.seconds = time.monotonic() - progress.started
     return progress
 
 
-class _Retry(Exception):
-    """The batch goes again in text format."""
+STAGE = "pgfleet_stage"
 
 
 def _after(shape: Shape, position: tuple[str, list[str]] | None) -> tuple[str, list[str]]:
+    """The WHERE clause of the rows after ``position`` (and with a sync key), and its arguments."""
+    sync = f" WHERE {quote(shape.sync_key)} IS NOT NULL"
     if position is None:
-        return "", []
+        return sync, []
     names = (shape.sync_key, *shape.pk)
     values = [position[0], *position[1]]
     params = ", ".join(f"${i + 1}::text::{shape.type_of(name)}" for i, name in enumerate(names))
-    return f" WHERE {shape.position()} > ({params})", values
+    return f"{sync} AND {shape.position()} > ({params})", values
 
 
-def _as_text(shape: Shape) -> str:
-    # Named w0, w1, ...: an output column named like a table column would be what ORDER BY sorts
-    # (as text: '999' after '1000').
-    return ", ".join(f"{quote(name)}::text AS w{i}" for i, name in enumerate((shape.sync_key, *shape.pk)))
+async def _stream(source: asyncpg.Connection, shape: Shape, where: str, args: list[Any], writer: _Writer,
+                  batch: int, advance: bool) -> None:
+    """COPY the rows ``where`` says, in order, cutting them into batches for ``writer``."""
+    pending = bytearray()
+    lines = 0
+
+    async def output(chunk: bytes) -> None:
+        nonlocal lines
+        pending.extend(chunk)
+        lines += chunk.count(b"\n")
+        if lines >= batch:
+            cut = pending.rfind(b"\n") + 1
+            await writer.write(bytes(pending[:cut]), advance)
+            del pending[:cut]
+            lines = pending.count(b"\n")
+
+    await source.copy_from_query(f"SELECT {shape.column_list()} FROM {shape.table}{where} ORDER BY {shape.order()}",
+                                 *args, output=output, format="text")
+    if pending:
+        await writer.write(bytes(pending), advance)
 
 
-async def _last_below(target: asyncpg.Connection, stage: str, shape: Shape, horizon: object) -> asyncpg.Record | None:
-    """The last staged row whose sync key is below the horizon: the new watermark (None: none)."""
-    if shape.timed:
-        return await target.fetchrow(
-            f"SELECT {_as_text(shape)} FROM {stage} WHERE {quote(shape.sync_key)} < $1::timestamptz::{shape.sync_type} "
-            f"ORDER BY {shape.order(descending=True)} LIMIT 1", horizon)
-    return await target.fetchrow(f"SELECT {_as_text(shape)} FROM {stage} ORDER BY {shape.order(descending=True)} LIMIT 1")
+class _Writer:
+    """Batches of COPY text lines into the target, each with its watermark in one transaction."""
+
+    def __init__(self, target: asyncpg.Connection, job: str, source_name: str, shape: Shape, progress: Progress,
+                 direct: bool) -> None:
+        self.target, self.job, self.source_name, self.shape = target, job, source_name, shape
+        self.progress, self.direct = progress, direct
+        names = [c.name for c in shape.columns]
+        self.key_at = [names.index(name) for name in (shape.sync_key, *shape.pk)]
+
+    async def write(self, data: bytes, advance: bool) -> None:
+        shape, target = self.shape, self.target
+        rows = data.count(b"\n")
+        columns = [c.name for c in shape.columns]
+        async with target.transaction():
+            if self.direct:
+                await target.copy_to_table(_bare(shape.table), schema_name=_schema(shape.table),
+                                           source=io.BytesIO(data), columns=columns, format="text")
+            else:
+                await target.copy_to_table(STAGE, source=io.BytesIO(data), columns=columns, format="text")
+                await _upsert(target, STAGE, shape)
+            if advance:
+                last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:-1].split(b"\t")
+                values = [_unescape(last[i]) for i in self.key_at]
+                await target.execute(
+                    "INSERT INTO pgfleet.replication_state AS s (job, table_name, source, sync_value, pk_values, "
+                    "rows_copied) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job, table_name) DO UPDATE SET "
+                    "sync_value = EXCLUDED.sync_value, pk_values = EXCLUDED.pk_values, "
+                    "rows_copied = s.rows_copied + EXCLUDED.rows_copied, updated_at = now()",
+                    self.job, shape.table, self.source_name, values[0], values[1:], rows)
+                self.progress.watermark = values[0]
+            else:
+                self.progress.held = True
+        self.progress.rows += rows
+        self.progress.batches += 1
+
+
+_ESCAPES = {ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t",
+            ord("v"): b"\v", ord("\\"): b"\\"}
+
+
+def _unescape(field: bytes) -> str:
+    """A value of COPY's text format as text (its backslash escapes undone)."""
+    if b"\\" not in field:
+        return field.decode()
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        byte = field[i]
+        if byte == 0x5C and i + 1 < len(field):  # a backslash
+            out += _ESCAPES.get(field[i + 1], bytes([field[i + 1]]))
+            i += 2
+        else:
+            out.append(byte)
+            i += 1
+    return out.decode()
+
+
+def _schema(table: str) -> str:
+    return _unquote(table.split(".", 1)[0])
+
+
+def _bare(table: str) -> str:
+    return _unquote(table.split(".", 1)[1])
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
 async def _upsert(target: asyncpg.Connection, stage: str, shape: Shape) -> None:
@@ -291,35 +361,3 @@ async def _upsert(target: asyncpg.Connection, stage: str, shape: Shape) -> None:
         else "DO NOTHING"
     await target.execute(f"INSERT INTO {shape.table} ({columns}) SELECT {columns} FROM {stage} "
                          f"ON CONFLICT ({', '.join(quote(p) for p in shape.pk)}) {action}")
-
-
-async def _pipe(source: asyncpg.Connection, target: asyncpg.Connection, query: str, args: list[str],
-                stage: str, shape: Shape, binary: bool) -> int:
-    """COPY the query's rows from the source straight into the staging table; how many."""
-    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
-    form = "binary" if binary else "text"
-
-    async def output(data: bytes) -> None:
-        await chunks.put(bytes(data))
-
-    async def produce() -> None:
-        try:
-            await source.copy_from_query(query, *args, output=output, format=form)
-        finally:
-            await chunks.put(None)
-
-    async def rows() -> AsyncIterator[bytes]:
-        while (chunk := await chunks.get()) is not None:
-            yield chunk
-
-    producer = asyncio.get_running_loop().create_task(produce())
-    try:
-        status = await target.copy_to_table(stage, source=rows(), columns=[c.name for c in shape.columns],
-                                            format=form)
-    except BaseException:
-        producer.cancel()
-        with contextlib.suppress(BaseException):
-            await producer
-        raise
-    await producer
-    return int(status.split()[-1])

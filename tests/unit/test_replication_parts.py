@@ -10,7 +10,7 @@ from proxy.errors import ConfigError
 from proxy.replication.jobs import JobError, _from_spec, ad_hoc
 from proxy.replication.logical import conninfo, name_of
 from proxy.replication.verify import RangeCheck
-from proxy.replication.watermark import Column, Shape, _after
+from proxy.replication.watermark import Column, Shape, _after, _unescape
 
 CONFIG = """
 databases:
@@ -76,10 +76,10 @@ def test_the_target_table_and_the_batch_position() -> None:
     assert shape.create() == ('CREATE TABLE IF NOT EXISTS public."Orders" (\n    "id" bigint NOT NULL,\n    '
                               '"region" text NOT NULL,\n    "at" timestamp with time zone,\n    '
                               'PRIMARY KEY ("region", "id")\n)')
-    assert _after(shape, None) == ("", [])
+    assert _after(shape, None) == (' WHERE "at" IS NOT NULL', [])
     where, args = _after(shape, ("2026-01-01 00:00:00+00", ["eu", "7"]))
-    assert where == (' WHERE ("at", "region", "id") > ($1::text::timestamp with time zone, $2::text::text, '
-                     '$3::text::bigint)')
+    assert where == (' WHERE "at" IS NOT NULL AND ("at", "region", "id") > ($1::text::timestamp with time zone, '
+                     '$2::text::text, $3::text::bigint)')
     assert args == ["2026-01-01 00:00:00+00", "eu", "7"]
     assert shape.timed
 
@@ -89,3 +89,9 @@ def test_a_range_differs_when_its_count_or_checksum_does() -> None:
     assert same.status == "ok"
     assert RangeCheck("t", "a", None, "10", 5, 4, "123", "100").status == "differs"
     assert RangeCheck("t", "a", None, "10", 5, 5, "123", "124").status == "differs"
+
+
+def test_copy_text_values_are_unescaped() -> None:
+    assert _unescape(b"plain") == "plain"
+    assert _unescape(b"a\\tb\\nc\\\\d") == "a\tb\nc\\d"
+    assert _unescape("caf\u00e9".encode()) == "caf\u00e9"
