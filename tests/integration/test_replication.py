@@ -386,3 +386,30 @@ def test_console_errors_say_what_to_do(dbs: dict[str, tuple[Cluster, str]], tmp_
         fleet.stop()
 
 
+
+
+def test_a_target_that_is_down_fails_alone_and_is_tried_again(dbs: dict[str, tuple[Cluster, str]],
+                                                              tmp_path: Path) -> None:
+    from .conftest import closed_port
+    sql(dbs, "src", ACCOUNTS)
+    sql(dbs, "src", "INSERT INTO accounts (id, name) VALUES (1, 'one')")
+    with closed_port() as port:
+        conf = config(dbs, [job(targets=["down", "a"], enabled=True, interval="1h")])
+        conf["databases"]["down"] = {"dsn": f"postgresql://postgres@127.0.0.1:{port}/nowhere", "optional": True}
+        path = tmp_path / "down"
+        path.mkdir()
+        fleet = Fleet(conf, path).start()
+        try:
+            def copied() -> bool:
+                try:
+                    return data(dbs, "a") == data(dbs, "src")
+                except psycopg.errors.UndefinedTable:
+                    return False
+            assert wait_until(copied, 20, 0.1)  # the scheduled run: the other target went on
+            jobs = console(fleet, "SHOW JOBS")
+            assert jobs[0]["last_status"] == "partial" and "down" in jobs[0]["last_error"]
+            fleet.wait_logged("tried again in 5s")
+            sql(dbs, "src", "INSERT INTO accounts (id, name) VALUES (2, 'two')")
+            assert wait_until(copied, 20, 0.1)  # tried again after the backoff, not an hour later
+        finally:
+            fleet.stop()
