@@ -30,11 +30,10 @@ from typing import Any
 
 import asyncpg
 
-from ..backend.catalog import connect
 from ..config import Config, Dsn
 from . import logical
 from .verify import RangeCheck, verify_table
-from .watermark import Progress, ReplicationError, copy_table, shape_of
+from .watermark import Progress, ReplicationError, copy_table, replication_connect, shape_of
 
 log = logging.getLogger("pgfleet.replication")
 
@@ -93,7 +92,7 @@ class Job:
         """The seeds' JSON field names."""
         return {"id": self.id, "sourceDatabase": self.source, "targetDatabases": list(self.targets),
                 "tables": list(self.tables), "syncKey": self.sync_key, "intervalMinutes": self.interval / 60,
-                "enabled": self.enabled, "mode": self.mode, "verify": self.verify,
+                "enabled": self.enabled, "mode": self.mode, "verify": self.verify, "batchSize": self.batch_size,
                 "source": "api" if self.stored else "config"}
 
 
@@ -118,7 +117,7 @@ class Run:
             return "running"
         if not self.errors:
             return "differs" if any(c.status == "differs" for c in self.checks) else "ok"
-        return "failed" if len(self.errors) >= len(self.parts) else "partial"
+        return "failed" if ("*", "*") in self.errors or len(self.errors) >= len(self.parts) else "partial"
 
 
 class Replicator:
@@ -138,6 +137,7 @@ class Replicator:
         self.verified: dict[str, bool] = {}  # job -> whether its last verification found no difference
         self._loaded = asyncio.Event()
         self.scheduling = False
+        self._starting: set[str] = set()  # started in the background, not running yet
         self._unindexed: set[tuple[str, str]] = set()  # (job, table) warned about: no index on the sync key
 
     # -- the jobs
@@ -164,7 +164,7 @@ class Replicator:
         return self.config.dsn(database)
 
     async def _control(self) -> asyncpg.Connection:
-        return await connect(self._dsn(self.config.default), self.config.pool.connect_timeout, APPLICATION_NAME)
+        return await replication_connect(self._dsn(self.config.default), self.config.pool.connect_timeout)
 
     # -- lifecycle
 
@@ -190,7 +190,7 @@ class Replicator:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.pool.connect_timeout * 2):
                 await self._loaded.wait()
-        if not self.ready and self._loaded.is_set():  # it did not answer then: once more now
+        if self._loaded.is_set():  # the stored jobs as they are now (another process may have changed them)
             await self.load()
 
     async def follow_logical(self) -> None:
@@ -206,7 +206,8 @@ class Replicator:
                     for problem in await logical.disable(self.config, job):
                         log.warning("replication job %s: could not drop its logical replication on %s", job.id,
                                     problem)
-            except (ReplicationError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            except (ReplicationError, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    KeyError) as exc:
                 log.error("replication job %s (logical): %s", job.id, exc)
 
     async def load(self) -> None:
@@ -220,11 +221,17 @@ class Replicator:
             # Nothing is created here: pgfleet's tables appear with the first run or stored job.
             if await conn.fetchval("SELECT to_regclass('pgfleet.replication_jobs') IS NOT NULL"):
                 rows = await conn.fetch("SELECT id, spec FROM pgfleet.replication_jobs ORDER BY created_at")
-                self.stored = {row["id"]: _from_spec(json.loads(row["spec"]), stored=True) for row in rows}
+                stored = {}
+                for row in rows:
+                    try:
+                        stored[row["id"]] = _from_spec(json.loads(row["spec"]), stored=True)
+                    except (JobError, ValueError) as exc:
+                        log.warning("replication: stored job %s cannot be read (%s); it is skipped", row["id"], exc)
+                self.stored = stored
                 for row in await conn.fetch(_LAST_RUNS):
                     self.last[row["job"]] = dict(row)
             self.ready = True
-        except asyncpg.PostgresError as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             log.warning("replication: cannot read the stored jobs in database %s (%s); config jobs run",
                         self.config.default, exc)
         finally:
@@ -248,7 +255,7 @@ class Replicator:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         for task in list(self._runs):
             task.cancel()
@@ -263,29 +270,44 @@ class Replicator:
         while True:
             await asyncio.sleep(TICK)
             ticks += 1
-            if not self.ready and ticks % LOAD_RETRY == 0:
-                await self.load()
-            elif ticks % REFRESH == 0 and self.ready:  # runs of other processes (RUN JOB elsewhere)
-                with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            try:
+                if not self.ready and ticks % LOAD_RETRY == 0:
+                    await self.load()
+                elif ticks % REFRESH == 0 and self.ready:
+                    # Jobs stored, enabled or disabled by another process (another worker, another
+                    # host), and their runs there.
+                    await self.load()
                     self.last.update((job, run) for job, run in (await self.last_runs()).items()
                                      if run.get("status") != "running")
-            now = time.time()
-            for job in self.jobs().values():
-                if not job.enabled or job.id in self.running or job.mode == "logical":
-                    continue
-                due = self.retry_at.get(job.id)
-                if due is None:
-                    last = self.last.get(job.id)
-                    due = (last["started"].timestamp() + job.interval) if last else now
-                if now >= due:
-                    self.retry_at.pop(job.id, None)
-                    self.start_run(job, scheduled=True)
+                self._due()
+            except Exception:  # our bug: logged, and the schedule goes on
+                log.exception("replication: internal error in the scheduler")
+
+    def _due(self) -> None:
+        """Start the enabled watermark jobs whose time has come."""
+        now = time.time()
+        for job in self.jobs().values():
+            if not job.enabled or job.id in self.running or job.mode == "logical" or \
+                    not all(name in self.config.databases for name in (job.source, *job.targets)):
+                continue  # (a stored job naming a database the config no longer has: SHOW JOBS shows it)
+            due = self.retry_at.get(job.id)
+            if due is None:
+                last = self.last.get(job.id)
+                due = (last["started"].timestamp() + job.interval) if last else now
+            if now >= due:
+                self.retry_at.pop(job.id, None)
+                self.start_run(job, scheduled=True)
 
     def start_run(self, job: Job, scheduled: bool = False) -> asyncio.Task[Run]:
         """Run ``job`` in the background (RUN JOB NOWAIT, the scheduler); JobError if it runs here already."""
-        if job.id in self.running:
+        if job.id in self.running or job.id in self._starting:
             raise JobError(f"job {job.id} is running already", hint="SHOW JOBS shows its progress")
-        task = asyncio.get_running_loop().create_task(self.run(job, scheduled=scheduled))
+        self._starting.add(job.id)
+
+        async def go() -> Run:
+            self._starting.discard(job.id)
+            return await self.run(job, scheduled=scheduled)
+        task = asyncio.get_running_loop().create_task(go())
         self._runs.add(task)
         task.add_done_callback(self._runs.discard)
         task.add_done_callback(_quiet)
@@ -294,7 +316,9 @@ class Replicator:
     # -- running
 
     async def run(self, job: Job, scheduled: bool = False) -> Run:
-        """Run ``job`` now, holding its lock; JobError when another process runs it."""
+        """Run ``job`` now, holding its lock; JobError when another process runs it, or when the
+        default database (the lock and the history) does not answer. Whatever else goes wrong
+        is the run's error: written to its history row, and the job tried again after a backoff."""
         if job.mode == "logical":
             raise JobError(f"job {job.id} is a logical replication: PostgreSQL carries its changes all the time",
                            hint="SHOW JOBS shows its state and lag; DISABLE JOB stops it")
@@ -302,55 +326,46 @@ class Replicator:
             raise JobError(f"job {job.id} is running already", hint="SHOW JOBS shows its progress")
         run = self.running[job.id] = Run(job.id)
         control: asyncpg.Connection | None = None
+        run_id: int | None = None
         try:
-            control = await self._control()
-            await _ensure_schema(control)
-            if not await control.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", JOB_LOCK, job.id):
-                raise JobError(f"job {job.id} is running in another pgfleet process",
-                               hint="SHOW JOBS there shows its progress; it finishes before another run starts")
-            # Holding the lock, no other process runs it: a run left "running" died with its process.
-            await control.execute("UPDATE pgfleet.replication_runs SET status = 'interrupted', finished = now() "
-                                  "WHERE job = $1 AND status = 'running'", job.id)
-            if scheduled:  # another process may have run it since this one looked
-                last = await control.fetchrow(_LAST_RUN, job.id)
-                if last is not None and last["started"].timestamp() + job.interval > time.time() and \
-                        last["status"] in ("ok", "differs"):
-                    self.last[job.id] = dict(last)
-                    run.finished = time.time()
-                    return run
-            run_id = await control.fetchval(
-                "INSERT INTO pgfleet.replication_runs (job, started, status) VALUES ($1, to_timestamp($2), "
-                "'running') RETURNING id", job.id, run.started)
-            await self._copy(job, run)
-            self.copied[job.id] = self.copied.get(job.id, 0) + run.rows
-            if job.verify:
-                await self._verify(job, run)
-                self.verified[job.id] = all(c.status == "ok" for c in run.checks)
+            try:
+                control = await self._control()
+                await _ensure_schema(control)
+                if not await control.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", JOB_LOCK, job.id):
+                    self.retry_at[job.id] = time.time() + max(RETRY_FIRST, min(job.interval, 60.0))
+                    raise JobError(f"job {job.id} is running in another pgfleet process",
+                                   hint="SHOW JOBS there shows its progress; it finishes before another run starts")
+                # Holding the lock, no other process runs it: a run left "running" died with its process.
+                await control.execute("UPDATE pgfleet.replication_runs SET status = 'interrupted', "
+                                      "finished = now() WHERE job = $1 AND status = 'running'", job.id)
+                if scheduled:  # another process may have run it since this one looked
+                    last = await control.fetchrow(_LAST_RUN, job.id)
+                    if last is not None and last["started"].timestamp() + job.interval > time.time() and \
+                            last["status"] in ("ok", "differs"):
+                        self.last[job.id] = dict(last)
+                        run.finished = time.time()
+                        return run
+                run_id = await control.fetchval(
+                    "INSERT INTO pgfleet.replication_runs (job, started, status) VALUES ($1, to_timestamp($2), "
+                    "'running') RETURNING id", job.id, run.started)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self.retry_at[job.id] = time.time() + RETRY_FIRST * 2
+                raise JobError(f"job {job.id}: the default database {self.config.default} (which holds the job "
+                               f"lock and run history) did not answer: {exc}",
+                               hint="check it (SHOW HEALTH)") from None
+            try:
+                await self._copy(job, run)
+                self.copied[job.id] = self.copied.get(job.id, 0) + run.rows
+                if job.verify:
+                    await self._verify(job, run)
+                    self.verified[job.id] = all(c.status == "ok" for c in run.checks)
+            except Exception as exc:  # the run's error: recorded below, never lost
+                run.errors[("*", "*")] = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, (JobError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                    log.exception("replication job %s: internal error", job.id)
             run.finished = time.time()
-            details = {"parts": [{"table": p.table, "target": p.target, "rows": p.rows,
-                                  "seconds": round(p.seconds, 3), "held": p.held} for p in run.parts],
-                       "errors": [{"table": t, "target": d, "error": e} for (t, d), e in run.errors.items()]}
-            await control.execute(
-                "UPDATE pgfleet.replication_runs SET finished = to_timestamp($2), status = $3, rows = $4, "
-                "error = $5, details = $6 WHERE id = $1", run_id, run.finished, run.status, run.rows,
-                "; ".join(f"{t} -> {d}: {e}" for (t, d), e in run.errors.items()) or None, json.dumps(details))
-            self.last[job.id] = {"job": job.id, "started": _ts(run.started), "finished": _ts(run.finished),
-                                 "status": run.status, "rows": run.rows,
-                                 "error": "; ".join(run.errors.values()) or None, "details": details}
-            if run.errors:
-                backoff = min(self._backoff.get(job.id, RETRY_FIRST / 2) * 2, job.interval)
-                self._backoff[job.id] = backoff
-                self.retry_at[job.id] = time.time() + backoff
-                log.warning("replication job %s: %s; tried again in %gs", job.id,
-                            "; ".join(f"{t} -> {d}: {e}" for (t, d), e in run.errors.items()), backoff)
-            else:
-                self._backoff.pop(job.id, None)
-                log.info("replication job %s: %d rows in %.2fs (%s)", job.id, run.rows,
-                         run.finished - run.started, run.status)
+            await self._record(job, run, control, run_id)
             return run
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise JobError(f"job {job.id}: the default database {self.config.default} (which holds the job "
-                           f"lock and run history) did not answer: {exc}", hint="check it (SHOW HEALTH)") from None
         finally:
             run.finished = run.finished or time.time()
             self.running.pop(job.id, None)
@@ -358,10 +373,35 @@ class Replicator:
                 with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     await control.close()
 
+    async def _record(self, job: Job, run: Run, control: asyncpg.Connection | None, run_id: int | None) -> None:
+        """A finished run: its history row, this process's view, the log and the backoff."""
+        assert run.finished is not None
+        errors = "; ".join(f"{t} -> {d}: {e}" if t != "*" else e for (t, d), e in run.errors.items()) or None
+        details = {"parts": [{"table": p.table, "target": p.target, "rows": p.rows,
+                              "seconds": round(p.seconds, 3), "held": p.held} for p in run.parts],
+                   "errors": [{"table": t, "target": d, "error": e} for (t, d), e in run.errors.items()]}
+        if control is not None and run_id is not None:
+            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await control.execute(
+                    "UPDATE pgfleet.replication_runs SET finished = to_timestamp($2), status = $3, rows = $4, "
+                    "error = $5, details = $6 WHERE id = $1", run_id, run.finished, run.status, run.rows, errors,
+                    json.dumps(details))
+        self.last[job.id] = {"job": job.id, "started": _ts(run.started), "finished": _ts(run.finished),
+                             "status": run.status, "rows": run.rows, "error": errors, "details": details}
+        if run.errors:
+            backoff = min(self._backoff.get(job.id, RETRY_FIRST / 2) * 2, job.interval)
+            self._backoff[job.id] = backoff
+            self.retry_at[job.id] = time.time() + backoff
+            log.warning("replication job %s: %s; tried again in %gs", job.id, errors, backoff)
+        else:
+            self._backoff.pop(job.id, None)
+            log.info("replication job %s: %d rows in %.2fs (%s)", job.id, run.rows, run.finished - run.started,
+                     run.status)
+
     async def _copy(self, job: Job, run: Run) -> None:
         timeout = self.config.pool.connect_timeout
         try:
-            source = await connect(self._dsn(job.source), timeout, APPLICATION_NAME)
+            source = await replication_connect(self._dsn(job.source), timeout)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             for table in job.tables:
                 for target in job.targets:
@@ -378,7 +418,7 @@ class Replicator:
                         run.errors[(table, target)] = str(exc) if isinstance(exc, ReplicationError) else \
                             f"reading table {table} on the source {job.source}: {exc}"
                     if source.is_closed():
-                        source = await connect(self._dsn(job.source), timeout, APPLICATION_NAME)
+                        source = await replication_connect(self._dsn(job.source), timeout)
                     continue
                 if not shape.indexed and (job.id, table) not in self._unindexed:
                     self._unindexed.add((job.id, table))
@@ -399,7 +439,7 @@ class Replicator:
                     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         run.errors[(table, target)] = f"{type(exc).__name__}: {exc}"
                         if source.is_closed():
-                            source = await connect(self._dsn(job.source), timeout, APPLICATION_NAME)
+                            source = await replication_connect(self._dsn(job.source), timeout)
                     finally:
                         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                             await conn.close()
@@ -410,7 +450,7 @@ class Replicator:
     async def _target(self, run: Run, table: str, target: str) -> asyncpg.Connection | None:
         """A connection to ``target``; None, and the run's error for (table, target), if it is down."""
         try:
-            return await connect(self._dsn(target), self.config.pool.connect_timeout, APPLICATION_NAME)
+            return await replication_connect(self._dsn(target), self.config.pool.connect_timeout)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             run.errors[(table, target)] = f"target unreachable: {exc}"
             return None
@@ -443,7 +483,7 @@ class Replicator:
         a source that fails a JobError."""
         timeout = self.config.pool.connect_timeout
         try:
-            source = await connect(self._dsn(job.source), timeout, APPLICATION_NAME)
+            source = await replication_connect(self._dsn(job.source), timeout)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise JobError(f"job {job.id}: the source {job.source} did not answer: {exc}") from None
         try:
@@ -477,13 +517,18 @@ class Replicator:
         _check(job, self.config)
         if job.id in self.jobs():
             raise JobError(f"a replication job {job.id!r} exists already", hint="pick another id")
-        if job.mode == "logical" and job.enabled:  # first: a source without wal_level=logical refuses it
-            await logical.enable(self.config, job)
         conn = await self._control()
         try:
             await _ensure_schema(conn)
             await conn.execute("INSERT INTO pgfleet.replication_jobs (id, spec) VALUES ($1, $2)", job.id,
                                json.dumps(job.spec()))
+            if job.mode == "logical" and job.enabled:  # a source without wal_level=logical refuses it
+                try:
+                    await logical.enable(self.config, job)
+                except BaseException:
+                    await conn.execute("DELETE FROM pgfleet.replication_jobs WHERE id = $1", job.id)
+                    await logical.disable(self.config, job)  # whatever was made before the refusal
+                    raise
         except asyncpg.UniqueViolationError:
             raise JobError(f"a replication job {job.id!r} exists already", hint="pick another id") from None
         finally:
@@ -505,7 +550,13 @@ class Replicator:
             await conn.close()
         self.stored[job_id] = changed
         if changed.mode == "logical":
-            await (logical.enable(self.config, changed) if enabled else logical.disable(self.config, changed))
+            if enabled:
+                await logical.enable(self.config, changed)
+            else:
+                problems = await logical.disable(self.config, changed)
+                if problems:
+                    raise JobError(f"job {job_id} is disabled, but its logical replication is not all gone: "
+                                   f"{'; '.join(problems)}", hint="DISABLE JOB again once those databases answer")
         return changed
 
     async def reload(self, config: Config) -> None:
@@ -589,9 +640,13 @@ def _from_spec(spec: dict[str, Any], stored: bool) -> Job:
     job_id = spec.get("id") or f"{spec.get('sourceDatabase')}-{'-'.join(tables)}"
     if not isinstance(job_id, str):
         raise JobError("field id must be a string")
+    enabled, verify, batch = spec.get("enabled", True), spec.get("verify", False), spec.get("batchSize", 20_000)
+    if not isinstance(enabled, bool) or not isinstance(verify, bool):
+        raise JobError("fields enabled and verify must be true or false")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise JobError("field batchSize must be a whole number of rows above 0")
     return Job(job_id, need("sourceDatabase", str), tuple(targets), tuple(tables),
-               str(spec.get("syncKey", "updated_at")), float(minutes) * 60, bool(spec.get("enabled", True)), mode,
-               bool(spec.get("verify", False)), int(spec.get("batchSize", 20_000)), stored)
+               str(spec.get("syncKey", "updated_at")), float(minutes) * 60, enabled, mode, verify, batch, stored)
 
 
 def _check(job: Job, config: Config) -> None:

@@ -76,9 +76,11 @@ async def enable(config: Config, job: Job) -> None:
                                    "(and a restart of that server)")
         shapes = [await _shape(source, table) for table in job.tables]
         publication = name_of(job.id)
+        tables = ", ".join(shape.table for shape in shapes)
         if not await source.fetchval("SELECT true FROM pg_publication WHERE pubname = $1", publication):
-            await source.execute(f"CREATE PUBLICATION {publication} FOR TABLE "
-                                 + ", ".join(shape.table for shape in shapes))
+            await source.execute(f"CREATE PUBLICATION {publication} FOR TABLE {tables}")
+        else:  # the job's tables as they are now (one added, one removed)
+            await source.execute(f"ALTER PUBLICATION {publication} SET TABLE {tables}")
     finally:
         await source.close()
     for target in job.targets:
@@ -90,6 +92,8 @@ async def enable(config: Config, job: Job) -> None:
             if not await conn.fetchval("SELECT true FROM pg_subscription WHERE subname = $1", subscription):
                 await conn.execute(f"CREATE SUBSCRIPTION {subscription} CONNECTION "
                                    f"{_literal(conninfo(config.dsn(job.source)))} PUBLICATION {publication}")
+            else:
+                await conn.execute(f"ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION")
         finally:
             await conn.close()
 

@@ -20,8 +20,12 @@ tools lose rows in five known ways; each has its answer here:
    so it is visible in the snapshot taken just after. Rows at or past the horizon are copied
    too, but the watermark never moves past the horizon, so the next run reads them again
    (the upsert by primary key makes a re-read harmless) together with whatever committed late.
-   A sync key that is not a time (a version number, a sequence) has no horizon: the watermark
-   moves only in a run that started while no other transaction was open on the source.
+   The horizon is also held SAFETY_LAG seconds further back. A ``timestamp without time
+   zone`` or ``date`` key was written in its writer's time zone, so its bound is the earliest
+   local time on Earth at the horizon. A sync key that is not a time (a version number, a
+   sequence) is refused: nothing can tell its late commits from rows that are not there. A
+   source that is a standby is refused too, because its ``pg_stat_activity`` cannot show the
+   primary's transactions.
 5. **Deletes.** Watermark mode cannot see them (nothing is left to read). ``mode: logical``
    carries them; ``VERIFY JOB`` finds the ranges where they are missing.
 
@@ -36,6 +40,7 @@ columns, types, NOT NULL and the primary key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import time
@@ -44,13 +49,23 @@ from typing import Any
 
 import asyncpg
 
+from ..config import Dsn
+
 BATCH = 20_000
 # A horizon further back than this (a transaction open that long on the source) and a run also
 # copies the rows past it, without moving the watermark: data keeps flowing past a transaction
 # that stays open.
 HELD_BACK = 5.0
-# The sync key types that are times: a run's horizon bounds them.
-TIME_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
+# The sync key types that are times (by the base type's oid, domains resolved): a run's
+# horizon bounds them.
+TIME_KINDS = {1184: "timestamptz", 1114: "timestamp", 1082: "date"}
+# The horizon is held this much further back: the report of a transaction's start lags its
+# start a little, and a writer's clock may be a little behind the database's.
+SAFETY_LAG = 2.0
+# Session settings of every replication connection, so that values travel as text the same
+# way whatever the databases' defaults (DateStyle, TimeZone, ...) are.
+SETTINGS = {"DateStyle": "ISO, MDY", "TimeZone": "UTC", "IntervalStyle": "postgres", "extra_float_digits": "3",
+            "lock_timeout": "60s"}
 
 STATE_SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS pgfleet;
@@ -89,10 +104,13 @@ class Shape:
     sync_key: str
     sync_type: str
     indexed: bool = True       # an index on the source leads with the sync key (else each run scans the table)
+    schema: str = "public"     # the table's schema and name, unquoted
+    name: str = ""
+    sync_kind: str | None = "timestamptz"  # the sync key's base type when it is a time: timestamptz, timestamp, date
 
     @property
     def timed(self) -> bool:
-        return self.sync_type in TIME_TYPES
+        return self.sync_kind is not None
 
     def column_list(self) -> str:
         return ", ".join(quote(c.name) for c in self.columns)
@@ -146,17 +164,42 @@ WHERE i.indrelid = $1::oid AND i.indisprimary
 ORDER BY k.n"""
 
 _QUALIFIED = """
-SELECT format('%I.%I', n.nspname, c.relname)
+SELECT n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = $1::oid"""
 
+_SYNC_BASE = """
+SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = $1::oid AND a.attname = $2"""
+
 # The horizon, read before the snapshot: the start of the oldest transaction open on this
 # database (another session's), else the clock.
-_HORIZON = """
-SELECT least(clock_timestamp(), min(xact_start)), clock_timestamp(), count(xact_start),
-       count(*) FILTER (WHERE state IS NULL AND backend_type = 'client backend'), current_user
+# The statement's start, not the clock: a transaction that begins while the view is read is
+# missed by it, and began after that start.
+_HORIZON = f"""
+SELECT least(statement_timestamp(), min(xact_start)) - interval '{SAFETY_LAG} seconds', statement_timestamp()
 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+
+_SEES_ALL = """
+SELECT r.rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER'), current_user, pg_is_in_recovery()
+FROM pg_roles r WHERE r.rolname = current_user"""
+
+# The horizon (an instant) as a bound of the sync key's type. A timestamp without time zone or
+# a date was written in its writer's time zone, which pgfleet cannot know: the bound is the
+# earliest local time anywhere on Earth at that instant (UTC-12, an hour more for daylight
+# saving).
+_BOUNDS = {"timestamptz": "{p}::timestamptz",
+           "timestamp": "({p}::timestamptz AT TIME ZONE 'UTC') - interval '13 hours'",
+           "date": "(({p}::timestamptz AT TIME ZONE 'UTC') - interval '13 hours')::date"}
+
+
+async def replication_connect(dsn: Dsn, timeout: float) -> asyncpg.Connection:
+    """A connection for copying or verifying, with the session settings pinned (SETTINGS)."""
+    return await asyncio.wait_for(asyncpg.connect(
+        host=dsn.host, port=dsn.port, user=dsn.user, password=dsn.password, database=dsn.dbname, timeout=timeout,
+        server_settings={"application_name": "pgfleet replication", **SETTINGS}), timeout)
 
 
 async def shape_of(conn: asyncpg.Connection, table: str, sync_key: str) -> Shape:
@@ -164,7 +207,7 @@ async def shape_of(conn: asyncpg.Connection, table: str, sync_key: str) -> Shape
     oid = await conn.fetchval("SELECT to_regclass($1)::oid", table)
     if oid is None:
         raise ReplicationError(f"table {table} does not exist on the source")
-    qualified = await conn.fetchval(_QUALIFIED, oid)
+    schema, name = await conn.fetchrow(_QUALIFIED, oid)
     columns = tuple(Column(*row) for row in await conn.fetch(_COLUMNS, oid))
     pk = tuple(row[0] for row in await conn.fetch(_PRIMARY_KEY, oid))
     if not pk:
@@ -178,15 +221,20 @@ async def shape_of(conn: asyncpg.Connection, table: str, sync_key: str) -> Shape
     indexed = bool(await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND "
         "a.attnum = i.indkey[0] WHERE i.indrelid = $1::oid AND a.attname = $2)", oid, sync_key))
-    return Shape(qualified, columns, pk, sync_key, sync_type, indexed)
+    kind = TIME_KINDS.get(await conn.fetchval(_SYNC_BASE, oid, sync_key))
+    return Shape(f"{quote(schema)}.{quote(name)}", columns, pk, sync_key, sync_type, indexed, schema, name, kind)
 
 
 async def prepare_target(conn: asyncpg.Connection, shape: Shape) -> None:
-    """The target table (from the source's definition, when missing) and the watermark table."""
-    schema = shape.table.split(".", 1)[0]
-    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-    await conn.execute(shape.create())
-    await conn.execute(STATE_SCHEMA)
+    """The target table (from the source's definition, when missing) and the watermark table;
+    nothing is created that exists (so a user without CREATE on the database can run a job
+    whose tables are there)."""
+    if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", quote(shape.schema)):
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(shape.schema)}")
+    if await conn.fetchval("SELECT to_regclass($1) IS NULL", shape.table):
+        await conn.execute(shape.create())
+    if await conn.fetchval("SELECT to_regclass('pgfleet.replication_state') IS NULL"):
+        await conn.execute(STATE_SCHEMA)
     oid = await conn.fetchval("SELECT to_regclass($1)::oid", shape.table)
     pk = [tuple(row) for row in await conn.fetch(_PRIMARY_KEY, oid)]
     if [p[0] for p in pk] != list(shape.pk):
@@ -214,40 +262,54 @@ async def copy_table(source: asyncpg.Connection, target: asyncpg.Connection, job
     straight in (nothing there to conflict with); else they go through a staging table and an
     upsert."""
     progress.started = time.monotonic()
-    await prepare_target(target, shape)
-    horizon, clock, open_transactions, hidden, user = await source.fetchrow(_HORIZON)
-    if hidden:
-        raise ReplicationError(f"the source's user {user} cannot see the transactions of other roles' sessions "
-                               f"(pg_stat_activity hides {hidden}), so a late commit could be missed: GRANT "
-                               f"pg_read_all_stats TO {user} on the source")
-    position = await watermark(target, job, shape)  # where the last committed batch left off
-    direct = position is None and not await target.fetchval(f"SELECT EXISTS (SELECT 1 FROM {shape.table})")
-    if not direct:
-        await target.execute(f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {shape.table}) ON COMMIT DELETE ROWS")
-    writer = _Writer(target, job, source_name, shape, progress, direct)
-    await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    if not shape.timed:
+        raise ReplicationError(f"the sync key {shape.sync_key} of table {shape.table} is a {shape.sync_type}: a "
+                               "watermark on a number cannot tell a row committed late from one that is not there; "
+                               "use a timestamp column set when a row is written (updated_at), or mode: logical")
+    sees_all, user, standby = await source.fetchrow(_SEES_ALL)
+    if standby:
+        raise ReplicationError(f"the source of table {shape.table} is a standby: its sessions do not show the "
+                               "primary's open transactions, so a late commit could be missed; give the job the "
+                               "primary's database")
+    if not sees_all:
+        raise ReplicationError(f"the source's user {user} cannot see other roles' transactions in "
+                               f"pg_stat_activity, so a late commit could be missed: GRANT pg_read_all_stats TO {user} "
+                               "on the source")
+    if not await target.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", TABLE_LOCK, f"{job}:{shape.table}"):
+        raise ReplicationError(f"table {shape.table} of job {job} is being copied to this target by another "
+                               "pgfleet process: it finishes first")
     try:
-        where, args = _after(shape, position)
-        sync = quote(shape.sync_key)
-        if shape.timed:
-            # Below the horizon: each batch moves the watermark. At or past it: copied, not moved,
-            # and only when a transaction has been open for a while (else they are the last
-            # instant's rows, which the next run copies anyway: a second scan saved).
-            bound = "$" + str(len(args) + 1) + f"::timestamptz::{shape.sync_type}"
+        await prepare_target(target, shape)
+        horizon, clock = await source.fetchrow(_HORIZON)
+        position = await watermark(target, job, shape)  # where the last committed batch left off
+        direct = position is None and not await target.fetchval(f"SELECT EXISTS (SELECT 1 FROM {shape.table})")
+        if not direct:
+            await target.execute(f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE {shape.table}) "
+                                 "ON COMMIT DELETE ROWS")
+        writer = _Writer(target, job, source_name, shape, progress, direct)
+        await source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            where, args = _after(shape, position)
+            sync = quote(shape.sync_key)
+            bound = _BOUNDS[shape.sync_kind or "timestamptz"].format(p=f"${len(args) + 1}")
+            # Below the horizon: each batch moves the watermark. At or past it: copied, not
+            # moved, and only when a transaction has been open for a while (else they are the
+            # last instant's rows, which the next run copies anyway: a second scan saved).
             await _stream(source, shape, f"{where} AND {sync} < {bound}", [*args, horizon], writer, batch, True)
-            if (clock - horizon).total_seconds() > HELD_BACK:
+            if (clock - horizon).total_seconds() > SAFETY_LAG + HELD_BACK or shape.sync_kind != "timestamptz":
                 await _stream(source, shape, f"{where} AND {sync} >= {bound}", [*args, horizon], writer, batch,
                               False)
-        else:
-            # No time to bound it: the watermark moves only if no other transaction was open.
-            await _stream(source, shape, where, args, writer, batch, advance=not open_transactions)
+        finally:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await source.execute("ROLLBACK")
     finally:
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await source.execute("ROLLBACK")
+            await target.execute("SELECT pg_advisory_unlock($1, hashtext($2))", TABLE_LOCK, f"{job}:{shape.table}")
     progress.seconds = time.monotonic() - progress.started
     return progress
 
 
+TABLE_LOCK = 0x7067726C  # "pgrl": the target's lock of one (job, table) copy; hashtext(job:table) the second key
 STAGE = "pgfleet_stage"
 
 
@@ -267,19 +329,31 @@ async def _stream(source: asyncpg.Connection, shape: Shape, where: str, args: li
     """COPY the rows ``where`` says, in order, cutting them into batches for ``writer``."""
     pending = bytearray()
     lines = 0
+    failed: BaseException | None = None
 
     async def output(chunk: bytes) -> None:
-        nonlocal lines
+        # Nothing may be raised from here: asyncpg would cancel a COPY that has ended and wait
+        # for that for good. A failed batch is kept, the rest read and dropped, and it is
+        # raised once the COPY is over.
+        nonlocal lines, failed
+        if failed is not None:
+            return
         pending.extend(chunk)
         lines += chunk.count(b"\n")
         if lines >= batch:
             cut = pending.rfind(b"\n") + 1
-            await writer.write(bytes(pending[:cut]), advance)
+            try:
+                await writer.write(bytes(pending[:cut]), advance)
+            except Exception as exc:  # noqa: BLE001 (raised as it was once the COPY is over)
+                failed = exc
+                return
             del pending[:cut]
             lines = pending.count(b"\n")
 
     await source.copy_from_query(f"SELECT {shape.column_list()} FROM {shape.table}{where} ORDER BY {shape.order()}",
                                  *args, output=output, format="text")
+    if failed is not None:
+        raise failed
     if pending:
         await writer.write(bytes(pending), advance)
 
@@ -300,7 +374,7 @@ class _Writer:
         columns = [c.name for c in shape.columns]
         async with target.transaction():
             if self.direct:
-                await target.copy_to_table(_bare(shape.table), schema_name=_schema(shape.table),
+                await target.copy_to_table(shape.name, schema_name=shape.schema,
                                            source=io.BytesIO(data), columns=columns, format="text")
             else:
                 await target.copy_to_table(STAGE, source=io.BytesIO(data), columns=columns, format="text")
@@ -333,25 +407,13 @@ def _unescape(field: bytes) -> str:
     i = 0
     while i < len(field):
         byte = field[i]
-        if byte == 0x5C and i + 1 < len(field):  # a backslash
+        if byte == 0x5C and i + 1 < len(field):  # a backslash (\N, NULL, never reaches here: keys are not NULL)
             out += _ESCAPES.get(field[i + 1], bytes([field[i + 1]]))
             i += 2
         else:
             out.append(byte)
             i += 1
     return out.decode()
-
-
-def _schema(table: str) -> str:
-    return _unquote(table.split(".", 1)[0])
-
-
-def _bare(table: str) -> str:
-    return _unquote(table.split(".", 1)[1])
-
-
-def _unquote(name: str) -> str:
-    return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
 async def _upsert(target: asyncpg.Connection, stage: str, shape: Shape) -> None:

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from proxy.embedded import Cluster, free_port
-from proxy.replication.watermark import HELD_BACK
+from proxy.replication.watermark import HELD_BACK, SAFETY_LAG
 
 from .conftest import KEYS, Fleet, wait_until
 
@@ -118,6 +118,7 @@ def test_first_copy_creates_the_table_then_updates_arrive_and_verify_finds_a_cha
                                     "AND attnum > 0 ORDER BY attnum") == \
                 [("id", True), ("name", True), ("balance", False), ("updated_at", True)]
         sql(dbs, "src", "UPDATE accounts SET balance = balance + 1, updated_at = now() WHERE id <= 10")
+        time.sleep(SAFETY_LAG + 0.2)  # the horizon is held this far back
         rows = console(fleet, "RUN JOB accounts")
         assert sorted((r["target"], r["rows"]) for r in rows) == [("a", 10), ("b", 10)]
         assert data(dbs, "a") == data(dbs, "b") == data(dbs, "src")
@@ -310,6 +311,7 @@ def test_the_seeds_http_endpoints(dbs: dict[str, tuple[Cluster, str]], tmp_path:
     sql(dbs, "src", "CREATE TABLE transactions (id bigint PRIMARY KEY, amount int, created_at timestamptz DEFAULT now())")
     sql(dbs, "src", "INSERT INTO accounts (id, name) VALUES (1, 'one'), (2, 'two')")
     sql(dbs, "src", "INSERT INTO transactions (id, amount) VALUES (1, 10), (2, 20), (3, 30)")
+    time.sleep(SAFETY_LAG + 0.2)  # the horizon is held this far back
     fleet = start(dbs, tmp_path, [], http={"host": "127.0.0.1", "port": free_port()})
     try:
         assert http(fleet, "GET", "/api/database/replication/jobs", secret="wrong")[0] == 401
@@ -413,3 +415,19 @@ def test_a_target_that_is_down_fails_alone_and_is_tried_again(dbs: dict[str, tup
             assert wait_until(copied, 20, 0.1)  # tried again after the backoff, not an hour later
         finally:
             fleet.stop()
+
+
+def test_a_number_sync_key_and_a_standby_source_are_refused_by_name(
+        dbs: dict[str, tuple[Cluster, str]], tmp_path: Path) -> None:
+    sql(dbs, "src", "CREATE TABLE versions (id int PRIMARY KEY, version bigint NOT NULL)")
+    sql(dbs, "src", "CREATE TABLE stamped (id int PRIMARY KEY, at timestamp(3) without time zone NOT NULL)")
+    sql(dbs, "src", "INSERT INTO stamped VALUES (1, '2026-01-01 00:00:00')")
+    fleet = start(dbs, tmp_path, [job(id="v", tables=["versions"], targets=["a"], sync_key="version"),
+                                  job(id="s", tables=["stamped"], targets=["a"], sync_key="at")])
+    try:
+        rows = console(fleet, "RUN JOB v")
+        assert "is a bigint" in rows[0]["status"] and "timestamp" in rows[0]["status"]
+        rows = console(fleet, "RUN JOB s")  # timestamp(3): a time, by its base type
+        assert rows[0]["status"] == "ok" and data(dbs, "a", "stamped") == data(dbs, "src", "stamped")
+    finally:
+        fleet.stop()
