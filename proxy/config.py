@@ -71,8 +71,15 @@ class Listen(_Struct, frozen=True):
 
 
 class Http(_Struct, frozen=True):
+    """The HTTP listener: /metrics and health, the replication endpoints, and SQL over HTTP
+    (api/): its limits."""
+
     host: str = "127.0.0.1"
     port: int = 9930
+    max_body: int = 1024 * 1024           # a request's body, bytes (413 past it)
+    max_response: int = 64 * 1024 * 1024  # a result's values, bytes (507 past it: page, or stream)
+    statement_timeout: Duration = Duration(30.0)  # for keys without a statement_timeout of their own
+    max_requests_per_key: int = 64        # running at once (429 past it)
 
 
 class Pool(_Struct, frozen=True):
@@ -411,6 +418,12 @@ def validate(config: Config) -> Config:
     if config.listen.database in names:
         raise ConfigError("listen.database",
                           f"{config.listen.database!r} is also a database name: pick another fleet name")
+    if config.http is not None:
+        for name in ("max_body", "max_response", "max_requests_per_key"):
+            if getattr(config.http, name) < 1:
+                raise ConfigError(f"http.{name}", "must be at least 1")
+        if config.http.statement_timeout <= 0:
+            raise ConfigError("http.statement_timeout", "must be more than 0s")
     if not 0 < config.listen.port < 65536:
         raise ConfigError("listen.port", "must be between 1 and 65535")
     if config.listen.tls is not None:

@@ -34,7 +34,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..auth.keys import Role, check_secret
+from ..api.routes import SqlApi
+from ..auth.keys import Role
 from ..backend.pool import WAIT_BUCKETS
 from ..replication.jobs import JobError, Replicator, Run, ad_hoc
 from ..replication.watermark import ReplicationError
@@ -222,7 +223,8 @@ class HttpServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FleetCollector(fleet))
         self.runner: web.AppRunner | None = None
-        app = web.Application()
+        http = fleet.config.http
+        app = web.Application(client_max_size=http.max_body if http is not None else 1024 * 1024)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
@@ -234,10 +236,13 @@ class HttpServer:
         app.router.add_post("/api/database/replication/jobs/{job_id}/run", self.run_job)
         app.router.add_post("/api/database/replication/table", self.replicate_table)
         self.replicator: Replicator | None = None  # set by the server
+        self.sql = SqlApi(fleet)
+        self.sql.add_routes(app)  # SQL over HTTP (api/routes.py)
         self.app = app
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        self.runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its request (and so its statement).
+        self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         await web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None).start()
         log.info("HTTP on %s:%d: /metrics, /health, /health/live, /health/ready, /databases", host, port)
@@ -273,18 +278,12 @@ class HttpServer:
     def _admin(self, request: web.Request) -> web.Response | None:
         """None when the request carries an admin key and its secret (``X-API-Key`` and
         ``X-API-Secret``, or ``Authorization: Bearer <id>:<secret>``), else the 401 or 403."""
-        key_id, secret = request.headers.get("X-API-Key"), request.headers.get("X-API-Secret")
-        bearer = request.headers.get("Authorization", "")
-        if key_id is None and bearer.lower().startswith("bearer ") and ":" in bearer:
-            key_id, secret = bearer[7:].strip().split(":", 1)
-        if not key_id or secret is None:
-            return _error(401, "authentication required: send X-API-Key and X-API-Secret (or Authorization: "
+        key = self.sql.key_from_headers(request)  # (a checked secret is remembered a minute: no PBKDF2 each time)
+        if key is None:
+            return _error(401, "invalid or missing API key: send X-API-Key and X-API-Secret (or Authorization: "
                                "Bearer <id>:<secret>)")
-        key = self.fleet.keys.get(key_id)
-        if not check_secret(key, secret) or key is None:
-            return _error(401, "invalid API key or secret")
         if key.role is not Role.ADMIN:
-            return _error(403, f"key {key_id} is a {key.role.value} key: replication jobs need an admin key")
+            return _error(403, f"key {key.id} is a {key.role.value} key: replication jobs need an admin key")
         return None
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:

@@ -648,6 +648,32 @@ class Session:
             raise AuthFailed(INVALID_AUTHORIZATION_SPECIFICATION, "pgfleet accepts only TLS connections"
                              + (" for cleartext password auth" if not tls.required else ""),
                              hint="connect with sslmode=require (or verify-full)")
+        self._take_startup(params)
+        method = self.config.listen.auth
+        if method == "scram-sha-256":
+            self._scram = ScramExchange(self.user, self.key)
+            self._write(m.auth_sasl(["SCRAM-SHA-256"]))
+            self.state = State.SASL_INITIAL
+        elif method == "md5":
+            self._md5_salt = secrets.token_bytes(4)
+            self._write(m.authentication(m.AUTH_MD5, self._md5_salt))
+            self.state = State.PASSWORD
+        else:
+            self._write(m.authentication(m.AUTH_CLEARTEXT))
+            self.state = State.PASSWORD
+
+    def login_verified(self, params: dict[str, str]) -> None:
+        """A client whose key the HTTP API has already checked (api/inprocess.py): the startup
+        packet's checks and settings, then logged in with no password exchange. A refusal goes
+        out as the wire protocol's ErrorResponse, as for any client."""
+        try:
+            self._take_startup(params)
+            self._authenticated()
+        except ProxyError as exc:
+            self._fatal(exc)
+
+    def _take_startup(self, params: dict[str, str]) -> None:
+        """The startup packet's checks, and who it is and what it asks for."""
         if "replication" in params and params["replication"] not in ("false", "off", "no", "0"):
             raise ProxyError(FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgfleet",
                              hint="connect to the database directly for replication")
@@ -664,18 +690,6 @@ class Session:
         self.database = params.get("database") or user
         self.settings = SessionSettings(session_settings(params))
         self.key = self.fleet.keys.get(user)
-        method = self.config.listen.auth
-        if method == "scram-sha-256":
-            self._scram = ScramExchange(user, self.key)
-            self._write(m.auth_sasl(["SCRAM-SHA-256"]))
-            self.state = State.SASL_INITIAL
-        elif method == "md5":
-            self._md5_salt = secrets.token_bytes(4)
-            self._write(m.authentication(m.AUTH_MD5, self._md5_salt))
-            self.state = State.PASSWORD
-        else:
-            self._write(m.authentication(m.AUTH_CLEARTEXT))
-            self.state = State.PASSWORD
 
     def _sasl_initial(self, raw: bytes) -> bool:
         mechanism, data = m.decode_sasl_initial(raw[5:])

@@ -52,3 +52,24 @@ def test_node_pg(pg: Cluster, empty_shards: tuple[str, str], make_fleet: Any) ->
     assert sorted(found) == [(i, 90 if i == 1 else 110 if i == 3 else 100) for i in range(1, 51)]
     assert {shard_of(i, "bigint", 2, "hash") for i in (1, 3)} == {0, 1}, "the transfer must span both shards"
     assert "Traceback" not in fleet.log()
+
+
+def test_neon_serverless_driver_over_http(pg: Cluster, make_fleet: Any) -> None:
+    """@neondatabase/serverless 1.x in HTTP mode, unchanged but for neonConfig.fetchEndpoint."""
+    from proxy.embedded import free_port
+    port = free_port()
+    fleet: Fleet = make_fleet(http={"host": "127.0.0.1", "port": port})
+    assert (NODE_APPS / "node_modules" / "@neondatabase" / "serverless").is_dir(), "run make test"
+    done = subprocess.run(["node", "neon_app.mjs"], cwd=NODE_APPS, capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "PGFLEET_SQL_ENDPOINT": f"http://127.0.0.1:{port}/sql",
+                                            "PGFLEET_URL": f"postgresql://pf_server:{KEYS['pf_server'][0]}"
+                                                           f"@127.0.0.1/app"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["tagged"] == [{"answer": 42, "quoted": "it's", "ok": True}]  # the driver parsed the types
+    assert got["arrays"] == [[7, "x"]]
+    assert got["transaction"] == [[{"id": 1}], [{"id": 2}], [{"n": 2}]]
+    assert got["duplicate"] == "23505"
+    assert got["after"] == [{"id": 1}, {"id": 2}]  # the failed transaction left nothing
+    assert got["division"] == {"code": "22012", "message": "division by zero"}
+    assert "Traceback" not in fleet.log()

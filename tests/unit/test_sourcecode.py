@@ -28,7 +28,7 @@ PROXY = ROOT / "proxy"
 
 # DESIGN "Architecture": imports point one way, left to right; a module may import from its
 # own layer or a layer to its left. A module's place is its first name under ``proxy``
-# (``proxy.router.parse`` -> ``router``); api/ and directory/ do not exist yet.
+# (``proxy.router.parse`` -> ``router``); directory/ does not exist yet.
 LAYERS: tuple[frozenset[str], ...] = (
     # "" is proxy/__init__.py: the version string, importing nothing; anything may read it.
     frozenset({"", "config", "errors"}),

@@ -1,0 +1,1 @@
+"""SQL over HTTP: the seeds' /api/database endpoints and Neon's /sql protocol (DESIGN "HTTP")."""

@@ -1,0 +1,197 @@
+"""SQL over HTTP (api/): the seeds' /api/database endpoints and Neon's /sql, through aiohttp's
+client against a running pgfleet on the real cluster. Each answer is checked against the same
+statement over the wire (psycopg)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+
+from proxy.embedded import Cluster, free_port
+
+from .conftest import KEYS, Fleet, fleet_config, wait_until
+
+
+@pytest.fixture(scope="module")
+def api(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port(), "max_requests_per_key": 1000,
+                                    "statement_timeout": "2s", "max_response": 200_000})
+    fleet = Fleet(config, tmp_path_factory.mktemp("sqlhttp")).start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def url(fleet: Fleet, path: str) -> str:
+    return f"http://127.0.0.1:{fleet.config['http']['port']}{path}"
+
+
+def auth(key: str = "pf_server", secret: str | None = None) -> dict[str, str]:
+    return {"X-API-Key": key, "X-API-Secret": KEYS[key][0] if secret is None else secret}
+
+
+async def post(fleet: Fleet, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as client, \
+            client.post(url(fleet, path), json=body, headers=headers if headers is not None else auth()) as answer:
+        return answer.status, await answer.json()
+
+
+def wire(fleet: Fleet, sql: str, params: tuple[Any, ...] = (), key: str = "pf_server") -> list[tuple[Any, ...]]:
+    with psycopg.connect(fleet.dsn(key), autocommit=True) as conn:
+        cur = conn.execute(sql, params or None)
+        return cur.fetchall() if cur.description else []
+
+
+async def test_a_routed_query_answers_rows_typed_as_json_keeps_exactly(api: Fleet) -> None:
+    status, body = await post(api, "/api/database/query", {
+        "query": "SELECT 1::int4 AS i, 9007199254740993::int8 AS big, 1.10::numeric AS n, 0.5::float8 AS f, "
+                 "true AS b, '{\"a\": [1, 2]}'::jsonb AS j, NULL::text AS nothing, 'x'::text AS t"})
+    assert status == 200, body
+    assert body["rows"] == [{"i": 1, "big": "9007199254740993", "n": "1.10", "f": 0.5, "b": True,
+                             "j": {"a": [1, 2]}, "nothing": None, "t": "x"}]
+    assert body["rowCount"] == 1 and body["command"] == "SELECT" and body["duration"] >= 0
+    assert [f["dataTypeID"] for f in body["fields"]] == [23, 20, 1700, 701, 16, 3802, 25, 25]
+    status, body = await post(api, "/api/database/query", {"query": "SELECT 9007199254740993::int8 AS big",
+                                                           "bigint": "number"})
+    assert body["rows"] == [{"big": 9007199254740993}]
+
+
+async def test_parameters_are_bound_never_pasted(api: Fleet) -> None:
+    evil = "x'); DROP TABLE accounts; --"
+    status, body = await post(api, "/api/database/query", {"query": "SELECT $1::text AS v, $2::int AS n",
+                                                           "params": [evil, 7]})
+    assert status == 200 and body["rows"] == [{"v": evil, "n": 7}]
+    assert wire(api, "SELECT to_regclass('accounts') IS NOT NULL") == [(True,)]
+
+
+async def test_answers_equal_the_wire_protocols(api: Fleet) -> None:
+    corpus = ["SELECT id, user_id, currency, balance FROM accounts ORDER BY id LIMIT 5",
+              "SELECT count(*)::int4 AS n, sum(balance) AS total FROM accounts",
+              "SELECT currency, count(*)::int4 AS n FROM accounts GROUP BY currency ORDER BY currency",
+              "SELECT current_database() AS db",
+              "SELECT id, email FROM users WHERE id = $1",
+              "SELECT e.id FROM events e ORDER BY e.id DESC LIMIT 3"]
+    for sql in corpus:
+        params = [1] if "$1" in sql else []
+        status, body = await post(api, "/api/database/query", {"query": sql, "params": params})
+        assert status == 200, (sql, body)
+        with psycopg.connect(api.dsn(), autocommit=True) as conn:
+            cur = conn.execute(sql.replace("$1", "%s"), tuple(params) or None)
+            over_wire = [[str(v) if v is not None else None for v in row] for row in cur.fetchall()]
+        over_http = [[str(v) if v is not None else None for v in row.values()] for row in body["rows"]]
+        assert over_http == over_wire, sql
+        assert body["rowCount"] == len(over_wire)
+
+
+async def test_one_statement_per_query_and_a_transaction_is_all_or_nothing(api: Fleet) -> None:
+    status, body = await post(api, "/api/database/query", {"query": "SELECT 1; SELECT 2"})
+    assert status == 400 and body["error"]["code"] == "42601"
+    wire(api, "CREATE TABLE IF NOT EXISTS http_tx (id int PRIMARY KEY)")
+    wire(api, "DELETE FROM http_tx")
+    status, body = await post(api, "/api/database/transaction", {"queries": [
+        {"query": "INSERT INTO http_tx VALUES ($1)", "params": [1]},
+        {"query": "INSERT INTO http_tx VALUES ($1)", "params": [1]}]})  # a duplicate: all rolled back
+    assert status == 400 and body["error"]["code"] == "23505" and "detail" in body["error"]
+    assert wire(api, "SELECT count(*) FROM http_tx") == [(0,)]
+    status, body = await post(api, "/api/database/transaction", {"queries": [
+        {"query": "INSERT INTO http_tx VALUES ($1)", "params": [1]},
+        {"query": "INSERT INTO http_tx VALUES ($1) RETURNING id", "params": [2]}]})
+    assert status == 200 and body["results"][1]["rows"] == [{"id": 2}]
+    assert wire(api, "SELECT id FROM http_tx ORDER BY id") == [(1,), (2,)]
+
+
+async def test_keys_are_checked_and_a_tenant_gets_only_what_it_gets_over_the_wire(api: Fleet) -> None:
+    for headers in ({}, auth(secret="wrong"), {"X-API-Key": "nobody", "X-API-Secret": "x"}):
+        status, body = await post(api, "/api/database/query", {"query": "SELECT 1"}, headers)
+        assert status == 401 and "API key" in body["error"]
+    status, body = await post(api, "/api/database/query", {"query": "SELECT 1 AS one"},
+                              {"Authorization": f"Bearer pf_server:{KEYS['pf_server'][0]}"})
+    assert status == 200 and body["rows"] == [{"one": 1}]
+    sql = "COPY (SELECT 1) TO PROGRAM 'true'"
+    with psycopg.connect(api.dsn("pf_tenant"), autocommit=True) as conn, \
+            pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(sql)
+    status, body = await post(api, "/api/database/query", {"query": sql}, auth("pf_tenant"))
+    assert status == 403 and body["error"]["code"] == "42501"
+
+
+async def test_neon_sql_protocol(api: Fleet) -> None:
+    conn = f"postgresql://pf_server:{KEYS['pf_server'][0]}@127.0.0.1/app"
+    headers = {"Neon-Connection-String": conn, "Neon-Raw-Text-Output": "true", "Neon-Array-Mode": "true"}
+    status, body = await post(api, "/sql", {"query": "SELECT $1::int AS n, 'a'::text AS t", "params": ["42"]}, headers)
+    assert status == 200, body
+    assert body["rows"] == [["42", "a"]] and body["rowAsArray"] is True and body["command"] == "SELECT"
+    assert body["rowCount"] == 1
+    assert [(f["name"], f["dataTypeID"], f["format"]) for f in body["fields"]] == [("n", 23, "text"),
+                                                                                 ("t", 25, "text")]
+    assert set(body["fields"][0]) == {"name", "dataTypeID", "tableID", "columnID", "dataTypeSize",
+                                      "dataTypeModifier", "format"}
+    status, body = await post(api, "/sql", {"queries": [{"query": "SELECT 1 AS a", "params": []},
+                                                        {"query": "SELECT 2 AS b", "params": []}]},
+                              {**headers, "Neon-Array-Mode": "false", "Neon-Batch-Isolation-Level": "Serializable"})
+    assert status == 200 and [r["rows"] for r in body["results"]] == [[{"a": "1"}], [{"b": "2"}]]
+    status, body = await post(api, "/sql", {"query": "SELECT 1/0"}, headers)
+    assert status == 400 and body["code"] == "22012" and body["message"] == "division by zero"
+    bad = {**headers, "Neon-Connection-String": "postgresql://pf_server:wrong@127.0.0.1/app"}
+    assert (await post(api, "/sql", {"query": "SELECT 1"}, bad))[0] == 401
+
+
+async def test_four_hundred_concurrent_requests_each_get_their_own_rows(api: Fleet) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as client:
+        async def one(i: int) -> tuple[int, Any]:
+            async with client.post(url(api, "/api/database/query"), headers=auth(),
+                                   json={"query": "SELECT $1::int AS n, pg_backend_pid() AS pid", "params": [i]}) as r:
+                return r.status, await r.json()
+        answers = await asyncio.gather(*(one(i) for i in range(400)))
+    assert [status for status, _ in answers] == [200] * 400
+    assert [body["rows"][0]["n"] for _, body in answers] == list(range(400))
+
+
+async def test_limits_answer_with_what_to_do(api: Fleet) -> None:
+    status, body = await post(api, "/api/database/query", {"query": "SELECT repeat('x', 1000) FROM generate_series(1, 1000)"})
+    assert status == 507 and "http.max_response" in body["error"] and "LIMIT" in body["error"]
+    status, body = await post(api, "/api/database/query", {"query": "SELECT pg_sleep(10)"})
+    assert status == 504 and body["error"]["code"] == "57014"  # http.statement_timeout: 2s
+    async with aiohttp.ClientSession() as client:
+        big = json.dumps({"query": "SELECT '" + "x" * (2 * 1024 * 1024) + "'"}).encode()
+        async with client.post(url(api, "/api/database/query"), data=io.BytesIO(big),
+                               headers={**auth(), "Content-Type": "application/json"}) as r:
+            assert r.status == 413  # http.max_body, 1 MiB by default
+
+
+async def test_a_client_that_goes_away_cancels_its_statement(api: Fleet) -> None:
+    marker = f"pgfleet-gone-{time.time()}"
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(0.5):
+                await client.post(url(api, "/api/database/query"), headers=auth(),
+                                  json={"query": f"SELECT pg_sleep(1.9), '{marker}'"})
+
+    def running() -> bool:
+        with psycopg.connect(api.dsn(), autocommit=True) as conn:
+            return bool(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> "
+                                     "pg_backend_pid()", (f"%{marker}%",)).fetchone()[0])
+    assert wait_until(lambda: not running(), 1.2, 0.05)  # gone well before its 1.9 s
+
+
+async def test_too_many_requests_of_one_key(pg: Cluster, tmp_path: Any) -> None:
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port(), "max_requests_per_key": 2})
+    fleet = Fleet(config, tmp_path).start()
+    try:
+        answers = await asyncio.gather(*(post(fleet, "/api/database/query", {"query": "SELECT pg_sleep(0.5)"})
+                                         for _ in range(5)))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses.count(200) >= 2 and 429 in statuses
+        refused = next(body for status, body in answers if status == 429)
+        assert "http.max_requests_per_key" in refused["error"]
+    finally:
+        fleet.stop()
