@@ -80,6 +80,7 @@ class Http(_Struct, frozen=True):
     max_response: int = 64 * 1024 * 1024  # a result's values, bytes (507 past it: page, or stream)
     statement_timeout: Duration = Duration(30.0)  # for keys without a statement_timeout of their own
     max_requests_per_key: int = 64        # running at once (429 past it)
+    tls: Tls | Literal["listen"] | None = None  # HTTPS: a certificate of its own, or listen.tls's
 
 
 class Pool(_Struct, frozen=True):
@@ -424,6 +425,10 @@ def validate(config: Config) -> Config:
                 raise ConfigError(f"http.{name}", "must be at least 1")
         if config.http.statement_timeout <= 0:
             raise ConfigError("http.statement_timeout", "must be more than 0s")
+        if config.http.tls == "listen" and config.listen.tls is None:
+            raise ConfigError("http.tls", "'listen' takes listen.tls's certificate, and listen.tls is not set")
+        if isinstance(config.http.tls, Tls):
+            server_tls(config.http.tls)  # the files must load now
     if not 0 < config.listen.port < 65536:
         raise ConfigError("listen.port", "must be between 1 and 65535")
     if config.listen.tls is not None:

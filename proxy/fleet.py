@@ -107,6 +107,7 @@ class Fleet:
         self.console: Callable[[], Any] | None = None
         self.audit: Any = None  # the audit log (admin/audit.py), set by the server when configured
         self.replicator: Any = None  # the replication jobs (replication/jobs.py), set by the server
+        self.http_stats: Any = None  # the HTTP listener's request counts (admin/http.py), set by it
         self.sessions: dict[int, ClientSession] = {}  # logged-in clients, by their BackendKeyData pid
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)

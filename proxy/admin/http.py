@@ -19,6 +19,8 @@ the connection counts of ``/health`` and ``/databases`` are the group's totals.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ..api.routes import SqlApi
 from ..auth.keys import Role
 from ..backend.pool import WAIT_BUCKETS
+from ..config import server_tls
 from ..replication.jobs import JobError, Replicator, Run, ad_hoc
 from ..replication.watermark import ReplicationError
 from .group import Group
@@ -122,6 +125,8 @@ class FleetCollector(Collector):
             circuit.add_metric([name], 1 if info["circuit"] == "open" else 0)
         yield health
         yield circuit
+        if fleet.http_stats is not None:
+            yield from fleet.http_stats.metrics()
         replicator = fleet.replicator
         if replicator is not None and replicator.scheduling:  # (the process that schedules the jobs)
             yield from _job_metrics(replicator)
@@ -130,6 +135,38 @@ class FleetCollector(Collector):
             yield CounterMetricFamily("pgfleet_audit_dropped", "Audit lines dropped: the writer could not keep up",
                                       value=audit.dropped)
             yield CounterMetricFamily("pgfleet_audit_written", "Audit lines written", value=audit.written)
+
+
+HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class HttpStats:
+    """The HTTP listener's requests: a count by (endpoint, status), a latency histogram by endpoint."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def record(self, endpoint: str, status: int, seconds: float) -> None:
+        self.counts[(endpoint, status)] = self.counts.get((endpoint, status), 0) + 1
+        buckets = self.buckets.setdefault(endpoint, [0] * (len(HTTP_BUCKETS) + 1))
+        buckets[bisect.bisect_left(HTTP_BUCKETS, seconds)] += 1
+        self.sums[endpoint] = self.sums.get(endpoint, 0.0) + seconds
+
+    def metrics(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("pgfleet_http_requests", "HTTP requests by endpoint and status",
+                                       labels=["endpoint", "status"])
+        for (endpoint, status), count in sorted(self.counts.items()):
+            requests.add_metric([endpoint, str(status)], count)
+        latency = HistogramMetricFamily("pgfleet_http_request_seconds", "HTTP request latency by endpoint",
+                                        labels=["endpoint"])
+        for endpoint, counts in sorted(self.buckets.items()):
+            cumulative = list(itertools.accumulate(counts))
+            latency.add_metric([endpoint], [*((f"{b:g}", n) for b, n in zip(HTTP_BUCKETS, cumulative, strict=False)),
+                                            ("+Inf", cumulative[-1])], self.sums[endpoint])
+        yield requests
+        yield latency
 
 
 def _job_metrics(replicator: Replicator) -> Iterator[Metric]:
@@ -220,11 +257,13 @@ class HttpServer:
     def __init__(self, fleet: Fleet, group: Group | None = None) -> None:
         self.fleet = fleet
         self.group = group
+        fleet.http_stats = HttpStats()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FleetCollector(fleet))
         self.runner: web.AppRunner | None = None
         http = fleet.config.http
-        app = web.Application(client_max_size=http.max_body if http is not None else 1024 * 1024)
+        app = web.Application(client_max_size=http.max_body if http is not None else 1024 * 1024,
+                              middlewares=[self._count])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/health/ready", self.ready)
@@ -240,12 +279,33 @@ class HttpServer:
         self.sql.add_routes(app)  # SQL over HTTP (api/routes.py)
         self.app = app
 
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every request by endpoint (the route's path pattern), status and latency."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            endpoint = resource.canonical if resource is not None else "unmatched"
+            self.fleet.http_stats.record(endpoint, status, time.perf_counter() - started)
+
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         # handler_cancellation: a client that disconnects cancels its request (and so its statement).
         self.runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None).start()
-        log.info("HTTP on %s:%d: /metrics, /health, /health/live, /health/ready, /databases", host, port)
+        http, listen = self.fleet.config.http, self.fleet.config.listen
+        tls = listen.tls if http is not None and http.tls == "listen" else http.tls if http is not None else None
+        context = server_tls(tls) if tls is not None and not isinstance(tls, str) else None
+        await web.TCPSite(self.runner, host, port, reuse_port=reuse_port or None, ssl_context=context).start()
+        log.info("HTTP%s on %s:%d: /metrics, /health, /health/live, /health/ready, /databases; SQL on /sql and "
+                 "/api/database/*", "S" if context is not None else "", host, port)
 
     async def stop(self) -> None:
         if self.runner is not None:

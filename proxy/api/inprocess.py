@@ -19,7 +19,7 @@ import asyncio
 import json
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ from ..fleet import Fleet
 from ..frontend.session import Session
 from ..wire import messages as m
 
+# A stream's reader lagging by more than STREAM_HIGH bytes stops the backends; under
+# STREAM_LOW they go on.
+STREAM_HIGH = 1024 * 1024
+STREAM_LOW = 256 * 1024
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD = struct.Struct("!ihihih")  # table oid, column, type oid, size, modifier, format
@@ -83,13 +87,17 @@ def error_json(fields: dict[str, str]) -> dict[str, str]:
 class InProcess:
     """One session driven in process: the Port of ``Session`` and the client of its answers."""
 
-    def __init__(self, fleet: Fleet, peer: str) -> None:
+    def __init__(self, fleet: Fleet, peer: str, over: str = "http") -> None:
         self.session = Session(fleet, self)
         self._out = bytearray()  # what the session wrote, not decoded yet
         self._ready: asyncio.Future[None] | None = None
+        self._more: asyncio.Future[None] | None = None  # a stream waits for what comes next
+        self._slow = False  # the session was told its client is slow (a stream's reader lags)
         self.closed = False
         self._lost = False
+        self.baseline: dict[str, str] = {}  # its settings after login (a reused session must still have them)
         self.session.connected_from(peer)
+        self.session.over = over  # (the audit log's route)
 
     # -- the session's Port
 
@@ -97,6 +105,12 @@ class InProcess:
         if self.closed:
             return
         self._out += data
+        more = self._more
+        if more is not None and not more.done():
+            more.set_result(None)
+        if len(self._out) > STREAM_HIGH and more is not None and not self._slow:
+            self._slow = True
+            self.session.client_slow(True)  # the backends wait until the stream's reader catches up
         waiter = self._ready
         if waiter is not None and not waiter.done() and self._has_ready():
             waiter.set_result(None)
@@ -114,9 +128,9 @@ class InProcess:
         if self.closed:
             return
         self.closed = True
-        waiter = self._ready
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in (self._ready, self._more):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         asyncio.get_running_loop().call_soon(self._gone)
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> bool:
@@ -153,6 +167,57 @@ class InProcess:
         out += m.SYNC_MSG
         self.session.feed(bytes(out))
         return await self._answers()
+
+    async def stream(self, sql: str, params: list[Any]) -> AsyncIterator[tuple[str, Any]]:
+        """One statement's answer as it comes: ("fields", [Field]), ("row", [values]) for
+        each row, then ("done", (command, count)). SqlError for an ErrorResponse. While the
+        reader of this iterator lags by more than STREAM_HIGH bytes, the session stops reading
+        its backends (as for a slow client over the wire), so memory stays bounded."""
+        self.session.feed(m.parse("", sql) + m.bind("", "", _bind_rest(params)) + m.describe(m.TARGET_PORTAL, "")
+                          + m.execute("") + m.SYNC_MSG)
+        pos = 0
+        error: SqlError | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            data = self._out
+            while pos + 5 <= len(data):
+                (length,) = _I32.unpack_from(data, pos + 1)
+                if pos + 1 + length > len(data):
+                    break
+                kind, body = data[pos], bytes(data[pos + 5:pos + 1 + length])
+                pos += 1 + length
+                if kind == m.DATA_ROW:
+                    if error is None:
+                        yield "row", _values(body)
+                elif kind == m.ROW_DESCRIPTION:
+                    yield "fields", _fields(body)
+                elif kind == m.COMMAND_COMPLETE:
+                    yield "done", _tag(body)
+                elif kind == m.ERROR_RESPONSE and error is None:
+                    error = SqlError(m.decode_fields(body))
+                elif kind == m.READY_FOR_QUERY:
+                    del data[:pos]
+                    self._resume()
+                    if error is not None:
+                        raise error
+                    return
+            if pos > STREAM_LOW:
+                del data[:pos]
+                pos = 0
+            if len(data) - pos < STREAM_LOW:
+                self._resume()
+            if self.closed:
+                raise error or SqlError({"C": CONNECTION_FAILURE, "M": "the session ended", "S": "FATAL"})
+            self._more = loop.create_future()
+            try:
+                await self._more
+            finally:
+                self._more = None
+
+    def _resume(self) -> None:
+        if self._slow:
+            self._slow = False
+            self.session.client_slow(False)
 
     async def simple(self, sql: str) -> list[Result]:
         """A simple Query (BEGIN, COMMIT, ...)."""

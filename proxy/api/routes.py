@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -46,12 +47,16 @@ from ..errors import (
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
+from ..frontend.session import State
+from ..wire import messages as m
 from .inprocess import InProcess, Result, SqlError, error_json
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
 
 SECRET_CACHE = 60.0
+IDLE_SESSIONS = 16  # logged-in sessions kept per (key, database) between requests
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_$-]*")
 _LOSSLESS_NUMBERS = frozenset({21, 23, 26, 700, 701})  # int2, int4, oid, float4, float8
 _BIG_NUMBERS = frozenset({20, 1700})  # int8, numeric
 _JSON = frozenset({114, 3802})
@@ -65,6 +70,7 @@ class SqlApi:
         self.fleet = fleet
         self._verified: dict[tuple[str, bytes], float] = {}  # (key, sha256(secret)) -> until
         self._busy: dict[str, int] = {}  # requests running per key
+        self._idle: dict[tuple[str, str], list[InProcess]] = {}  # (key, database) -> sessions between requests
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/api/database/query", self.query)
@@ -111,25 +117,69 @@ class SqlApi:
 
     async def _run(self, key: ApiKey, database: str, work: Callable[[InProcess], Awaitable[Any]],
                    peer: str) -> Any:
-        """A session of ``key`` on ``database`` for ``work``; closed after it. The key's
-        concurrent requests are bounded (429 past ``max_requests_per_key``)."""
+        """A session of ``key`` on ``database`` for ``work``. The key's concurrent requests are
+        bounded (429 past ``max_requests_per_key``). A session that ends a request as it began
+        (no transaction, no SET, nothing pinned) serves the key's next request (IDLE_SESSIONS),
+        so that a request costs no login; any other is closed, and every request starts as a
+        new client would."""
         limit = self.http.max_requests_per_key
         if self._busy.get(key.id, 0) >= limit:
             raise _TooMany(key.id, limit)
         self._busy[key.id] = self._busy.get(key.id, 0) + 1
-        session = InProcess(self.fleet, peer)
+        settings = {"application_name": "pgfleet http"}
+        if key.statement_timeout is None:
+            settings["statement_timeout"] = f"{int(self.http.statement_timeout * 1000)}"
+        reuse = (key.id, database)
+        idle = self._idle.get(reuse) or []
+        session = None
+        while idle and (session is None or session.closed):  # (a reload or KILL may have closed one)
+            session = idle.pop()
+        if session is not None and session.closed:
+            session = None
         try:
-            settings = {"application_name": "pgfleet http"}
-            if key.statement_timeout is None:
-                settings["statement_timeout"] = f"{int(self.http.statement_timeout * 1000)}"
-            await session.login(key.id, database, settings)
-            return await work(session)
+            if session is None:
+                session = InProcess(self.fleet, peer)
+                await session.login(key.id, database, settings)
+                session.baseline = dict(session.session.settings.values)
+            else:
+                session.session.peer = peer
+                if session.session.audit is not None:
+                    session.session.audit.peer = peer
+            result = await work(session)
         except asyncio.CancelledError:  # the HTTP client went away: its statement is cancelled
-            session.cancel()
+            if session is not None:
+                session.cancel()
+                session.finish()
+            raise
+        except BaseException:
+            if session is not None and not self._keep(reuse, session, key):
+                session.finish()
             raise
         finally:
-            session.finish()
             self._busy[key.id] -= 1
+        if not self._keep(reuse, session, key):
+            session.finish()
+        return result
+
+    def _keep(self, reuse: tuple[str, str], session: InProcess, key: ApiKey) -> bool:
+        """Whether ``session`` goes back for the key's next request (and put it there if so)."""
+        inner = session.session
+        if session.closed or inner.tx_status != m.TX_IDLE or inner.pins or inner.state is not State.READY or \
+                inner.settings.values != session.baseline or key.max_connections is not None or \
+                self.fleet.config.pool.mode != "transaction" or self.fleet.shutting_down:
+            return False
+        idle = self._idle.setdefault(reuse, [])
+        if session in idle or len(idle) >= IDLE_SESSIONS:
+            return session in idle
+        idle.append(session)
+        return True
+
+    def close_idle(self) -> None:
+        """Every idle session says goodbye (RELOAD of keys, shutdown)."""
+        idle, self._idle = self._idle, {}
+        for sessions in idle.values():
+            for session in sessions:
+                session.finish()
 
     def _check_size(self, results: list[Result]) -> None:
         size = sum(len(v) if v is not None else 4 for r in results for row in r.rows for v in row)
@@ -139,7 +189,55 @@ class SqlApi:
     # -- the seeds' endpoints
 
     async def query(self, request: web.Request) -> web.StreamResponse:
+        if "application/x-ndjson" in request.headers.get("Accept", ""):
+            return await self._stream(request)
         return await self._seeds(request, lambda body: [(_text(body, "query"), _params(body))], single=True)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """``Accept: application/x-ndjson``: one JSON line for the fields, one per row as rows
+        arrive, one for the end (or the error). No http.max_response: the HTTP client's reading
+        paces the backends (InProcess.stream)."""
+        started = time.perf_counter()
+        key = self.key_from_headers(request)
+        if key is None:
+            return _unauthorized()
+        try:
+            body = await request.json()
+            sql, params = _text(body, "query"), _params(body)
+        except (ValueError, _BadRequest) as exc:
+            return _json({"error": str(exc) if isinstance(exc, _BadRequest) else "the body is not valid JSON"}, 400)
+        numbers = body.get("bigint") == "number"
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        dumps = json.JSONEncoder(default=str).encode
+
+        async def work(session: InProcess) -> None:
+            fields: list[Any] = []
+            try:
+                async for kind, value in session.stream(sql, params):
+                    if not response.prepared:
+                        await response.prepare(request)
+                    if kind == "fields":
+                        fields = value
+                        line = {"fields": [{"name": f.name, "dataTypeID": f.type_id} for f in fields]}
+                    elif kind == "row":
+                        line = {f.name: _typed(v, f.type_id, numbers) for f, v in zip(fields, value, strict=True)}
+                    else:
+                        line = {"command": value[0], "rowCount": value[1],
+                                "duration": round((time.perf_counter() - started) * 1000, 3)}
+                    await response.write(dumps(line).encode() + b"\n")
+            except SqlError as exc:
+                if not response.prepared:
+                    response.set_status(_status(exc.code))
+                    await response.prepare(request)
+                await response.write(dumps({"error": error_json(exc.fields)}).encode() + b"\n")
+        try:
+            await self._run(key, str(body.get("database") or self.fleet.config.listen.database), work, _peer(request))
+        except SqlError as exc:
+            return _json({"error": error_json(exc.fields)}, _status(exc.code))
+        except _Refused as exc:
+            return exc.response()
+        await response.write_eof()
+        return response
 
     async def transaction(self, request: web.Request) -> web.StreamResponse:
         def statements(body: dict[str, Any]) -> list[tuple[str, list[Any]]]:
@@ -151,14 +249,25 @@ class SqlApi:
         return await self._seeds(request, statements, single=False)
 
     async def federated(self, request: web.Request) -> web.StreamResponse:
-        return await self._seeds(request, lambda body: [(_text(body, "query"), _params(body))], single=True)
+        """The merger; ``databases`` (optional) is the wire protocol's ``/* pgfleet: databases=a,b */``
+        hint, with the same rules: a server or admin key, databases it may see."""
+        def statement(body: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+            sql = _text(body, "query")
+            names = body.get("databases")
+            if names is not None:
+                if not isinstance(names, list) or not names or \
+                        not all(isinstance(n, str) and _NAME.fullmatch(n) for n in names):
+                    raise _BadRequest('"databases" must be a list of database names')
+                sql = f"/* pgfleet: databases={','.join(names)} */ {sql}"
+            return [(sql, _params(body))]
+        return await self._seeds(request, statement, single=True)
 
     async def _seeds(self, request: web.Request, read: Callable[[dict[str, Any]], list[tuple[str, list[Any]]]],
                      single: bool) -> web.StreamResponse:
         started = time.perf_counter()
         key = self.key_from_headers(request)
         if key is None:
-            return _json({"error": "invalid or missing API key: send X-API-Key and X-API-Secret"}, 401)
+            return _unauthorized()
         try:
             body = await request.json()
             if not isinstance(body, dict):
@@ -187,13 +296,13 @@ class SqlApi:
     async def info(self, request: web.Request) -> web.StreamResponse:
         key = self.key_from_headers(request)
         if key is None:
-            return _json({"error": "invalid or missing API key: send X-API-Key and X-API-Secret"}, 401)
+            return _unauthorized()
         return _json({"key": key.id, "role": key.role.value, "databases": self._health_of(key)})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         key = self.key_from_headers(request)
         if key is None:
-            return _json({"error": "invalid or missing API key: send X-API-Key and X-API-Secret"}, 401)
+            return _unauthorized()
         databases = self._health_of(key)
         status = "healthy" if all(d["status"] == "healthy" for d in databases) else "degraded"
         return _json({"status": status, "databases": databases})
@@ -214,7 +323,7 @@ class SqlApi:
     async def schema(self, request: web.Request) -> web.StreamResponse:
         key = self.key_from_headers(request)
         if key is None:
-            return _json({"error": "invalid or missing API key: send X-API-Key and X-API-Secret"}, 401)
+            return _unauthorized()
         sql = ("SELECT table_schema, table_name, column_name, data_type, is_nullable = 'YES' AS nullable "
                "FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema', "
                "'pgfleet') ORDER BY 1, 2, ordinal_position")
@@ -368,6 +477,11 @@ def _status(code: str) -> int:
     if code == QUERY_CANCELED:
         return 504
     return 400
+
+
+def _unauthorized() -> web.Response:
+    return _json({"error": "invalid or missing API key: send X-API-Key and X-API-Secret (or Authorization: "
+                           "Bearer <id>:<secret>)"}, 401)
 
 
 def _json(value: Any, status: int = 200) -> web.Response:

@@ -37,10 +37,11 @@ class _Audited:
 class AuditTrail:
     """The audited statements of one client (key ``user`` from ``peer``)."""
 
-    def __init__(self, audit: Any, user: str, peer: str) -> None:
+    def __init__(self, audit: Any, user: str, peer: str, over: str = "") -> None:
         self.audit = audit
         self.user = user
         self.peer = peer
+        self.over = over  # "http": a statement of SQL over HTTP (api/), its route says so
         self.queue: deque[_Audited] = deque()  # sent to the backend, answer not complete
         self.portals: dict[str, str] = {}  # portal -> its statement's text
         self.text = ""  # the statement being handled (a fan-out, scatter or COPY runs it)
@@ -91,6 +92,8 @@ class AuditTrail:
         self._record(entry, route)
 
     def _record(self, entry: _Audited, route: str) -> None:
+        if self.over:  # "http" for a statement on one database, "http-fanout", "http-scatter", ...
+            route = self.over if route == "direct" else f"{self.over}-{route}"
         self.audit.record(self.user, self.peer, entry.databases, route, entry.started,
                           time.monotonic() - entry.clock, entry.rows, entry.sqlstate, entry.text)
 

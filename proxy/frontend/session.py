@@ -235,6 +235,7 @@ class Session:
         self.inbox = bytearray()
         # Who the client is.
         self.peer = "?"
+        self.over = ""  # "http": a session of SQL over HTTP (api/inprocess.py), for the audit log
         self.user = ""
         self.database: str | None = None
         self.key: ApiKey | None = None
@@ -724,7 +725,7 @@ class Session:
         fleet_name = self.config.listen.database
         audit = self.fleet.audit
         if audit is not None and audit.enabled:
-            self.audit = AuditTrail(audit, self.user, self.peer)
+            self.audit = AuditTrail(audit, self.user, self.peer, self.over)
         if database == ADMIN_DATABASE:
             if key.role is not Role.ADMIN:
                 raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} may not use the admin console",

@@ -17,14 +17,16 @@ import pytest
 
 from proxy.embedded import Cluster, free_port
 
-from .conftest import KEYS, Fleet, fleet_config, wait_until
+from .conftest import KEYS, Fleet, fleet_config, rows_on, sharded_on, wait_until
 
 
 @pytest.fixture(scope="module")
 def api(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("sqlhttp")
     config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port(), "max_requests_per_key": 1000,
-                                    "statement_timeout": "2s", "max_response": 200_000})
-    fleet = Fleet(config, tmp_path_factory.mktemp("sqlhttp")).start()
+                                    "statement_timeout": "2s", "max_response": 200_000},
+                          audit={"path": str(workdir / "audit.jsonl"), "statements": "full"})
+    fleet = Fleet(config, workdir).start()
     try:
         yield fleet
     finally:
@@ -195,3 +197,183 @@ async def test_too_many_requests_of_one_key(pg: Cluster, tmp_path: Any) -> None:
         assert "http.max_requests_per_key" in refused["error"]
     finally:
         fleet.stop()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_a_large_result_streams_as_json_lines_in_flat_memory(pg: Cluster, tmp_path: Any) -> None:
+    """200,000 rows of 200 bytes (40 MB of values, over http.max_response) as JSON lines, read
+    slowly: pgfleet's memory grows by far less than the result (the backend is paced)."""
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port(), "max_response": 200_000,
+                                    "statement_timeout": "60s"})
+    api = Fleet(config, tmp_path).start()
+    try:
+        await _stream_large(api)
+    finally:
+        api.stop()
+
+
+async def _stream_large(api: Fleet) -> None:
+    assert api.proc is not None
+    before = rss_kib(api.proc.pid)
+    peak = before
+    rows = 0
+    lines: list[Any] = []
+    async with aiohttp.ClientSession() as client, client.post(
+            url(api, "/api/database/query"), headers={**auth(), "Accept": "application/x-ndjson"},
+            json={"query": "SELECT g AS n, repeat('x', 200) AS pad FROM generate_series(1, 200000) g"}) as answer:
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("application/x-ndjson")
+        async for line in answer.content:
+            record = json.loads(line)
+            if "n" in record:
+                rows += 1
+                assert record["n"] == rows
+                if rows % 20000 == 0:
+                    peak = max(peak, rss_kib(api.proc.pid))
+                    await asyncio.sleep(0.05)  # a slow reader
+            else:
+                lines.append(record)
+    assert rows == 200000, (rows, lines[-1])
+    assert lines[0]["fields"][0] == {"name": "n", "dataTypeID": 23}
+    assert lines[-1]["command"] == "SELECT" and lines[-1]["rowCount"] == 200000
+    assert peak - before < 20 * 1024, (before, peak)  # under 20 MB for a 40 MB result
+
+
+async def test_a_stream_that_fails_ends_with_the_error(api: Fleet) -> None:
+    async with aiohttp.ClientSession() as client, client.post(
+            url(api, "/api/database/query"), headers={**auth(), "Accept": "application/x-ndjson"},
+            json={"query": "SELECT 1/(g - 3) FROM generate_series(1, 5) g"}) as answer:
+        records = [json.loads(line) async for line in answer.content]
+    assert records[-1]["error"]["code"] == "22012"
+
+
+async def test_federated_query_takes_a_list_of_databases_as_the_wires_hint(api: Fleet) -> None:
+    """``databases`` is the wire's ``/* pgfleet: databases=... */``: over HTTP the statement gets
+    exactly the wire's answer (on this unsharded fleet, the same refusal), and the names cannot
+    carry SQL."""
+    sql = "SELECT count(*)::int4 AS n FROM accounts"
+    with psycopg.connect(api.dsn(), autocommit=True) as conn, pytest.raises(psycopg.Error) as over_wire:
+        conn.execute(f"/* pgfleet: databases=primary,secondary */ {sql}")
+    status, body = await post(api, "/api/database/federated-query", {"query": sql, "databases": ["primary", "secondary"]})
+    assert status == 400
+    assert (body["error"]["code"], body["error"]["message"]) == (over_wire.value.sqlstate,
+                                                                 over_wire.value.diag.message_primary)
+    status, body = await post(api, "/api/database/federated-query",
+                              {"query": "SELECT 1", "databases": ["primary */ DROP TABLE x; /*"]})
+    assert status == 400 and "database names" in body["error"]
+
+
+async def test_http_requests_are_counted_and_audited(api: Fleet) -> None:
+    await post(api, "/api/database/query", {"query": "SELECT 42 AS audited_over_http"})
+    await post(api, "/api/database/query", {"query": "SELECT 1"}, auth(secret="wrong"))
+    async with aiohttp.ClientSession() as client, client.get(url(api, "/metrics")) as answer:
+        text = await answer.text()
+    assert 'pgfleet_http_requests_total{endpoint="/api/database/query",status="200"}' in text
+    assert 'pgfleet_http_requests_total{endpoint="/api/database/query",status="401"}' in text
+    assert 'pgfleet_http_request_seconds_bucket{endpoint="/api/database/query",le="+Inf"}' in text
+
+    def audited() -> list[dict[str, Any]]:
+        path = api.workdir / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if "audited_over_http" in line]
+    assert wait_until(lambda: bool(audited()), 10, 0.1)
+    entry = audited()[0]
+    assert entry["route"] == "http" and entry["key"] == "pf_server" and entry["client"].startswith("http:")
+
+
+async def test_https_with_a_certificate_of_its_own(pg: Cluster, tmp_path: Any) -> None:
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "http.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "http.key"))
+    port = free_port()
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": port,
+                                    "tls": {"cert": str(tmp_path / "http.crt"), "key": str(tmp_path / "http.key")}})
+    fleet = Fleet(config, tmp_path).start()
+    try:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with aiohttp.ClientSession() as client, client.post(
+                f"https://127.0.0.1:{port}/api/database/query", ssl=context, headers=auth(),
+                json={"query": "SELECT 1 AS one"}) as answer:
+            assert answer.status == 200 and (await answer.json())["rows"] == [{"one": 1}]
+    finally:
+        fleet.stop()
+
+
+async def test_a_sharded_fleet_answers_over_http_as_over_the_wire(pg: Cluster, empty_shards: tuple[str, str],
+                                                                  make_fleet: Any) -> None:
+    """The differential corpus on two shards: fan-outs merged, ORDER BY/LIMIT, aggregates, a
+    routed statement; the schema and rows made over HTTP itself."""
+    port = free_port()
+    fleet: Fleet = make_fleet(**sharded_on(pg, empty_shards, {"orders": "customer"}, two_phase_commit=True),
+                              http={"host": "127.0.0.1", "port": port})
+    status, body = await post(fleet, "/api/database/query", {
+        "query": "CREATE TABLE orders (id int, customer int, amount numeric(10,2), PRIMARY KEY (customer, id))"})
+    assert status == 200, body
+    status, body = await post(fleet, "/api/database/transaction", {"queries": [
+        {"query": "INSERT INTO orders VALUES ($1, $2, $3)", "params": [i, i % 7, f"{i * 1.5:.2f}"]}
+        for i in range(1, 41)]})
+    assert status == 200, body
+    assert {len(rows_on(pg, db, "SELECT * FROM orders")) for db in empty_shards} != {0}  # on both shards
+    corpus = [
+        ("SELECT id, customer, amount FROM orders ORDER BY amount DESC, id LIMIT 5", []),
+        ("SELECT customer, count(*) AS n, sum(amount) AS total FROM orders GROUP BY customer ORDER BY customer", []),
+        ("SELECT count(*) AS n, min(amount) AS lo, max(amount) AS hi, avg(amount) AS mean FROM orders", []),
+        ("SELECT id, amount FROM orders WHERE customer = $1 ORDER BY id", [3]),
+        ("SELECT DISTINCT customer FROM orders ORDER BY customer OFFSET 2 LIMIT 3", []),
+    ]
+    for sql, params in corpus:
+        status, body = await post(fleet, "/api/database/query", {"query": sql, "params": params})
+        assert status == 200, (sql, body)
+        with psycopg.connect(fleet.dsn(), autocommit=True) as conn:
+            over_wire = [[str(v) for v in row] for row in conn.execute(sql.replace("$1", "%s"), params or None)]
+        assert [[str(v) for v in row.values()] for row in body["rows"]] == over_wire, sql
+
+
+async def test_info_health_and_schema(api: Fleet) -> None:
+    async with aiohttp.ClientSession() as client:
+        for path in ("/api/database/info", "/api/database/health", "/api/database/schema"):
+            async with client.get(url(api, path), headers=auth("pf_server", "bad")) as r:
+                assert r.status == 401, path
+        async with client.get(url(api, "/api/database/health"), headers=auth()) as r:
+            health = await r.json()
+        assert r.status == 200 and health["status"] in ("healthy", "degraded")
+        assert {d["database"] for d in health["databases"]} == {"primary", "secondary", "analytics"}
+        assert set(health["databases"][0]) == {"database", "status", "lastChecked", "connectionCount", "responseTime"}
+        async with client.get(url(api, "/api/database/info"), headers=auth("pf_tenant")) as r:
+            info = await r.json()
+        assert info["key"] == "pf_tenant" and info["role"] == "database"
+        async with client.get(url(api, "/api/database/schema"), headers=auth()) as r:
+            schema = await r.json()
+        assert {"name": "balance", "type": "numeric", "nullable": True} in schema["tables"]["public.accounts"]
+
+
+async def test_nothing_one_request_sets_reaches_the_next(api: Fleet) -> None:
+    """Requests of one key may share a logged-in session, but only one that ended as it began."""
+    status, body = await post(api, "/api/database/query", {"query": "SET search_path = pg_catalog"})
+    assert status == 200
+    status, body = await post(api, "/api/database/query", {"query": "SHOW search_path"})
+    assert body["rows"] == [{"search_path": '"$user", public'}]
+    status, body = await post(api, "/api/database/transaction", {"queries": [
+        {"query": "SELECT set_config('application_name', 'leaked', false)"}]})
+    status, body = await post(api, "/api/database/query", {"query": "SHOW application_name"})
+    assert body["rows"] == [{"application_name": "pgfleet http"}]
+    status, body = await post(api, "/api/database/query", {"query": "BEGIN"})  # left open: not reused
+    assert status == 200
+    status, body = await post(api, "/api/database/query", {"query": "LOCK TABLE accounts"})
+    assert status == 400 and body["error"]["code"] == "25P01"  # outside a transaction block: a new session
+
+
+async def test_the_core_database_services_endpoints(api: Fleet) -> None:
+    status, body = await post(api, "/api/v1/query", {"query": "SELECT $1::int4 AS n", "params": [5]})
+    assert status == 200 and body["rows"] == [{"n": 5}] and body["rowCount"] == 1 and "duration" in body
+    status, body = await post(api, "/api/v1/query/batch", {"queries": [{"query": "SELECT 1 AS a"},
+                                                                      {"query": "SELECT 2 AS b"}]})
+    assert status == 200 and [r["rows"] for r in body["results"]] == [[{"a": 1}], [{"b": 2}]]

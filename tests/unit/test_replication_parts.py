@@ -95,3 +95,11 @@ def test_copy_text_values_are_unescaped() -> None:
     assert _unescape(b"plain") == "plain"
     assert _unescape(b"a\\tb\\nc\\\\d") == "a\tb\nc\\d"
     assert _unescape("caf\u00e9".encode()) == "caf\u00e9"
+
+
+def test_https_takes_a_certificate_of_its_own_or_the_listeners() -> None:
+    with pytest.raises(ConfigError, match="listen.tls is not set"):
+        load_text(CONFIG + "http: {port: 9999, tls: listen}\n")
+    with pytest.raises(ConfigError, match="http.max_requests_per_key"):
+        load_text(CONFIG + "http: {port: 9999, max_requests_per_key: 0}\n")
+    assert load_text(CONFIG + "http: {port: 9999}\n").http.tls is None
