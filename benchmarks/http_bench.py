@@ -38,7 +38,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.embedded import Cluster, free_port  # noqa: E402
+from proxy.embedded import Cluster, free_port
 
 KEY, SECRET = "bench", "bench-secret"
 SQL = "SELECT id, name FROM items WHERE id = $1"
@@ -203,19 +203,19 @@ def main() -> int:
     wire50 = statistics.median(results["wire"]) * 1000
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     lines = [f"# SQL over HTTP vs the wire ({stamp})", "",
-             f"One pgfleet (pool 10) on one cluster, `{SQL}`, {args.n} requests in a row per round, "
+             (f"One pgfleet (pool 10) on one cluster, `{SQL}`, {args.n} requests in a row per round, "
              f"{args.rounds} alternating rounds; clients in Python (asyncpg, aiohttp) on the same 2 cores. "
-             "The server's statement_timeout for HTTP is raised for the streaming run.", "",
+             "The server's statement_timeout for HTTP is raised for the streaming run."), "",
              "| path | p50 ms | p99 ms | p50 over the wire |", "|---|--:|--:|--:|"]
     for name, values in results.items():
         p50, p99 = statistics.median(values) * 1000, pct(values, 0.99) * 1000
         lines.append(f"| {name} | {p50:.3f} | {p99:.3f} | +{p50 - wire50:.3f} ms |")
-    lines += ["", f"Requests per second at {args.clients} concurrent clients ({args.seconds:g} s, median of rounds): "
-              f"wire {statistics.median(rates['wire']):,.0f}, http {statistics.median(rates['http']):,.0f}."]
+    lines += ["", (f"Requests per second at {args.clients} concurrent clients ({args.seconds:g} s, median of rounds): "
+              f"wire {statistics.median(rates['wire']):,.0f}, http {statistics.median(rates['http']):,.0f}.")]
     before, peak, received, seconds = memory
-    lines += ["", f"Streaming {args.stream_rows:,} rows as JSON lines (`Accept: application/x-ndjson`, "
+    lines += ["", (f"Streaming {args.stream_rows:,} rows as JSON lines (`Accept: application/x-ndjson`, "
               f"{received / 1e6:,.0f} MB received in {seconds:.1f} s): pgfleet's RSS {before / 1024:.0f} MB before, "
-              f"{peak / 1024:.0f} MB at its peak (+{(peak - before) / 1024:.1f} MB)."]
+              f"{peak / 1024:.0f} MB at its peak (+{(peak - before) / 1024:.1f} MB).")]
     out = ROOT / "benchmarks" / "results" / f"http-{stamp}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
