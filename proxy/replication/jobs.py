@@ -40,7 +40,8 @@ log = logging.getLogger("pgfleet.replication")
 JOB_LOCK = 0x70676A62  # "pgjb": the advisory lock's first key; hashtext(job id) the second
 TICK = 1.0
 LOAD_RETRY = 30  # ticks between tries to read the stored jobs while the default database does not answer
-REFRESH = 15  # ticks between reads of the run history (for /metrics)
+REFRESH = 15  # ticks between reads of the stored jobs and the run history (other processes' changes)
+REFRESH_IDLE = 60  # ... while there is no job at all
 RETRY_FIRST = 5.0
 APPLICATION_NAME = "pgfleet replication"
 
@@ -273,7 +274,7 @@ class Replicator:
             try:
                 if not self.ready and ticks % LOAD_RETRY == 0:
                     await self.load()
-                elif ticks % REFRESH == 0 and self.ready:
+                elif self.ready and ticks % (REFRESH if self.jobs() else REFRESH_IDLE) == 0:
                     # Jobs stored, enabled or disabled by another process (another worker, another
                     # host), and their runs there.
                     await self.load()

@@ -40,10 +40,11 @@ from ..conftest import PG_GROUP
 ROOT = Path(__file__).resolve().parents[2]
 
 # The application_name of pgfleet's own control-plane connections (asyncpg; never pooled):
-# health checks (backend/health.py), catalog reads (backend/catalog.py) and the two-phase
-# commit log (backend/twophase.py). Pooled backends log in as "pgfleet", then carry the
-# application_name of the client they serve.
-CONTROL_PLANE = (HEALTH_APPLICATION_NAME, "pgfleet catalog", "pgfleet two-phase commit")
+# health checks (backend/health.py), catalog reads (backend/catalog.py), the two-phase
+# commit log (backend/twophase.py) and replication jobs (replication/: the stored jobs, read at
+# start). Pooled backends log in as "pgfleet", then carry the application_name of the client
+# they serve.
+CONTROL_PLANE = (HEALTH_APPLICATION_NAME, "pgfleet catalog", "pgfleet two-phase commit", "pgfleet replication")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> bool:
