@@ -19,6 +19,7 @@ the connection counts of ``/health`` and ``/databases`` are the group's totals.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 import logging
@@ -335,10 +336,10 @@ class HttpServer:
 
     # -- the seeds' replication endpoints
 
-    def _admin(self, request: web.Request) -> web.Response | None:
+    async def _admin(self, request: web.Request) -> web.Response | None:
         """None when the request carries an admin key and its secret (``X-API-Key`` and
         ``X-API-Secret``, or ``Authorization: Bearer <id>:<secret>``), else the 401 or 403."""
-        key = self.sql.key_from_headers(request)  # (a checked secret is remembered a minute: no PBKDF2 each time)
+        key = await self.sql.key_from_headers(request)  # (a checked secret is remembered a minute)
         if key is None:
             return _error(401, "invalid or missing API key: send X-API-Key and X-API-Secret (or Authorization: "
                                "Bearer <id>:<secret>)")
@@ -355,7 +356,7 @@ class HttpServer:
 
     async def _jobs(self, request: web.Request) -> Replicator | web.Response:
         """The jobs, for a request with an admin key; else the answer that refuses it."""
-        refused = self._admin(request)
+        refused = await self._admin(request)
         if refused is not None:
             return refused
         if self.replicator is None:
@@ -398,7 +399,7 @@ class HttpServer:
             if request.query.get("nowait", "").lower() in ("1", "true", "yes"):
                 replicator.start_run(job)
                 return web.json_response({"jobId": job.id, "status": "started"}, status=202)
-            return web.json_response(_run_json(await replicator.run(job)))
+            return web.json_response(_run_json(await asyncio.shield(replicator.run(job))))
         except JobError as exc:
             return _error(404 if exc.missing else 409, str(exc), exc.hint)
         except ReplicationError as exc:
@@ -419,7 +420,7 @@ class HttpServer:
         try:
             job = ad_hoc(table, source, [str(t) for t in targets], str(body.get("syncKey", "updated_at")),
                          replicator.config)
-            return web.json_response(_run_json(await replicator.run(job)))
+            return web.json_response(_run_json(await asyncio.shield(replicator.run(job))))
         except JobError as exc:
             return _error(409 if "running" in str(exc) else 400, str(exc), exc.hint)
         except ReplicationError as exc:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CONNECTION_FAILURE
+from ..errors import CONNECTION_FAILURE, FEATURE_NOT_SUPPORTED
 from ..fleet import Fleet
 from ..frontend.session import Session
 from ..wire import messages as m
@@ -58,6 +58,13 @@ class Result:
     row_count: int | None = None
 
 
+NO_COPY = _NO_COPY = "COPY is not served over HTTP: send the rows as INSERT statements, or use the wire protocol"
+
+
+class TooBig(Exception):
+    """An answer gathered whole went over the limit (the session was ended)."""
+
+
 @dataclass
 class SqlError(Exception):
     """An ErrorResponse, every field of it (code, message, detail, hint, position, ...)."""
@@ -87,8 +94,13 @@ def error_json(fields: dict[str, str]) -> dict[str, str]:
 class InProcess:
     """One session driven in process: the Port of ``Session`` and the client of its answers."""
 
-    def __init__(self, fleet: Fleet, peer: str, over: str = "http") -> None:
+    def __init__(self, fleet: Fleet, peer: str, over: str = "http", tls: bool = False, limit: int | None = None) -> None:
         self.session = Session(fleet, self)
+        self.session.tls = tls  # (listen.tls.required holds over HTTP too)
+        self.limit = limit  # bytes of an answer gathered whole (run): past it the session ends, TooBig
+        self.too_big = False
+        self._scan = 0  # where _has_ready looks next (each frame read once)
+        self._seen_ready = False
         self._out = bytearray()  # what the session wrote, not decoded yet
         self._ready: asyncio.Future[None] | None = None
         self._more: asyncio.Future[None] | None = None  # a stream waits for what comes next
@@ -105,6 +117,11 @@ class InProcess:
         if self.closed:
             return
         self._out += data
+        if self.limit is not None and self._more is None and len(self._out) > self.limit + 65536:
+            self.too_big = True  # (a gathered answer: the statement is cancelled, the session ends)
+            self.session.cancel_running()
+            self.close()
+            return
         more = self._more
         if more is not None and not more.done():
             more.set_result(None)
@@ -235,14 +252,25 @@ class InProcess:
             self.close()
 
     def _has_ready(self) -> bool:
-        pos, data = 0, self._out
+        """Whether a ReadyForQuery has come; each frame is looked at once (``_scan``). A
+        CopyInResponse is answered with CopyFail: COPY is not served over HTTP."""
+        if self._seen_ready:
+            return True
+        pos, data = self._scan, self._out
         while pos + 5 <= len(data):
             (length,) = _I32.unpack_from(data, pos + 1)
             if pos + 1 + length > len(data):
-                return False
-            if data[pos] == m.READY_FOR_QUERY:
-                return True
+                break
+            kind = data[pos]
             pos += 1 + length
+            if kind == m.READY_FOR_QUERY:
+                self._scan, self._seen_ready = pos, True
+                return True
+            if kind == m.COPY_IN_RESPONSE:
+                # As libpq ends a COPY of the extended protocol: CopyFail, then a Sync (the one
+                # sent with the statement was ignored while the COPY ran).
+                asyncio.get_running_loop().call_soon(self.session.feed, m.copy_fail(_NO_COPY) + m.SYNC_MSG)
+        self._scan = pos
         return False
 
     async def _answers(self) -> list[Result]:
@@ -254,7 +282,11 @@ class InProcess:
             finally:
                 self._ready = None
         data, self._out = bytes(self._out), bytearray()
+        self._scan, self._seen_ready = 0, False
+        if self.too_big:
+            raise TooBig()
         results: list[Result] = []
+        ready = False
         current = Result()
         error: SqlError | None = None
         pos = 0
@@ -276,12 +308,16 @@ class InProcess:
                 current = Result()
             elif kind == m.ERROR_RESPONSE and error is None:
                 error = SqlError(m.decode_fields(body))
+            elif kind == m.COPY_OUT and error is None:
+                error = SqlError({"C": FEATURE_NOT_SUPPORTED, "M": _NO_COPY, "S": "ERROR"})
             elif kind == m.READY_FOR_QUERY:
+                ready = True
                 break
         if error is not None:
             raise error
-        if self.closed and not data:
-            raise SqlError({"C": CONNECTION_FAILURE, "M": "the session ended", "S": "FATAL"})
+        if not ready:  # the session ended before its answer was whole: never a partial answer
+            raise SqlError({"C": CONNECTION_FAILURE, "M": "the session ended before the answer was complete "
+                            "(the database connection broke)", "S": "FATAL"})
         return results
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -40,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 
 from ..auth.keys import ApiKey, check_secret
+from ..config import ADMIN_DATABASE
 from ..errors import (
     ADMIN_SHUTDOWN,
     INSUFFICIENT_PRIVILEGE,
@@ -47,15 +49,14 @@ from ..errors import (
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
-from ..frontend.session import State
-from ..wire import messages as m
-from .inprocess import InProcess, Result, SqlError, error_json
+from .inprocess import NO_COPY, InProcess, Result, SqlError, TooBig, error_json
 
 if TYPE_CHECKING:
     from ..fleet import Fleet
 
+log = logging.getLogger("pgfleet.http")
+
 SECRET_CACHE = 60.0
-IDLE_SESSIONS = 16  # logged-in sessions kept per (key, database) between requests
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_$-]*")
 _LOSSLESS_NUMBERS = frozenset({21, 23, 26, 700, 701})  # int2, int4, oid, float4, float8
 _BIG_NUMBERS = frozenset({20, 1700})  # int8, numeric
@@ -68,20 +69,36 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class SqlApi:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self._verified: dict[tuple[str, bytes], float] = {}  # (key, sha256(secret)) -> until
+        self._verified: dict[tuple[str, bytes], tuple[float, Any]] = {}  # (key, sha256(secret)) -> until, verifier
         self._busy: dict[str, int] = {}  # requests running per key
-        self._idle: dict[tuple[str, str], list[InProcess]] = {}  # (key, database) -> sessions between requests
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/api/database/query", self.query)
-        app.router.add_post("/api/database/transaction", self.transaction)
-        app.router.add_post("/api/database/federated-query", self.federated)
-        app.router.add_get("/api/database/info", self.info)
-        app.router.add_get("/api/database/health", self.health)
-        app.router.add_get("/api/database/schema", self.schema)
-        app.router.add_post("/api/v1/query", self.query)
-        app.router.add_post("/api/v1/query/batch", self.transaction)
-        app.router.add_post("/sql", self.neon)
+        safe = self._safe
+        app.router.add_post("/api/database/query", safe(self.query))
+        app.router.add_post("/api/database/transaction", safe(self.transaction))
+        app.router.add_post("/api/database/federated-query", safe(self.federated))
+        app.router.add_get("/api/database/info", safe(self.info))
+        app.router.add_get("/api/database/health", safe(self.health))
+        app.router.add_get("/api/database/schema", safe(self.schema))
+        app.router.add_post("/api/v1/query", safe(self.query))
+        app.router.add_post("/api/v1/query/batch", safe(self.transaction))
+        app.router.add_post("/sql", safe(self.neon, neon=True))
+
+    def _safe(self, handler: Handler, neon: bool = False) -> Handler:
+        """``handler``, answering JSON whatever goes wrong: an answer over http.max_response
+        (507), and our own bugs (500, logged with the traceback; never sent)."""
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except TooBig:
+                return _TooBig(0, self.http.max_response).response(neon)
+            except (web.HTTPException, asyncio.CancelledError):
+                raise
+            except Exception:
+                log.exception("internal error answering %s %s", request.method, request.path)
+                message = "internal error in pgfleet; the details are in its log"
+                return _json({"message": message} if neon else {"error": message}, 500)
+        return run
 
     @property
     def http(self) -> Any:
@@ -89,39 +106,45 @@ class SqlApi:
 
     # -- who asks
 
-    def key_of(self, key_id: str | None, secret: str | None) -> ApiKey | None:
-        """The key ``key_id`` if ``secret`` is its secret (checked once per SECRET_CACHE), else None."""
+    async def key_of(self, key_id: str | None, secret: str | None) -> ApiKey | None:
+        """The key ``key_id`` if ``secret`` is its secret, else None. A checked pair is remembered
+        SECRET_CACHE seconds, tied to the key's verifier (a RELOAD that changes the secret or
+        removes the key ends it). The PBKDF2 of a check runs off the event loop."""
         if not key_id or secret is None:
             return None
         key = self.fleet.keys.get(key_id)
-        digest = hashlib.sha256(secret.encode()).digest()
+        digest = hashlib.sha256(secret.encode(errors="surrogateescape")).digest()
         now = time.monotonic()
-        if self._verified.get((key_id, digest), 0.0) > now and key is not None:
+        cached = self._verified.get((key_id, digest))
+        if cached is not None and cached[0] > now and key is not None and cached[1] == key.verifier:
             return key
-        if not check_secret(key, secret) or key is None:
+        ok = await asyncio.get_running_loop().run_in_executor(None, check_secret, key, secret)
+        if not ok or key is None:
             return None
         if len(self._verified) > 10_000:
             self._verified.clear()
-        self._verified[(key_id, digest)] = now + SECRET_CACHE
+        self._verified[(key_id, digest)] = (now + SECRET_CACHE, key.verifier)
         return key
 
-    def key_from_headers(self, request: web.Request) -> ApiKey | None:
+    async def key_from_headers(self, request: web.Request) -> ApiKey | None:
         """The key of ``X-API-Key``/``X-API-Secret`` or ``Authorization: Bearer id:secret``, if right."""
         key_id, secret = request.headers.get("X-API-Key"), request.headers.get("X-API-Secret")
         bearer = request.headers.get("Authorization", "")
         if key_id is None and bearer.lower().startswith("bearer ") and ":" in bearer:
             key_id, secret = bearer[7:].strip().split(":", 1)
-        return self.key_of(key_id, secret)
+        return await self.key_of(key_id, secret)
 
     # -- running SQL
 
     async def _run(self, key: ApiKey, database: str, work: Callable[[InProcess], Awaitable[Any]],
-                   peer: str) -> Any:
-        """A session of ``key`` on ``database`` for ``work``. The key's concurrent requests are
-        bounded (429 past ``max_requests_per_key``). A session that ends a request as it began
-        (no transaction, no SET, nothing pinned) serves the key's next request (IDLE_SESSIONS),
-        so that a request costs no login; any other is closed, and every request starts as a
-        new client would."""
+                   request: web.Request) -> Any:
+        """A new session of ``key`` on ``database`` for ``work``, closed after it: every request
+        starts as a new client would, and nothing of one reaches the next. The key's concurrent
+        requests are bounded (429 past ``max_requests_per_key``)."""
+        if self.fleet.shutting_down:
+            raise _Stopping()
+        if database == ADMIN_DATABASE:
+            raise _NotServed(f"the admin console ({ADMIN_DATABASE}) is not served over HTTP: use psql")
         limit = self.http.max_requests_per_key
         if self._busy.get(key.id, 0) >= limit:
             raise _TooMany(key.id, limit)
@@ -129,57 +152,16 @@ class SqlApi:
         settings = {"application_name": "pgfleet http"}
         if key.statement_timeout is None:
             settings["statement_timeout"] = f"{int(self.http.statement_timeout * 1000)}"
-        reuse = (key.id, database)
-        idle = self._idle.get(reuse) or []
-        session = None
-        while idle and (session is None or session.closed):  # (a reload or KILL may have closed one)
-            session = idle.pop()
-        if session is not None and session.closed:
-            session = None
+        session = InProcess(self.fleet, _peer(request), tls=request.secure, limit=self.http.max_response)
         try:
-            if session is None:
-                session = InProcess(self.fleet, peer)
-                await session.login(key.id, database, settings)
-                session.baseline = dict(session.session.settings.values)
-            else:
-                session.session.peer = peer
-                if session.session.audit is not None:
-                    session.session.audit.peer = peer
-            result = await work(session)
+            await session.login(key.id, database, settings)
+            return await work(session)
         except asyncio.CancelledError:  # the HTTP client went away: its statement is cancelled
-            if session is not None:
-                session.cancel()
-                session.finish()
-            raise
-        except BaseException:
-            if session is not None and not self._keep(reuse, session, key):
-                session.finish()
+            session.cancel()
             raise
         finally:
-            self._busy[key.id] -= 1
-        if not self._keep(reuse, session, key):
             session.finish()
-        return result
-
-    def _keep(self, reuse: tuple[str, str], session: InProcess, key: ApiKey) -> bool:
-        """Whether ``session`` goes back for the key's next request (and put it there if so)."""
-        inner = session.session
-        if session.closed or inner.tx_status != m.TX_IDLE or inner.pins or inner.state is not State.READY or \
-                inner.settings.values != session.baseline or key.max_connections is not None or \
-                self.fleet.config.pool.mode != "transaction" or self.fleet.shutting_down:
-            return False
-        idle = self._idle.setdefault(reuse, [])
-        if session in idle or len(idle) >= IDLE_SESSIONS:
-            return session in idle
-        idle.append(session)
-        return True
-
-    def close_idle(self) -> None:
-        """Every idle session says goodbye (RELOAD of keys, shutdown)."""
-        idle, self._idle = self._idle, {}
-        for sessions in idle.values():
-            for session in sessions:
-                session.finish()
+            self._busy[key.id] -= 1
 
     def _check_size(self, results: list[Result]) -> None:
         size = sum(len(v) if v is not None else 4 for r in results for row in r.rows for v in row)
@@ -198,7 +180,7 @@ class SqlApi:
         arrive, one for the end (or the error). No http.max_response: the HTTP client's reading
         paces the backends (InProcess.stream)."""
         started = time.perf_counter()
-        key = self.key_from_headers(request)
+        key = await self.key_from_headers(request)
         if key is None:
             return _unauthorized()
         try:
@@ -231,7 +213,7 @@ class SqlApi:
                     await response.prepare(request)
                 await response.write(dumps({"error": error_json(exc.fields)}).encode() + b"\n")
         try:
-            await self._run(key, str(body.get("database") or self.fleet.config.listen.database), work, _peer(request))
+            await self._run(key, str(body.get("database") or self.fleet.config.listen.database), work, request)
         except SqlError as exc:
             return _json({"error": error_json(exc.fields)}, _status(exc.code))
         except _Refused as exc:
@@ -259,13 +241,15 @@ class SqlApi:
                         not all(isinstance(n, str) and _NAME.fullmatch(n) for n in names):
                     raise _BadRequest('"databases" must be a list of database names')
                 sql = f"/* pgfleet: databases={','.join(names)} */ {sql}"
+                shift[0] = len(sql) - len(_text(body, "query"))
             return [(sql, _params(body))]
-        return await self._seeds(request, statement, single=True)
+        shift = [0]  # the hint's length: an error's position is the client's text's
+        return await self._seeds(request, statement, single=True, shift=shift)
 
     async def _seeds(self, request: web.Request, read: Callable[[dict[str, Any]], list[tuple[str, list[Any]]]],
-                     single: bool) -> web.StreamResponse:
+                     single: bool, shift: list[int] | None = None) -> web.StreamResponse:
         started = time.perf_counter()
-        key = self.key_from_headers(request)
+        key = await self.key_from_headers(request)
         if key is None:
             return _unauthorized()
         try:
@@ -281,10 +265,13 @@ class SqlApi:
         async def work(session: InProcess) -> list[Result]:
             return await (session.run(statements) if single else _in_transaction(session, statements))
         try:
-            results = await self._run(key, str(database), work, _peer(request))
+            results = await self._run(key, str(database), work, request)
             self._check_size(results)
         except SqlError as exc:
-            return _json({"error": error_json(exc.fields)}, _status(exc.code))
+            fields = dict(exc.fields)
+            if shift and shift[0] and fields.get("P", "").isdigit():
+                fields["P"] = str(max(1, int(fields["P"]) - shift[0]))
+            return _json({"error": error_json(fields)}, _status(exc.code))
         except _Refused as exc:
             return exc.response()
         duration = round((time.perf_counter() - started) * 1000, 3)
@@ -294,13 +281,13 @@ class SqlApi:
         return _json({"results": shaped, "duration": duration})
 
     async def info(self, request: web.Request) -> web.StreamResponse:
-        key = self.key_from_headers(request)
+        key = await self.key_from_headers(request)
         if key is None:
             return _unauthorized()
         return _json({"key": key.id, "role": key.role.value, "databases": self._health_of(key)})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        key = self.key_from_headers(request)
+        key = await self.key_from_headers(request)
         if key is None:
             return _unauthorized()
         databases = self._health_of(key)
@@ -321,7 +308,7 @@ class SqlApi:
         return out
 
     async def schema(self, request: web.Request) -> web.StreamResponse:
-        key = self.key_from_headers(request)
+        key = await self.key_from_headers(request)
         if key is None:
             return _unauthorized()
         sql = ("SELECT table_schema, table_name, column_name, data_type, is_nullable = 'YES' AS nullable "
@@ -329,7 +316,7 @@ class SqlApi:
                "'pgfleet') ORDER BY 1, 2, ordinal_position")
         database = request.query.get("database") or self.fleet.config.listen.database
         try:
-            results = await self._run(key, database, lambda s: s.run([(sql, [])]), _peer(request))
+            results = await self._run(key, database, lambda s: s.run([(sql, [])]), request)
         except SqlError as exc:
             return _json({"error": error_json(exc.fields)}, _status(exc.code))
         except _Refused as exc:
@@ -343,9 +330,12 @@ class SqlApi:
     # -- Neon's /sql
 
     async def neon(self, request: web.Request) -> web.StreamResponse:
-        target = request.headers.get("Neon-Connection-String", "")
-        parts = urlsplit(target)
-        key = self.key_of(unquote(parts.username or ""), unquote(parts.password or "")) if parts.username else None
+        try:
+            parts = urlsplit(request.headers.get("Neon-Connection-String", ""))
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        except ValueError:
+            user = password = ""
+        key = await self.key_of(user, password) if user else None
         if key is None:
             return _json({"message": "authentication failed: the Neon-Connection-String's user and password "
                                      "must be a pgfleet key id and its secret", "code": INVALID_PASSWORD}, 401)
@@ -371,7 +361,7 @@ class SqlApi:
         async def work(session: InProcess) -> list[Result]:
             return await (_in_transaction(session, statements, begin) if batch else session.run(statements))
         try:
-            results = await self._run(key, database, work, _peer(request))
+            results = await self._run(key, database, work, request)
             self._check_size(results)
         except SqlError as exc:
             return _json(error_json(exc.fields), 400)
@@ -441,14 +431,22 @@ def _typed(value: str | None, type_id: int, numbers: bool) -> Any:
     if type_id == _BOOL:
         return value == "t"
     if type_id in _JSON:
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):  # nested past Python's limit: as PostgreSQL wrote it
+            return value
     return value
+
+
+_COPY = re.compile(r"\A(?:\s+|--[^\n]*\n|/\*.*?\*/)*copy\b", re.IGNORECASE | re.DOTALL)
 
 
 def _text(body: Any, name: str) -> str:
     value = body.get(name) if isinstance(body, dict) else None
     if not isinstance(value, str) or not value.strip():
         raise _BadRequest(f'"{name}" must be a non-empty string of SQL')
+    if _COPY.match(value):
+        raise _BadRequest(NO_COPY)
     return value
 
 
@@ -458,6 +456,8 @@ def _params(body: dict[str, Any]) -> list[Any]:
         return []
     if not isinstance(params, list):
         raise _BadRequest('"params" must be a list')
+    if len(params) > 32767:
+        raise _BadRequest(f'{len(params)} "params": a statement takes at most 32767')
     return params
 
 
@@ -470,7 +470,7 @@ def _peer(request: web.Request) -> str:
 
 
 def _status(code: str) -> int:
-    if code == INSUFFICIENT_PRIVILEGE:
+    if code == INSUFFICIENT_PRIVILEGE or code.startswith("28"):  # (28000: TLS required, or the like)
         return 403
     if code.startswith("08") or code in (ADMIN_SHUTDOWN, TOO_MANY_CONNECTIONS):
         return 503
@@ -495,6 +495,20 @@ class _BadRequest(Exception):
 class _Refused(Exception):
     def response(self, neon: bool = False) -> web.Response:
         raise NotImplementedError
+
+
+class _NotServed(_Refused):
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def response(self, neon: bool = False) -> web.Response:
+        return _json({"message": self.message} if neon else {"error": self.message}, 403)
+
+
+class _Stopping(_Refused):
+    def response(self, neon: bool = False) -> web.Response:
+        message = "pgfleet is shutting down: send the request again in a moment (to another instance)"
+        return _json({"message": message} if neon else {"error": message}, 503)
 
 
 class _TooMany(_Refused):

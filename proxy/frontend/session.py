@@ -668,6 +668,13 @@ class Session:
         packet's checks and settings, then logged in with no password exchange. A refusal goes
         out as the wire protocol's ErrorResponse, as for any client."""
         try:
+            tls = self.config.listen.tls
+            if tls is not None and tls.required and not self.tls:
+                raise AuthFailed(INVALID_AUTHORIZATION_SPECIFICATION, "pgfleet accepts only TLS connections (listen.tls "
+                                 "required): this one came over plain HTTP", hint="use HTTPS (http.tls)")
+            if params.get("database") == ADMIN_DATABASE:
+                raise ClientError(INSUFFICIENT_PRIVILEGE, "the admin console is not served over HTTP",
+                                  hint="connect with psql to the admin console")
             self._take_startup(params)
             self._authenticated()
         except ProxyError as exc:

@@ -118,12 +118,18 @@ async def test_keys_are_checked_and_a_tenant_gets_only_what_it_gets_over_the_wir
     status, body = await post(api, "/api/database/query", {"query": "SELECT 1 AS one"},
                               {"Authorization": f"Bearer pf_server:{KEYS['pf_server'][0]}"})
     assert status == 200 and body["rows"] == [{"one": 1}]
-    sql = "COPY (SELECT 1) TO PROGRAM 'true'"
-    with psycopg.connect(api.dsn("pf_tenant"), autocommit=True) as conn, \
-            pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute(sql)
-    status, body = await post(api, "/api/database/query", {"query": sql}, auth("pf_tenant"))
-    assert status == 403 and body["error"]["code"] == "42501"
+    refused_over_wire = []
+    for sql in ("SELECT pg_read_file('/etc/passwd')", "SELECT * FROM pg_authid", "SET ROLE postgres",
+                "CREATE TABLE tenant_made (a int)", "SELECT lo_import('/etc/passwd')"):
+        with psycopg.connect(api.dsn("pf_tenant"), autocommit=True) as conn:
+            try:
+                conn.execute(sql)
+            except psycopg.errors.InsufficientPrivilege:
+                refused_over_wire.append(sql)
+    assert refused_over_wire
+    for sql in refused_over_wire:  # each refused over HTTP the same way
+        status, body = await post(api, "/api/database/query", {"query": sql}, auth("pf_tenant"))
+        assert status == 403 and body["error"]["code"] == "42501", (sql, body)
 
 
 async def test_neon_sql_protocol(api: Fleet) -> None:
@@ -377,3 +383,36 @@ async def test_the_core_database_services_endpoints(api: Fleet) -> None:
     status, body = await post(api, "/api/v1/query/batch", {"queries": [{"query": "SELECT 1 AS a"},
                                                                       {"query": "SELECT 2 AS b"}]})
     assert status == 200 and [r["rows"] for r in body["results"]] == [[{"a": 1}], [{"b": 2}]]
+
+
+async def test_copy_and_the_admin_console_are_not_served_and_nothing_hangs(api: Fleet) -> None:
+    wire(api, "CREATE TABLE IF NOT EXISTS http_copy (a int)")
+    for sql in ("COPY http_copy FROM STDIN", "/* x */ copy http_copy TO STDOUT"):
+        async with asyncio.timeout(10):
+            status, body = await post(api, "/api/database/query", {"query": sql})
+        assert status == 400 and "COPY is not served over HTTP" in body["error"], (sql, body)
+    status, body = await post(api, "/api/database/query", {"query": "SHOW POOLS", "database": "pgfleet"},
+                              auth("pf_admin"))
+    assert status == 403 and "admin console" in body["error"], body
+    status, body = await post(api, "/api/database/query", {"query": "SELECT 1", "params": [0] * 40000})
+    assert status == 400 and "32767" in body["error"]
+
+
+async def test_a_secret_changed_by_reload_stops_working_at_once(pg: Cluster, tmp_path: Any) -> None:
+    import yaml
+    config = fleet_config(pg, http={"host": "127.0.0.1", "port": free_port()})
+    fleet = Fleet(config, tmp_path).start()
+    try:
+        assert (await post(fleet, "/api/database/query", {"query": "SELECT 1"}))[0] == 200  # (remembered now)
+        changed = yaml.safe_load(fleet.config_path.read_text())
+        for key in changed["keys"]:
+            if key["id"] == "pf_server":
+                key["secret"] = "a-new-secret"
+        fleet.config_path.write_text(yaml.safe_dump(changed))
+        with psycopg.connect(fleet.dsn("pf_admin", "pgfleet"), autocommit=True) as conn:
+            conn.execute("RELOAD")
+        assert (await post(fleet, "/api/database/query", {"query": "SELECT 1"}))[0] == 401
+        assert (await post(fleet, "/api/database/query", {"query": "SELECT 1"},
+                           auth(secret="a-new-secret")))[0] == 200
+    finally:
+        fleet.stop()
