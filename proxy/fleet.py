@@ -180,9 +180,16 @@ class Fleet:
             changes.append("keys changed")
         if (config.tables, config.sharding) != (old.tables, old.sharding):
             changes.append("routing changed")
-        for what in ("listen", "http", "two_phase_commit", "default_database"):
+        for what in ("listen", "two_phase_commit", "default_database"):
             if getattr(config, what) != getattr(old, what):
                 changes.append(f"{what} changed: takes effect at the next restart")
+        before, after = old.http, config.http
+        if (before is None) != (after is None) or (before is not None and after is not None and
+                                                    (before.host, before.port, before.tls) != (after.host, after.port,
+                                                                                               after.tls)):
+            changes.append("http listener changed: takes effect at the next restart")
+        elif before != after:
+            changes.append("http limits changed")  # (read by each request: in force now)
         router.hits, router.misses = self.router.hits, self.router.misses
         self.config, self.router, self.keys = config, router, keys
         return changes

@@ -46,6 +46,7 @@ from ..errors import (
     ADMIN_SHUTDOWN,
     INSUFFICIENT_PRIVILEGE,
     INVALID_PASSWORD,
+    PROTOCOL_VIOLATION,
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
@@ -472,6 +473,8 @@ def _peer(request: web.Request) -> str:
 def _status(code: str) -> int:
     if code == INSUFFICIENT_PRIVILEGE or code.startswith("28"):  # (28000: TLS required, or the like)
         return 403
+    if code == PROTOCOL_VIOLATION:  # (what the request sent, e.g. a NUL in the SQL)
+        return 400
     if code.startswith("08") or code in (ADMIN_SHUTDOWN, TOO_MANY_CONNECTIONS):
         return 503
     if code == QUERY_CANCELED:

@@ -396,6 +396,8 @@ async def test_copy_and_the_admin_console_are_not_served_and_nothing_hangs(api: 
     assert status == 403 and "admin console" in body["error"], body
     status, body = await post(api, "/api/database/query", {"query": "SELECT 1", "params": [0] * 40000})
     assert status == 400 and "32767" in body["error"]
+    status, body = await post(api, "/api/database/query", {"query": "SELECT 1\u0000"})
+    assert status == 400 and body["error"]["code"] == "08P01"  # what the request sent, not pgfleet's state
 
 
 async def test_a_secret_changed_by_reload_stops_working_at_once(pg: Cluster, tmp_path: Any) -> None:
