@@ -8,22 +8,18 @@ Column names are PgBouncer's where the concept is the same (``cl_active``, ``sv_
 ``total_xact_count``, ...), so dashboards and scripts written for it read them.
 
 ``Console`` speaks the wire protocol for one client: simple queries, and the extended
-protocol (Parse/Bind/Describe/Execute/Sync) that asyncpg and JDBC use. Values go out as
-text; a column is int8, float8, bool or text by the Python type of its values.
+protocol (Parse/Bind/Describe/Execute/Sync) that asyncpg and JDBC use. What a command is
+(``Command``, ``Admin``, ``Table`` and their messages) is command.py; the replication job
+commands are jobcommands.py; how a process group answers one is here (``answer``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import enum
 import os
-import re
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -39,98 +35,29 @@ from ..errors import (
     INVALID_CURSOR_NAME,
     INVALID_PARAMETER_VALUE,
     INVALID_SQL_STATEMENT_NAME,
-    OBJECT_NOT_IN_PREREQUISITE_STATE,
     SYNTAX_ERROR,
     UNDEFINED_OBJECT,
-    WARNING,
     ClientError,
     ProxyError,
 )
-from ..replication import logical
-from ..replication.jobs import JobError, Replicator, Run, ad_hoc
-from ..replication.watermark import ReplicationError
 from ..router.route import All, Direct
 from ..router.router import SessionContext
 from ..wire import messages as m
+from .command import (
+    Admin,
+    Command,
+    Result,
+    Spread,
+    Table,
+    Tag,
+    _description,
+    _int,
+    _messages,
+    _time,
+)
 from .group import Group, PeerError, unreachable, worker_of
+from .jobcommands import JOB_COMMANDS
 from .sequences import read as read_sequences
-
-if TYPE_CHECKING:
-    from ..fleet import Fleet
-
-_I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
-_INT8, _FLOAT8, _BOOL, _TEXT = 20, 701, 16, 25
-
-
-@dataclass
-class Table:
-    columns: tuple[str, ...]
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
-    tag: str = "SHOW"
-    notices: tuple[str, ...] = ()  # warnings sent before the rows (a worker that did not answer)
-
-    def messages(self, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
-        types = self.types()
-        out = [_notices(self.notices)]
-        if describe:
-            out.append(row_description(self.columns, types, formats))
-        out += [data_row(row, types, formats) for row in self.rows]
-        out.append(m.command_complete(self.tag))
-        return b"".join(out)
-
-    def types(self) -> list[int]:
-        return [_type_of(row[i] for row in self.rows) for i in range(len(self.columns))]
-
-
-class Tag(str):
-    """A command tag (RELOAD, PAUSE, ...) with warnings sent before it."""
-
-    notices: tuple[str, ...] = ()
-
-
-Result = Table | str  # a table, or a command tag (RELOAD, PAUSE, ...)
-
-
-@dataclass
-class Admin:
-    """What the console sees and may do: the fleet, and the server's own operations."""
-
-    fleet: Fleet
-    # RELOAD (every worker of a group): warnings for the operator, or raises ClientError
-    reload: Callable[[], Awaitable[list[str]]] | None = None
-    started: float = field(default_factory=time.time)
-    group: Group | None = None  # pgfleet run --workers N: the other workers (admin/group.py)
-    replicator: Replicator | None = None  # the replication jobs (replication/jobs.py)
-    configured: Callable[[], Config] | None = None  # the config as the file says (a worker runs a share)
-
-    @property
-    def worker(self) -> int:
-        return self.group.worker if self.group is not None else 0
-
-
-class Spread(enum.Enum):
-    """How a command answers for a process group (``--workers N``)."""
-
-    LOCAL = "local"  # this worker's answer is the group's: the config, the routing map, health
-    SUM = "sum"      # every worker's rows, its ``sums`` columns added up over rows alike otherwise
-    EACH = "each"    # every worker's rows, one after the other (they carry a worker column)
-    EVERY = "every"  # done by every worker (RELOAD, PAUSE, RESUME)
-    OWNER = "owner"  # done by the worker that owns the client named (KILL)
-
-
-@dataclass(frozen=True)
-class Command:
-    words: tuple[str, ...]
-    argument: str | None  # its name in SHOW HELP, or None: takes none
-    run: Callable[[Admin, str], Result | Awaitable[Result]]
-    help: str
-    spread: Spread = Spread.LOCAL
-    sums: tuple[str, ...] = ()  # Spread.SUM: the columns added up ...
-    key: tuple[str, ...] = ()   # ... over the rows with the same values here (any other column:
-    #                             true if true in any worker, else the first worker's value)
-    acts: bool = False  # it does something (a tag, no rows): Describe answers NoData, never runs it
-
 
 # ---------------------------------------------------------------------------------------------
 # The commands
@@ -336,115 +263,6 @@ def _resume(admin: Admin, database: str) -> str:
     return "RESUME"
 
 
-# -- replication jobs (replication/jobs.py)
-
-
-async def _replicator(admin: Admin) -> Replicator:
-    if admin.replicator is None:
-        raise ClientError(FEATURE_NOT_SUPPORTED, "replication jobs do not run in this process",
-                          hint="they run in pgfleet run (the admin console of a running pgfleet)")
-    await admin.replicator.wait_loaded()
-    return admin.replicator
-
-
-def _job_error(exc: JobError | ReplicationError) -> ClientError:
-    if isinstance(exc, JobError) and exc.missing:
-        return ClientError(UNDEFINED_OBJECT, str(exc), hint=exc.hint)
-    return ClientError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(exc), hint=getattr(exc, "hint", None))
-
-
-async def _jobs(admin: Admin, _: str) -> Table:
-    replicator = await _replicator(admin)
-    last = await replicator.last_runs()
-    rows = []
-    for job in replicator.jobs().values():
-        run = replicator.running.get(job.id)
-        done = last.get(job.id, {})
-        lag: float | None = None
-        progress = None
-        if job.mode == "logical":
-            states = await logical.status(replicator.config, job) if job.enabled else []
-            lags = [s.lag_bytes for s in states if s.lag_bytes is not None]
-            progress = ", ".join(f"{s.target}: {s.state}" for s in states) or None
-            status = "streaming" if states and all(s.state == "streaming" for s in states) else \
-                ("disabled" if not job.enabled else progress)
-            lag = float(max(lags)) if lags else None
-        else:
-            status = done.get("status")
-            if done.get("status") in ("ok", "differs", "partial") and done.get("started") is not None:
-                lag = round(time.time() - done["started"].timestamp(), 1)
-            if run is not None:
-                progress = ", ".join(f"{p.table}->{p.target}: {p.rows} rows" for p in run.parts) or "starting"
-            elif done.get("status") == "running":
-                progress = "running in another pgfleet process"
-        rows.append((job.id, job.mode, job.source, ",".join(job.targets), ",".join(job.tables),
-                     job.sync_key if job.mode != "logical" else None, job.interval, job.enabled,
-                     _time(done["started"].timestamp()) if done.get("started") else None, status,
-                     done.get("rows"), lag, progress, done.get("error"), "api" if job.stored else "config"))
-    return Table(("id", "mode", "source", "targets", "tables", "sync_key", "interval_s", "enabled", "last_run",
-                  "last_status", "rows_copied", "lag", "running", "last_error", "defined_by"), rows)
-
-
-def _parts(run: Run) -> Table:
-    rows = [(p.table, p.target, p.rows, round(p.seconds, 3), run.errors.get((p.table, p.target), "ok"),
-             p.watermark, p.held) for p in run.parts]
-    return Table(("table", "target", "rows", "seconds", "status", "watermark", "held_at_horizon"), rows,
-                 tag="RUN JOB")
-
-
-async def _run_job(admin: Admin, argument: str) -> Result:
-    replicator = await _replicator(admin)
-    words = argument.split()
-    nowait = len(words) == 2 and words[1].upper() == "NOWAIT"
-    if len(words) != 1 and not nowait:
-        raise ClientError(SYNTAX_ERROR, f"RUN JOB takes a job id and NOWAIT, not {argument!r}",
-                          hint="RUN JOB <id> [NOWAIT]")
-    try:
-        job = replicator.job(words[0])
-        if nowait:
-            replicator.start_run(job)
-            return "RUN JOB"
-        return _parts(await replicator.run(job))
-    except (JobError, ReplicationError) as exc:
-        raise _job_error(exc) from None
-
-
-async def _verify_job(admin: Admin, job_id: str) -> Table:
-    try:
-        run = await (await _replicator(admin)).verify(job_id.strip())
-    except (JobError, ReplicationError) as exc:
-        raise _job_error(exc) from None
-    rows = [(c.table, c.target, c.low, c.high, c.source_rows, c.target_rows, c.status) for c in run.checks]
-    rows += [(table, target, None, None, None, None, f"unavailable: {why}") for (table, target), why in run.errors.items()]
-    return Table(("table", "target", "range_from", "range_to", "source_rows", "target_rows", "status"), rows,
-                 tag="VERIFY JOB")
-
-
-_REPLICATE = re.compile(r"^(\S+)\s+FROM\s+(\S+)\s+TO\s+(\S+(?:\s*,\s*\S+)*)\s+BY\s+(\S+)$", re.IGNORECASE)
-
-
-async def _replicate(admin: Admin, argument: str) -> Table:
-    found = _REPLICATE.match(argument.strip())
-    if found is None:
-        raise ClientError(SYNTAX_ERROR, f"cannot read REPLICATE TABLE {argument!r}",
-                          hint="REPLICATE TABLE <table> FROM <database> TO <database>[,<database>] BY <sync key column>")
-    table, source, targets, sync_key = found.groups()
-    replicator = await _replicator(admin)
-    try:
-        job = ad_hoc(table, source, [t.strip() for t in targets.split(",")], sync_key, replicator.config)
-        return _parts(await replicator.run(job))
-    except (JobError, ReplicationError) as exc:
-        raise _job_error(exc) from None
-
-
-async def _enable(admin: Admin, job_id: str, enabled: bool) -> str:
-    try:
-        await (await _replicator(admin)).set_enabled(job_id.strip(), enabled)
-    except (JobError, ReplicationError) as exc:
-        raise _job_error(exc) from None
-    return "ENABLE JOB" if enabled else "DISABLE JOB"
-
-
 def _kill(admin: Admin, client: str) -> str:
     try:
         pid = int(client)
@@ -492,18 +310,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("RESUME",), "database", _resume, "end a PAUSE", Spread.EVERY, acts=True),
     Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)", Spread.OWNER,
             acts=True),
-    Command(("SHOW", "JOBS"), None, _jobs, "replication jobs: mode, source, targets, last run and status, rows, "
-            "lag (seconds since the last good run's snapshot; bytes for logical), progress"),
-    Command(("RUN", "JOB"), "job id [NOWAIT]", _run_job, "run a replication job now and wait for it (one row per "
-            "table and target); NOWAIT: start it and return", acts=True),
-    Command(("VERIFY", "JOB"), "job id", _verify_job, "compare a job's tables on source and targets: counts and "
-            "checksums per primary-key range, each ok or differs"),
-    Command(("REPLICATE", "TABLE"), "table FROM db TO db[,db] BY column", _replicate,
-            "copy a table's rows changed since the last such copy now (watermark mode)", acts=True),
-    Command(("ENABLE", "JOB"), "job id", lambda admin, job: _enable(admin, job, True),
-            "enable a job created over HTTP (config jobs: edit the config)", acts=True),
-    Command(("DISABLE", "JOB"), "job id", lambda admin, job: _enable(admin, job, False),
-            "disable a job created over HTTP (a logical one drops its subscriptions)", acts=True),
+    *JOB_COMMANDS,
 )
 
 
@@ -717,65 +524,6 @@ class Console:
         return error
 
 
-def _messages(result: Result, describe: bool = True, formats: tuple[int, ...] = ()) -> bytes:
-    if isinstance(result, str):
-        return _notices(getattr(result, "notices", ())) + m.command_complete(result)
-    return result.messages(describe, formats)
-
-
-def _notices(notices: Iterable[str]) -> bytes:
-    return b"".join(m.notice_response(WARNING, text, severity="WARNING") for text in notices)
-
-
-def _description(result: Result, formats: tuple[int, ...] = ()) -> bytes:
-    if isinstance(result, str):
-        return m.NO_DATA_MSG
-    return row_description(result.columns, result.types(), formats)
-
-
-def _format(formats: tuple[int, ...], i: int) -> int:
-    """A column's result format from a Bind's codes: none = text, one = all, else each."""
-    if not formats:
-        return 0
-    return formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
-
-
-def row_description(columns: tuple[str, ...], types: list[int], formats: tuple[int, ...] = ()) -> bytes:
-    parts = [_I16.pack(len(columns))]
-    for i, name in enumerate(columns):
-        oid = types[i]
-        size = 8 if oid in (_INT8, _FLOAT8) else 1 if oid == _BOOL else -1
-        parts.append(name.encode() + b"\0" + struct.pack("!IhIhih", 0, 0, oid, size, -1, _format(formats, i)))
-    return m.message(m.ROW_DESCRIPTION, b"".join(parts))
-
-
-def data_row(row: tuple[Any, ...], types: list[int], formats: tuple[int, ...] = ()) -> bytes:
-    parts = [_I16.pack(len(row))]
-    for i, value in enumerate(row):
-        if value is None:
-            parts.append(b"\xff\xff\xff\xff")
-            continue
-        if _format(formats, i) == 1:
-            oid = types[i]
-            data = struct.pack("!q", value) if oid == _INT8 else struct.pack("!d", value) if oid == _FLOAT8 \
-                else (b"\1" if value else b"\0") if oid == _BOOL else str(value).encode()
-        else:
-            data = (("t" if value else "f") if isinstance(value, bool) else str(value)).encode()
-        parts.append(_I32.pack(len(data)) + data)
-    return m.message(m.DATA_ROW, b"".join(parts))
-
-
-def _type_of(values: Iterable[Any]) -> int:
-    found = {type(v) for v in values if v is not None}
-    if found == {bool}:
-        return _BOOL
-    if found == {int}:
-        return _INT8
-    if found and found <= {int, float}:
-        return _FLOAT8
-    return _TEXT
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -820,16 +568,6 @@ def _client_state(session: Any) -> str:
     if backend is not None and (backend.expects or backend.tx_status != m.TX_IDLE):
         return "active"
     return "idle"
-
-
-def _time(wall: float | None) -> str | None:
-    if wall is None:
-        return None
-    return dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="seconds")
-
-
-def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
 
 
 def _redacted(config: Config) -> dict[str, Any]:
