@@ -1,4 +1,4 @@
-"""The command line: ``pgfleet run | check | keys new | demo | --version``.
+"""The command line: ``pgfleet run | check | keys new | tenants encrypt | tenants key | demo | --version``.
 
 Owns argument parsing and turning expected failures (a bad config, a port in use) into one
 line on stderr and a non-zero exit, never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -44,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="print a new key id, secret and SCRAM verifier")
     new.add_argument("--role", required=True, choices=["admin", "server", "client", "database"])
+    tenants = sub.add_parser("tenants", help="the tenant directory's passwords (docs/directory.md)")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    encrypt = tenants_sub.add_parser("encrypt", help="read one password on stdin, print its ciphertext for the "
+                                                     "registry's password column")
+    encrypt.add_argument("--config", help="YAML config file whose directory.encryption_key to use")
+    encrypt.add_argument("--key", help="the key (default: $DB_ENCRYPTION_KEY, or --config's)")
+    tenants_sub.add_parser("key", help="print a new encryption key for directory.encryption_key")
     sub.add_parser("demo", help="start three embedded clusters and pgfleet on them")
     args, rest = parser.parse_known_args(argv)
     group = None  # run --worker i/N: this worker's place in its group (admin/group.py)
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"id:       {key_id}\nsecret:   {secret}\nverifier: {verifier}\n")
         print(f'config:   - {{id: {key_id}, secret: "{verifier}", role: {args.role}}}')
         return 0
+    if args.command == "tenants":
+        return _tenants(args)
     try:
         if args.command == "run" and args.group is not None:
             # A worker of a group runs the config its group runs (supervisor.py), which a
@@ -116,6 +126,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _tenants(args: argparse.Namespace) -> int:
+    """``pgfleet tenants key`` and ``pgfleet tenants encrypt``."""
+    from .directory.registry import Crypto, new_key
+    if args.tenants_command == "key":
+        print(new_key())
+        return 0
+    key = args.key or os.environ.get("DB_ENCRYPTION_KEY")
+    try:
+        if key is None and args.config:
+            directory = load(args.config).directory
+            key = directory.encryption_key if directory is not None else None
+        if not key:
+            print("pgfleet: no encryption key: give --key, set DB_ENCRYPTION_KEY, or --config with "
+                  "directory.encryption_key (`pgfleet tenants key` makes one)", file=sys.stderr)
+            return 2
+        crypto = Crypto(key)
+    except ConfigError as exc:
+        print(f"pgfleet: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"pgfleet: invalid encryption key: {exc}", file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("pgfleet: no password on stdin", file=sys.stderr)
+        return 2
+    print(crypto.encrypt(password))
     return 0
 
 

@@ -7,6 +7,7 @@ traceback or a half-valid snapshot out. It does no I/O beyond reading the file i
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import ssl
@@ -167,6 +168,23 @@ class BackendRole(_Struct, frozen=True):
     default_for: tuple[Literal["admin", "server", "client", "database"], ...] = ()
 
 
+class Directory(_Struct, frozen=True):
+    """The tenant directory (``proxy/directory/``): tenants' databases looked up by name in a
+    registry database at run time, each with a pool of its own opened at its first client."""
+
+    registry: str                  # one of databases: where the table (or query) is
+    table: str | None = None       # name, host, port, dbname, user, password (encrypted) | dsn
+    query: str | None = None       # or a query returning those columns (filtered by name)
+    encryption_key: str | None = None  # Fernet key(s), comma-separated: the first encrypts, all decrypt
+    cache_ttl: Duration = Duration(30.0)  # a row is trusted this long; known tenants re-read as often
+    idle_timeout: Duration = Duration(60.0)  # a tenant pool without clients this long is closed
+    pool_size: int = 5
+    max_backends_per_host: int | None = None  # backends to one host:port over all tenant pools
+    hosts: dict[str, str] = {}     # CREATE TENANT: name -> an admin dsn on that server
+    template: str | None = None    # CREATE TENANT's default template (PostgreSQL's: template1)
+    top: int = 10                  # SHOW POOLS and /metrics: the busiest tenant pools shown
+
+
 class Key(_Struct, frozen=True):
     id: str
     secret: str
@@ -179,6 +197,7 @@ class Key(_Struct, frozen=True):
     shard_key: int | str | None = None
     backend_role: str | None = None  # one of backend_roles; default: the one whose default_for has its role
     policy: Policy | None = None
+    tenant: str | None = None  # a database key bound to one tenant of the directory
 
 
 class ReplicationJob(_Struct, frozen=True):
@@ -234,6 +253,7 @@ class Config(_Struct, frozen=True):
     keys: tuple[Key, ...] = ()
     replication: Replication = Replication()
     audit: Audit = Audit()
+    directory: Directory | None = None
 
     def dsn(self, database: str) -> Dsn:
         return parse_dsn(self.databases[database].dsn, f"databases.{database}.dsn")
@@ -492,12 +512,26 @@ def validate(config: Config) -> Config:
         if not key.secret:
             raise ConfigError(f"{where}.secret", "missing")
         for database in key.databases or ():
-            if database not in names:
-                raise ConfigError(f"{where}.databases", f"{database!r} is not one of databases")
+            # A pattern (server_*) or, with a directory, a tenant's name may be any name.
+            if database not in names and not is_pattern(database) and config.directory is None:
+                raise ConfigError(f"{where}.databases", f"{database!r} is not one of databases (a pattern "
+                                  "such as server_* or a tenant's name needs directory:)")
         if key.max_connections is not None and key.max_connections < 1:
             raise ConfigError(f"{where}.max_connections", "must be at least 1 (leave it out for no limit)")
-        if key.role == "database" and key.user_id is None and key.shard_key is None:
-            raise ConfigError(f"{where}.user_id", "missing: a database key is bound to one shard-key value")
+        if key.tenant is not None:
+            if key.role != "database":
+                raise ConfigError(f"{where}.tenant", "only a database key is bound to one tenant (role: database)")
+            if config.directory is None:
+                raise ConfigError(f"{where}.tenant", "a tenant binding needs directory:")
+            if key.tenant in names or key.tenant in (config.listen.database, ADMIN_DATABASE):
+                raise ConfigError(f"{where}.tenant", f"{key.tenant!r} is a configured database's name, not a "
+                                  "tenant's")
+            if key.user_id is not None or key.shard_key is not None or key.databases is not None:
+                raise ConfigError(f"{where}.tenant", "a key bound to a tenant takes no user_id, shard_key "
+                                  "or databases: it reaches that tenant's database only")
+        elif key.role == "database" and key.user_id is None and key.shard_key is None:
+            raise ConfigError(f"{where}.user_id", "missing: a database key is bound to one shard-key value "
+                              "(or, with directory:, to one tenant: tenant:)")
         if key.backend_role is not None and key.backend_role not in config.backend_roles:
             raise ConfigError(f"{where}.backend_role", f"{key.backend_role!r} is not one of backend_roles: "
                               f"{', '.join(config.backend_roles) or '(none configured)'}")
@@ -507,6 +541,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{where}.secret",
                               f"a SCRAM verifier cannot answer {config.listen.auth} auth: give the plain secret")
     _validate_audit(config.audit, names)
+    if config.directory is not None:
+        _validate_directory(config.directory, names)
     ids: set[str] = set()
     for i, job in enumerate(config.replication.jobs):
         for database in (job.source, *job.targets):
@@ -522,6 +558,56 @@ def validate(config: Config) -> Config:
         if job.interval <= 0 or job.batch_size < 1:
             raise ConfigError(f"replication.jobs[{i}]", "interval must be more than 0s and batch_size at least 1")
     return config
+
+
+def is_pattern(name: str) -> bool:
+    """Whether an allow-list entry is a pattern (fnmatch: ``*``, ``?``, ``[...]``)."""
+    return any(c in name for c in "*?[")
+
+
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def fernet_keys(text: str) -> list[bytes]:
+    """The Fernet keys of ``directory.encryption_key`` (comma-separated; each 32 bytes in
+    url-safe base64), or ValueError saying which is wrong."""
+    keys = []
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        try:
+            raw = base64.urlsafe_b64decode(part.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"key {i + 1} is not a Fernet key (32 bytes in url-safe base64, as "
+                             "`pgfleet tenants key` prints)")
+        keys.append(part.encode("ascii"))
+    return keys
+
+
+def _validate_directory(directory: Directory, names: set[str]) -> None:
+    where = "directory"
+    if directory.registry not in names:
+        raise ConfigError(f"{where}.registry", f"{directory.registry!r} is not one of databases")
+    if (directory.table is None) == (directory.query is None):
+        raise ConfigError(f"{where}.table", "give either table: (the registry table) or query: (a query "
+                          "returning name, host, port, dbname, user, password), not both or neither")
+    if directory.table is not None and not _TABLE_NAME.match(directory.table):
+        raise ConfigError(f"{where}.table", f"{directory.table!r}: a table name, optionally schema-qualified")
+    if directory.encryption_key is not None:
+        try:
+            fernet_keys(directory.encryption_key)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.encryption_key", str(exc)) from None
+    for field in ("cache_ttl", "idle_timeout"):
+        if getattr(directory, field) <= 0:
+            raise ConfigError(f"{where}.{field}", "must be more than 0s")
+    if directory.pool_size < 1 or directory.top < 1:
+        raise ConfigError(f"{where}.pool_size", "pool_size and top must be at least 1")
+    cap = directory.max_backends_per_host
+    if cap is not None and cap < 1:
+        raise ConfigError(f"{where}.max_backends_per_host", "must be at least 1 (leave it out for no cap)")
+    for name, dsn in directory.hosts.items():
+        parse_dsn(dsn, f"{where}.hosts.{name}")
 
 
 def _validate_backend_roles(config: Config) -> None:
@@ -592,6 +678,13 @@ def unsplittable(config: Config, workers: int) -> list[str]:
     limit = config.listen.max_client_connections
     if limit is not None and limit < workers:
         found.append(f"listen.max_client_connections {limit}")
+    directory = config.directory
+    if directory is not None:
+        if directory.pool_size < workers:
+            found.append(f"directory.pool_size {directory.pool_size}")
+        cap = directory.max_backends_per_host
+        if cap is not None and cap < workers:
+            found.append(f"directory.max_backends_per_host {cap}")
     for i, key in enumerate(config.keys):
         if key.max_connections is not None and key.max_connections < workers:
             found.append(f"keys[{i}].max_connections {key.max_connections} (key {key.id})")
@@ -615,7 +708,10 @@ def share(config: Config, worker: int, workers: int) -> Config:
         pool=replace(config.pool, size=share_of(config.pool.size, worker, workers)),
         listen=replace(config.listen, max_client_connections=part(config.listen.max_client_connections)),
         databases={name: replace(db, pool_size=part(db.pool_size)) for name, db in config.databases.items()},
-        keys=tuple(replace(key, max_connections=part(key.max_connections)) for key in config.keys))
+        keys=tuple(replace(key, max_connections=part(key.max_connections)) for key in config.keys),
+        directory=None if config.directory is None else replace(
+            config.directory, pool_size=share_of(config.directory.pool_size, worker, workers),
+            max_backends_per_host=part(config.directory.max_backends_per_host)))
 
 
 def server_tls(tls: Tls) -> ssl.SSLContext:
@@ -650,6 +746,14 @@ def describe(config: Config) -> str:
         lines.append(f"sharding ({config.sharding.function}) over {', '.join(config.sharding.shards)}:")
         lines.extend(f"  {table} by {col}" for table, col in sorted(config.sharding.tables.items()))
     lines.append(f"everything else -> {config.default_database}")
+    directory = config.directory
+    if directory is not None:
+        source = f"table {directory.table}" if directory.table is not None else "its query"
+        cap = directory.max_backends_per_host
+        lines.append(f"tenant directory: {source} in {directory.registry}, pools of {directory.pool_size} opened "
+                     f"on first use, closed after {directory.idle_timeout:g}s idle, "
+                     f"{f'at most {cap} backends per host' if cap else 'no cap per host'}")
+        lines.extend(f"  host {name}: {parse_dsn(dsn, name).safe()}" for name, dsn in directory.hosts.items())
     lines.append("keys:")
     for key in config.keys:
         extra = []

@@ -32,6 +32,14 @@ from .errors import ADMIN_SHUTDOWN, CONNECTION_FAILURE, BackendError, ProxyError
 from .router.router import Router
 
 
+class TenantDirectory(Protocol):
+    """What a session needs of the tenant directory (directory/): the pool of a tenant's
+    database, looked up and opened on first use, and to let go of it."""
+
+    async def enter(self, name: str, session: ClientSession) -> Pool: ...
+    def leave(self, name: str, session: ClientSession) -> None: ...
+
+
 class ClientSession(Protocol):
     """What the fleet, the server, the console and /metrics need of a logged-in client session."""
 
@@ -108,6 +116,10 @@ class Fleet:
         self.audit: Any = None  # the audit log (admin/audit.py), set by the server when configured
         self.replicator: Any = None  # the replication jobs (replication/jobs.py), set by the server
         self.http_stats: Any = None  # the HTTP listener's request counts (admin/http.py), set by it
+        # The tenant directory (directory/), set by the server when configured; its open pools
+        # by tenant name, found by pool_of like the configured databases'.
+        self.directory: TenantDirectory | None = None
+        self.tenant_pools: dict[str, Pool] = {}
         self.sessions: dict[int, ClientSession] = {}  # logged-in clients, by their BackendKeyData pid
         self.clients = 0  # client connections open, logged in or not (listen.max_client_connections)
         self.key_clients: dict[str, int] = {}  # logged-in clients per key (keys[].max_connections)
@@ -205,6 +217,9 @@ class Fleet:
             pool = family.get(name) if family is not None else None
             return pool if pool is not None else self._role_pool(name, role)
         pool = self.pools.get(name)
+        if pool is not None:
+            return pool
+        pool = self.tenant_pools.get(name)
         if pool is not None:
             return pool
         pool = self.replicas.pools.get(name)

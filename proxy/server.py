@@ -29,6 +29,7 @@ from .auth.keys import load_keys
 from .backend.health import HealthChecker, Outcome, Probe
 from .backend.pool import DisconnectReason
 from .config import Config, load_text, read_config, share, unsplittable
+from .directory.directory import Directory
 from .errors import CONFIG_FILE_ERROR, PROTOCOL_VIOLATION, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
 from .frontend.seam import ClientConnection
@@ -76,6 +77,8 @@ class Server:
         self.fleet.audit = audit if audit.enabled else None
         if group is not None:
             self.fleet.forward_cancel = self._forward_cancel
+        self.directory = Directory(self.fleet, config) if config.directory is not None else None
+        self.fleet.directory = self.directory
         self.replicator = Replicator(config)
         self.admin.replicator = self.replicator
         self.fleet.replicator = self.replicator  # (for /metrics)
@@ -176,6 +179,8 @@ class Server:
         if self.http is not None and self.config.http is not None:
             await self.http.start(self.config.http.host, self.config.http.port, reuse_port=group is not None)
         self._start_health()  # the first round runs in the background
+        if self.directory is not None:
+            self.directory.start()
         await self.replicator.start(schedule=self.leader)  # (the jobs' lock also keeps other hosts apart)
         if group is not None:
             group.ready()
@@ -276,6 +281,10 @@ class Server:
             changes.append("replicas changed")
         if config.replication != old.replication:
             changes.append("replication jobs changed")
+        if (config.directory is None) != (old.directory is None):
+            changes.append("directory added or removed: takes effect at the next restart")
+        elif self.directory is not None and config.directory is not None:
+            changes.extend(self.directory.apply(config))
         await self.replicator.reload(config)
         log.info("reloaded %s: %s", self.source or "the environment's config", "; ".join(changes) or "no change")
         if self.fleet.router.unknown_types:
@@ -330,6 +339,8 @@ class Server:
         for session in left:
             session.close(SHUTTING_DOWN)
         await self.fleet.health.stop()
+        if self.directory is not None:
+            await self.directory.stop()
         for pool in self.fleet.pools.values():
             pool.close()
         if self._reaper is not None:

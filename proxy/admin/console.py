@@ -58,6 +58,7 @@ from .command import (
 from .group import Group, PeerError, unreachable, worker_of
 from .jobcommands import JOB_COMMANDS
 from .sequences import read as read_sequences
+from .tenantcommands import TENANT_COMMANDS, health_rows, pool_rows
 
 # ---------------------------------------------------------------------------------------------
 # The commands
@@ -93,6 +94,7 @@ def _pools(admin: Admin, _: str) -> Table:
         parked = len(pool.between)
         rows.append((name, pool.dsn.user, active, pool.waiting, len(pool.active) - parked, len(pool.idle), parked,
                      pool.opening, sum(1 for s in clients if s.pins), fleet.config.pool.mode))
+    rows.extend(pool_rows(admin, fleet.config.pool.mode))  # the tenant directory's: per host, then the busiest
     return Table(("database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_parked",
                   "sv_login", "cl_pinned", "pool_mode"), rows)
 
@@ -116,7 +118,7 @@ def _servers(admin: Admin, _: str) -> Table:
     clients = {id(s.backend): s for s in fleet.sessions.values() if s.backend is not None}
     now_wall, now = time.time(), time.monotonic()
     rows = []
-    for pool in fleet.all_pools():
+    for pool in [*fleet.all_pools(), *fleet.tenant_pools.values()]:
         name = pool.name
         between = set(pool.between)
         listed = [(s, "idle") for s in pool.idle] + [(s, "parked" if s in between else "active") for s in pool.active]
@@ -153,6 +155,7 @@ def _health_table(admin: Admin, _: str) -> Table:
         h = admin.fleet.health.status(name)
         rows.append((name, str(h.status), _time(h.last_check), h.response_ms, h.consecutive_failures,
                      str(h.circuit), h.last_error))
+    rows.extend(health_rows(admin))  # the tenant directory's, per host
     return Table(("database", "status", "last_check", "response_ms", "failures", "circuit", "last_error"), rows)
 
 
@@ -311,6 +314,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(("KILL",), "client pid", _kill, "close a client connection (pid from SHOW CLIENTS)", Spread.OWNER,
             acts=True),
     *JOB_COMMANDS,
+    *TENANT_COMMANDS,
 )
 
 
@@ -580,6 +584,11 @@ def _redacted(config: Config) -> dict[str, Any]:
     tls = (data.get("listen") or {}).get("tls")
     if tls:
         tls["key"] = "(hidden)"
+    directory = data.get("directory")
+    if directory:
+        directory["hosts"] = {name: _mask_dsn(dsn) for name, dsn in directory.get("hosts", {}).items()}
+        if directory.get("encryption_key"):
+            directory["encryption_key"] = "(hidden)"
     return data
 
 

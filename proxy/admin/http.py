@@ -41,6 +41,14 @@ from ..api.routes import SqlApi
 from ..auth.keys import Role
 from ..backend.pool import WAIT_BUCKETS
 from ..config import server_tls
+from ..directory.directory import Directory
+from ..errors import (
+    DUPLICATE_DATABASE,
+    INVALID_CATALOG_NAME,
+    UNDEFINED_OBJECT,
+    ClientError,
+    ProxyError,
+)
 from ..replication.jobs import JobError, Replicator, Run, ad_hoc
 from ..replication.watermark import ReplicationError
 from .group import Group
@@ -126,6 +134,8 @@ class FleetCollector(Collector):
             circuit.add_metric([name], 1 if info["circuit"] == "open" else 0)
         yield health
         yield circuit
+        if isinstance(fleet.directory, Directory):
+            yield from _tenant_metrics(fleet.directory)
         if fleet.http_stats is not None:
             yield from fleet.http_stats.metrics()
         replicator = fleet.replicator
@@ -196,6 +206,46 @@ def _job_metrics(replicator: Replicator) -> Iterator[Metric]:
     yield from (success, lag, rows, copied, verified, running)
 
 
+def _tenant_metrics(directory: Directory) -> Iterator[Metric]:
+    """Per host, the tenant pools' totals; per tenant, only the ``directory.top`` busiest by
+    each measure (a thousand tenants make no thousand series)."""
+    labels = ["host"]
+    known = GaugeMetricFamily("pgfleet_tenants_known", "Tenants looked up and cached, per host", labels=labels)
+    pools = GaugeMetricFamily("pgfleet_tenant_pools_open", "Tenant pools open, per host", labels=labels)
+    servers = GaugeMetricFamily("pgfleet_tenant_servers", "Backend connections of tenant pools, per host and "
+                                "state", labels=["host", "state"])
+    clients = GaugeMetricFamily("pgfleet_tenant_clients", "Clients of tenants with a backend, per host",
+                                labels=labels)
+    waiting = GaugeMetricFamily("pgfleet_tenant_clients_waiting", "Clients of tenants waiting for a backend, "
+                                "per host", labels=labels)
+    limit = GaugeMetricFamily("pgfleet_tenant_backends_limit", "directory.max_backends_per_host (0: none)",
+                              labels=labels)
+    for host, s in directory.summary().items():
+        known.add_metric([host], s["tenants_known"])
+        pools.add_metric([host], s["pools_open"])
+        for state in ("active", "idle", "login", "closing"):
+            servers.add_metric([host, state], s["closing"] if state == "closing" else s[f"sv_{state}"])
+        clients.add_metric([host], s["cl_active"])
+        waiting.add_metric([host], s["cl_waiting"])
+        limit.add_metric([host], s["limit"] or 0)
+    yield from (known, pools, servers, clients, waiting, limit)
+    lookups = CounterMetricFamily("pgfleet_tenant_lookups", "Tenant lookups: hit (cached), miss (the registry "
+                                  "asked), unknown (no such tenant), error", labels=["result"])
+    for result, count in directory.lookups.items():
+        lookups.add_metric([result], count)
+    yield lookups
+    for measure, family in (("servers", GaugeMetricFamily("pgfleet_tenant_pool_servers", "Backend connections of "
+                                                          "the busiest tenant pools", labels=["tenant", "host"])),
+                            ("clients", GaugeMetricFamily("pgfleet_tenant_pool_clients", "Clients of the busiest "
+                                                          "tenant pools", labels=["tenant", "host"])),
+                            ("transactions", CounterMetricFamily("pgfleet_tenant_pool_transactions", "Transactions "
+                                                                 "of the busiest tenant pools since they opened",
+                                                                 labels=["tenant", "host"]))):
+        for name, pool, value in directory.top(measure):
+            family.add_metric([name, f"{pool.dsn.host}:{pool.dsn.port}"], value)
+        yield family
+
+
 def families(fleet: Fleet) -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
     """This worker's metrics as plain values: (name, help, type, samples) per family."""
     return [(metric.name, metric.documentation, metric.type,
@@ -247,6 +297,18 @@ def database_info(fleet: Fleet) -> dict[str, dict[str, Any]]:
             "connections": {"active": len(pool.active), "idle": len(pool.idle), "waiting": pool.waiting,
                             "size": pool.size},
         }
+    directory = fleet.directory
+    if isinstance(directory, Directory):  # one entry per host of the tenants with a pool
+        for host, s in directory.summary().items():
+            out[f"tenants@{host}"] = {
+                "database": f"tenants@{host}", "host": s["host"], "port": s["port"], "status": s["status"],
+                "circuit": "open" if s["down"] else "closed",
+                "last_check": _iso(s["last_check"]) if s["last_check"] else None,
+                "last_error": "; ".join(s["unwell"][:5]) or None, "optional": True,
+                "tenants_known": s["tenants_known"], "pools_open": s["pools_open"],
+                "connections": {"active": s["sv_active"], "idle": s["sv_idle"], "waiting": s["cl_waiting"],
+                                "limit": s["limit"] or 0},
+            }
     return out
 
 
@@ -275,6 +337,9 @@ class HttpServer:
         app.router.add_post("/api/database/replication/jobs", self.create_job)
         app.router.add_post("/api/database/replication/jobs/{job_id}/run", self.run_job)
         app.router.add_post("/api/database/replication/table", self.replicate_table)
+        # The tenant directory (directory/), for admin keys.
+        app.router.add_post("/api/tenants", self.create_tenant)
+        app.router.add_delete("/api/tenants/{name}", self.drop_tenant)
         self.replicator: Replicator | None = None  # set by the server
         self.sql = SqlApi(fleet)
         self.sql.add_routes(app)  # SQL over HTTP (api/routes.py)
@@ -336,7 +401,7 @@ class HttpServer:
 
     # -- the seeds' replication endpoints
 
-    async def _admin(self, request: web.Request) -> web.Response | None:
+    async def _admin(self, request: web.Request, what: str = "replication jobs") -> web.Response | None:
         """None when the request carries an admin key and its secret (``X-API-Key`` and
         ``X-API-Secret``, or ``Authorization: Bearer <id>:<secret>``), else the 401 or 403."""
         key = await self.sql.key_from_headers(request)  # (a checked secret is remembered a minute)
@@ -344,7 +409,7 @@ class HttpServer:
             return _error(401, "invalid or missing API key: send X-API-Key and X-API-Secret (or Authorization: "
                                "Bearer <id>:<secret>)")
         if key.role is not Role.ADMIN:
-            return _error(403, f"key {key.id} is a {key.role.value} key: replication jobs need an admin key")
+            return _error(403, f"key {key.id} is a {key.role.value} key: {what} need an admin key")
         return None
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
@@ -426,6 +491,46 @@ class HttpServer:
         except ReplicationError as exc:
             return _error(400, str(exc))
 
+    # -- the tenant directory
+
+    async def _directory(self, request: web.Request) -> Directory | web.Response:
+        refused = await self._admin(request, "tenants")
+        if refused is not None:
+            return refused
+        directory = self.fleet.directory
+        if not isinstance(directory, Directory):
+            return _error(404, "there is no tenant directory in this pgfleet", "configure directory:")
+        return directory
+
+    async def create_tenant(self, request: web.Request) -> web.Response:
+        directory = await self._directory(request)
+        if isinstance(directory, web.Response):
+            return directory
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        name, template, host = body.get("name"), body.get("template"), body.get("host")
+        if not isinstance(name, str) or not all(v is None or isinstance(v, str) for v in (template, host)):
+            return _error(400, "needs name (a string), and optionally template and host", 
+                          '{"name": "server_123", "template": "server_template", "host": "pg1"}')
+        try:
+            made = await _shielded(directory.create(name, template, host))
+        except ProxyError as exc:
+            return _error(_TENANT_STATUS.get(exc.sqlstate, 400 if isinstance(exc, ClientError) else 503),
+                          exc.message, exc.hint)
+        return web.json_response(made, status=201)
+
+    async def drop_tenant(self, request: web.Request) -> web.Response:
+        directory = await self._directory(request)
+        if isinstance(directory, web.Response):
+            return directory
+        try:
+            dropped = await _shielded(directory.drop(request.match_info["name"]))
+        except ProxyError as exc:
+            return _error(_TENANT_STATUS.get(exc.sqlstate, 400 if isinstance(exc, ClientError) else 503),
+                          exc.message, exc.hint)
+        return web.json_response(dropped)
+
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
 
@@ -447,6 +552,18 @@ class HttpServer:
 
     async def databases(self, request: web.Request) -> web.Response:
         return web.json_response(await self._info())
+
+
+async def _shielded(work: Any) -> Any:
+    """``work`` finished even if the client leaves (a half-made tenant is worse than a late
+    answer); its outcome is read either way, so nothing is logged as never retrieved."""
+    task = asyncio.get_running_loop().create_task(work)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
+
+
+# CREATE and DROP TENANT's errors as HTTP statuses (anything else a client's: 400; a server's: 503).
+_TENANT_STATUS = {DUPLICATE_DATABASE: 409, INVALID_CATALOG_NAME: 404, UNDEFINED_OBJECT: 404}
 
 
 def _error(status: int, message: str, hint: str | None = None) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import fnmatch
 import hashlib
 import hmac
 import secrets
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import scramp
 
-from ..config import Config
+from ..config import Config, is_pattern
 from ..config import Key as KeyConfig
 from ..errors import INVALID_PASSWORD, AuthFailed, ConfigError, ProtocolViolation
 from ..router.policy import KeyPolicy, compile_policy
@@ -83,9 +84,18 @@ class ApiKey:
     statement_timeout: float | None = None  # seconds; pgfleet cancels longer statements
     backend_role: str | None = None  # the PostgreSQL role its statements run as; None: the dsn's user
     policy: KeyPolicy | None = None  # None: nothing checked beyond routing (admin, plain server keys)
+    tenant: str | None = None  # a database key bound to one tenant of the directory
+    patterns: tuple[str, ...] = ()  # the entries of ``databases`` that are patterns (server_*)
 
     def may_use(self, database: str) -> bool:
-        return self.databases is None or database in self.databases
+        if self.databases is None or database in self.databases:
+            return True
+        return any(fnmatch.fnmatchcase(database, pattern) for pattern in self.patterns)
+
+    @property
+    def named(self) -> list[str]:
+        """The databases its allow-list names outright (not by a pattern), sorted."""
+        return sorted(name for name in self.databases or () if name not in self.patterns)
 
 
 def load_keys(config: Config) -> dict[str, ApiKey]:
@@ -111,7 +121,8 @@ def _api_key(key: KeyConfig, keep_plain: bool, path: str, backend_role: str | No
         databases=frozenset(key.databases) if key.databases is not None else None,
         read_only=key.read_only, max_connections=key.max_connections, statement_timeout=key.statement_timeout,
         binding=key.user_id if key.user_id is not None else key.shard_key,
-        backend_role=backend_role, policy=compile_policy(key.role, key.policy),
+        backend_role=backend_role, policy=compile_policy(key.role, key.policy), tenant=key.tenant,
+        patterns=tuple(name for name in key.databases or () if is_pattern(name)),
     )
 
 

@@ -129,6 +129,12 @@ DROP_CLOSE = Expect(Answer.CLOSE, Fate.DROP)  # a stale statement closed before 
 UNKNOWN_SETTINGS: dict[str, str] = {"": "unknown"}
 
 
+# How long a terminated connection under a host cap waits for the server to close its end (a
+# busy one's statement is cancelled first: backend/pool.py): it counts against the cap until
+# then, and is reset after it.
+LINGER = 30.0
+
+
 class ServerConnection(asyncio.Protocol):
     def __init__(self, database: str, dsn: Dsn, startup: dict[str, str], generation: int,
                  stats: Stats | None = None) -> None:
@@ -184,6 +190,10 @@ class ServerConnection(asyncio.Protocol):
         self.sslmode = dict(dsn.options).get("sslmode", "prefer")  # libpq's default
         self._tls_asked = False
         self._tls_task: asyncio.Task[None] | None = None
+        # The cap on connections to its server it counts against (backend/pool.py HostGate), and
+        # after a Terminate under it, the timer that closes it if the server does not.
+        self.gate: Any = None
+        self._lingering: asyncio.TimerHandle | None = None
 
     # -- opening
 
@@ -649,6 +659,13 @@ class ServerConnection(asyncio.Protocol):
         self.closed = True
         if self.pid_owners is not None:
             self.pid_owners.pop((self.dsn.host, self.dsn.port, self.pid), None)
+        if self._lingering is not None:  # terminated under a host cap: its place is free now
+            self._lingering.cancel()
+            self._lingering = None
+            assert self.gate is not None
+            self.gate.closing -= 1
+            self.gate.freed()
+            return
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(BackendError(
                 CONNECTION_FAILURE, f"database {self.database} closed the connection while pgfleet logged in"))
@@ -682,12 +699,22 @@ class ServerConnection(asyncio.Protocol):
             self.transport.abort()
 
     def terminate(self, reason: str) -> None:
-        """Close politely (Terminate message) an idle connection."""
+        """Close politely (Terminate message) an idle connection. Under a host cap (``gate``)
+        the connection counts until the server has closed its end, which it does only after
+        its backend has left pg_stat_activity and its connection slot: a new connection that
+        takes the freed place never puts the server over the cap, even for a moment."""
         self.close_reason = reason
         self.closed = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(m.TERMINATE_MSG)
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(m.TERMINATE_MSG)
+        gate = self.gate
+        if gate is None:
+            transport.close()
+            return
+        gate.closing += 1
+        self._lingering = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
     def pause_writing(self) -> None:  # the client is slow: stop reading the backend
         pass

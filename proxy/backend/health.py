@@ -133,7 +133,8 @@ class DatabaseHealth:
         return Change.CAME_BACK
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A control-plane failure in a few words: the SQLSTATE and message, or the OS's reason."""
     if isinstance(exc, asyncpg.PostgresError):
         return f"{exc.sqlstate} {exc}"
     if isinstance(exc, OSError) and exc.strerror:
@@ -157,9 +158,9 @@ async def probe(dsn: Dsn, timeout: float) -> Probe:
     except TimeoutError:
         return Probe(Outcome.FAILED, loop.time() - started, f"no answer within {timeout:g}s")
     except asyncpg.TooManyConnectionsError as exc:
-        return Probe(Outcome.FULL, loop.time() - started, _describe(exc))
+        return Probe(Outcome.FULL, loop.time() - started, describe_error(exc))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return Probe(Outcome.FAILED, loop.time() - started, _describe(exc))
+        return Probe(Outcome.FAILED, loop.time() - started, describe_error(exc))
     with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         await conn.close(timeout=timeout)  # it answered: what the goodbye does is not the check's
     return Probe(Outcome.ANSWERED, seconds)

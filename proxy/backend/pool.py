@@ -35,10 +35,13 @@ from ..errors import (
     ClientError,
 )
 from ..wire import messages as m
-from .connection import Connector, ServerConnection, Stats, tcp_connect
+from .connection import Connector, ServerConnection, Stats, send_cancel, tcp_connect
 
 log = logging.getLogger("pgfleet.pool")
 
+
+# Cancels sent for busy backends a host-capped pool retires (kept until they are sent).
+_CANCELS: set[asyncio.Task[None]] = set()
 
 # Upper bounds (seconds) of the wait-time histogram (/metrics: pgfleet_pool_wait_seconds).
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
@@ -78,13 +81,89 @@ class DisconnectReason(enum.Enum):
     DIRTY = "dirty"
     DATABASE_GOING = "database_going"  # DROP DATABASE / ALTER DATABASE ... RENAME of its database
     DOWN = "down"  # its database's health checks failed: the circuit opened (backend/health.py)
+    HOST_CAP = "host_cap"  # closed for another pool's client under max_backends_per_host
+
+
+class HostGate:
+    """The cap on backend connections to one server (host:port) over every pool that shares
+    it (the tenant directory's ``max_backends_per_host``).
+
+    A pool may open a connection only while the gate ``admits``: its pools' connections (idle,
+    active, logging in) plus those terminated whose server has not closed its end yet
+    (``closing``) stay under ``limit``. A pool that may not is ``want``-ed: the oldest idle
+    connection of another pool is closed to make room, and the pool opens one for its first
+    waiter once a place is ``freed``. A connection given back while other pools want a place
+    is closed rather than kept idle (``hand_over``)."""
+
+    def __init__(self, host: str, port: int, limit: int | None) -> None:
+        self.host = host
+        self.port = port
+        self.limit = limit
+        self.pools: set[Pool] = set()
+        self.closing = 0
+        self.wanting: deque[Pool] = deque()
+        self._waking = False
+
+    @property
+    def used(self) -> int:
+        return sum(pool.total for pool in self.pools) + self.closing
+
+    def admits(self) -> bool:
+        return self.limit is None or self.used < self.limit
+
+    def want(self, pool: Pool) -> None:
+        """``pool`` has a waiter and may not open a connection: make room for it."""
+        if pool not in self.wanting:
+            self.wanting.append(pool)
+        self._prune()
+        if self.closing >= len(self.wanting):
+            return  # places are on their way already
+        oldest: Pool | None = None
+        for other in self.pools:
+            if other is not pool and other.idle and (oldest is None or
+                                                      other.idle[0].last_used < oldest.idle[0].last_used):
+                oldest = other
+        if oldest is not None:
+            server = oldest.idle.popleft()
+            oldest.retire(server, DisconnectReason.HOST_CAP)
+            return
+        for other in self.pools:  # else one kept by a client between its transactions
+            if other is not pool and other.give_up_parked():
+                return
+
+    def _prune(self) -> None:
+        """Pools that want a place no more (their clients left, or they closed) leave the queue."""
+        if any(p.closed or not p.waiting for p in self.wanting):
+            self.wanting = deque(p for p in self.wanting if not p.closed and p.waiting)
+
+    def hand_over(self, pool: Pool) -> bool:
+        """Whether a connection ``pool`` gets back should be closed for another pool's waiter."""
+        return any(other is not pool and other.waiting for other in self.wanting)
+
+    def freed(self) -> None:
+        """A place may be free: the pools that want one open a connection, first come first."""
+        if self._waking:
+            return
+        self._waking = True
+        try:
+            self._prune()
+            while self.wanting and self.admits():
+                pool = self.wanting.popleft()
+                pool.replace()
+            for pool in [p for p in self.pools if not p.total and (p.closed or p.gate is not self)]:
+                self.pools.discard(pool)  # closed, or moved to another host with nothing left here
+        finally:
+            self._waking = False
 
 
 class Pool:
     def __init__(self, name: str, dsn: Dsn, *, size: int, acquire_timeout: float, idle_timeout: float,
                  lifetime: float, connect_timeout: float, startup: dict[str, str],
-                 connect: Connector = tcp_connect) -> None:
+                 connect: Connector = tcp_connect, gate: HostGate | None = None) -> None:
         self.name = name
+        self.gate = gate  # the cap on connections to its server it shares with other pools
+        if gate is not None:
+            gate.pools.add(self)
         self.connect = connect
         self.dsn = dsn
         self.size = size
@@ -155,7 +234,7 @@ class Pool:
                 continue
             self.active.add(server)
             return server
-        if self.parked and self.total >= self.size:
+        if self.parked and (self.total >= self.size or (self.gate is not None and not self.gate.admits())):
             return self._take_parked()
         return None
 
@@ -164,15 +243,30 @@ class Pool:
         until another client needs it (then ``take`` asks for it back). False when the pool
         wants it back now (clients wait, or the pool is full with none idle, or it is of an old
         generation or past its lifetime): the caller releases it."""
-        if self.waiters or (not self.idle and self.total >= self.size):
+        if self.waiters or (not self.idle and self.total >= self.size) or (
+                self.gate is not None and self.gate.wanting):
             # Clients wait, or the next one to come would have to take it back from this one
-            # (``_take_parked``): a full pool hands connections round instead.
+            # (``_take_parked``): a full pool hands connections round instead. So does a pool
+            # whose host's other pools wait for a place.
             return False
         now = time.monotonic()
         if server.generation != self.generation or now - server.created >= self.lifetime:
             return False
         self.parked[server] = (holder, now)
         return True
+
+    def give_up_parked(self) -> bool:
+        """Close one connection parked with a client between transactions (its next
+        transaction takes one from the pool), for another pool of the host; whether one was."""
+        for server, (holder, _) in list(self.parked.items()):
+            if server.tx_status != m.TX_IDLE or server.expects:
+                continue
+            del self.parked[server]
+            if holder.give_back(server):
+                self.active.discard(server)
+                self._retire(server, DisconnectReason.HOST_CAP)
+                return True
+        return False
 
     def _take_parked(self) -> ServerConnection | None:
         """A parked connection whose client is between transactions, taken back from it."""
@@ -214,7 +308,8 @@ class Pool:
     async def _acquire_slow(self) -> ServerConnection:
         if self.closed:
             raise BackendError(CONNECTION_FAILURE, f"database {self.name} is shutting down")
-        if self.total < self.size:
+        gate = self.gate
+        if self.total < self.size and (gate is None or gate.admits()):
             return await self._open()
         got: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
 
@@ -229,6 +324,8 @@ class Pool:
                 got.set_exception(error)
 
         waiter = self._queue(grant, fail, counted=False)  # (acquire counts its whole wait)
+        if gate is not None and self.total < self.size:
+            gate.want(self)  # the host is at its cap: a place is made, and opened for the waiter
         try:
             return await got
         finally:
@@ -263,12 +360,22 @@ class Pool:
                 waiter.done = True
                 if waiter.counted:
                     self._waited(now - waiter.queued)
-                waiter.fail(ClientError(
-                    TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
-                    f"{self.acquire_timeout:g}s (pool size {self.size})",
-                    hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions"))
+                waiter.fail(self._timed_out())
         if waiters:
             self._expiry = asyncio.get_running_loop().call_later(max(0.0, waiters[0].deadline - now), self._expire)
+
+    def _timed_out(self) -> ClientError:
+        gate = self.gate
+        if gate is not None and self.total < self.size:
+            return ClientError(
+                TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
+                f"{self.acquire_timeout:g}s: server {gate.host}:{gate.port} is at its cap of {gate.limit} "
+                "connections over all tenant pools", hint="raise directory.max_backends_per_host (if the server's "
+                "max_connections allows) or pool.acquire_timeout, or shorten transactions")
+        return ClientError(
+            TOO_MANY_CONNECTIONS, f"database {self.name}: no backend connection became free within "
+            f"{self.acquire_timeout:g}s (pool size {self.size})",
+            hint=f"raise pool.size (now {self.size}) or pool.acquire_timeout, or shorten transactions")
 
     def _fail_waiters(self, error: Callable[[], BaseException]) -> None:
         """Every queued client gets the error (a new one each: a raised exception grows)."""
@@ -278,16 +385,22 @@ class Pool:
                 waiter.done = True
                 waiter.fail(error())
 
-    async def _open(self) -> ServerConnection:
-        self.opening += 1
+    async def _open(self, reserved: bool = False) -> ServerConnection:
+        if not reserved:
+            self.opening += 1
         server = ServerConnection(self.name, self.dsn, self.startup, self.generation, self.stats)
         server.pool = self
+        server.gate = self.gate
         server.credentials = self.credentials
         server.parsed_ok = self.parsed_ok
         try:
             await server.open(self.connect_timeout, self.connect)
-        finally:
+        except BaseException:
             self.opening -= 1
+            if self.gate is not None:
+                self.gate.freed()  # the place it held goes to the next pool that wants one
+            raise
+        self.opening -= 1
         if not self.params:
             self.params = dict(server.params)
         self.active.add(server)
@@ -313,6 +426,9 @@ class Pool:
             self._retire(server, DisconnectReason.DOWN)
             return
         waiters = self.waiters
+        if not waiters and self.gate is not None and self.gate.wanting and self.gate.hand_over(self):
+            self._retire(server, DisconnectReason.HOST_CAP)  # its place goes to another pool's client
+            return
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done:
@@ -333,13 +449,25 @@ class Pool:
         self._replace()
 
     def _replace(self) -> None:
-        """A slot freed up: if clients wait, open a connection for the first of them."""
+        """A slot freed up: if clients wait, open a connection for the first of them (under a
+        host cap: if the host has a place, else once one is freed); other pools of the host
+        may take the place otherwise."""
+        self.replace()
+        if self.gate is not None:
+            self.gate.freed()
+
+    def replace(self) -> None:
         if self.waiters and self.total < self.size and not self.closed and self.outage is None:
+            gate = self.gate
+            if gate is not None and not gate.admits():
+                gate.want(self)
+                return
+            self.opening += 1  # the place is taken now, before the task runs
             asyncio.get_running_loop().create_task(self._open_for_waiter())
 
     async def _open_for_waiter(self) -> None:
         try:
-            server = await self._open()
+            server = await self._open(reserved=True)
         except BackendError as exc:
             while self.waiters:
                 waiter = self.waiters.popleft()
@@ -353,7 +481,19 @@ class Pool:
     def _retire(self, server: ServerConnection, reason: DisconnectReason) -> None:
         self.disconnects[reason] += 1
         if not server.closed:
+            if self.gate is not None and (server.expects or server.tx_status != m.TX_IDLE) and server.pid:
+                # Under a host cap a busy backend is cancelled too: it reads the Terminate only
+                # when its statement ends, and holds its place on the server until then.
+                task = asyncio.get_running_loop().create_task(send_cancel(server, self.connect))
+                _CANCELS.add(task)
+                task.add_done_callback(_CANCELS.discard)
             server.terminate(reason.value)
+        elif self.gate is not None:
+            self.gate.freed()  # it was closed already: its place is free now
+
+    def retire(self, server: ServerConnection, reason: DisconnectReason) -> None:
+        """Close a connection taken out of this pool (HostGate: to make room on its server)."""
+        self._retire(server, reason)
 
     def _expired(self, server: ServerConnection, now: float) -> bool:
         return now - server.created > self.lifetime or server.generation != self.generation
@@ -471,3 +611,5 @@ class Pool:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self.gate is not None:
+            self.gate.freed()  # (it wants no place any more)

@@ -87,6 +87,7 @@ from ..errors import (
     INVALID_CATALOG_NAME,
     INVALID_CURSOR_NAME,
     INVALID_PARAMETER_VALUE,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
     PROTOCOL_VIOLATION,
     QUERY_CANCELED,
     READ_ONLY_SQL_TRANSACTION,
@@ -243,6 +244,7 @@ class Session:
         self.fixed: str | None = None  # the database every statement goes to, when decided
         self.unparsed: str | None = None  # ... and when its statements need no parsing either
         self.role: str | None = None  # the backend role its statements run as (None: the dsn's user)
+        self.tenant: str | None = None  # the directory's tenant whose database it uses (fleet.directory)
         self.tenant_query: bytes | None = None  # a database key's: sets pgfleet.tenant, sent per transaction
         self.pools: dict[str, Pool] = {}  # that role's pools, by database name (scatter, gather, COPY)
         self.pid = 0
@@ -321,6 +323,8 @@ class Session:
             self.fleet.key_clients[self.counted_key] -= 1
             self.counted_key = None
         self._close_backend()
+        if self.tenant is not None and self.fleet.directory is not None:
+            self.fleet.directory.leave(self.tenant, self)
         if self.copy is not None:  # its shards roll back and go back to their pools
             copy, self.copy = self.copy, None
             self.port.spawn(_finish_copy(copy))
@@ -742,13 +746,21 @@ class Session:
                                   hint=f"connect to the fleet database {fleet_name!r}")
             self._open_console()
             return
+        tenant = None
+        if key.tenant is not None and self.fleet.directory is None:
+            raise ClientError(OBJECT_NOT_IN_PREREQUISITE_STATE, f"key {key.id} is bound to tenant {key.tenant}, "
+                              "and this pgfleet runs without a tenant directory",
+                              hint="restart pgfleet: a directory: added by a reload takes effect at the next start")
         if database == fleet_name:
-            direct = None
+            direct = tenant = key.tenant  # None but for a database key bound to a tenant
         elif database in self.config.databases:
             if key.role not in (Role.SERVER, Role.ADMIN):
                 raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} ({key.role.value}) may not connect to a "
                                   f"database by name", hint=f"connect to the fleet database {fleet_name!r}")
             direct = database
+        elif self.fleet.directory is not None and database != ADMIN_DATABASE:
+            _may_reach(key, database)  # (before the lookup: a key that may not learns nothing of it)
+            direct = tenant = database
         else:
             raise ClientError(INVALID_CATALOG_NAME, f'database "{database}" does not exist',
                               hint=f"connect to the fleet database {fleet_name!r} or one of: "
@@ -773,7 +785,10 @@ class Session:
         # Statements need no parsing when the database is decided and the key may write
         # whatever PostgreSQL lets its role.
         self.unparsed = self.fixed if not key.read_only and key.policy is None else None
-        self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
+        self.tenant = tenant
+        # A tenant's connections log in as the user of its directory row (never a backend role).
+        role = key.backend_role if tenant is None else None
+        self.role, self.pools = role, self.fleet.pools_for(role)
         self._bind_tenant(key)
         if self.fixed is not None:
             self.fleet.router.check_database(self.ctx, self.fixed)
@@ -805,8 +820,14 @@ class Session:
         log.info("admin console: key %s from %s", self.user, self.peer)
 
     async def _setup(self, home: str) -> None:
-        pool = self.fleet.pool_of(home, self.role)
         try:
+            if self.tenant is not None:
+                assert self.fleet.directory is not None
+                # Looked up (or cached), its pool opened if it is not; this client counts as
+                # one of the tenant's from now on (``lost`` lets go).
+                pool = await self.fleet.directory.enter(self.tenant, self)
+            else:
+                pool = self.fleet.pool_of(home, self.role)
             server = await pool.acquire()
         except ProxyError as exc:
             self._fatal(exc)
@@ -1982,6 +2003,11 @@ class Session:
     async def _waiting(self, work: Coroutine[Any, Any, None]) -> None:
         try:
             await work
+        except ProxyError:
+            raise
+        except Exception:  # our bug: never a hung client nor a traceback for it; one in the log
+            log.exception("internal error in session %s (key %s)", self.peer, self.user)
+            self._fatal(ProxyError(INTERNAL_ERROR, "internal error in pgfleet; the details are in its log"))
         finally:
             self.wait_task = None
             self._unguard()
@@ -2342,9 +2368,19 @@ class Session:
         self.key = key
         self.ctx = SessionContext(key, self.ctx.database)
         if self.console is None:
+            try:
+                if self.tenant is not None:
+                    _may_reach(key, self.tenant)
+                elif key.tenant is not None:
+                    raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} is now bound to tenant {key.tenant}",
+                                      hint="reconnect: the key's new binding holds for new connections")
+            except ClientError as exc:
+                self.close(exc)
+                return
             self.fixed = self.fleet.router.fixed_database(self.ctx)
             self.unparsed = self.fixed if not key.read_only and key.policy is None else None
-            self.role, self.pools = key.backend_role, self.fleet.pools_for(key.backend_role)
+            role = key.backend_role if self.tenant is None else None
+            self.role, self.pools = role, self.fleet.pools_for(role)
             self._bind_tenant(key)
             backend = self.link.server
             if backend is not None and backend.pool.role != self.role and not self._engaged(backend):
@@ -2370,6 +2406,24 @@ class Session:
         if backend is None:
             return False
         return bool(backend.expects) or (not statement_only and backend.tx_status != m.TX_IDLE)
+
+
+def _may_reach(key: ApiKey, tenant: str) -> None:
+    """42501 unless ``key`` may use the directory's tenant ``tenant``: a server or admin key
+    whose databases allow it (by name or pattern), or a database key bound to it."""
+    if key.role is Role.DATABASE:
+        if key.tenant == tenant:
+            return
+        raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} (database) may not use database {tenant}",
+                          hint=f"it is bound to {'tenant ' + key.tenant if key.tenant else 'a shard-key value'}; "
+                               "use a key bound to that tenant")
+    if key.role not in (Role.SERVER, Role.ADMIN):
+        raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} ({key.role.value}) may not connect to a "
+                          "database by name", hint="use a server key whose databases allow it, or a database "
+                          "key bound to the tenant (tenant:)")
+    if not key.may_use(tenant):
+        raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {key.id} may not use database {tenant}",
+                          hint=f"the key's databases: {', '.join(sorted(key.databases or ()))}")
 
 
 def _implicit_control(sql: str) -> ClientError:

@@ -140,7 +140,8 @@ class Router:
                 return self.shards[0]
         if ctx.key.may_use(self.default):
             return self.default
-        return min(ctx.key.databases or (self.default,))
+        allowed = [name for name in self.config.databases if ctx.key.may_use(name)]
+        return min(allowed) if allowed else self.default
 
     def check_database(self, ctx: SessionContext, database: str) -> None:
         if not ctx.key.may_use(database):

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # commit log (backend/twophase.py) and replication jobs (replication/: the stored jobs, read at
 # start). Pooled backends log in as "pgfleet", then carry the application_name of the client
 # they serve.
-CONTROL_PLANE = (HEALTH_APPLICATION_NAME, "pgfleet catalog", "pgfleet two-phase commit", "pgfleet replication")
+CONTROL_PLANE = (HEALTH_APPLICATION_NAME, "pgfleet catalog", "pgfleet two-phase commit", "pgfleet replication",
+                 "pgfleet directory")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> bool:
