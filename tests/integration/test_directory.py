@@ -16,6 +16,7 @@ import json
 import random
 import select
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,10 +24,12 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.embedded import Cluster, free_port
+from proxy.wire import messages as m
 
 from .conftest import KEYS, Fleet, wait_until
 from .rawclient import Raw, rows
@@ -590,3 +593,89 @@ def test_pools_health_databases_and_metrics_show_the_tenant_hosts(
     finally:
         for client in clients:
             client.close()
+
+
+def sleeping(cluster: Cluster) -> int:
+    """Backends of the tenants' role on ``cluster`` running a pg_sleep now."""
+    with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
+                           "AND query LIKE 'SELECT pg_sleep%%'", (OWNER,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_clients_that_vanish_mid_statement_never_put_a_host_over_its_cap(
+        make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenants) -> None:
+    """Two clients fill a host's cap of 2 with 30 s statements and vanish. Their backends are
+    cancelled (PostgreSQL reads the Terminate only when a statement ends) and keep their places
+    until the server has closed them, so the clients of two other tenants that come next get
+    backends as soon as those are gone (well within their 20 s wait, long before the 30 s
+    statements would have ended), and pg_stat_activity never shows more than 2."""
+    fleet = tenant_fleet(make_fleet, even, tenants, pool={"acquire_timeout": "20s"}, max_backends_per_host=2,
+                         pool_size=2)
+    first, then = ["tenant_0020", "tenant_0022"], ["tenant_0024", "tenant_0026"]
+    with Sampler((even,)) as sampler:
+        raws = []
+        for name in first:
+            raw = Raw(fleet.port)
+            raw.login("pf_server", secret("pf_server"), name)
+            raw.send(m.query("SELECT pg_sleep(30)"))
+            raws.append(raw)
+        assert wait_until(lambda: sleeping(even) == 2, 10)
+        for raw in raws:
+            raw.close()  # gone in the middle of their statements
+        for name in then:
+            assert marker(fleet, "pf_server", secret("pf_server"), name) == name
+        assert sleeping(even) == 0
+    assert sampler.most[even.port] <= 2, sampler.most
+    assert "Traceback" not in fleet.log()
+
+
+def test_a_registry_that_does_not_answer_leaves_known_tenants_working(
+        make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenants) -> None:
+    """The registry's table gone (renamed) while pgfleet runs: a tenant it knew keeps being
+    served on its last row past cache_ttl; one it never looked up is refused at once with 08006
+    naming the registry; once the table is back, new tenants are found again. A row with a port
+    out of range is F0000 naming its tenant."""
+    fleet = tenant_fleet(make_fleet, even, tenants, cache_ttl="1s")
+    assert marker(fleet, "pf_server", secret("pf_server"), "tenant_0030") == "tenant_0030"
+    tenants.registry(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_away")
+    try:
+        time.sleep(1.5)  # past cache_ttl: the row would be asked for again
+        assert marker(fleet, "pf_server", secret("pf_server"), "tenant_0030") == "tenant_0030"
+        refused = login_error(fleet, "pf_server", secret("pf_server"), "tenant_0032")
+        assert refused["C"] == "08006" and "registry" in refused["M"], refused
+    finally:
+        tenants.registry(f"ALTER TABLE {TABLE}_away RENAME TO {TABLE}")
+    assert wait_until(lambda: _answers(fleet, "tenant_0032"), 10)
+    tenants.register({**tenants.row("t_badport", even, "tenant_0034"), "port": 70000})
+    try:
+        bad = login_error(fleet, "pf_server", secret("pf_server"), "t_badport")
+        assert bad["C"] == "F0000" and 'tenant "t_badport"' in bad["M"], bad
+    finally:
+        tenants.unregister("t_badport")
+    assert "Traceback" not in fleet.log()
+
+
+def _answers(fleet: Fleet, name: str) -> bool:
+    try:
+        return marker(fleet, "pf_server", secret("pf_server"), name) == name
+    except psycopg.Error:
+        return False
+
+
+def test_a_directory_added_by_a_reload_waits_for_a_restart_and_says_so(
+        make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenants) -> None:
+    """A RELOAD that adds directory: (with a key bound to a tenant) takes the keys at once but not
+    the directory: that key's client is refused with 55000 saying to restart, never left hanging,
+    and a tenant's name is still no database (3D000)."""
+    fleet = make_fleet(databases={"registry": {"dsn": even.dsn(REGISTRY)}})
+    config = dict(fleet.config)
+    config["directory"] = {"registry": "registry", "table": TABLE, "encryption_key": tenants.key.decode()}
+    config["keys"] = [*config["keys"], EXTRA_KEYS[1]]
+    fleet.config_path.write_text(yaml.safe_dump(config))
+    console(fleet, "RELOAD")
+    refused = login_error(fleet, T5[0], T5[1], "app")
+    assert refused["C"] == "55000" and "restart" in (refused.get("H", "") + refused["M"]), refused
+    assert login_error(fleet, "pf_server", secret("pf_server"), "tenant_0005")["C"] == "3D000"
+    assert "Traceback" not in fleet.log()

@@ -321,3 +321,50 @@ def test_pgfleet_tenants_encrypt_prints_a_token_the_directory_decrypts(
     monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
     assert main(["tenants", "encrypt"]) == 2
     assert "no encryption key" in capsys.readouterr().err
+
+
+def test_a_connection_closed_under_the_cap_forgets_its_notifier_entry() -> None:
+    """Fleet.backend_owner (who notified, by backend pid) loses the entry of a connection that
+    closed after lingering for its server, as it does for any other."""
+    async def run() -> None:
+        host, gate = Host(), HostGate("db", 5432, 2)
+        (a,) = pools(host, gate, "a")
+        server = await a.acquire()
+        owners: dict[tuple[str, int, int], Any] = {("db", 5432, server.pid): server}
+        server.pid_owners = owners
+        a.release(server)
+        a.close()
+        assert gate.closing == 1  # counted until the server closed its end
+        await asyncio.sleep(0.05)
+        assert owners == {} and gate.closing == 0 and gate.used == 0
+
+    asyncio.run(run())
+
+
+def test_a_busy_connection_retired_under_the_cap_is_cancelled_too() -> None:
+    """Its backend reads the Terminate only when its statement ends: a CancelRequest goes to the
+    server as well, on a connection of its own."""
+    async def run() -> None:
+        host, gate = Host(), HostGate("db", 5432, 2)
+        cancels: list[bytes] = []
+        connect = host.connect
+
+        async def connect_or_cancel(factory: Any, dsn: Dsn, timeout: float) -> None:
+            protocol = factory()
+            if type(protocol).__name__ == "_CancelSender":
+                written: list[bytes] = []
+                transport = type("T", (), {"write": lambda self, d: written.append(bytes(d)),
+                                           "close": lambda self: cancels.append(b"".join(written))})()
+                protocol.connection_made(transport)
+                return
+            await connect(lambda: protocol, dsn, timeout)
+
+        (a,) = pools(host, gate, "a")
+        a.connect = connect_or_cancel
+        server = await a.acquire()
+        server.tx_status = m.TX_IN_TRANSACTION  # in the middle of something
+        a.discard(server, DisconnectReason.DIRTY)
+        await asyncio.sleep(0.05)
+        assert len(cancels) == 1 and cancels[0] == m.cancel_request(server.pid, server.secret)
+
+    asyncio.run(run())
