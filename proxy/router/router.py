@@ -63,6 +63,10 @@ class Router:
     def __init__(self, config: Config, cache_size: int | None = None) -> None:
         self.config = config
         self.default = config.default
+        # The tenant directory's registry (unless it is the default database, which every key
+        # uses): reached by admin keys and by keys whose databases name it, no others.
+        directory = config.directory
+        self.registry = directory.registry if directory is not None and directory.registry != config.default else None
         self.tables = dict(config.tables)
         sharding = config.sharding
         self.shards: tuple[str, ...] = tuple(sharding.shards)
@@ -144,6 +148,10 @@ class Router:
         return min(allowed) if allowed else self.default
 
     def check_database(self, ctx: SessionContext, database: str) -> None:
+        if database == self.registry and ctx.key.role is not Role.ADMIN and database not in (ctx.key.databases or ()):
+            # It holds every tenant's address and credentials: only keys that name it reach it.
+            raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {ctx.key.id} may not use database {database}: it is the "
+                              "tenant directory's registry", hint="name it in the key's databases: to allow that key")
         if not ctx.key.may_use(database):
             raise ClientError(INSUFFICIENT_PRIVILEGE, f"key {ctx.key.id} may not use database {database}",
                               hint=f"the key's databases: {', '.join(sorted(ctx.key.databases or ()))}")

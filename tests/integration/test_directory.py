@@ -679,3 +679,30 @@ def test_a_directory_added_by_a_reload_waits_for_a_restart_and_says_so(
     assert refused["C"] == "55000" and "restart" in (refused.get("H", "") + refused["M"]), refused
     assert login_error(fleet, "pf_server", secret("pf_server"), "tenant_0005")["C"] == "3D000"
     assert "Traceback" not in fleet.log()
+
+
+def test_sql_over_http_reaches_a_tenant_as_the_wire_does(
+        make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenants) -> None:
+    """Neon's /sql protocol with a tenant's name in Neon-Connection-String: the tenant's own rows;
+    a key whose pattern does not allow it: 42501; an unknown tenant: 3D000 (each a 400 with the
+    error's fields, as Neon answers)."""
+    fleet = tenant_fleet(make_fleet, even, tenants, http=True)
+
+    def neon(key: str, database: str) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{fleet.config['http']['port']}/sql", method="POST",
+            data=json.dumps({"query": "SELECT name FROM marker", "params": []}).encode(),
+            headers={"Content-Type": "application/json", "Neon-Array-Mode": "true",
+                     "Neon-Connection-String": f"postgresql://{key}:{secret(key)}@127.0.0.1/{database}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = neon("pf_server", "tenant_0007")
+    assert status == 200 and body["rows"] == [["tenant_0007"]], body
+    status, body = neon(T00[0], "tenant_0500")  # (Neon's protocol: every error is a 400 with its fields)
+    assert status == 400 and body["code"] == "42501", body
+    status, body = neon("pf_server", "tenant_9999")
+    assert status == 400 and body["code"] == "3D000", body

@@ -368,3 +368,33 @@ def test_a_busy_connection_retired_under_the_cap_is_cancelled_too() -> None:
         assert len(cancels) == 1 and cancels[0] == m.cancel_request(server.pid, server.secret)
 
     asyncio.run(run())
+
+
+def test_the_registry_is_reached_only_by_admin_keys_and_keys_that_name_it() -> None:
+    """It holds every tenant's address and credentials: a server key without an allow-list, or
+    with a pattern that happens to match it, is refused there (by name and by a hint), while
+    the other databases stay open to it."""
+    from proxy.router.router import Router, SessionContext
+
+    loaded = load_text("""
+databases:
+  main: {dsn: "postgresql://postgres:pw@127.0.0.1:5432/main"}
+  registry: {dsn: "postgresql://postgres:pw@127.0.0.1:5432/registry"}
+default_database: main
+directory: {registry: registry, table: tenants}
+keys:
+  - {id: adm, secret: s, role: admin}
+  - {id: any, secret: s, role: server}
+  - {id: pat, secret: s, role: server, databases: ['reg*', main]}
+  - {id: named, secret: s, role: server, databases: [registry]}
+""")
+    router, keys = Router(loaded), load_keys(loaded)
+    for allowed in ("adm", "named"):
+        router.check_database(SessionContext(keys[allowed], None), "registry")
+    for refused in ("any", "pat"):
+        with pytest.raises(ClientError, match="tenant directory's registry") as caught:
+            router.check_database(SessionContext(keys[refused], None), "registry")
+        assert caught.value.sqlstate == "42501"
+        with pytest.raises(ClientError, match="registry"):
+            router.route("/* pgfleet: database=registry */ SELECT 1", SessionContext(keys[refused], None))
+        router.check_database(SessionContext(keys[refused], None), "main")
