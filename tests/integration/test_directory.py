@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.embedded import Cluster, free_port
 from proxy.wire import messages as m
 
-from .conftest import KEYS, Fleet, wait_until
+from .conftest import KEYS, Fleet, fleet_config, wait_until
 from .rawclient import Raw, rows
 from .tenants import (
     OWNER,
@@ -106,6 +107,12 @@ def tenant_fleet(make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenan
                  pool: dict[str, Any] | None = None, **directory: Any) -> Fleet:
     """A pgfleet with the standard three databases, the registry, the tenant directory (its
     settings overridden by ``directory``) and the keys of KEYS and EXTRA_KEYS."""
+    return make_fleet(**tenant_overrides(even, tenants, http=http, pool=pool, **directory))
+
+
+def tenant_overrides(even: Cluster, tenants: Tenants, *, http: bool = False, pool: dict[str, Any] | None = None,
+                     **directory: Any) -> dict[str, Any]:
+    """The config of ``tenant_fleet``, as overrides of conftest's fleet_config."""
     overrides: dict[str, Any] = {
         "databases": {"registry": {"dsn": even.dsn(REGISTRY)}},
         "directory": {"registry": "registry", "table": TABLE, "encryption_key": tenants.key.decode(),
@@ -117,7 +124,7 @@ def tenant_fleet(make_fleet: Callable[..., Fleet], even: Cluster, tenants: Tenan
         overrides["pool"] = pool
     if http:
         overrides["http"] = {"host": "127.0.0.1", "port": free_port()}
-    return make_fleet(**overrides)
+    return overrides
 
 
 def tenant_dsn(fleet: Fleet, name: str, key: str = "pf_server") -> str:
@@ -706,3 +713,23 @@ def test_sql_over_http_reaches_a_tenant_as_the_wire_does(
     assert status == 400 and body["code"] == "42501", body
     status, body = neon("pf_server", "tenant_9999")
     assert status == 400 and body["code"] == "3D000", body
+
+
+def test_two_workers_split_the_cap_and_each_serves_its_clients_tenants(
+        pg: Cluster, even: Cluster, tenants: Tenants, tmp_path: Path) -> None:
+    """pgfleet run --workers 2 with max_backends_per_host 2: each worker may have 1 backend on the
+    host (the shares add up to the cap), so 40 tenants' clients spread over both workers by the
+    kernel never put it over 2 in pg_stat_activity, and each reads its own tenant."""
+    overrides = tenant_overrides(even, tenants, pool={"acquire_timeout": "20s"}, max_backends_per_host=2,
+                                 pool_size=2)
+    fleet = Fleet(fleet_config(pg, **overrides), tmp_path, workers=2).start()
+    try:
+        with Sampler((even,)) as sampler:
+            wrong = connect_each(fleet, [tenant_name(i) for i in range(0, 80, 2)], threads=6)
+        assert wrong == [], wrong[:10]
+        assert 1 <= sampler.most[even.port] <= 2, sampler.most
+        workers = console(fleet, "SHOW WORKERS")
+        assert len(workers) == 2, workers
+        assert "Traceback" not in fleet.log()
+    finally:
+        fleet.stop()
