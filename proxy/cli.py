@@ -15,8 +15,9 @@ import socket
 import sys
 
 from . import __version__
-from .config import Config, describe, load, load_text, read_config, unsplittable
+from .config import Config, load, load_text, parse_dsn, read_config
 from .errors import ConfigError
+from .supervisor import unsplittable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,3 +219,44 @@ def _rls(config: Config, apply: bool) -> int:
         tables = [line.split()[2] for line in sql if line.startswith("ALTER TABLE")]
         print(f"{shard}: row-level security on {', '.join(tables) or 'no table yet'}")
     return 0
+
+
+def describe(config: Config) -> str:
+    """The resolved routing map for ``pgfleet check``: names and addresses, never secrets."""
+    lines = [(f"listen {config.listen.host}:{config.listen.port} fleet database {config.listen.database!r}"
+              f" (auth {config.listen.auth})"),
+             (f"pool mode={config.pool.mode} size={config.pool.size}"
+              f" acquire_timeout={config.pool.acquire_timeout:g}s idle_timeout={config.pool.idle_timeout:g}s"
+              f" lifetime={config.pool.lifetime:g}s"),
+             "databases:"]
+    for name in config.databases:
+        mark = " (default)" if name == config.default_database else ""
+        lines.append(f"  {name}{mark}: {config.dsn(name).safe()}")
+    if config.tables:
+        lines.append("tables:")
+        lines.extend(f"  {table} -> {db}" for table, db in sorted(config.tables.items()))
+    if config.sharding.tables:
+        lines.append(f"sharding ({config.sharding.function}) over {', '.join(config.sharding.shards)}:")
+        lines.extend(f"  {table} by {col}" for table, col in sorted(config.sharding.tables.items()))
+    lines.append(f"everything else -> {config.default_database}")
+    directory = config.directory
+    if directory is not None:
+        source = f"table {directory.table}" if directory.table is not None else "its query"
+        cap = directory.max_backends_per_host
+        lines.append(f"tenant directory: {source} in {directory.registry}, pools of {directory.pool_size} opened "
+                     f"on first use, closed after {directory.idle_timeout:g}s idle, "
+                     f"{f'at most {cap} backends per host' if cap else 'no cap per host'}")
+        lines.extend(f"  host {name}: {parse_dsn(dsn, name).safe()}" for name, dsn in directory.hosts.items())
+    lines.append("keys:")
+    for key in config.keys:
+        extra = []
+        if key.databases is not None:
+            extra.append(f"databases={','.join(key.databases)}")
+        if key.read_only:
+            extra.append("read_only")
+        role = config.backend_role_of(key)
+        extra.append(f"runs as {role}" if role is not None else "runs as the dsn's user")
+        if key.policy is not None:
+            extra.append("own policy")
+        lines.append(f"  {key.id} ({key.role}){' ' + ' '.join(extra) if extra else ''}")
+    return "\n".join(lines)

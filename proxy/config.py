@@ -659,61 +659,6 @@ def _validate_audit(audit: Audit, names: set[str]) -> None:
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-def share_of(total: int, worker: int, workers: int) -> int:
-    """Worker ``worker``'s share of a limit of ``total`` split over ``workers`` processes: the
-    total divided evenly, the remainder to the first workers, at least 1 each (so the shares
-    add up to the total whenever it is at least ``workers``, which ``unsplittable`` holds)."""
-    return max(1, total // workers + (1 if worker < total % workers else 0))
-
-
-def unsplittable(config: Config, workers: int) -> list[str]:
-    """The limits of ``config`` too small to split over ``workers`` processes (each needs at
-    least 1, so the group would go over them), as "path value"."""
-    found = []
-    if config.pool.size < workers:
-        found.append(f"pool.size {config.pool.size}")
-    for name, db in config.databases.items():
-        if db.pool_size is not None and db.pool_size < workers:
-            found.append(f"databases.{name}.pool_size {db.pool_size}")
-    limit = config.listen.max_client_connections
-    if limit is not None and limit < workers:
-        found.append(f"listen.max_client_connections {limit}")
-    directory = config.directory
-    if directory is not None:
-        if directory.pool_size < workers:
-            found.append(f"directory.pool_size {directory.pool_size}")
-        cap = directory.max_backends_per_host
-        if cap is not None and cap < workers:
-            found.append(f"directory.max_backends_per_host {cap}")
-    for i, key in enumerate(config.keys):
-        if key.max_connections is not None and key.max_connections < workers:
-            found.append(f"keys[{i}].max_connections {key.max_connections} (key {key.id})")
-    return found
-
-
-def share(config: Config, worker: int, workers: int) -> Config:
-    """The config one of ``workers`` processes (``pgfleet run --workers N``) runs with: every
-    pool size and client limit split over the workers by ``share_of``, so the process group
-    together opens no more backend connections, and takes no more clients, than the config
-    says. Nothing else changes."""
-    if workers <= 1:
-        return config
-
-    def part(total: int | None) -> int | None:
-        return None if total is None else share_of(total, worker, workers)
-
-    replace = msgspec.structs.replace
-    return replace(
-        config,
-        pool=replace(config.pool, size=share_of(config.pool.size, worker, workers)),
-        listen=replace(config.listen, max_client_connections=part(config.listen.max_client_connections)),
-        databases={name: replace(db, pool_size=part(db.pool_size)) for name, db in config.databases.items()},
-        keys=tuple(replace(key, max_connections=part(key.max_connections)) for key in config.keys),
-        directory=None if config.directory is None else replace(
-            config.directory, pool_size=share_of(config.directory.pool_size, worker, workers),
-            max_backends_per_host=part(config.directory.max_backends_per_host)))
-
-
 def server_tls(tls: Tls) -> ssl.SSLContext:
     """The TLS context pgfleet offers clients (listen.tls)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -726,44 +671,3 @@ def server_tls(tls: Tls) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError("listen.tls.cert", f"cannot load the certificate and key: {exc}") from None
     return context
-
-
-def describe(config: Config) -> str:
-    """The resolved routing map for ``pgfleet check``: names and addresses, never secrets."""
-    lines = [(f"listen {config.listen.host}:{config.listen.port} fleet database {config.listen.database!r}"
-              f" (auth {config.listen.auth})"),
-             (f"pool mode={config.pool.mode} size={config.pool.size}"
-              f" acquire_timeout={config.pool.acquire_timeout:g}s idle_timeout={config.pool.idle_timeout:g}s"
-              f" lifetime={config.pool.lifetime:g}s"),
-             "databases:"]
-    for name in config.databases:
-        mark = " (default)" if name == config.default_database else ""
-        lines.append(f"  {name}{mark}: {config.dsn(name).safe()}")
-    if config.tables:
-        lines.append("tables:")
-        lines.extend(f"  {table} -> {db}" for table, db in sorted(config.tables.items()))
-    if config.sharding.tables:
-        lines.append(f"sharding ({config.sharding.function}) over {', '.join(config.sharding.shards)}:")
-        lines.extend(f"  {table} by {col}" for table, col in sorted(config.sharding.tables.items()))
-    lines.append(f"everything else -> {config.default_database}")
-    directory = config.directory
-    if directory is not None:
-        source = f"table {directory.table}" if directory.table is not None else "its query"
-        cap = directory.max_backends_per_host
-        lines.append(f"tenant directory: {source} in {directory.registry}, pools of {directory.pool_size} opened "
-                     f"on first use, closed after {directory.idle_timeout:g}s idle, "
-                     f"{f'at most {cap} backends per host' if cap else 'no cap per host'}")
-        lines.extend(f"  host {name}: {parse_dsn(dsn, name).safe()}" for name, dsn in directory.hosts.items())
-    lines.append("keys:")
-    for key in config.keys:
-        extra = []
-        if key.databases is not None:
-            extra.append(f"databases={','.join(key.databases)}")
-        if key.read_only:
-            extra.append("read_only")
-        role = config.backend_role_of(key)
-        extra.append(f"runs as {role}" if role is not None else "runs as the dsn's user")
-        if key.policy is not None:
-            extra.append("own policy")
-        lines.append(f"  {key.id} ({key.role}){' ' + ' '.join(extra) if extra else ''}")
-    return "\n".join(lines)

@@ -5,7 +5,7 @@ handling (SIGTERM/SIGINT: stop accepting, let clients finish up to a timeout, cl
 builds one ``Fleet`` from a config snapshot; it never parses statements or messages.
 
 As one worker of ``pgfleet run --workers N`` (supervisor.py starts them) it listens with
-SO_REUSEPORT, runs its share of every pool (config.share), answers the other workers
+SO_REUSEPORT, runs its share of every pool (supervisor.share), answers the other workers
 (admin/group.py), and only the leader, worker 0, runs the health checks and the two-phase
 recovery; the others take the leader's health results.
 """
@@ -28,12 +28,13 @@ from .admin.http import HttpServer, database_info, families
 from .auth.keys import load_keys
 from .backend.health import HealthChecker, Outcome, Probe
 from .backend.pool import DisconnectReason
-from .config import Config, load_text, read_config, share, unsplittable
+from .config import Config, load_text, read_config
 from .directory.directory import Directory
 from .errors import CONFIG_FILE_ERROR, PROTOCOL_VIOLATION, SHUTTING_DOWN, ClientError, ConfigError
 from .fleet import Fleet
 from .frontend.seam import ClientConnection
 from .replication.jobs import Replicator
+from .supervisor import share, unsplittable
 
 log = logging.getLogger("pgfleet")
 
@@ -53,7 +54,7 @@ class _Echo(logging.LoggerAdapter):  # type: ignore[type-arg]
 class Server:
     def __init__(self, config: Config, source: str | None = None, group: Group | None = None) -> None:
         self.group = group  # pgfleet run --workers N: this worker's place; None: the only process
-        self.configured = config  # as the file says (a worker runs its share: config.share)
+        self.configured = config  # as the file says (a worker runs its share: supervisor.share)
         config = self._share(config)
         self.config = config
         self.source = source  # the config file RELOAD reads again (None: the environment)

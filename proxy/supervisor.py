@@ -37,7 +37,10 @@ import sys
 import tempfile
 import time
 
+import msgspec
+
 from .admin.group import MAX_WORKERS, Group
+from .config import Config
 
 log = logging.getLogger("pgfleet.supervisor")
 
@@ -201,3 +204,62 @@ class Supervisor:
 
 def run(workers: int, arguments: list[str], config: str = "", where: str = "") -> int:
     return asyncio.run(Supervisor(workers, arguments, config, where).run())
+
+
+# ---------------------------------------------------------------------------------------------
+# Each worker's share of the config's limits
+
+
+def share_of(total: int, worker: int, workers: int) -> int:
+    """Worker ``worker``'s share of a limit of ``total`` split over ``workers`` processes: the
+    total divided evenly, the remainder to the first workers, at least 1 each (so the shares
+    add up to the total whenever it is at least ``workers``, which ``unsplittable`` holds)."""
+    return max(1, total // workers + (1 if worker < total % workers else 0))
+
+
+def unsplittable(config: Config, workers: int) -> list[str]:
+    """The limits of ``config`` too small to split over ``workers`` processes (each needs at
+    least 1, so the group would go over them), as "path value"."""
+    found = []
+    if config.pool.size < workers:
+        found.append(f"pool.size {config.pool.size}")
+    for name, db in config.databases.items():
+        if db.pool_size is not None and db.pool_size < workers:
+            found.append(f"databases.{name}.pool_size {db.pool_size}")
+    limit = config.listen.max_client_connections
+    if limit is not None and limit < workers:
+        found.append(f"listen.max_client_connections {limit}")
+    directory = config.directory
+    if directory is not None:
+        if directory.pool_size < workers:
+            found.append(f"directory.pool_size {directory.pool_size}")
+        cap = directory.max_backends_per_host
+        if cap is not None and cap < workers:
+            found.append(f"directory.max_backends_per_host {cap}")
+    for i, key in enumerate(config.keys):
+        if key.max_connections is not None and key.max_connections < workers:
+            found.append(f"keys[{i}].max_connections {key.max_connections} (key {key.id})")
+    return found
+
+
+def share(config: Config, worker: int, workers: int) -> Config:
+    """The config one of ``workers`` processes (``pgfleet run --workers N``) runs with: every
+    pool size and client limit split over the workers by ``share_of``, so the process group
+    together opens no more backend connections, and takes no more clients, than the config
+    says. Nothing else changes."""
+    if workers <= 1:
+        return config
+
+    def part(total: int | None) -> int | None:
+        return None if total is None else share_of(total, worker, workers)
+
+    replace = msgspec.structs.replace
+    return replace(
+        config,
+        pool=replace(config.pool, size=share_of(config.pool.size, worker, workers)),
+        listen=replace(config.listen, max_client_connections=part(config.listen.max_client_connections)),
+        databases={name: replace(db, pool_size=part(db.pool_size)) for name, db in config.databases.items()},
+        keys=tuple(replace(key, max_connections=part(key.max_connections)) for key in config.keys),
+        directory=None if config.directory is None else replace(
+            config.directory, pool_size=share_of(config.directory.pool_size, worker, workers),
+            max_backends_per_host=part(config.directory.max_backends_per_host)))

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from ..backend.catalog import connect
 from ..backend.health import HALF_OPEN_FIRST, HALF_OPEN_MAX, DatabaseHealth, Status, probe
 from ..backend.pool import DisconnectReason, HostGate, Pool
-from ..config import ADMIN_DATABASE, Config, Dsn, parse_dsn
+from ..config import ADMIN_DATABASE, Config, parse_dsn
 from ..errors import (
     ADMIN_SHUTDOWN,
     CONFIG_FILE_ERROR,
@@ -335,9 +336,9 @@ class Directory:
             self._refreshed = now
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
             self._refreshing.add_done_callback(self._refresh_done)
-        for name, known in list(self.known.items()):
-            if name not in self.pools and now - known.fetched >= ttl:
-                del self.known[name]  # asked again at its next client
+            for name, known in list(self.known.items()):  # (find never trusts an expired row anyway)
+                if name not in self.pools and now - known.fetched >= ttl:
+                    del self.known[name]  # asked again at its next client
         for name, due in list(self._next_check.items()):
             if due <= now:
                 self._next_check[name] = float("inf")  # until this check has ended
@@ -630,8 +631,7 @@ class Directory:
     async def _on_host(self, host: str, sql: str, dbname: str | None = None) -> None:
         dsn = parse_dsn(self.settings.hosts[host], f"directory.hosts.{host}")
         if dbname is not None:
-            dsn = Dsn(host=dsn.host, port=dsn.port, user=dsn.user, password=dsn.password, dbname=dbname,
-                      options=dsn.options)
+            dsn = msgspec.structs.replace(dsn, dbname=dbname)
         timeout = self.config.pool.connect_timeout
         try:
             conn = await connect(dsn, timeout, APPLICATION_NAME)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from ..backend.health import describe_error
@@ -86,9 +87,7 @@ def tenant_of(row: dict[str, Any], crypto: Crypto) -> Tenant:
     try:
         if row.get("dsn"):
             dsn = parse_dsn(str(row["dsn"]), f'tenant "{name}": dsn')
-            return Tenant(name, dsn if plain is None else Dsn(host=dsn.host, port=dsn.port, user=dsn.user,
-                                                               password=plain, dbname=dsn.dbname,
-                                                               options=dsn.options))
+            return Tenant(name, dsn if plain is None else msgspec.structs.replace(dsn, password=plain))
         missing = [column for column in ("host", "dbname", "user") if not row.get(column)]
         if missing:
             raise ConfigError(f'tenant "{name}"', f"its registry row has no {', '.join(missing)} (and no dsn)")

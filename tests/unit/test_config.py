@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, describe, load, load_text, parse_duration
+from proxy.cli import describe
+from proxy.config import Config, load, load_text, parse_duration
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

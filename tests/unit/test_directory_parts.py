@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 
 from proxy.auth.keys import load_keys
 from proxy.backend.pool import DisconnectReason, HostGate, Pool
-from proxy.config import Dsn, load_text, share, unsplittable
+from proxy.config import Dsn, load_text
 from proxy.directory.registry import Crypto, new_key, tenant_of
 from proxy.errors import (
     CONFIG_FILE_ERROR,
@@ -23,6 +23,7 @@ from proxy.errors import (
     ConfigError,
     ProxyError,
 )
+from proxy.supervisor import share, unsplittable
 from proxy.wire import messages as m
 
 BASE = """

@@ -16,7 +16,7 @@ import pytest
 from proxy.admin.console import COMMANDS, Admin, Spread, Table, _summed, answer, find, local_answer
 from proxy.admin.group import Group, PeerError, worker_of
 from proxy.backend.health import HealthChecker, Outcome, Probe, Status
-from proxy.config import load_text, share, share_of, unsplittable
+from proxy.config import load_text
 from proxy.errors import (
     CONNECTION_FAILURE,
     INTERNAL_ERROR,
@@ -25,6 +25,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.fleet import Fleet
+from proxy.supervisor import share, share_of, unsplittable
 
 CONFIG = """
 pool: {size: 20}
